@@ -1,0 +1,70 @@
+"""Attention implementations that forward-mode AD and double backward can go through.
+
+SPEC failure 8: fused attention kernels (SDPA's flash / memory-efficient backends,
+flash-attn) implement neither forward-mode AD nor double backward. Measured with
+torch 2.13 on CPU: ``torch.func.jvp`` through an SDPA model fails with "Trying to use
+forward AD with _scaled_dot_product_flash_attention_for_cpu that does not support it",
+and the α-trick's second reverse pass with "derivative for
+aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented".
+
+``probe_attention(module)`` makes every probe forward use a composite implementation:
+models on ``"sdpa"`` keep it but with only the MATH backend allowed (plain matmul /
+softmax, differentiable in every mode); any other non-eager implementation
+(``flash_attention_2/3``, ``flex_attention``, hub kernels) is switched to ``"eager"``
+and switched back afterwards, even on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+#: implementations left in place (composite, differentiable in all modes under MATH SDPA)
+SAFE_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def attention_implementation(module: nn.Module) -> str | None:
+    """The HF ``config._attn_implementation`` of ``module`` (or its base model), else None."""
+    config = getattr(module, "config", None)
+    if config is None and hasattr(module, "get_base_model"):
+        config = getattr(module.get_base_model(), "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def _settable(module: nn.Module) -> nn.Module | None:
+    if hasattr(module, "set_attn_implementation"):
+        return module
+    if hasattr(module, "get_base_model"):  # peft.PeftModel
+        base = module.get_base_model()
+        if hasattr(base, "set_attn_implementation"):
+            return base
+    return None
+
+
+@contextlib.contextmanager
+def probe_attention(module: nn.Module) -> Iterator[str | None]:
+    """Run the body with an attention implementation that supports JVP and double backward.
+
+    Yields the implementation in use during the body. Restores the caller's setting on
+    exit. Raises ``RuntimeError`` if a fused implementation is set and the model offers
+    no ``set_attn_implementation`` to leave it.
+    """
+    before = attention_implementation(module)
+    target = _settable(module)
+    switched = before is not None and before not in SAFE_IMPLEMENTATIONS
+    if switched and target is None:
+        raise RuntimeError(
+            f"model: attention implementation {before!r} supports neither forward-mode AD nor double "
+            "backward, and the model has no set_attn_implementation(); load it with attn_implementation='eager'"
+        )
+    try:
+        if switched:
+            target.set_attn_implementation("eager")
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield "eager" if switched else before
+    finally:
+        if switched:
+            target.set_attn_implementation(before)

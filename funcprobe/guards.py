@@ -1,0 +1,81 @@
+"""The probe's side-effect boundary: enter a clean probing state, leave no trace.
+
+``probe_session`` wraps every probe computation. Inside it the PEFT adapter being
+probed is active (SPEC failure 2), dropout is off (``eval()``; switchable), attention
+runs in a differentiable implementation (failure 8) and an outer
+``torch.inference_mode()`` is suspended (failure 3; ``torch.func`` transforms already
+ignore an outer ``no_grad``). On exit the train/eval flag of every submodule, the
+active adapter, ``requires_grad`` flags and the attention implementation are restored,
+even on error. The probe itself never calls ``.backward()``, so ``.grad``s and optimizer
+state are untouched by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .attention import probe_attention
+from .registry import ParamRegistry, adapter_activated
+from .rollouts import RolloutBatch
+
+
+@contextlib.contextmanager
+def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Iterator[None]:
+    """Context for probe forwards on ``registry.module``; see the module docstring.
+
+    Args:
+        keep_dropout: keep the caller's train/eval modes (dropout active in train mode)
+            instead of switching to ``eval()`` for the probe's forwards.
+
+    Raises:
+        RuntimeError: the model's parameters are inference tensors (created under
+            ``torch.inference_mode()``): no transform can differentiate them.
+    """
+    module = registry.module
+    if any(t.is_inference() for t in registry.trainable.values()):
+        raise RuntimeError(
+            "model: its parameters were created under torch.inference_mode() and cannot be "
+            "differentiated; build or load the model outside inference_mode"
+        )
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        with torch.inference_mode(False), adapter_activated(module, registry.adapter), probe_attention(module):
+            if not keep_dropout:
+                module.eval()
+            yield
+    finally:
+        for m, training in modes:
+            if m.training != training:
+                m.train(training)
+
+
+def as_normal_tensor(t: Tensor) -> Tensor:
+    """``t`` itself, or a normal copy when it is an inference tensor.
+
+    Tensors created under ``torch.inference_mode()`` cannot be saved for backward;
+    copying them under ``inference_mode(False)`` makes the result identical to a call
+    made outside inference mode.
+    """
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
+def as_normal_batch(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
+    """``batch`` on ``device`` with any inference tensors copied to normal ones."""
+    batch = batch.to(device)
+    maybe = lambda t: as_normal_tensor(t) if isinstance(t, Tensor) else t  # noqa: E731
+    return replace(
+        batch,
+        input_ids=as_normal_tensor(batch.input_ids),
+        attention_mask=as_normal_tensor(batch.attention_mask),
+        advantages=maybe(batch.advantages),
+        max_len=maybe(batch.max_len),
+        _checked=True,
+    )

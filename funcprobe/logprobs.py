@@ -1,0 +1,139 @@
+"""S(θ): teacher-forced sequence log-probs of the responses, as a pure function.
+
+``S[n, g](θ) = Σ_{t ∈ response} log π_θ(y_t | x_n, y_<t)`` (SPEC "Definitions").
+
+* temperature 1: logits are never divided by a sampling temperature (SPEC failure 4,
+  seeds 001 §E and 004 §E);
+* ``position_ids = cumsum(attention_mask) - 1``, so an absolute-position model (GPT-2)
+  sees the positions it had at sampling time and S does not depend on the amount of
+  left padding (failure 7);
+* log-softmax in float32 or wider (the logits' dtype promoted with float32);
+* padding is removed by selection (``torch.where``), never by multiplication, so a
+  NaN at a padded position cannot leak into S or its tangent (failure 6);
+* the forward is ``torch.func.functional_call(module, params, ...)`` (failure 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .rollouts import RolloutBatch
+
+
+def sequence_logprobs(module: nn.Module, params: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
+    """S for every response of ``batch``, as a function of ``params``.
+
+    Each sequence is shifted so that its first real token sits in column 0 (the padding
+    all trails). No query row is then fully masked, so attention implementations that
+    turn a fully masked row into NaN (measured: Qwen2 eager attention in float64, whose
+    float32 softmax sees ``-inf`` everywhere) cannot leak NaN from padding into real
+    tokens; S is unchanged by this, as it does not depend on padding.
+
+    Args:
+        module: the canonical module (``ParamRegistry.module``), any ``nn.Module`` with the
+            Hugging Face causal-LM calling convention: ``input_ids``, ``attention_mask`` and
+            ``position_ids`` (each ``[N, T]``) in, an output with ``.logits`` (or a logits
+            tensor, or a tuple whose first item is one) ``[N, T, V]`` out.
+        params: name→tensor for ``functional_call`` (parameters not named come from the
+            module itself).
+        batch: the rollouts (B prompts × G responses × T columns).
+
+    Returns:
+        ``[B, G]`` tensor of summed log-probs (nats), dtype float32 or the logits' dtype
+        if wider.
+
+    Raises:
+        ValueError: the module returns logits of an unexpected shape.
+    """
+    B, G, T = batch.input_ids.shape
+    N = B * G
+    ids, mask, resp = _left_aligned(
+        batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(), batch.response_mask.reshape(N, T)
+    )
+    T = ids.shape[1]
+    prompt_lens = _prompt_lengths(batch).reshape(N)
+    first = int(prompt_lens.min()) - 1  # earliest column whose logits predict a response token
+    keep = T - first
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    accepted = _accepted_kwargs(_forward_owner(module))
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = keep
+    if "use_cache" in accepted:
+        kwargs["use_cache"] = False
+    logits = _logits(functional_call(module, dict(params), (), kwargs, tie_weights=True, strict=False))
+    if logits.ndim != 3 or logits.shape[0] != N or logits.shape[1] not in (T, keep):
+        raise ValueError(
+            f"model: expected logits of shape [{N}, {T}, V] (or [{N}, {keep}, V]), got {tuple(logits.shape)}; "
+            "prompt-learning adapters that add virtual tokens are not supported"
+        )
+    logits = logits[:, -keep:-1]  # columns first .. T-2 predict the tokens at first+1 .. T-1
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = ids[:, first + 1 :]
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    selected = resp[:, first + 1 :]
+    token_logp = torch.where(selected, token_logp, torch.zeros((), dtype=token_logp.dtype, device=token_logp.device))
+    return token_logp.sum(-1).reshape(B, G)
+
+
+def _prompt_lengths(batch: RolloutBatch) -> Tensor:
+    """``[B, G]`` number of real prompt tokens."""
+    return batch.attention_mask[..., : batch.response_start].long().sum(-1)
+
+
+def _left_aligned(ids: Tensor, mask: Tensor, resp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Shift every row left by its amount of left padding and cut the all-padding tail.
+
+    ``ids``/``mask``/``resp``: ``[N, T]``. Returns the same three, ``[N, L]`` with L the
+    longest real length; moved-in columns are padding (mask 0, ``resp`` False).
+    """
+    N, T = mask.shape
+    cols = torch.arange(T, device=mask.device)
+    shift = (mask.cumsum(-1) == 0).sum(-1)  # leading padding per row
+    lengths = mask.sum(-1)
+    L = int(lengths.max())
+    src = (cols[:L].unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
+    inside = cols[:L].unsqueeze(0) < lengths.unsqueeze(1)
+    ids = torch.where(inside, ids.gather(1, src), ids[:, :1].expand(N, L))
+    mask = torch.where(inside, mask.gather(1, src), torch.zeros_like(mask[:, :L]))
+    resp = inside & resp.gather(1, src)
+    return ids, mask, resp
+
+
+def _logits(out: object) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise ValueError(f"model: the forward returned {type(out).__name__}; expected .logits or a logits tensor")
+
+
+def _forward_owner(module: nn.Module) -> nn.Module:
+    """The module whose ``forward`` signature tells which keywords reach the LM.
+
+    ``peft.PeftModel`` forwards ``**kwargs`` to its base model, so look there.
+    """
+    if hasattr(module, "get_base_model"):
+        return module.get_base_model()
+    return module
+
+
+def _accepted_kwargs(module: nn.Module) -> frozenset[str]:
+    return _signature_names(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_names(cls: type) -> frozenset[str]:
+    try:
+        sig = inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return frozenset()
+    return frozenset(n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

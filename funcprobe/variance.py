@@ -1,0 +1,246 @@
+"""Per-prompt probe scalars s[n] = ⟨∇θ LX[n], μY⟩ and their conditional variance Var_E.
+
+``mode="jvp"``: one ``torch.func.jvp`` of θ ↦ LX[group] along μY per group of prompts:
+every s[n] of the group at the cost of about one primal + one tangent forward.
+
+``mode="vjp"``: the seeds' α-trick (seed 001 ``compute_conditional_variance_over_E_alpha``)
+as reverse-over-reverse with ``torch.func.vjp``: h(α) = ⟨∇θ Σ_n α_n LX[n], μY⟩,
+s = ∂h/∂α at α = 1. Same numbers, more memory.
+
+Statistics (SPEC "Estimates"): s̄ = mean s (``bars_dot``), δH = η·s̄,
+Var_E = η²·sample_var(s)/B from Σs, Σs², B in float64, SE_E = sqrt(Var_E).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vjp
+
+from .guards import as_normal_batch, as_normal_tensor, probe_session
+from .logprobs import sequence_logprobs
+from .pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdot
+from .registry import ParamRegistry, ParamSelection
+from .rollouts import RolloutBatch
+from .surrogates import check_weighting, entropy_surrogate
+
+MODES = ("jvp", "vjp")
+
+#: two-sided 97.5% quantile of N(0, 1)
+Z_95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class ConditionalVariance:
+    """The probe's estimate of the next step's entropy change and its E-conditional error.
+
+    Attributes:
+        s: ``[B]`` float64, s[n] = ⟨∇θ LX[n], μY⟩ (nats per unit learning rate).
+        sum_s, sum_s2: Σ s and Σ s² (float64), the all-reducible sufficient statistics.
+        num_prompts: B.
+        lr: η, the learning rate of the step.
+        bars_dot: s̄ = Σs / B = ⟨μX, μY⟩.
+        delta_h: predicted entropy change η·s̄ (nats).
+        var_e: Var_E = η² · sample_var(s) / B (nats²).
+        se_e: SE_E = sqrt(Var_E) (nats).
+        mode, weighting: how s was computed.
+    """
+
+    s: Tensor = field(repr=False)
+    sum_s: float
+    sum_s2: float
+    num_prompts: int
+    lr: float
+    bars_dot: float
+    delta_h: float
+    var_e: float
+    se_e: float
+    mode: str
+    weighting: str
+
+    @classmethod
+    def from_sums(
+        cls, s: Tensor, sum_s: float, sum_s2: float, num_prompts: int, *, lr: float, mode: str, weighting: str
+    ) -> "ConditionalVariance":
+        """Assemble the statistics from Σs, Σs², B (seed 001 §D). Raises ``ValueError`` if B < 2."""
+        B = int(num_prompts)
+        if B < 2:
+            raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {B}")
+        mean = sum_s / B
+        sample_var = max((sum_s2 - B * mean * mean) / (B - 1), 0.0)
+        var_e = lr * lr * sample_var / B
+        return cls(
+            s=s,
+            sum_s=float(sum_s),
+            sum_s2=float(sum_s2),
+            num_prompts=B,
+            lr=float(lr),
+            bars_dot=mean,
+            delta_h=lr * mean,
+            var_e=var_e,
+            se_e=math.sqrt(var_e),
+            mode=mode,
+            weighting=weighting,
+        )
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Normal 95% interval δH ± 1.96·SE_E (nats)."""
+        return (self.delta_h - Z_95 * self.se_e, self.delta_h + Z_95 * self.se_e)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field, ``s`` as a list of floats, plus ``ci95``."""
+        return {
+            "s": [float(x) for x in self.s.tolist()],
+            "sum_s": self.sum_s,
+            "sum_s2": self.sum_s2,
+            "num_prompts": self.num_prompts,
+            "lr": self.lr,
+            "bars_dot": self.bars_dot,
+            "delta_h": self.delta_h,
+            "var_e": self.var_e,
+            "se_e": self.se_e,
+            "ci95": list(self.ci95),
+            "mode": self.mode,
+            "weighting": self.weighting,
+        }
+
+
+def as_registry(model: nn.Module | ParamRegistry, params: ParamSelection, adapter: str | None) -> ParamRegistry:
+    """``model`` itself if it is a ``ParamRegistry``, else ``ParamRegistry.from_model``."""
+    if isinstance(model, ParamRegistry):
+        return model
+    return ParamRegistry.from_model(model, params=params, adapter=adapter)
+
+
+def probe_scalars(
+    registry: ParamRegistry,
+    E: RolloutBatch,
+    tangent: Mapping[str, Tensor],
+    *,
+    weighting: str,
+    batch_size: int,
+    mode: str,
+) -> Tensor:
+    """s ``[B]`` (float64) for every prompt of E, in groups of ``batch_size`` prompts.
+
+    ``tangent`` must already have the registry's names, shapes, dtypes and devices.
+    Must run inside ``probe_session``.
+    """
+    theta = registry.trainable
+
+    def lx(group: RolloutBatch):
+        def fn(t: ParamTree) -> Tensor:
+            return entropy_surrogate(sequence_logprobs(registry.module, registry.merged(t), group), group, weighting)
+
+        return fn
+
+    out = []
+    for start in range(0, E.num_prompts, batch_size):
+        group = E.select(start, min(start + batch_size, E.num_prompts))
+        if mode == "jvp":
+            _, s = jvp(lx(group), (theta,), (dict(tangent),))
+        else:
+            s = _alpha_trick(lx(group), theta, tangent, group.num_prompts)
+        out.append(s.detach().to(torch.float64))
+    return torch.cat(out)
+
+
+def _alpha_trick(lx, theta: ParamTree, tangent: Mapping[str, Tensor], k: int) -> Tensor:
+    """s = ∂/∂α ⟨∇θ Σ_n α_n LX[n](θ), μY⟩ at α = 1, by ``vjp`` over ``vjp``."""
+
+    def h(alpha: Tensor) -> Tensor:
+        _, pull = vjp(lambda t: (alpha * lx(t)).sum(), theta)
+        (g,) = pull(torch.ones((), dtype=alpha.dtype, device=alpha.device))
+        return tree_vdot(g, tangent)
+
+    dtype = torch.promote_types(next(iter(theta.values())).dtype, torch.float32)
+    alpha = torch.ones(k, dtype=dtype, device=next(iter(theta.values())).device)
+    value, pull_h = vjp(h, alpha)
+    (s,) = pull_h(torch.ones((), dtype=value.dtype, device=value.device))
+    return s
+
+
+def conditional_variance(
+    model: nn.Module | ParamRegistry,
+    E: RolloutBatch,
+    muY: Mapping[str, Tensor],
+    *,
+    lr: float,
+    weighting: str = "dr_grpo",
+    batch_size: int = 8,
+    mode: str = "jvp",
+    params: ParamSelection = "trainable",
+    adapter: str | None = None,
+    keep_dropout: bool = False,
+) -> ConditionalVariance:
+    """Every s[n] over the evaluation batch E along μY, and Var_E / SE_E of the prediction.
+
+    Args:
+        model: an ``nn.Module`` (HF / PEFT, possibly DDP-wrapped) or a ``ParamRegistry``.
+        E: evaluation rollouts, B ≥ 2 prompts × G ≥ 2 responses.
+        muY: name→tensor update direction per unit learning rate (``update_direction``),
+            with exactly the registry's names and shapes; cast to each parameter's
+            dtype and device.
+        lr: η > 0, the learning rate of the step.
+        weighting: ``"dr_grpo"`` (S / Lmax, needs ``E.max_len``) or ``"per_token_avg"``.
+        batch_size: prompts per group (one JVP or one α-trick per group). Results do not
+            depend on it.
+        mode: ``"jvp"`` (forward mode) or ``"vjp"`` (α-trick, reverse over reverse).
+        params, adapter: registry selection (ignored when ``model`` is a registry).
+        keep_dropout: keep the caller's train/eval modes during the forwards.
+
+    Returns:
+        ``ConditionalVariance`` (s, Σs, Σs², B, bars_dot, delta_h, var_e, se_e, ci95).
+
+    Raises:
+        KeyError: μY names missing from or unknown to the registry (listed).
+        ValueError: bad ``lr``/``weighting``/``mode``/``batch_size``, μY shapes or
+            non-finite values (listed), μY identically zero, B < 2.
+        RuntimeError: non-finite s (prompts listed), or every s exactly 0 (the direction
+            does not reach the forward: adapter disabled?).
+    """
+    check_weighting(weighting)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    if not isinstance(E, RolloutBatch):
+        raise TypeError(f"E: expected a RolloutBatch, got {type(E).__name__}")
+    if E.num_prompts < 2:
+        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
+    registry = as_registry(model, params, adapter)
+    check_like(registry.trainable, muY, "muY")
+    if tree_sq_norm(muY) == 0.0:
+        raise ValueError("muY: the update direction is zero everywhere; there is no step to probe")
+    tangent = tree_map(
+        lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), registry.trainable
+    )
+    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
+    with probe_session(registry, keep_dropout=keep_dropout):
+        s = probe_scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode)
+    _check_s(s)
+    return ConditionalVariance.from_sums(
+        s, float(s.sum()), float((s * s).sum()), E.num_prompts, lr=float(lr), mode=mode, weighting=weighting
+    )
+
+
+def _check_s(s: Tensor) -> None:
+    bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(
+            f"probe: s is NaN or inf for prompt(s) {bad[:16]}: the model produced non-finite log-probs "
+            "on real response tokens (check the inputs and the model's dtype)"
+        )
+    if bool((s == 0).all()):
+        raise RuntimeError(
+            "probe: every s[n] is exactly 0: the direction does not reach the forward "
+            "(are the probed parameters used, is the adapter enabled?)"
+        )
+
