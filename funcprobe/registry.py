@@ -144,6 +144,12 @@ class ParamRegistry:
         frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
         return cls(module=module, adapter=adapter, trainable=trainable, frozen=frozen)
 
+    def __repr__(self) -> str:
+        return (
+            f"ParamRegistry(module={type(self.module).__name__}, adapter={self.adapter!r}, "
+            f"trainable={len(self.trainable)} tensors / {self.numel()} scalars, frozen={len(self.frozen)} tensors)"
+        )
+
     def merged(self, trainable: dict[str, Tensor]) -> dict[str, Tensor]:
         """The full parameter dict for ``functional_call`` with θ replaced by ``trainable``."""
         return {**self.frozen, **trainable}

@@ -184,6 +184,8 @@ def _validate(b: RolloutBatch) -> None:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"input_ids: expected an integer dtype, got {ids.dtype}")
     B, G, T = ids.shape
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("input_ids: negative token ids")
     if B < 1:
         raise ValueError("input_ids: the batch has no prompts (B = 0)")
     if G < 2:

@@ -1,0 +1,126 @@
+"""S(θ) against plain per-sequence forwards; padding invariance; NaN isolation."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jvp
+
+from funcprobe import ParamRegistry, RolloutBatch, conditional_variance, sequence_logprobs
+from funcprobe.guards import probe_session
+from helpers import gpt2, qwen2, random_direction, random_rollouts, reference_S, reference_s, rel_err
+
+
+def _S(model, batch):
+    reg = ParamRegistry.from_model(model)
+    with probe_session(reg):
+        return sequence_logprobs(reg.module, reg.merged(reg.trainable), batch)
+
+
+def _with_extra_left_padding(batch, extra):
+    B, G, T = batch.input_ids.shape
+    ids = torch.cat([torch.full((B, G, extra), 3, dtype=batch.input_ids.dtype), batch.input_ids], -1)
+    mask = torch.cat([torch.zeros((B, G, extra), dtype=batch.attention_mask.dtype), batch.attention_mask], -1)
+    return RolloutBatch(ids, mask, batch.response_start + extra, batch.advantages, batch.max_len)
+
+
+@pytest.mark.parametrize("build, tol", [(gpt2, 1e-10), (qwen2, 1e-6)])
+def test_S_matches_unpadded_forward_per_sequence(build, tol):
+    model = build().eval()
+    batch = random_rollouts(B=3, G=3)
+    with torch.no_grad():
+        ref = reference_S(model, batch)
+    S = _S(model, batch)
+    assert S.shape == (3, 3) and S.dtype == torch.float64
+    assert rel_err(S, ref) < tol
+
+
+@pytest.mark.parametrize("build, tol", [(gpt2, 1e-12), (qwen2, 1e-6)])
+def test_S_does_not_depend_on_left_padding(build, tol):
+    model = build()
+    batch = random_rollouts(B=3, G=2, seed=5)
+    assert rel_err(_S(model, _with_extra_left_padding(batch, 7)), _S(model, batch)) < tol
+
+
+def test_qwen2_eager_float64_left_padding_gives_no_nan():
+    # HF's Qwen2 eager attention returns NaN for every token of a left-padded float64 row
+    # (fully masked query rows through a float32 softmax); the probe must not see it.
+    model = qwen2(attn="eager")
+    batch = _with_extra_left_padding(random_rollouts(B=3, G=2), 3)
+    m = batch.attention_mask[0, 0][None]
+    with torch.no_grad():
+        raw = model(input_ids=batch.input_ids[0, 0][None], attention_mask=m).logits
+    assert torch.isnan(raw).any(), "precondition: this HF path produces NaN with left padding"
+    S = _S(model, batch)
+    assert torch.isfinite(S).all()
+    mu = random_direction(ParamRegistry.from_model(model))
+    for mode in ("jvp", "vjp"):
+        r = conditional_variance(model, batch, mu, lr=1e-2, mode=mode)
+        assert torch.isfinite(r.s).all()
+    assert rel_err(r.s, reference_s(model, batch, mu)) < 1e-6
+
+
+class ToyCausalLM(nn.Module):
+    """Not a PreTrainedModel: HF calling convention only, logits returned as a tensor.
+
+    With ``nan_on_padding`` it writes NaN into the logits of every padded position.
+    """
+
+    def __init__(self, vocab=40, dim=8, nan_on_padding=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(64, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.nan_on_padding = nan_on_padding
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        m = attention_mask.to(self.emb.weight.dtype).unsqueeze(-1)
+        h = self.emb(input_ids) + self.pos(position_ids)
+        ctx = torch.cumsum(torch.where(m > 0, h, 0.0), 1) / m.cumsum(1).clamp(min=1)
+        logits = self.head(torch.tanh(self.mix(ctx)))
+        if self.nan_on_padding:
+            logits = torch.where(m > 0, logits, torch.full_like(logits, float("nan")))
+        return logits
+
+
+def test_generic_module_and_nan_logits_on_padding_are_masked_by_selection():
+    torch.manual_seed(0)
+    clean = ToyCausalLM().double()
+    nanny = ToyCausalLM(nan_on_padding=True).double()
+    nanny.load_state_dict(clean.state_dict())
+    batch = random_rollouts(B=3, G=3, seed=7)
+    with torch.no_grad():
+        ref = torch.stack([
+            torch.stack([
+                _toy_unpadded_S(clean, batch, n, g) for g in range(batch.group_size)
+            ]) for n in range(batch.num_prompts)
+        ])
+    S_clean, S_nan = _S(clean, batch), _S(nanny, batch)
+    assert rel_err(S_clean, ref) < 1e-12
+    assert torch.isfinite(S_nan).all() and rel_err(S_nan, S_clean) < 1e-14
+    reg = ParamRegistry.from_model(nanny)
+    mu = random_direction(reg)
+    with probe_session(reg):
+        _, dS = jvp(lambda t: sequence_logprobs(reg.module, reg.merged(t), batch), (reg.trainable,), (mu,))
+    assert torch.isfinite(dS).all() and dS.abs().sum() > 0
+
+
+def _toy_unpadded_S(model, batch, n, g):
+    m = batch.attention_mask[n, g].bool()
+    seq = batch.input_ids[n, g][m]
+    p = int(m[: batch.response_start].sum())
+    logits = model(seq[None], torch.ones_like(seq)[None], torch.arange(len(seq))[None])[0]
+    return torch.log_softmax(logits, -1)[p - 1 : -1].gather(-1, seq[p:, None]).sum()
+
+
+def test_bad_logits_shape_is_reported():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.w.expand(input_ids.shape[0], 3)
+
+    with pytest.raises(ValueError, match="model: expected logits of shape"):
+        _S(Bad(), random_rollouts())
