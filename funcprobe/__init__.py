@@ -17,7 +17,7 @@ from .probe import EntropyPrediction, EntropyProbe, update_direction
 from .registry import ParamRegistry, unwrap_model
 from .rollouts import RolloutBatch
 from .surrogates import WEIGHTINGS, entropy_surrogate, policy_gradient_surrogate, weighted_logprobs
-from .variance import MODES, ConditionalVariance, conditional_variance
+from .variance import MODES, ConditionalVariance, conditional_variance, probe_scalars
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "entropy_surrogate",
     "policy_gradient_surrogate",
     "precondition",
+    "probe_scalars",
     "read_adam_state",
     "sequence_logprobs",
     "unwrap_model",

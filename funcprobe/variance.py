@@ -117,7 +117,7 @@ def as_registry(model: nn.Module | ParamRegistry, params: ParamSelection, adapte
     return ParamRegistry.from_model(model, params=params, adapter=adapter)
 
 
-def probe_scalars(
+def _scalars(
     registry: ParamRegistry,
     E: RolloutBatch,
     tangent: Mapping[str, Tensor],
@@ -165,6 +165,45 @@ def _alpha_trick(lx, theta: ParamTree, tangent: Mapping[str, Tensor], k: int) ->
     return s
 
 
+def probe_scalars(
+    model: nn.Module | ParamRegistry,
+    E: RolloutBatch,
+    muY: Mapping[str, Tensor],
+    *,
+    weighting: str = "dr_grpo",
+    batch_size: int = 8,
+    mode: str = "jvp",
+    params: ParamSelection = "trainable",
+    adapter: str | None = None,
+    keep_dropout: bool = False,
+) -> Tensor:
+    """Every per-prompt s[n] = ⟨∇θ LX[n], μY⟩ of E, ``[B]`` float64 (nats per unit lr).
+
+    The arguments, checks and errors are those of ``conditional_variance`` (which calls
+    this), without ``lr`` and with any B ≥ 1: use it when the statistics are assembled
+    elsewhere (e.g. across ranks).
+    """
+    check_weighting(weighting)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(E, RolloutBatch):
+        raise TypeError(f"E: expected a RolloutBatch, got {type(E).__name__}")
+    registry = as_registry(model, params, adapter)
+    check_like(registry.trainable, muY, "muY")
+    if tree_sq_norm(muY) == 0.0:
+        raise ValueError("muY: the update direction is zero everywhere; there is no step to probe")
+    tangent = tree_map(
+        lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), registry.trainable
+    )
+    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
+    with probe_session(registry, keep_dropout=keep_dropout):
+        s = _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode)
+    _check_s(s)
+    return s
+
+
 def conditional_variance(
     model: nn.Module | ParamRegistry,
     E: RolloutBatch,
@@ -201,31 +240,18 @@ def conditional_variance(
         KeyError: μY names missing from or unknown to the registry (listed).
         ValueError: bad ``lr``/``weighting``/``mode``/``batch_size``, μY shapes or
             non-finite values (listed), μY identically zero, B < 2.
+        TypeError: E is not a ``RolloutBatch``.
         RuntimeError: non-finite s (prompts listed), or every s exactly 0 (the direction
             does not reach the forward: adapter disabled?).
     """
-    check_weighting(weighting)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
-    if not isinstance(E, RolloutBatch):
-        raise TypeError(f"E: expected a RolloutBatch, got {type(E).__name__}")
-    if E.num_prompts < 2:
+    if isinstance(E, RolloutBatch) and E.num_prompts < 2:
         raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
-    registry = as_registry(model, params, adapter)
-    check_like(registry.trainable, muY, "muY")
-    if tree_sq_norm(muY) == 0.0:
-        raise ValueError("muY: the update direction is zero everywhere; there is no step to probe")
-    tangent = tree_map(
-        lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), registry.trainable
+    s = probe_scalars(
+        model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode,
+        params=params, adapter=adapter, keep_dropout=keep_dropout,
     )
-    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
-    with probe_session(registry, keep_dropout=keep_dropout):
-        s = probe_scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode)
-    _check_s(s)
     return ConditionalVariance.from_sums(
         s, float(s.sum()), float((s * s).sum()), E.num_prompts, lr=float(lr), mode=mode, weighting=weighting
     )

@@ -1,0 +1,39 @@
+"""Smoke test of the benchmark harness: tiny preset, one repeat, every method, finite numbers."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    import bench_conditional_variance
+
+    yield bench_conditional_variance
+    sys.path.remove(str(BENCH))
+
+
+def test_tiny_preset_all_methods(bench, tmp_path):
+    rc = bench.main(["--preset", "tiny", "--repeats", "1", "--inline", "--out", str(tmp_path),
+                     "--sweep-groups", "1,2", "--sweep-lengths", "16,32", "--length-sweep-prompts", "2",
+                     "--sweep-methods", "nograd_forward,funcprobe_jvp,seeds_alpha"])
+    assert rc == 0
+    report = json.loads((tmp_path / "cpu-tiny.json").read_text())
+    rows = {r["method"]: r for r in report["methods"]}
+    assert set(rows) == set(bench.METHODS)
+    for name, r in rows.items():
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0, name
+        assert math.isfinite(r["time_ratio"]) and r["peak_bytes"] >= 0, name
+    for name in ("funcprobe_jvp", "funcprobe_vjp", "seeds_alpha", "seeds_s_boundary"):
+        assert rows[name]["max_rel_diff"] < 1e-5, name  # Qwen2 float32 internals, float64 elsewhere
+    assert len(report["group_sweep"]) == 6 and len(report["length_sweep"]) == 6
+    assert set(report["largest_group_in_budget"]) == {"nograd_forward", "funcprobe_jvp", "seeds_alpha"}
+    assert "| funcprobe_jvp |" in (tmp_path / "cpu-tiny.md").read_text()
+    for png in ("cpu-tiny-groups.png", "cpu-tiny-seqlen.png"):
+        assert (tmp_path / png).stat().st_size > 1000
