@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .logprobs import sequence_logprobs
+from .models import qwen2_lora_policy
 from .probe import EntropyPrediction, EntropyProbe
 from .rollouts import RolloutBatch
 from .surrogates import policy_gradient_surrogate
@@ -50,26 +51,8 @@ class DemoConfig:
 
 def build_policy(cfg: DemoConfig) -> nn.Module:
     """A Qwen2-architecture causal LM built from a config, with a LoRA adapter on q/k/v/o."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=cfg.vocab,
-        hidden_size=cfg.hidden,
-        intermediate_size=2 * cfg.hidden,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=2,
-        tie_word_embeddings=True,
-    )
-    base = Qwen2ForCausalLM(config)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    return get_peft_model(base, lora)
+    return qwen2_lora_policy(vocab_size=cfg.vocab, hidden=cfg.hidden, layers=cfg.layers, lora_rank=cfg.lora_rank,
+                             eos_token_id=EOS, pad_token_id=PAD)
 
 
 def reward(response: list[int]) -> float:

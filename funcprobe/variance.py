@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -125,6 +125,7 @@ def _scalars(
     weighting: str,
     batch_size: int,
     mode: str,
+    surrogate: Callable[[Tensor, RolloutBatch, str], Tensor] = entropy_surrogate,
 ) -> Tensor:
     """s ``[B]`` (float64) for every prompt of E, in groups of ``batch_size`` prompts.
 
@@ -135,7 +136,7 @@ def _scalars(
 
     def lx(group: RolloutBatch):
         def fn(t: ParamTree) -> Tensor:
-            return entropy_surrogate(sequence_logprobs(registry.module, registry.merged(t), group), group, weighting)
+            return surrogate(sequence_logprobs(registry.module, registry.merged(t), group), group, weighting)
 
         return fn
 
@@ -176,12 +177,14 @@ def probe_scalars(
     params: ParamSelection = "trainable",
     adapter: str | None = None,
     keep_dropout: bool = False,
+    surrogate: Callable[[Tensor, RolloutBatch, str], Tensor] = entropy_surrogate,
 ) -> Tensor:
     """Every per-prompt s[n] = ⟨∇θ LX[n], μY⟩ of E, ``[B]`` float64 (nats per unit lr).
 
     The arguments, checks and errors are those of ``conditional_variance`` (which calls
     this), without ``lr`` and with any B ≥ 1: use it when the statistics are assembled
-    elsewhere (e.g. across ranks).
+    elsewhere (e.g. across ranks). ``surrogate(S, batch, weighting) -> [B]`` replaces LX
+    (validation studies use it to show that a biased baseline is detected).
     """
     check_weighting(weighting)
     if mode not in MODES:
@@ -199,7 +202,7 @@ def probe_scalars(
     )
     E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
     with probe_session(registry, keep_dropout=keep_dropout):
-        s = _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode)
+        s = _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode, surrogate=surrogate)
     _check_s(s)
     return s
 

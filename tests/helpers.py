@@ -16,11 +16,11 @@ from funcprobe import RolloutBatch
 VOCAB = 40
 
 
-def gpt2(dtype=torch.float64, seed=0, lora=True, attn="eager"):
+def gpt2(dtype=torch.float64, seed=0, lora=True, attn="eager", vocab=VOCAB):
     """GPT-2 config (absolute positions, tied lm_head), 2 layers, with a LoRA adapter."""
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
         resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, attn_implementation=attn,
         bos_token_id=1, eos_token_id=2,
     )
@@ -32,11 +32,11 @@ def gpt2(dtype=torch.float64, seed=0, lora=True, attn="eager"):
     return get_peft_model(model, lcfg).to(dtype)
 
 
-def qwen2(dtype=torch.float64, seed=0, lora=True, attn="eager"):
+def qwen2(dtype=torch.float64, seed=0, lora=True, attn="eager", vocab=VOCAB):
     """Qwen2 config (rotary, RMSNorm), 2 layers, GQA, with a LoRA adapter on q/k/v/o."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         attn_implementation=attn, tie_word_embeddings=False,
     )

@@ -1,0 +1,107 @@
+"""The entropy change of a step actually taken, θ → θ + η·μY, measured functionally.
+
+The model is never mutated: the stepped parameters are a new pytree passed to
+``functional_call``.
+
+* ``exact_entropy_change``: by enumeration (``funcprobe.exact``), for tiny vocabularies
+  and fixed-length responses: ΔH_w[k] = H_w(x_k; θ + ημY) − H_w(x_k; θ).
+* ``sampled_entropy_change``: by self-normalised importance sampling over the responses
+  of E, which were sampled from π_θ: per prompt, with w_g ∝ exp(S'_g − S_g),
+  Ĥ_w(θ') = −Σ_g w_g Sw'_g and Ĥ_w(θ) = −mean_g Sw_g; the estimate is the mean of the
+  per-prompt differences and its standard error their standard deviation / sqrt(B).
+  (Self-normalisation makes it consistent in G with an O(1/G) bias.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .exact import exact_entropy
+from .guards import as_normal_batch, probe_session
+from .logprobs import sequence_logprobs
+from .pytree import ParamTree, check_like
+from .registry import ParamRegistry, ParamSelection
+from .rollouts import RolloutBatch
+from .surrogates import check_weighting, weighted_logprobs
+from .variance import as_registry
+
+
+@dataclass(frozen=True)
+class EntropyChange:
+    """A measured entropy change (nats per W, see ``funcprobe.exact``).
+
+    Attributes:
+        delta_h: mean over prompts of the change.
+        se: its standard error (0 for ``exact``).
+        per_prompt: ``[B]`` float64 changes.
+        method: ``"exact"`` or ``"snis"``.
+    """
+
+    delta_h: float
+    se: float
+    per_prompt: Tensor = field(repr=False)
+    method: str
+
+
+def stepped_params(registry: ParamRegistry, direction: Mapping[str, Tensor], lr: float) -> ParamTree:
+    """θ + lr·direction as a new name→tensor dict (no mutation). Validates ``direction``."""
+    check_like(registry.trainable, direction, "muY")
+    return {k: v + lr * direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
+
+
+def exact_entropy_change(
+    model: nn.Module | ParamRegistry,
+    enumeration: RolloutBatch,
+    direction: Mapping[str, Tensor],
+    *,
+    lr: float,
+    weighting: str = "per_token_avg",
+    max_len: float | None = None,
+    params: ParamSelection = "trainable",
+    adapter: str | None = None,
+) -> EntropyChange:
+    """Exact ΔH_w per prompt of ``enumeration`` (``funcprobe.exact.enumeration_batch``)."""
+    check_weighting(weighting)
+    registry = as_registry(model, params, adapter)
+    theta1 = stepped_params(registry, direction, lr)
+    with probe_session(registry):
+        kw = dict(weighting=weighting, max_len=max_len)
+        h0 = exact_entropy(registry.module, registry.merged(registry.trainable), enumeration, **kw).detach()
+        h1 = exact_entropy(registry.module, registry.merged(theta1), enumeration, **kw).detach()
+    d = (h1 - h0).double()
+    return EntropyChange(float(d.mean()), 0.0, d, "exact")
+
+
+def sampled_entropy_change(
+    model: nn.Module | ParamRegistry,
+    E: RolloutBatch,
+    direction: Mapping[str, Tensor],
+    *,
+    lr: float,
+    weighting: str = "dr_grpo",
+    params: ParamSelection = "trainable",
+    adapter: str | None = None,
+) -> EntropyChange:
+    """Self-normalised importance-sampling estimate of ΔH_w over E's responses (B ≥ 2).
+
+    Raises ``ValueError`` for B < 2 (no standard error) and the ``muY`` checks.
+    """
+    check_weighting(weighting)
+    if E.num_prompts < 2:
+        raise ValueError(f"E: the importance-sampling standard error needs at least 2 prompts, got {E.num_prompts}")
+    registry = as_registry(model, params, adapter)
+    theta1 = stepped_params(registry, direction, lr)
+    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
+    with probe_session(registry), torch.no_grad():
+        S0 = sequence_logprobs(registry.module, registry.merged(registry.trainable), E).double()
+        S1 = sequence_logprobs(registry.module, registry.merged(theta1), E).double()
+    w = torch.softmax(S1 - S0, dim=-1)
+    h1 = -(w * weighted_logprobs(S1, E, weighting)).sum(-1)
+    h0 = -weighted_logprobs(S0, E, weighting).mean(-1)
+    d = h1 - h0
+    return EntropyChange(float(d.mean()), float(d.std()) / math.sqrt(len(d)), d, "snis")

@@ -1,0 +1,113 @@
+"""Exact response entropy of small models, by enumerating every response.
+
+For a causal LM with a small vocabulary V and fixed-length responses (L tokens, no
+end-of-sequence token), the response distribution of prompt x is a distribution over
+the V^L sequences, and
+
+    H_w(x; θ) = −Σ_y π_θ(y | x) · Sw(y) = H(x; θ) / W,
+
+with W = Lmax (``dr_grpo``) or W = L (``per_token_avg``; every response has length L).
+This is the quantity whose gradient the leave-one-out surrogate LX estimates without
+bias (SPEC "Entropy surrogate": E[∇LX] = −E[Sw ∇log π] = ∇H_w, since E[∇log π] = 0 and
+W does not depend on θ). Everything here is a pure function of the registry's
+parameters, so ⟨∇H_w, μY⟩ is one ``torch.func.jvp`` (``exact_directional_derivative``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+
+from .logprobs import sequence_logprobs
+from .registry import ParamRegistry
+from .rollouts import RolloutBatch
+from .surrogates import check_weighting
+
+#: enumeration refuses more sequences per prompt than this (memory and time guard)
+MAX_SEQUENCES = 1 << 16
+
+
+def enumerate_responses(vocab_size: int, length: int) -> Tensor:
+    """Every response of ``length`` tokens over ``vocab_size`` ids: ``[V**L, L]`` int64.
+
+    Raises ``ValueError`` for non-positive sizes or more than ``MAX_SEQUENCES`` responses.
+    """
+    if vocab_size < 1 or length < 1:
+        raise ValueError(f"vocab_size and length must be >= 1, got {vocab_size} and {length}")
+    if vocab_size**length > MAX_SEQUENCES:
+        raise ValueError(
+            f"vocab_size**length = {vocab_size}**{length} responses per prompt exceeds {MAX_SEQUENCES}; "
+            "exact enumeration is for tiny vocabularies and short responses"
+        )
+    return torch.tensor(list(itertools.product(range(vocab_size), repeat=length)), dtype=torch.long)
+
+
+def enumeration_batch(prompts: Sequence[Sequence[int]], vocab_size: int, length: int,
+                      device: torch.device | str | None = None) -> RolloutBatch:
+    """A ``RolloutBatch`` with every response of every prompt (G = V**L)."""
+    responses = enumerate_responses(vocab_size, length).tolist()
+    return RolloutBatch.from_lists(list(prompts), [responses] * len(prompts), pad_token_id=0, device=device)
+
+
+def exact_entropy(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: RolloutBatch,
+    *,
+    weighting: str = "per_token_avg",
+    max_len: float | None = None,
+) -> Tensor:
+    """Weighted response entropy H_w per prompt, ``[B]`` (nats / W), from an enumeration batch.
+
+    Args:
+        module, params: as in ``sequence_logprobs`` (pure in ``params``).
+        batch: ``enumeration_batch(...)``: every fixed-length response of each prompt.
+        weighting: ``"per_token_avg"`` (W = L) or ``"dr_grpo"`` (W = ``max_len``).
+        max_len: Lmax for ``dr_grpo``.
+
+    Raises:
+        ValueError: responses of unequal length, missing ``max_len``, or a probability
+            mass that is not 1 (the batch is not a full enumeration, or the model puts
+            mass on an end-of-sequence token).
+    """
+    check_weighting(weighting)
+    lengths = batch.response_lengths
+    if not bool((lengths == lengths.flatten()[0]).all()):
+        raise ValueError("batch: exact entropy needs fixed-length responses")
+    if weighting == "dr_grpo":
+        if max_len is None:
+            raise ValueError("max_len: weighting='dr_grpo' needs Lmax")
+        W = float(max_len)
+    else:
+        W = float(lengths.flatten()[0])
+    S = sequence_logprobs(module, params, batch)  # [B, V**L]
+    mass = S.detach().exp().sum(-1)
+    if not bool(torch.allclose(mass, torch.ones_like(mass), atol=1e-5)):
+        raise ValueError(f"batch: the responses carry probability mass {mass.tolist()}, not 1: not a full enumeration")
+    return -(S.exp() * S).sum(-1) / W
+
+
+def exact_directional_derivative(
+    registry: ParamRegistry,
+    batch: RolloutBatch,
+    direction: Mapping[str, Tensor],
+    *,
+    weighting: str = "per_token_avg",
+    max_len: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(H_w ``[B]``, ⟨∇θ H_w, direction⟩ ``[B]``) by one ``torch.func.jvp``, float64.
+
+    Call inside ``funcprobe.guards.probe_session(registry)`` or use
+    ``funcprobe.validate`` which does.
+    """
+    tangent = {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
+
+    def H(theta):
+        return exact_entropy(registry.module, registry.merged(theta), batch, weighting=weighting, max_len=max_len)
+
+    h, dh = jvp(H, (registry.trainable,), (tangent,))
+    return h.detach().double(), dh.detach().double()

@@ -1,0 +1,247 @@
+"""Validation against ground truth: the softmax bandit, calibration and first-order sweeps.
+
+* ``SoftmaxBandit``: a policy whose logits z are free parameters (one response token, no
+  context). For a logit step Δz the first-order entropy change is
+  ``−Cov_{a∼π}(log π(a), Δz(a))`` (Cui et al. 2025, "The Entropy Mechanism of
+  Reinforcement Learning for Reasoning Language Models", first-order entropy dynamics of
+  a softmax policy); the vanilla policy-gradient step is ``Δz = π ⊙ (A − E_π[A])``.
+* ``calibration_study``: repeat the probe on fresh evaluation batches E (prompts drawn
+  i.i.d. from a fixed pool, responses sampled with ``generate``) and compare
+  ``η·s̄ ± 1.96·SE_E`` with the exact ``η·⟨∇H_w, μY⟩`` from enumeration.
+* ``first_order_sweep``: predicted ``η·⟨∇H_w, μY⟩`` against the exact change of the step
+  actually taken, over learning rates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .entropy_change import exact_entropy_change
+from .exact import enumeration_batch, exact_directional_derivative
+from .guards import probe_session
+from .registry import ParamRegistry
+from .rollouts import RolloutBatch
+from .surrogates import entropy_surrogate
+from .variance import Z_95, ConditionalVariance, probe_scalars
+
+
+# ----------------------------------------------------------------------- bandit
+class SoftmaxBandit(nn.Module):
+    """π(a) = softmax(z)[a] over K actions; follows the HF causal-LM calling convention.
+
+    The logits do not depend on the input: ``forward`` returns z broadcast to
+    ``[N, T, K]``. A rollout is a one-token "prompt" followed by one action token.
+    """
+
+    def __init__(self, logits: Tensor):
+        super().__init__()
+        self.z = nn.Parameter(logits.detach().clone())
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        N, T = input_ids.shape
+        return self.z.expand(N, T, self.z.shape[-1])
+
+
+def covariance_entropy_derivative(z: Tensor, dz: Tensor) -> Tensor:
+    """``−Cov_{a∼π}(log π(a), Δz(a))``: d/dε H(softmax(z + ε Δz)) at ε = 0 (nats)."""
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    return -((p * logp * dz).sum() - (p * logp).sum() * (p * dz).sum())
+
+
+def policy_gradient_logit_step(z: Tensor, advantages: Tensor) -> Tensor:
+    """``∇z E_{a∼π}[A(a)] = π ⊙ (A − E_π[A])`` for per-action advantages ``[K]``."""
+    p = torch.softmax(z, -1)
+    return p * (advantages - (p * advantages).sum())
+
+
+def bandit_rollouts(actions: Tensor, advantages: Tensor | None = None) -> RolloutBatch:
+    """``[B, G]`` sampled actions as a ``RolloutBatch`` (prompt: token 0; response: the action)."""
+    B, G = actions.shape
+    ids = torch.stack([torch.zeros_like(actions), actions], -1)
+    return RolloutBatch(ids, torch.ones_like(ids), 1, advantages, 1.0)
+
+
+# ------------------------------------------------------------------ sampling
+def sample_fixed_length(model: nn.Module, prompts: Sequence[Sequence[int]], *, group_size: int,
+                        response_len: int, seed: int, max_len: float | None = None) -> RolloutBatch:
+    """G responses of exactly ``response_len`` tokens per prompt with ``model.generate``.
+
+    Sampling at temperature 1 with no top-k/top-p truncation and no end-of-sequence
+    token, under a forked RNG seeded with ``seed`` (the caller's RNG is untouched).
+    Prompts must all have the same length.
+    """
+    from transformers import GenerationConfig
+
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("prompts: sample_fixed_length needs prompts of equal length")
+    if getattr(getattr(model, "generation_config", None), "eos_token_id", None) is not None:
+        raise ValueError(
+            "model: has an end-of-sequence token; exact enumeration needs fixed-length responses, so build the "
+            "validation model with eos_token_id=None (suppressing EOS would not sample from the policy)"
+        )
+    ids = torch.tensor([list(p) for p in prompts], device=next(model.parameters()).device)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=response_len,
+                              num_return_sequences=group_size, pad_token_id=0, eos_token_id=None)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    P = ids.shape[1]
+    if out.shape != (len(prompts) * group_size, P + response_len):
+        raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected fixed-length responses")
+    resp = out[:, P:].reshape(len(prompts), group_size, response_len).tolist()
+    return RolloutBatch.from_lists([list(p) for p in prompts], resp, pad_token_id=0, max_len=max_len)
+
+
+# ------------------------------------------------------------------ calibration
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Repeated predictions against the exact first-order change.
+
+    Attributes:
+        exact: η·⟨∇H_w, μY⟩ averaged over the prompt pool (nats).
+        predicted: ``[R]`` η·s̄ of each repetition.
+        se: ``[R]`` SE_E of each repetition.
+    """
+
+    exact: float
+    predicted: Tensor = field(repr=False)
+    se: Tensor = field(repr=False)
+
+    @property
+    def z(self) -> Tensor:
+        """``(predicted − exact) / SE_E`` per repetition."""
+        return (self.predicted - self.exact) / self.se
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of repetitions whose 95% interval contains the exact value."""
+        return float((self.z.abs() <= Z_95).double().mean())
+
+    @property
+    def mean_estimate(self) -> float:
+        return float(self.predicted.mean())
+
+    @property
+    def se_of_mean(self) -> float:
+        """Standard error of ``mean_estimate`` over the repetitions."""
+        return float(self.predicted.std()) / math.sqrt(len(self.predicted))
+
+    def summary(self) -> dict:
+        z = self.z
+        return {
+            "repetitions": len(self.predicted),
+            "exact": self.exact,
+            "mean_estimate": self.mean_estimate,
+            "se_of_mean": self.se_of_mean,
+            "bias_in_se_of_mean": (self.mean_estimate - self.exact) / self.se_of_mean,
+            "coverage_95": self.coverage,
+            "mean_z": float(z.mean()),
+            "std_z": float(z.std()),
+            "mean_se": float(self.se.mean()),
+        }
+
+
+def calibration_study(
+    model: nn.Module,
+    prompt_pool: Sequence[Sequence[int]],
+    muY: Mapping[str, Tensor],
+    *,
+    lr: float,
+    vocab_size: int,
+    response_len: int,
+    repetitions: int,
+    prompts_per_batch: int,
+    group_size: int,
+    weighting: str = "dr_grpo",
+    max_len: float | None = None,
+    mode: str = "jvp",
+    seed: int = 0,
+    surrogate: Callable[[Tensor, RolloutBatch, str], Tensor] = entropy_surrogate,
+    progress: Callable[[int], None] | None = None,
+) -> CalibrationResult:
+    """Repeat the probe on fresh E and compare with the exact value (see module docstring).
+
+    Each repetition draws ``prompts_per_batch`` prompts i.i.d. uniformly from
+    ``prompt_pool`` and ``group_size`` responses per prompt by ``sample_fixed_length``.
+    ``max_len`` defaults to ``response_len`` for ``dr_grpo``.
+    """
+    registry = ParamRegistry.from_model(model)
+    if weighting == "dr_grpo" and max_len is None:
+        max_len = float(response_len)
+    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=next(iter(registry.trainable.values())).device)
+    with probe_session(registry):
+        _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
+    exact = lr * float(dh.mean())
+    gen = torch.Generator().manual_seed(seed)
+    predicted, ses = [], []
+    for r in range(repetitions):
+        idx = torch.randint(len(prompt_pool), (prompts_per_batch,), generator=gen).tolist()
+        E = sample_fixed_length(model, [prompt_pool[i] for i in idx], group_size=group_size,
+                                response_len=response_len, seed=seed * 1_000_003 + r, max_len=max_len)
+        s = probe_scalars(registry, E, muY, weighting=weighting, mode=mode, batch_size=prompts_per_batch,
+                          surrogate=surrogate)
+        res = ConditionalVariance.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=mode,
+                                            weighting=weighting)
+        predicted.append(res.delta_h)
+        ses.append(res.se_e)
+        if progress is not None:
+            progress(r)
+    return CalibrationResult(exact, torch.tensor(predicted, dtype=torch.float64), torch.tensor(ses, dtype=torch.float64))
+
+
+def biased_entropy_surrogate(S: Tensor, batch: RolloutBatch, weighting: str) -> Tensor:
+    """LX with the baseline that includes the sample itself (b = mean over all G): biased.
+
+    Its expected gradient is (G − 1)/G times ∇H_w; calibration studies must detect it.
+    """
+    from .surrogates import weighted_logprobs
+
+    Sw = weighted_logprobs(S, batch, weighting)
+    coeff = (Sw - Sw.mean(-1, keepdim=True)).detach()
+    return -(coeff * S).mean(-1)
+
+
+# ------------------------------------------------------------------ first order
+def first_order_sweep(
+    model: nn.Module | ParamRegistry,
+    prompt_pool: Sequence[Sequence[int]],
+    muY: Mapping[str, Tensor],
+    lrs: Sequence[float],
+    *,
+    vocab_size: int,
+    response_len: int,
+    weighting: str = "dr_grpo",
+    max_len: float | None = None,
+) -> list[dict]:
+    """For each η: predicted η·⟨∇H_w, μY⟩ and the exact H_w(θ + ημY) − H_w(θ), pool-averaged."""
+    registry = model if isinstance(model, ParamRegistry) else ParamRegistry.from_model(model)
+    if weighting == "dr_grpo" and max_len is None:
+        max_len = float(response_len)
+    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=next(iter(registry.trainable.values())).device)
+    with probe_session(registry):
+        _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
+    slope = float(dh.mean())
+    rows = []
+    for lr in lrs:
+        actual = exact_entropy_change(registry, enum, muY, lr=lr, weighting=weighting, max_len=max_len).delta_h
+        predicted = lr * slope
+        rows.append({"lr": lr, "predicted": predicted, "exact": actual,
+                     "rel_error": abs(predicted - actual) / abs(actual) if actual != 0 else math.inf})
+    return rows
+
+
+def largest_first_order_lr(rows: Sequence[dict], tolerance: float = 0.1) -> float | None:
+    """The largest η of the sweep up to which every η has relative error ≤ ``tolerance``."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["lr"]):
+        if row["rel_error"] > tolerance:
+            break
+        best = row["lr"]
+    return best

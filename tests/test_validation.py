@@ -1,0 +1,141 @@
+"""Ground truth: exact entropy by enumeration, the softmax bandit, calibration and bias."""
+
+import math
+
+import pytest
+import torch
+
+from funcprobe import ParamRegistry, RolloutBatch, probe_scalars, update_direction
+from funcprobe.entropy_change import exact_entropy_change, sampled_entropy_change
+from funcprobe.exact import enumerate_responses, enumeration_batch, exact_directional_derivative, exact_entropy
+from funcprobe.guards import probe_session
+from funcprobe.models import qwen2_lora_policy
+from funcprobe.validate import (
+    SoftmaxBandit,
+    bandit_rollouts,
+    biased_entropy_surrogate,
+    calibration_study,
+    covariance_entropy_derivative,
+    first_order_sweep,
+    largest_first_order_lr,
+    policy_gradient_logit_step,
+    sample_fixed_length,
+)
+from helpers import gpt2, random_direction, rel_err
+
+V, L = 8, 3
+POOL = [[1, 2, 3], [4, 5, 6], [7, 0, 2], [3, 3, 5], [6, 1, 0], [2, 7, 4], [5, 5, 1], [0, 4, 7]]
+
+
+def test_enumeration_guards():
+    assert enumerate_responses(3, 2).tolist()[:4] == [[0, 0], [0, 1], [0, 2], [1, 0]]
+    with pytest.raises(ValueError, match="exceeds"):
+        enumerate_responses(40, 4)
+    model = gpt2(vocab=V)
+    reg = ParamRegistry.from_model(model)
+    partial = RolloutBatch.from_lists([[1, 2]], [[[0], [1]]], pad_token_id=0)
+    with probe_session(reg), pytest.raises(ValueError, match="not a full enumeration"):
+        exact_entropy(reg.module, reg.merged(reg.trainable), partial)
+
+
+@pytest.mark.parametrize("weighting", ["per_token_avg", "dr_grpo"])
+def test_exact_directional_derivative_equals_finite_difference(weighting):
+    model = gpt2(vocab=V)  # float64 throughout
+    reg = ParamRegistry.from_model(model)
+    mu = random_direction(reg)
+    enum = enumeration_batch(POOL[:3], V, 2)
+    kw = dict(weighting=weighting, max_len=5.0)
+    eps = 1e-6
+    with probe_session(reg):
+        h, dh = exact_directional_derivative(reg, enum, mu, **kw)
+        plus = {k: v + eps * mu[k] for k, v in reg.trainable.items()}
+        minus = {k: v - eps * mu[k] for k, v in reg.trainable.items()}
+        fd = (exact_entropy(reg.module, reg.merged(plus), enum, **kw)
+              - exact_entropy(reg.module, reg.merged(minus), enum, **kw)) / (2 * eps)
+    assert torch.all(h > 0) and rel_err(dh, fd) < 1e-7
+    step = exact_entropy_change(reg, enum, mu, lr=1e-7, **kw)
+    assert rel_err(step.per_prompt / 1e-7, dh) < 1e-5  # the actual step's change is first order at tiny lr
+
+
+def test_bandit_exact_derivative_is_the_covariance_formula_and_the_probe_converges():
+    K = 6
+    z0 = torch.tensor([0.3, -1.0, 2.0, 0.0, 0.5, -0.4], dtype=torch.float64)
+    bandit = SoftmaxBandit(z0)
+    reg = ParamRegistry.from_model(bandit)
+    reward = torch.tensor([1.0, 0.0, 0.2, 0.0, 1.0, 0.5], dtype=torch.float64)
+    enum = enumeration_batch([[0]], K, 1)
+    # the exact policy-gradient logit step
+    dz = policy_gradient_logit_step(z0, reward)
+    with probe_session(reg):
+        h, dh = exact_directional_derivative(reg, enum, {"z": dz})
+    p = torch.softmax(z0, -1)
+    assert abs(float(h[0]) + float((p * p.log()).sum())) < 1e-12
+    assert abs(float(dh[0]) - float(covariance_entropy_derivative(z0, dz))) < 1e-10
+    # the direction funcprobe actually uses: the sampled policy gradient of U
+    gen = torch.Generator().manual_seed(0)
+    actions = torch.multinomial(p.expand(64, K), 4, replacement=True, generator=gen)
+    r = reward[actions]
+    U = bandit_rollouts(actions, (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4))
+    mu = update_direction(bandit, U, direction="sgd", weighting="per_token_avg")
+    with probe_session(reg):
+        _, dh_mu = exact_directional_derivative(reg, enum, mu)
+    exact = float(covariance_entropy_derivative(z0, mu["z"]))
+    assert abs(float(dh_mu[0]) - exact) < 1e-10
+    # the probe's estimate from sampled E converges to it
+    actions = torch.multinomial(p.expand(4000, K), 8, replacement=True, generator=gen)
+    s = probe_scalars(bandit, bandit_rollouts(actions), mu, weighting="per_token_avg", batch_size=4000)
+    se = float(s.std()) / math.sqrt(len(s))
+    assert abs(float(s.mean()) - exact) < 4 * se
+    assert se < 0.1 * abs(exact)  # the check has teeth: the estimate is sharp
+
+
+@pytest.fixture(scope="module")
+def calibration_setup():
+    model = qwen2_lora_policy(vocab_size=V, hidden=32, layers=2, lora_rank=4, init_lora_weights=False,
+                              dtype=torch.float64, seed=0)
+    model.eval()
+    reward = lambda y: sum(1.0 for t in y if t < 3) / len(y)  # noqa: E731
+    U = sample_fixed_length(model, POOL * 4, group_size=4, response_len=L, seed=123, max_len=L)
+    r = torch.tensor([[reward(U.input_ids[n, g, U.response_start:].tolist()) for g in range(4)]
+                      for n in range(U.num_prompts)], dtype=torch.float64)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    U = RolloutBatch(U.input_ids, U.attention_mask, U.response_start, adv, float(L))
+    mu = update_direction(model, U, direction="sgd")
+    return model, mu
+
+
+def test_coverage_of_the_95_interval(calibration_setup):
+    model, mu = calibration_setup
+    res = calibration_study(model, POOL, mu, lr=0.1, vocab_size=V, response_len=L, repetitions=240,
+                            prompts_per_batch=32, group_size=4, seed=1)
+    summary = res.summary()
+    assert 0.92 <= summary["coverage_95"] <= 0.98, summary
+    assert abs(summary["mean_z"]) < 0.25 and 0.8 < summary["std_z"] < 1.2, summary
+    # unbiased: the mean over repetitions is within 4 standard errors of the exact value
+    assert abs(summary["bias_in_se_of_mean"]) < 4, summary
+
+
+def test_biased_baseline_is_detected(calibration_setup):
+    model, mu = calibration_setup
+    kw = dict(lr=0.1, vocab_size=V, response_len=L, repetitions=120, prompts_per_batch=32, group_size=2, seed=2)
+    fair = calibration_study(model, POOL, mu, **kw).summary()
+    biased = calibration_study(model, POOL, mu, surrogate=biased_entropy_surrogate, **kw).summary()
+    assert abs(fair["bias_in_se_of_mean"]) < 4, fair
+    assert abs(biased["bias_in_se_of_mean"]) > 4, biased
+    assert math.isclose(biased["mean_estimate"] / fair["mean_estimate"], 0.5, rel_tol=0.25)  # (G-1)/G
+
+
+def test_sampled_entropy_change_agrees_with_the_exact_step(calibration_setup):
+    model, mu = calibration_setup
+    enum = enumeration_batch(POOL, V, L)
+    exact = exact_entropy_change(model, enum, mu, lr=0.5, max_len=float(L))
+    E = sample_fixed_length(model, POOL * 16, group_size=16, response_len=L, seed=9, max_len=L)
+    est = sampled_entropy_change(model, E, mu, lr=0.5)
+    assert est.method == "snis" and est.se > 0
+    assert abs(est.delta_h - exact.delta_h) < 4 * est.se + 0.05 * abs(exact.delta_h), (est, exact)
+    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    rows = first_order_sweep(model, POOL, mu, lrs, vocab_size=V, response_len=L)
+    errors = [r["rel_error"] for r in rows]
+    assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]  # the first-order error grows with lr
+    assert math.isclose(errors[1] / errors[0], 10, rel_tol=0.6)  # ... linearly at small lr
+    assert largest_first_order_lr(rows, 0.1) == 1e-2 and largest_first_order_lr(rows, 1e-9) is None
