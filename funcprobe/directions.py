@@ -1,6 +1,6 @@
 """The update direction μY = Δ = P(∇θ mean_{n∈U} J[n]), with the step θ ← θ + η·Δ.
 
-* ``policy_gradient``: mean over the prompts of U of ∇θ J[n], in microbatches, with
+* ``policy_gradient_sum``: sum over the prompts of U of ∇θ J[n], in microbatches, with
   ``torch.func.grad`` through ``functional_call`` (no ``.backward()``, no ``.grad``).
 * preconditioners P, pure functions of one tensor and its optimizer state:
   ``sgd`` (identity), ``adam`` (the seeds' frozen-state preconditioner
@@ -59,11 +59,12 @@ class AdamState:
     max_exp_avg_sq: Tensor | None = None
 
 
-def policy_gradient(registry: ParamRegistry, U: RolloutBatch, *, weighting: str, batch_size: int) -> ParamTree:
-    """``mean_{n∈U} ∇θ J[n]`` as name→tensor (float32 or wider), U in microbatches.
+def policy_gradient_sum(registry: ParamRegistry, U: RolloutBatch, *, weighting: str, batch_size: int) -> ParamTree:
+    """``Σ_{n∈U} ∇θ J[n]`` as name→tensor (float32 or wider), U in microbatches.
 
-    Must run inside ``probe_session`` (the public entry points do that).
-    Raises ``ValueError`` if U has no advantages.
+    The sum (not the mean) so that data-parallel ranks can all-reduce it with their
+    prompt counts; zeros for an empty U. Must run inside ``probe_session`` (the public
+    entry points do that). Raises ``ValueError`` if U has no advantages.
     """
     check_weighting(weighting)
     U.require_advantages("U")
@@ -73,13 +74,12 @@ def policy_gradient(registry: ParamRegistry, U: RolloutBatch, *, weighting: str,
         return policy_gradient_surrogate(S, group, weighting).sum()
 
     grad_j = grad(total_j)
-    acc: ParamTree | None = None
+    acc = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)),
+                   registry.trainable)
     for start in range(0, U.num_prompts, batch_size):
         g = grad_j(registry.trainable, U.select(start, min(start + batch_size, U.num_prompts)))
-        g = tree_map(lambda t: t.to(torch.promote_types(t.dtype, torch.float32)), g)
-        acc = g if acc is None else tree_map(torch.add, acc, g)
-    assert acc is not None
-    return tree_map(lambda t: t / U.num_prompts, acc)
+        acc = tree_map(lambda a, t: a + t.to(a.dtype), acc, g)
+    return acc
 
 
 # ------------------------------------------------------------------ preconditioners

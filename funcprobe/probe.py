@@ -14,12 +14,13 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .directions import DIRECTIONS, optimizer_lr, policy_gradient, precondition, read_adam_state
+from .directions import DIRECTIONS, optimizer_lr, policy_gradient_sum, precondition, read_adam_state
+from .distributed import all_reduce_float64, all_reduce_sum_tree, handshake, refuse_fsdp, resolve_group
 from .guards import as_normal_batch, probe_session
-from .pytree import ParamTree, tree_sq_norm
+from .pytree import ParamTree, tree_map, tree_sq_norm
 from .registry import ParamRegistry, ParamSelection
 from .rollouts import RolloutBatch
-from .surrogates import check_weighting
+from .surrogates import WEIGHTINGS, check_weighting
 from .variance import ConditionalVariance, as_registry, conditional_variance
 
 
@@ -35,6 +36,7 @@ def update_direction(
     adapter: str | None = None,
     allow_identity_fallback: bool = False,
     keep_dropout: bool = False,
+    process_group: object | None = None,
 ) -> ParamTree:
     """μY = P(∇θ mean_{n∈U} J[n]), the step per unit learning rate (θ ← θ + η·μY).
 
@@ -47,14 +49,21 @@ def update_direction(
         weighting: ``"dr_grpo"`` or ``"per_token_avg"`` (J's Sw).
         batch_size: prompts per microbatch of the gradient.
         allow_identity_fallback: ``adam``: identity P for parameters without state.
+        process_group: all-reduce the gradient sum and the prompt count over this
+            ``torch.distributed`` group before dividing and preconditioning (default: the
+            world group when initialised with > 1 rank), so every rank gets the global μY.
+            A rank's shard of U may be empty (``RolloutBatch.empty``).
 
     Returns:
         name→tensor, the registry's trainable names, float32 or wider.
 
     Raises:
         ValueError: unknown direction/weighting, U without advantages, missing optimizer
-            state for ``adam``, a zero gradient (no signal: advantages all 0?).
+            state for ``adam``, no prompts on any rank, a zero gradient (no signal:
+            advantages all 0?).
         TypeError: a non-Adam optimizer for an Adam direction.
+        NotImplementedError: an FSDP-sharded model.
+        RuntimeError: ranks that disagree on the registry or settings.
     """
     check_weighting(weighting)
     if direction not in DIRECTIONS:
@@ -65,11 +74,24 @@ def update_direction(
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(U, RolloutBatch):
         raise TypeError(f"U: expected a RolloutBatch, got {type(U).__name__}")
+    if not isinstance(model, ParamRegistry):
+        refuse_fsdp(model)
     registry = as_registry(model, params, adapter)
+    group = resolve_group(process_group)
+    if group is not None:
+        handshake(group, registry.names, registry.numel(),
+                  [DIRECTIONS.index(direction), WEIGHTINGS.index(weighting)])
     states = read_adam_state(optimizer, registry) if direction != "sgd" else None
     U = as_normal_batch(U, next(iter(registry.trainable.values())).device)
     with probe_session(registry, keep_dropout=keep_dropout):
-        gradient = policy_gradient(registry, U, weighting=weighting, batch_size=batch_size)
+        total = policy_gradient_sum(registry, U, weighting=weighting, batch_size=batch_size)
+    count = float(U.num_prompts)
+    if group is not None:
+        total = all_reduce_sum_tree(total, group)
+        (count,) = all_reduce_float64([count], group)
+    if count == 0:
+        raise ValueError("U: there are no update prompts (on any rank)")
+    gradient = tree_map(lambda t: t / count, total)
     if tree_sq_norm(gradient) == 0.0:
         raise ValueError(
             "U: the policy gradient is zero everywhere (are all advantages 0, or is the adapter disabled?)"
@@ -144,7 +166,8 @@ class EntropyProbe:
             read the learning rate).
         lr: η; default: the optimizer's learning rate for the probed parameters.
         direction, weighting, batch_size, mode, params, adapter, keep_dropout,
-        allow_identity_fallback: as in ``update_direction`` / ``conditional_variance``.
+        allow_identity_fallback, process_group, gather_s: as in ``update_direction`` /
+        ``conditional_variance``.
 
     Raises:
         ValueError: no ``lr`` and no optimizer to read it from, and the errors of
@@ -165,10 +188,13 @@ class EntropyProbe:
         adapter: str | None = None,
         keep_dropout: bool = False,
         allow_identity_fallback: bool = False,
+        process_group: object | None = None,
+        gather_s: bool = False,
     ) -> None:
         check_weighting(weighting)
         if direction not in DIRECTIONS:
             raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
+        refuse_fsdp(model)
         self.registry = ParamRegistry.from_model(model, params=params, adapter=adapter)
         if lr is None:
             if optimizer is None:
@@ -184,6 +210,8 @@ class EntropyProbe:
         self.mode = mode
         self.keep_dropout = keep_dropout
         self.allow_identity_fallback = allow_identity_fallback
+        self.process_group = process_group
+        self.gather_s = gather_s
 
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
@@ -196,6 +224,7 @@ class EntropyProbe:
             batch_size=self.batch_size,
             allow_identity_fallback=self.allow_identity_fallback,
             keep_dropout=self.keep_dropout,
+            process_group=self.process_group,
         )
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> ConditionalVariance:
@@ -209,6 +238,8 @@ class EntropyProbe:
             batch_size=self.batch_size,
             mode=self.mode,
             keep_dropout=self.keep_dropout,
+            process_group=self.process_group,
+            gather_s=self.gather_s,
         )
 
     def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:

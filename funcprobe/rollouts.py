@@ -23,7 +23,8 @@ class RolloutBatch:
     """A batch of rollouts for the probe.
 
     Attributes:
-        input_ids: ``[B, G, T]`` integer token ids (prompt left-padded, response right-padded).
+        input_ids: ``[B, G, T]`` integer token ids (prompt left-padded, response right-padded);
+            B may be 0 (an empty data-parallel shard, see ``empty``).
         attention_mask: ``[B, G, T]`` 0/1 (bool or integer); 1 marks a real token.
         response_start: column where every response starts (``1 <= response_start < T``).
         advantages: optional ``[B, G]`` floating advantages A[n, g] (needed for J and μY).
@@ -90,8 +91,8 @@ class RolloutBatch:
     # ------------------------------------------------------------ derivations
     def select(self, start: int, stop: int) -> "RolloutBatch":
         """Prompts ``start:stop`` as a batch (validated once already, so not re-checked)."""
-        if not 0 <= start < stop <= self.num_prompts:
-            raise ValueError(f"select: need 0 <= start < stop <= {self.num_prompts}, got {start}:{stop}")
+        if not 0 <= start <= stop <= self.num_prompts:
+            raise ValueError(f"select: need 0 <= start <= stop <= {self.num_prompts}, got {start}:{stop}")
         ml = self.max_len
         if isinstance(ml, Tensor) and ml.ndim == 1:
             ml = ml[start:stop]
@@ -123,6 +124,13 @@ class RolloutBatch:
         return self.advantages
 
     # ------------------------------------------------------------ construction
+    @classmethod
+    def empty(cls, group_size: int, *, advantages: bool = True, max_len: float | None = None) -> "RolloutBatch":
+        """A batch with no prompts (B = 0): a data-parallel rank whose shard is empty."""
+        ids = torch.zeros((0, group_size, 2), dtype=torch.long)
+        adv = torch.zeros((0, group_size)) if advantages else None
+        return cls(ids, torch.zeros_like(ids), 1, adv, max_len)
+
     @classmethod
     def from_lists(
         cls,
@@ -186,8 +194,6 @@ def _validate(b: RolloutBatch) -> None:
     B, G, T = ids.shape
     if ids.numel() and int(ids.min()) < 0:
         raise ValueError("input_ids: negative token ids")
-    if B < 1:
-        raise ValueError("input_ids: the batch has no prompts (B = 0)")
     if G < 2:
         raise ValueError(f"input_ids: G = {G} responses per prompt; the leave-one-out baseline needs G >= 2")
     if not isinstance(mask, Tensor) or tuple(mask.shape) != (B, G, T):

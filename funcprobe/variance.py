@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp
 
+from .distributed import all_gather_varlen, all_reduce_float64, handshake, refuse_fsdp, resolve_group
 from .guards import as_normal_batch, as_normal_tensor, probe_session
 from .logprobs import sequence_logprobs
 from .pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdot
 from .registry import ParamRegistry, ParamSelection
 from .rollouts import RolloutBatch
-from .surrogates import check_weighting, entropy_surrogate
+from .surrogates import WEIGHTINGS, check_weighting, entropy_surrogate
 
 MODES = ("jvp", "vjp")
 
@@ -148,6 +149,8 @@ def _scalars(
         else:
             s = _alpha_trick(lx(group), theta, tangent, group.num_prompts)
         out.append(s.detach().to(torch.float64))
+    if not out:  # an empty data-parallel shard
+        return torch.zeros(0, dtype=torch.float64, device=next(iter(theta.values())).device)
     return torch.cat(out)
 
 
@@ -166,6 +169,46 @@ def _alpha_trick(lx, theta: ParamTree, tangent: Mapping[str, Tensor], k: int) ->
     return s
 
 
+def _validated_local_scalars(
+    model: nn.Module | ParamRegistry,
+    E: RolloutBatch,
+    muY: Mapping[str, Tensor],
+    *,
+    weighting: str,
+    batch_size: int,
+    mode: str,
+    params: ParamSelection,
+    adapter: str | None,
+    keep_dropout: bool,
+    surrogate: Callable[[Tensor, RolloutBatch, str], Tensor],
+    group: object | None = None,
+    lr: float = 1.0,
+) -> Tensor:
+    check_weighting(weighting)
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(E, RolloutBatch):
+        raise TypeError(f"E: expected a RolloutBatch, got {type(E).__name__}")
+    if not isinstance(model, ParamRegistry):
+        refuse_fsdp(model)
+    registry = as_registry(model, params, adapter)
+    check_like(registry.trainable, muY, "muY")
+    if group is not None:
+        handshake(group, registry.names, registry.numel(),
+                  [lr, WEIGHTINGS.index(weighting), MODES.index(mode)])
+    if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
+        raise ValueError("muY: the update direction is zero everywhere; there is no step to probe")
+    tangent = tree_map(
+        lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), registry.trainable
+    )
+    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
+    with probe_session(registry, keep_dropout=keep_dropout):
+        return _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode,
+                        surrogate=surrogate)
+
+
 def probe_scalars(
     model: nn.Module | ParamRegistry,
     E: RolloutBatch,
@@ -182,28 +225,15 @@ def probe_scalars(
     """Every per-prompt s[n] = ⟨∇θ LX[n], μY⟩ of E, ``[B]`` float64 (nats per unit lr).
 
     The arguments, checks and errors are those of ``conditional_variance`` (which calls
-    this), without ``lr`` and with any B ≥ 1: use it when the statistics are assembled
-    elsewhere (e.g. across ranks). ``surrogate(S, batch, weighting) -> [B]`` replaces LX
-    (validation studies use it to show that a biased baseline is detected).
+    this), without ``lr`` and with any B ≥ 1, in this process only (no collectives).
+    ``surrogate(S, batch, weighting) -> [B]`` replaces LX (validation studies use it to
+    show that a biased baseline is detected).
     """
-    check_weighting(weighting)
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if not isinstance(E, RolloutBatch):
-        raise TypeError(f"E: expected a RolloutBatch, got {type(E).__name__}")
-    registry = as_registry(model, params, adapter)
-    check_like(registry.trainable, muY, "muY")
-    if tree_sq_norm(muY) == 0.0:
-        raise ValueError("muY: the update direction is zero everywhere; there is no step to probe")
-    tangent = tree_map(
-        lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), registry.trainable
+    s = _validated_local_scalars(
+        model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode, params=params, adapter=adapter,
+        keep_dropout=keep_dropout, surrogate=surrogate,
     )
-    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
-    with probe_session(registry, keep_dropout=keep_dropout):
-        s = _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode, surrogate=surrogate)
-    _check_s(s)
+    _check_s(s, [float(s.numel()), float((~torch.isfinite(s)).sum()), float((s != 0).sum())])
     return s
 
 
@@ -219,12 +249,15 @@ def conditional_variance(
     params: ParamSelection = "trainable",
     adapter: str | None = None,
     keep_dropout: bool = False,
+    process_group: object | None = None,
+    gather_s: bool = False,
 ) -> ConditionalVariance:
     """Every s[n] over the evaluation batch E along μY, and Var_E / SE_E of the prediction.
 
     Args:
         model: an ``nn.Module`` (HF / PEFT, possibly DDP-wrapped) or a ``ParamRegistry``.
-        E: evaluation rollouts, B ≥ 2 prompts × G ≥ 2 responses.
+        E: evaluation rollouts, B ≥ 2 prompts × G ≥ 2 responses (across all ranks when
+            distributed; a rank's shard may be empty, ``RolloutBatch.empty``).
         muY: name→tensor update direction per unit learning rate (``update_direction``),
             with exactly the registry's names and shapes; cast to each parameter's
             dtype and device.
@@ -235,41 +268,56 @@ def conditional_variance(
         mode: ``"jvp"`` (forward mode) or ``"vjp"`` (α-trick, reverse over reverse).
         params, adapter: registry selection (ignored when ``model`` is a registry).
         keep_dropout: keep the caller's train/eval modes during the forwards.
+        process_group: reduce Σs, Σs², B over this ``torch.distributed`` group; default:
+            the world group when ``torch.distributed`` is initialised with > 1 rank.
+        gather_s: distributed only: return every rank's s (rank order) instead of the
+            local ones.
 
     Returns:
-        ``ConditionalVariance`` (s, Σs, Σs², B, bars_dot, delta_h, var_e, se_e, ci95).
+        ``ConditionalVariance`` (s, Σs, Σs², B, bars_dot, delta_h, var_e, se_e, ci95);
+        the statistics are global, ``s`` is this rank's unless ``gather_s``.
 
     Raises:
         KeyError: μY names missing from or unknown to the registry (listed).
         ValueError: bad ``lr``/``weighting``/``mode``/``batch_size``, μY shapes or
-            non-finite values (listed), μY identically zero, B < 2.
+            non-finite values (listed), μY identically zero, B < 2 (over all ranks).
         TypeError: E is not a ``RolloutBatch``.
-        RuntimeError: non-finite s (prompts listed), or every s exactly 0 (the direction
-            does not reach the forward: adapter disabled?).
+        NotImplementedError: an FSDP-sharded model.
+        RuntimeError: non-finite s (prompts listed), every s exactly 0 (the direction
+            does not reach the forward: adapter disabled?), or ranks that disagree on the
+            registry or settings; raised on every rank together.
     """
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
-    if isinstance(E, RolloutBatch) and E.num_prompts < 2:
+    group = resolve_group(process_group)
+    if group is None and isinstance(E, RolloutBatch) and E.num_prompts < 2:
         raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
-    s = probe_scalars(
-        model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode,
-        params=params, adapter=adapter, keep_dropout=keep_dropout,
+    s = _validated_local_scalars(
+        model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode, params=params, adapter=adapter,
+        keep_dropout=keep_dropout, surrogate=entropy_surrogate, group=group, lr=float(lr),
     )
+    local = [float(s.sum()), float((s * s).sum()), float(s.numel()),
+             float((~torch.isfinite(s)).sum()), float((s != 0).sum())]
+    totals = all_reduce_float64(local, group) if group is not None else local
+    _check_s(s, totals[2:])
+    if group is not None and gather_s:
+        s = all_gather_varlen(s, group)
     return ConditionalVariance.from_sums(
-        s, float(s.sum()), float((s * s).sum()), E.num_prompts, lr=float(lr), mode=mode, weighting=weighting
+        s, totals[0], totals[1], int(totals[2]), lr=float(lr), mode=mode, weighting=weighting
     )
 
 
-def _check_s(s: Tensor) -> None:
-    bad = (~torch.isfinite(s)).nonzero().flatten().tolist()
-    if bad:
+def _check_s(s: Tensor, counts: Sequence[float]) -> None:
+    """Raise for non-finite or all-zero s, from (B, #non-finite, #non-zero) over all ranks."""
+    total, non_finite, non_zero = counts
+    if non_finite > 0:
+        local = (~torch.isfinite(s)).nonzero().flatten().tolist()
         raise RuntimeError(
-            f"probe: s is NaN or inf for prompt(s) {bad[:16]}: the model produced non-finite log-probs "
-            "on real response tokens (check the inputs and the model's dtype)"
+            f"probe: s is NaN or inf for {int(non_finite)} prompt(s) (here: {local[:16]}): the model produced "
+            "non-finite log-probs on real response tokens (check the inputs and the model's dtype)"
         )
-    if bool((s == 0).all()):
+    if total > 0 and non_zero == 0:
         raise RuntimeError(
             "probe: every s[n] is exactly 0: the direction does not reach the forward "
             "(are the probed parameters used, is the adapter enabled?)"
         )
-

@@ -24,7 +24,7 @@ def test_select_keeps_per_prompt_max_len():
     assert sub.num_prompts == 2 and sub.max_len.tolist() == [2.0, 3.0]
     assert torch.equal(sub.input_ids, b.input_ids[1:3])
     with pytest.raises(ValueError, match="select"):
-        b.select(3, 3)
+        b.select(3, 2)
 
 
 def _good():

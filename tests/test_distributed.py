@@ -1,0 +1,159 @@
+"""Data-parallel probing: 2 and 3 gloo processes on CPU give the single-process answer."""
+
+import os
+import socket
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from funcprobe import RolloutBatch, conditional_variance, update_direction
+from funcprobe.distributed import refuse_fsdp
+from helpers import gpt2, random_rollouts, rel_err
+
+TIMEOUT = 20  # seconds: a collective whose peer is gone fails after this instead of hanging
+
+SHARDS = {  # prompt ranges of E (7 prompts) and U (5 prompts) per rank
+    2: ([(0, 5), (5, 7)], [(0, 1), (1, 5)]),
+    3: ([(0, 4), (4, 7), (7, 7)], [(0, 3), (3, 5), (5, 5)]),  # rank 2 holds nothing
+}
+
+
+def _setup():
+    model = gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt, random_rollouts(B=7, G=3, seed=31), random_rollouts(B=5, G=3, seed=32)
+
+
+def _shard(batch, lo, hi):
+    return batch.select(lo, hi) if hi > lo else RolloutBatch.empty(batch.group_size, max_len=batch.max_len)
+
+
+def _worker(rank, world, port, case, outdir):
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=TIMEOUT))
+        model, opt, E, U = _setup()
+        e_range, u_range = SHARDS[world][0][rank], SHARDS[world][1][rank]
+        E_local, U_local = _shard(E, *e_range), _shard(U, *u_range)
+        probed = torch.nn.parallel.DistributedDataParallel(model) if case == "ddp" else model
+        if case == "dead_peer" and rank == 1:
+            os._exit(3)  # dies before the first collective
+        params = "trainable"
+        if case == "mismatch" and rank == 1:
+            params = [n for n, p in model.named_parameters() if p.requires_grad][:2]
+        mu = update_direction(probed, U_local, optimizer=opt, direction="adam_step", params=params)
+        res = conditional_variance(probed, E_local, mu, lr=0.1, gather_s=True)
+        local = conditional_variance(probed, E_local, mu, lr=0.1)
+        result = {"mu": mu, "res": res.to_dict(), "local_s": local.s, "grads_none": all(
+            p.grad is None for p in model.parameters())}
+    except Exception as err:  # reported to the parent, which asserts on it
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    finally:
+        torch.save(result, Path(outdir) / f"rank{rank}.pt")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world, case, tmp_path):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, case, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=TIMEOUT * 4 + 60)
+    alive = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, f"ranks still running after the timeout: {alive}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) if (tmp_path / f"rank{r}.pt").exists()
+            else None for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    model, opt, E, U = _setup()
+    mu = update_direction(model, U, optimizer=opt, direction="adam_step")
+    return mu, conditional_variance(model, E, mu, lr=0.1)
+
+
+@pytest.mark.parametrize("world, case", [(2, "plain"), (3, "plain"), (2, "ddp")])
+def test_sharded_equals_single_process(world, case, tmp_path, single_process):
+    mu_ref, ref = single_process
+    results = _run(world, case, tmp_path)
+    for rank, out in enumerate(results):
+        assert "error" not in out, out.get("trace")
+        for k in mu_ref:
+            assert rel_err(out["mu"][k], mu_ref[k]) < 1e-10, (rank, k)
+        r = out["res"]
+        for key in ("sum_s", "sum_s2", "bars_dot", "delta_h", "var_e", "se_e"):
+            assert rel_err(r[key], getattr(ref, key)) < 1e-10, (rank, key)
+        assert r["num_prompts"] == 7
+        assert rel_err(torch.tensor(r["s"], dtype=torch.float64), ref.s) < 1e-10  # gathered, rank order
+        lo, hi = SHARDS[world][0][rank]
+        assert out["local_s"].shape == (hi - lo,)
+        if hi > lo:
+            assert rel_err(out["local_s"], ref.s[lo:hi]) < 1e-10
+        assert out["grads_none"]
+
+
+def test_ranks_probing_different_registries_fail_together(tmp_path):
+    results = _run(2, "mismatch", tmp_path)
+    for out in results:
+        assert "RuntimeError" in out["error"] and "ranks disagree on" in out["error"], out
+
+
+def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    results = _run(2, "dead_peer", tmp_path)
+    assert results[1] is None  # it died without a word
+    assert "error" in results[0]
+
+
+def test_fsdp_models_are_refused_with_advice():
+    class FSDPQwen2ForCausalLM(torch.nn.Module):  # the class name fully_shard gives a model
+        pass
+
+    with pytest.raises(NotImplementedError, match="full_state_dict=True"):
+        refuse_fsdp(FSDPQwen2ForCausalLM())
+    refuse_fsdp(gpt2())  # an ordinary model passes
+
+
+def test_process_group_without_init_is_an_error():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="not initialised"):
+        conditional_variance(gpt2(), random_rollouts(), {}, lr=1.0, process_group=object())
+
+
+def test_torchrun_example_gives_every_rank_the_same_answer():
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(root / "examples" / "probe_torchrun.py"), "--small", "--prompts-per-rank", "3", "--train-steps", "1"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"rank (\d)/2: .*global B = 6, (predicted dH = \S+ nats, SE_E = \S+)", proc.stdout)
+    assert sorted(r for r, _ in lines) == ["0", "1"] and lines[0][1] == lines[1][1], proc.stdout
