@@ -151,8 +151,11 @@ def measure_isolated(spec: dict, isolate: bool) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"method": spec["method"], "group_size": spec["group_size"], "error": " | ".join(tail)}
+        preset = PRESETS[spec["preset"]].with_(**spec["overrides"])
+        why = "killed (SIGKILL: out of memory)" if proc.returncode == -9 else f"exit code {proc.returncode}"
+        errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln][-1:]
+        return {"method": spec["method"], "group_size": spec["group_size"], "prompts": preset.prompts,
+                "seq_len": preset.prompt_len + preset.response_len, "error": "; ".join([why, *errors])}
     return json.loads(lines[-1])
 
 
@@ -227,6 +230,42 @@ def plot(sweep: list[dict], key: str, xlabel: str, title: str, path: Path) -> No
     plt.close(fig)
 
 
+def write_report(report: dict, out: Path, *, plots: bool = True) -> Path:
+    """Write <device>-<preset>.json, .md and the sweep PNGs; returns the path stem."""
+    dev, name, p = report["device"], report["preset"]["name"], report["preset"]
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{dev}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    md = [f"# {dev} · preset `{name}`", "", f"`{report['command'].strip()}`", "",
+          f"torch {report['torch']}, {report['threads']} threads; {p['prompts']} prompts x G={p['group_size']}, "
+          f"prompt <= {p['prompt_len']}, response <= {p['response_len']} tokens, {p['dtype']}, group size "
+          f"{report['group_size']}, median of {report['repeats']} after a warm-up.", "",
+          markdown_table(report["methods"])]
+    for title, sweep, key in (("Prompts per group", report["group_sweep"], "group_size"),
+                              ("Sequence length", report["length_sweep"], "seq_len")):
+        if sweep:
+            md += ["", f"## {title}", "", "| method | " + key + " | time (s) | × fwd | peak (MiB) | × fwd |",
+                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            md += [f"| {r['method']} | {r[key]} | {r['median_s']:.3f} | {r.get('time_ratio', float('nan')):.2f} | "
+                   f"{r['peak_bytes'] / 2**20:.1f} | {r.get('memory_ratio', float('nan')):.2f} |"
+                   if "median_s" in r else f"| {r['method']} | {r.get(key, '?')} | {r.get('error', 'failed')} | | | |"
+                   for r in sweep]
+    if report["largest_group_in_budget"]:
+        md += ["", f"Largest group within {report['memory_budget_gb']:g} GiB: "
+               + ", ".join(f"{m} {k}" for m, k in report["largest_group_in_budget"].items())]
+    for model_name, mrows in report["model_sweep"].items():
+        md += ["", f"## Model `{model_name}`", "", markdown_table(mrows)]
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    if plots:
+        if report["group_sweep"]:
+            plot(report["group_sweep"], "group_size", "prompts per group", f"{dev} {name}: scaling with group size",
+                 Path(f"{stem}-groups.png"))
+        if report["length_sweep"]:
+            plot(report["length_sweep"], "seq_len", "sequence length T",
+                 f"{dev} {name}: scaling with sequence length (2 prompts)", Path(f"{stem}-seqlen.png"))
+    return stem
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device)).lower()
@@ -266,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--from-json", type=Path, metavar="FILE", help="re-render the .md and plots of a results JSON")
     args = ap.parse_args(argv)
+
+    if args.from_json:
+        write_report(json.loads(args.from_json.read_text()), args.out, plots=not args.no_plots)
+        return 0
 
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
@@ -313,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         model_sweep[name] = run_methods(spec, [m for m in args.sweep_methods.split(",") if m], isolate, log)
 
     dev = device_name(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{dev}-{args.preset}"
     report = {
         "command": "python benchmarks/bench_conditional_variance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -323,32 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_budget_gb": args.memory_budget_gb,
         "largest_group_in_budget": largest_fitting(group_sweep, budget) if group_sweep else {},
     }
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    md = [f"# {dev} · preset `{args.preset}`", "", f"`{report['command']}`", "",
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {preset.prompts} prompts x G={preset.group_size}, "
-          f"prompt <= {preset.prompt_len}, response <= {preset.response_len} tokens, {preset.dtype}, group size {group}, "
-          f"median of {args.repeats} after a warm-up.", "", markdown_table(rows)]
-    for title, sweep, key in (("Prompts per group", group_sweep, "group_size"), ("Sequence length", length_sweep, "seq_len")):
-        if sweep:
-            md += ["", f"## {title}", "", "| method | " + key + " | time (s) | × fwd | peak (MiB) | × fwd |",
-                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
-            md += [f"| {r['method']} | {r[key]} | {r['median_s']:.3f} | {r.get('time_ratio', float('nan')):.2f} | "
-                   f"{r['peak_bytes'] / 2**20:.1f} | {r.get('memory_ratio', float('nan')):.2f} |"
-                   if "median_s" in r else f"| {r['method']} | {r[key]} | {r.get('error', 'failed')} | | | |"
-                   for r in sweep]
-    if report["largest_group_in_budget"]:
-        md += ["", f"Largest group within {args.memory_budget_gb:g} GiB: "
-               + ", ".join(f"{m} {k}" for m, k in report["largest_group_in_budget"].items())]
-    for name, mrows in model_sweep.items():
-        md += ["", f"## Model `{name}`", "", markdown_table(mrows)]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
-    if not args.no_plots:
-        if group_sweep:
-            plot(group_sweep, "group_size", "prompts per group", f"{dev} {args.preset}: scaling with group size",
-                 Path(f"{stem}-groups.png"))
-        if length_sweep:
-            plot(length_sweep, "seq_len", "sequence length T", f"{dev} {args.preset}: scaling with sequence length",
-                 Path(f"{stem}-seqlen.png"))
+    stem = write_report(report, args.out, plots=not args.no_plots)
     log(f"wrote {stem}.json, {stem}.md")
     failed = [r["method"] for r in rows if "median_s" not in r]
     return 1 if failed else 0

@@ -23,6 +23,7 @@ from torch import nn
 from .logprobs import sequence_logprobs
 from .models import qwen2_lora_policy
 from .probe import EntropyPrediction, EntropyProbe
+from .rollout_files import group_advantages
 from .rollouts import RolloutBatch
 from .surrogates import policy_gradient_surrogate
 
@@ -58,11 +59,6 @@ def build_policy(cfg: DemoConfig) -> nn.Module:
 def reward(response: list[int]) -> float:
     """Fraction of response tokens whose id is a multiple of 4 (EOS counts as a token)."""
     return sum(1 for t in response if t % 4 == 0) / len(response)
-
-
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO's group-normalised advantages ``(r − mean_g r) / (std_g r + eps)`` ``[B, G]``."""
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
 
 
 def sample_prompts(num: int, cfg: DemoConfig, gen: torch.Generator) -> list[list[int]]:

@@ -173,12 +173,24 @@ def precondition(
 
 
 # ---------------------------------------------------------------- optimizer edge
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(optimizer, torch.optim.Adam) or not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
 def read_adam_state(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> dict[str, AdamState]:
     """Name→``AdamState`` for the registry's trainable parameters (read-only, no copies).
 
     Parameters in no param group of ``optimizer`` are left out (``precondition`` reports
-    them). Raises ``TypeError`` for an optimizer other than ``torch.optim.Adam``/``AdamW``.
+    them). Wrappers (accelerate) are looked through. Raises ``TypeError`` for an
+    optimizer other than ``torch.optim.Adam``/``AdamW``.
     """
+    optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, torch.optim.Adam):
         raise TypeError(
             f"optimizer: expected torch.optim.Adam or AdamW for an Adam direction, got {type(optimizer).__name__}"
@@ -224,6 +236,7 @@ def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> f
     Raises ``ValueError`` if they sit in param groups with different learning rates
     (pass ``lr=`` explicitly then) or in none.
     """
+    optimizer = unwrap_optimizer(optimizer)
     live = set(registry.live_parameters().values())
     lrs = {float(g["lr"]) for g in optimizer.param_groups if any(p in live for p in g["params"])}
     if len(lrs) != 1:

@@ -5,8 +5,8 @@ probed is active (SPEC failure 2), dropout is off (``eval()``; switchable), atte
 runs in a differentiable implementation (failure 8) and an outer
 ``torch.inference_mode()`` is suspended (failure 3; ``torch.func`` transforms already
 ignore an outer ``no_grad``). On exit the train/eval flag of every submodule, the
-active adapter, ``requires_grad`` flags and the attention implementation are restored,
-even on error. The probe itself never calls ``.backward()``, so ``.grad``s and optimizer
+active adapter, ``requires_grad`` flags, the attention implementation and HF's
+input-require-grads hooks are restored, even on error. The probe itself never calls ``.backward()``, so ``.grad``s and optimizer
 state are untouched by construction.
 """
 
@@ -44,7 +44,8 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Ite
         )
     modes = [(m, m.training) for m in module.modules()]
     try:
-        with torch.inference_mode(False), adapter_activated(module, registry.adapter), probe_attention(module):
+        with torch.inference_mode(False), adapter_activated(module, registry.adapter), probe_attention(module), \
+                _input_require_grads_suspended(module):
             if not keep_dropout:
                 module.eval()
             yield
@@ -52,6 +53,36 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Ite
         for m, training in modes:
             if m.training != training:
                 m.train(training)
+
+
+#: forward hooks that call ``output.requires_grad_(True)`` (transformers' and peft's names)
+_REQUIRE_GRADS_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+@contextlib.contextmanager
+def _input_require_grads_suspended(module: torch.nn.Module) -> Iterator[None]:
+    """Take the ``enable_input_require_grads`` forward hooks out for the body, then put back
+    exactly the same hooks in the same order.
+
+    PEFT + gradient checkpointing (TRL's default) register a forward hook on the input
+    embeddings that calls ``output.requires_grad_(True)``, which ``torch.func`` transforms
+    refuse; the probe differentiates through ``functional_call`` and needs no such hook.
+    (Repeated ``enable_input_require_grads`` calls leave hooks that no handle tracks, so
+    the hooks are found by name on the modules themselves.)
+    """
+    saved = []
+    for m in module.modules():
+        hooks = m._forward_hooks
+        if any(getattr(fn, "__name__", "") in _REQUIRE_GRADS_HOOKS for fn in hooks.values()):
+            saved.append((m, hooks.copy()))
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") in _REQUIRE_GRADS_HOOKS]:
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for m, hooks in saved:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
 
 
 def as_normal_tensor(t: Tensor) -> Tensor:

@@ -59,8 +59,8 @@ def update_direction(
 
     Raises:
         ValueError: unknown direction/weighting, U without advantages, missing optimizer
-            state for ``adam``, no prompts on any rank, a zero gradient (no signal:
-            advantages all 0?).
+            state for ``adam``, no prompts on any rank, a direction that is zero everywhere
+            (no signal: advantages all 0?).
         TypeError: a non-Adam optimizer for an Adam direction.
         NotImplementedError: an FSDP-sharded model.
         RuntimeError: ranks that disagree on the registry or settings.
@@ -92,17 +92,19 @@ def update_direction(
     if count == 0:
         raise ValueError("U: there are no update prompts (on any rank)")
     gradient = tree_map(lambda t: t / count, total)
-    if tree_sq_norm(gradient) == 0.0:
-        raise ValueError(
-            "U: the policy gradient is zero everywhere (are all advantages 0, or is the adapter disabled?)"
-        )
-    return precondition(
+    mu = precondition(
         gradient,
         direction,
         params=registry.trainable,
         states=states,
         allow_identity_fallback=allow_identity_fallback,
     )
+    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
+        raise ValueError(
+            f"U: the update direction ({direction}) is zero everywhere; the policy gradient is "
+            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
+        )
+    return mu
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,8 @@ class EntropyProbe:
             read the learning rate).
         lr: η; default: the optimizer's learning rate for the probed parameters.
         direction, weighting, batch_size, mode, params, adapter, keep_dropout,
-        allow_identity_fallback, process_group, gather_s: as in ``update_direction`` /
-        ``conditional_variance``.
+        allow_identity_fallback, process_group, gather_s, progress: as in
+        ``update_direction`` / ``conditional_variance``.
 
     Raises:
         ValueError: no ``lr`` and no optimizer to read it from, and the errors of
@@ -190,6 +192,7 @@ class EntropyProbe:
         allow_identity_fallback: bool = False,
         process_group: object | None = None,
         gather_s: bool = False,
+        progress: bool | None = None,
     ) -> None:
         check_weighting(weighting)
         if direction not in DIRECTIONS:
@@ -212,6 +215,7 @@ class EntropyProbe:
         self.allow_identity_fallback = allow_identity_fallback
         self.process_group = process_group
         self.gather_s = gather_s
+        self.progress = progress
 
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
@@ -240,6 +244,7 @@ class EntropyProbe:
             keep_dropout=self.keep_dropout,
             process_group=self.process_group,
             gather_s=self.gather_s,
+            progress=self.progress,
         )
 
     def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:

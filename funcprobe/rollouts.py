@@ -178,7 +178,7 @@ class RolloutBatch:
                 ids[i, g, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
                 ids[i, g, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
                 mask[i, g, P - len(p) : P + len(r)] = 1
-        adv = None if advantages is None else torch.as_tensor(advantages, dtype=torch.float32)
+        adv = None if advantages is None else torch.as_tensor(advantages, dtype=torch.float64)
         if isinstance(max_len, (list, tuple)):
             max_len = torch.as_tensor(max_len, dtype=torch.float32)
         batch = cls(ids, mask, P, adv, max_len)

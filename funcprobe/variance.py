@@ -24,6 +24,7 @@ from torch.func import jvp, vjp
 from .distributed import all_gather_varlen, all_reduce_float64, handshake, refuse_fsdp, resolve_group
 from .guards import as_normal_batch, as_normal_tensor, probe_session
 from .logprobs import sequence_logprobs
+from .progress import log, progress_bar
 from .pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdot
 from .registry import ParamRegistry, ParamSelection
 from .rollouts import RolloutBatch
@@ -127,6 +128,7 @@ def _scalars(
     batch_size: int,
     mode: str,
     surrogate: Callable[[Tensor, RolloutBatch, str], Tensor] = entropy_surrogate,
+    progress: bool | None = None,
 ) -> Tensor:
     """s ``[B]`` (float64) for every prompt of E, in groups of ``batch_size`` prompts.
 
@@ -142,8 +144,10 @@ def _scalars(
         return fn
 
     out = []
-    for start in range(0, E.num_prompts, batch_size):
+    starts = range(0, E.num_prompts, batch_size)
+    for start in progress_bar(starts, total=len(starts), desc=f"funcprobe s[n] ({mode})", enabled=progress):
         group = E.select(start, min(start + batch_size, E.num_prompts))
+        log.debug("probe group: prompts %d..%d, T = %d, mode %s", start, start + group.num_prompts, group.seq_len, mode)
         if mode == "jvp":
             _, s = jvp(lx(group), (theta,), (dict(tangent),))
         else:
@@ -183,6 +187,7 @@ def _validated_local_scalars(
     surrogate: Callable[[Tensor, RolloutBatch, str], Tensor],
     group: object | None = None,
     lr: float = 1.0,
+    progress: bool | None = None,
 ) -> Tensor:
     check_weighting(weighting)
     if mode not in MODES:
@@ -206,7 +211,7 @@ def _validated_local_scalars(
     E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
     with probe_session(registry, keep_dropout=keep_dropout):
         return _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode,
-                        surrogate=surrogate)
+                        surrogate=surrogate, progress=progress)
 
 
 def probe_scalars(
@@ -221,6 +226,7 @@ def probe_scalars(
     adapter: str | None = None,
     keep_dropout: bool = False,
     surrogate: Callable[[Tensor, RolloutBatch, str], Tensor] = entropy_surrogate,
+    progress: bool | None = None,
 ) -> Tensor:
     """Every per-prompt s[n] = ⟨∇θ LX[n], μY⟩ of E, ``[B]`` float64 (nats per unit lr).
 
@@ -231,7 +237,7 @@ def probe_scalars(
     """
     s = _validated_local_scalars(
         model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode, params=params, adapter=adapter,
-        keep_dropout=keep_dropout, surrogate=surrogate,
+        keep_dropout=keep_dropout, surrogate=surrogate, progress=progress,
     )
     _check_s(s, [float(s.numel()), float((~torch.isfinite(s)).sum()), float((s != 0).sum())])
     return s
@@ -251,6 +257,7 @@ def conditional_variance(
     keep_dropout: bool = False,
     process_group: object | None = None,
     gather_s: bool = False,
+    progress: bool | None = None,
 ) -> ConditionalVariance:
     """Every s[n] over the evaluation batch E along μY, and Var_E / SE_E of the prediction.
 
@@ -272,6 +279,8 @@ def conditional_variance(
             the world group when ``torch.distributed`` is initialised with > 1 rank.
         gather_s: distributed only: return every rank's s (rank order) instead of the
             local ones.
+        progress: a tqdm bar over the groups: ``None`` (default) only when stderr is a
+            terminal, ``True``/``False`` to force it on/off.
 
     Returns:
         ``ConditionalVariance`` (s, Σs, Σs², B, bars_dot, delta_h, var_e, se_e, ci95);
@@ -294,7 +303,7 @@ def conditional_variance(
         raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
     s = _validated_local_scalars(
         model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode, params=params, adapter=adapter,
-        keep_dropout=keep_dropout, surrogate=entropy_surrogate, group=group, lr=float(lr),
+        keep_dropout=keep_dropout, surrogate=entropy_surrogate, group=group, lr=float(lr), progress=progress,
     )
     local = [float(s.sum()), float((s * s).sum()), float(s.numel()),
              float((~torch.isfinite(s)).sum()), float((s != 0).sum())]

@@ -97,7 +97,7 @@ def test_direction_errors():
         update_direction(model, random_rollouts(advantages=False), direction="sgd")
     zero = random_rollouts()
     zero = type(zero)(zero.input_ids, zero.attention_mask, zero.response_start, torch.zeros(4, 3), zero.max_len)
-    with pytest.raises(ValueError, match="policy gradient is zero everywhere"):
+    with pytest.raises(ValueError, match="update direction \\(sgd\\) is zero everywhere; the policy gradient is zero"):
         update_direction(model, zero, direction="sgd")
     other = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(KeyError, match="in no param group"):

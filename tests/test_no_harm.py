@@ -111,3 +111,17 @@ def test_model_built_under_inference_mode_is_refused():
         model = gpt2()
     with pytest.raises(RuntimeError, match="created under torch.inference_mode"):
         conditional_variance(model, random_rollouts(), random_direction(ParamRegistry.from_model(model)), lr=1.0)
+
+
+def test_input_require_grads_hooks_are_suspended_and_restored():
+    model = qwen2()
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()  # twice, as PEFT + TRL do: one hook is no longer tracked by a handle
+    emb = model.get_input_embeddings()
+    before = list(emb._forward_hooks.items())
+    assert len(before) == 2
+    mu = random_direction(ParamRegistry.from_model(model))
+    for mode in ("jvp", "vjp"):
+        r = conditional_variance(model, random_rollouts(), mu, lr=1.0, mode=mode)
+        assert torch.isfinite(r.s).all()
+    assert list(emb._forward_hooks.items()) == before

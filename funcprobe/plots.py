@@ -1,0 +1,48 @@
+"""Figures for a probe report (matplotlib, written to PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .variance import ConditionalVariance
+
+
+def plot_probe(result: ConditionalVariance, path: str | Path, *, title: str | None = None) -> Path:
+    """Two panels: the distribution of η·s[n] with δH and its 95% interval, and the
+    per-prompt contributions η·s[n]/B to δH (sorted) with their running sum.
+
+    Raises ``ImportError`` with the install hint when matplotlib is missing.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - matplotlib is in the plots/test extras
+        raise ImportError("plots need matplotlib: pip install 'funcprobe[plots]'") from err
+
+    lr, B = result.lr, result.num_prompts
+    scaled = (result.s * lr).tolist()
+    lo, hi = result.ci95
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.hist(scaled, bins=max(10, min(60, len(scaled) // 2)), color="#4c72b0", alpha=0.75)
+    ax1.axvline(result.delta_h, color="k", lw=1.5, label=f"δH = η·mean s = {result.delta_h:+.3e}")
+    ax1.axvspan(lo, hi, color="orange", alpha=0.3, label=f"95% interval ±{1.96 * result.se_e:.2e}")
+    ax1.axvline(0.0, color="gray", lw=0.8, ls=":")
+    ax1.set_xlabel("η · s[n]  (nats, per prompt)")
+    ax1.set_ylabel("prompts")
+    ax1.legend(fontsize=8)
+    contrib = sorted(x / B for x in scaled)
+    running = [sum(contrib[: i + 1]) for i in range(len(contrib))]
+    ax2.bar(range(len(contrib)), contrib, color=["#c44e52" if c < 0 else "#55a868" for c in contrib], width=1.0)
+    ax2.plot(range(len(contrib)), running, "k-", lw=1, label="running sum → δH")
+    ax2.axhline(0.0, color="gray", lw=0.8)
+    ax2.set_xlabel("prompts, sorted by contribution")
+    ax2.set_ylabel("η · s[n] / B  (nats)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or f"predicted entropy change δH = {result.delta_h:+.3e} ± {result.se_e:.1e} (SE_E), B = {B}")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,171 @@
+"""Rollout files: a JSONL schema for the evaluation batch E and the update batch U.
+
+One line per prompt, a JSON object::
+
+    {"prompt_ids": [15, 27, 3],                       # or "prompt": "text" (needs a tokenizer)
+     "responses": [{"ids": [8, 9, 2], "reward": 1.0},   # or "text": "...", and
+                   {"ids": [4, 2],    "reward": 0.0}]}  # "advantage": A instead of "reward"
+
+* every line has the same number G ≥ 2 of responses;
+* a line gives either rewards for all its responses or advantages for all of them;
+* rewards are turned into group-normalised advantages as TRL's ``GRPOTrainer`` does
+  (``trl/trainer/grpo_trainer.py``, ``_generate_and_score_completions``):
+  ``A = (r − mean_g r) / (std_g r + 1e-4)`` with the unbiased standard deviation over
+  the G responses of the prompt (``scale_rewards="group"``, TRL's default), or
+  ``A = r − mean_g r`` (``scale_rewards="none"``, Dr. GRPO);
+* text is tokenized without special tokens, prompt and response separately.
+
+Malformed lines raise ``ValueError`` with the file and line number; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .rollouts import RolloutBatch
+
+SCALE_REWARDS = ("group", "none")
+
+
+def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group") -> torch.Tensor:
+    """``[B, G]`` rewards → advantages, TRL's formula (see the module docstring)."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale_rewards == "none":
+        return centred
+    return centred / (rewards.std(-1, keepdim=True) + 1e-4)
+
+
+def read_rollouts(
+    path: str | Path,
+    *,
+    tokenizer=None,
+    max_len: float | None = None,
+    scale_rewards: str = "group",
+    pad_token_id: int | None = None,
+) -> RolloutBatch:
+    """Read a rollout file into a ``RolloutBatch`` (advantages included).
+
+    Args:
+        path: the JSONL file.
+        tokenizer: needed when lines hold text.
+        max_len: Lmax for ``dr_grpo``.
+        scale_rewards: ``"group"`` or ``"none"`` (see the module docstring).
+        pad_token_id: id written in padding (default: the tokenizer's, else 0).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``"<file>:<line>: <what is wrong>"`` for the first malformed line.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"rollouts: {str(p)!r} is not an existing file")
+    prompts, responses, values, kinds = [], [], [], []
+    G = None
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            where = f"{p}:{lineno}"
+            if not line.strip():
+                raise ValueError(f"{where}: empty line (every line must be one prompt's JSON object)")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            prompt, resp, vals, kind = _parse_line(obj, where, tokenizer)
+            if G is None:
+                G = len(resp)
+            elif len(resp) != G:
+                raise ValueError(f"{where}: {len(resp)} responses, but earlier lines have G = {G}")
+            prompts.append(prompt)
+            responses.append(resp)
+            values.append(vals)
+            kinds.append(kind)
+    if not prompts:
+        raise ValueError(f"{p}: the file holds no rollouts")
+    if len(set(kinds)) != 1:
+        first_adv = kinds.index("advantage") + 1
+        raise ValueError(f"{p}:{first_adv}: mixes advantages with rewards given on other lines; use one kind per file")
+    table = torch.tensor(values, dtype=torch.float64)
+    adv = table if kinds[0] == "advantage" else group_advantages(table, scale_rewards)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
+    return RolloutBatch.from_lists(prompts, responses, pad_token_id=pad_token_id, advantages=adv, max_len=max_len)
+
+
+def _parse_line(obj, where: str, tokenizer):
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"prompt_ids", "prompt", "responses"})
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: prompt_ids | prompt, responses")
+    if ("prompt_ids" in obj) == ("prompt" in obj):
+        raise ValueError(f"{where}: give exactly one of 'prompt_ids' and 'prompt'")
+    prompt = _ids(obj, "prompt_ids", "prompt", where, tokenizer)
+    if not prompt:
+        raise ValueError(f"{where}: the prompt is empty")
+    resp = obj.get("responses")
+    if not isinstance(resp, list) or len(resp) < 2:
+        raise ValueError(f"{where}: 'responses' must be a list of at least 2 objects (G >= 2)")
+    ids, vals, kinds = [], [], set()
+    for g, r in enumerate(resp):
+        w = f"{where}: response {g}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{w}: expected an object")
+        extra = sorted(set(r) - {"ids", "text", "reward", "advantage"})
+        if extra:
+            raise ValueError(f"{w}: unknown key(s) {extra}; allowed: ids | text, reward | advantage")
+        if ("ids" in r) == ("text" in r):
+            raise ValueError(f"{w}: give exactly one of 'ids' and 'text'")
+        if ("reward" in r) == ("advantage" in r):
+            raise ValueError(f"{w}: give exactly one of 'reward' and 'advantage'")
+        toks = _ids(r, "ids", "text", w, tokenizer)
+        if not toks:
+            raise ValueError(f"{w}: the response is empty")
+        kind = "reward" if "reward" in r else "advantage"
+        v = r[kind]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{w}: '{kind}' must be a finite number, got {v!r}")
+        ids.append(toks)
+        vals.append(float(v))
+        kinds.add(kind)
+    if len(kinds) != 1:
+        raise ValueError(f"{where}: mixes 'reward' and 'advantage' within one prompt")
+    return prompt, ids, vals, kinds.pop()
+
+
+def _ids(obj: dict, ids_key: str, text_key: str, where: str, tokenizer) -> list[int]:
+    if ids_key in obj:
+        v = obj[ids_key]
+        if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+            raise ValueError(f"{where}: '{ids_key}' must be a list of non-negative integer token ids")
+        return v
+    text = obj[text_key]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: '{text_key}' must be a string")
+    if tokenizer is None:
+        raise ValueError(f"{where}: '{text_key}' is text, so a tokenizer is needed (--tokenizer DIR)")
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def write_rollouts(
+    path: str | Path,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[Sequence[int]]],
+    *,
+    rewards: Sequence[Sequence[float]] | None = None,
+    advantages: Sequence[Sequence[float]] | None = None,
+) -> None:
+    """Write token-id rollouts in the schema above (exactly one of rewards/advantages)."""
+    if (rewards is None) == (advantages is None):
+        raise ValueError("write_rollouts: pass exactly one of rewards= and advantages=")
+    kind, table = ("reward", rewards) if rewards is not None else ("advantage", advantages)
+    with Path(path).open("w", encoding="utf-8") as fh:
+        for prompt, group, vals in zip(prompts, responses, table):
+            line = {"prompt_ids": list(map(int, prompt)),
+                    "responses": [{"ids": list(map(int, r)), kind: float(v)} for r, v in zip(group, vals)]}
+            fh.write(json.dumps(line) + "\n")

@@ -1,0 +1,244 @@
+"""Local checkpoints, rollout files, the command line, plots, progress/logging, TRL."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from funcprobe import EntropyProbe, conditional_variance
+from funcprobe.checkpoints import load_optimizer_state, load_policy, load_tokenizer
+from funcprobe.rollout_files import group_advantages, read_rollouts, write_rollouts
+from helpers import rel_err
+
+WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]
+LMAX = 6
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def _rollouts(seed, B=5, G=3):
+    gen = torch.Generator().manual_seed(seed)
+    rint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    prompts = [torch.randint(3, len(WORDS), (rint(2, 5),), generator=gen).tolist() for _ in range(B)]
+    responses = [[torch.randint(3, len(WORDS), (rint(1, LMAX),), generator=gen).tolist() for _ in range(G)]
+                 for _ in range(B)]
+    rewards = torch.rand(B, G, generator=gen).tolist()
+    return prompts, responses, rewards
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny Qwen2 model, LoRA adapter, tokenizer, optimizer state and rollout files."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    base = Qwen2ForCausalLM(cfg)
+    base.save_pretrained(root / "model")
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(root / "adapter")
+    _tokenizer().save_pretrained(root / "tokenizer")
+    model = load_policy(root / "model", root / "adapter", dtype="float64")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), root / "optimizer.pt")
+    for name, seed in (("E", 1), ("U", 2)):
+        prompts, responses, rewards = _rollouts(seed)
+        write_rollouts(root / f"{name}.jsonl", prompts, responses, rewards=rewards)
+    return root
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "funcprobe", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_matches_the_library_call(workspace, tmp_path):
+    w = workspace
+    out, png = tmp_path / "out.json", tmp_path / "probe.png"
+    proc = _cli("probe", "--model", w / "model", "--adapter", w / "adapter", "--eval", w / "E.jsonl",
+                "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt", "--direction", "adam_step",
+                "--weighting", "dr_grpo", "--max-completion-length", LMAX, "--dtype", "float64",
+                "--json", out, "--plot", png, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "predicted dH" in proc.stdout and "SE_E" in proc.stdout
+    got = json.loads(out.read_text())
+    model = load_policy(w / "model", w / "adapter", dtype="float64")
+    opt = load_optimizer_state(w / "optimizer.pt", model)
+    E = read_rollouts(w / "E.jsonl", max_len=LMAX)
+    U = read_rollouts(w / "U.jsonl", max_len=LMAX)
+    ref = EntropyProbe(model, opt, direction="adam_step", weighting="dr_grpo").predict(E, U)
+    assert got["lr"] == 1e-3 and got["direction"] == "adam_step" and got["num_prompts"] == 5
+    for key in ("delta_h", "se_e", "bars_dot", "var_e", "mu_y_norm"):
+        assert rel_err(got[key], ref.to_dict()[key]) < 1e-9, key
+    assert png.stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda w: ["--model", w / "missing"], "model_dir: .* does not exist"),
+        (lambda w: ["--model", w / "tokenizer"], "has no config.json"),
+        (lambda w: ["--eval", w / "bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+        (lambda w: ["--optimizer-state", w / "E.jsonl"], "not a torch optimizer state_dict"),
+        (lambda w: ["--max-completion-length", None], "--max-completion-length: weighting dr_grpo needs Lmax"),
+    ],
+)
+def test_cli_reports_malformed_input(workspace, change, message):
+    w = workspace
+    (w / "bad.jsonl").write_text((w / "E.jsonl").read_text().splitlines()[0] + "\n{not json\n")
+    args = {"--model": w / "model", "--adapter": w / "adapter", "--eval": w / "E.jsonl", "--update": w / "U.jsonl",
+            "--optimizer-state": w / "optimizer.pt", "--max-completion-length": LMAX}
+    override = change(w)
+    args[override[0]] = override[1]
+    flat = [x for k, v in args.items() if v is not None for x in (k, v)]
+    proc = _cli("probe", *flat, "--no-progress")
+    assert proc.returncode == 2
+    import re
+
+    assert re.search(message, proc.stderr), proc.stderr
+
+
+def test_cli_help_is_complete():
+    proc = _cli("probe", "--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--adapter", "--eval", "--update", "--optimizer-state", "--lr", "--direction",
+                 "--weighting", "--json", "--plot", "--tokenizer", "--max-completion-length"):
+        assert flag in proc.stdout, flag
+
+
+def test_rollout_file_errors_name_the_line(tmp_path):
+    good = {"prompt_ids": [3, 4], "responses": [{"ids": [5], "reward": 1.0}, {"ids": [6, 7], "reward": 0.0}]}
+    cases = [
+        ("", "r.jsonl:2: empty line"),
+        ("[1, 2]", "r.jsonl:2: expected a JSON object"),
+        (json.dumps({**good, "extra": 1}), "unknown key"),
+        (json.dumps({"responses": good["responses"]}), "exactly one of 'prompt_ids' and 'prompt'"),
+        (json.dumps({**good, "prompt_ids": []}), "the prompt is empty"),
+        (json.dumps({**good, "prompt_ids": [1, -2]}), "non-negative integer token ids"),
+        (json.dumps({**good, "responses": good["responses"][:1]}), "at least 2"),
+        (json.dumps({**good, "responses": [{"ids": [5]}, {"ids": [6], "reward": 0}]}), "exactly one of 'reward'"),
+        (json.dumps({**good, "responses": [{"ids": [], "reward": 1}, {"ids": [6], "reward": 0}]}), "response 0: the response is empty"),
+        (json.dumps({**good, "responses": [{"ids": [5], "reward": "x"}, {"ids": [6], "reward": 0}]}), "finite number"),
+        (json.dumps({**good, "responses": [{"ids": [5], "reward": 1}, {"ids": [6], "advantage": 0}]}), "mixes"),
+        (json.dumps({"prompt": "w3 w4", "responses": good["responses"]}), "a tokenizer is needed"),
+    ]
+    for text, message in cases:
+        f = tmp_path / "r.jsonl"
+        f.write_text(json.dumps(good) + "\n" + text + "\n" if text else json.dumps(good) + "\n\n")
+        with pytest.raises(ValueError, match=message):
+            read_rollouts(f)
+    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "responses": good["responses"] * 2}) + "\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:2: 4 responses, but earlier lines have G = 2"):
+        read_rollouts(f)
+    with pytest.raises(FileNotFoundError):
+        read_rollouts(tmp_path / "none.jsonl")
+
+
+def test_rollout_files_text_and_advantages(workspace, tmp_path):
+    tok = load_tokenizer(workspace / "tokenizer")
+    lines = [{"prompt": "w3 w4 w5", "responses": [{"text": "w6 w7", "reward": 1.0}, {"text": "w8", "reward": 0.0},
+                                                  {"text": "w9 w9 w9", "reward": 0.5}]}]
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    b = read_rollouts(f, tokenizer=tok, max_len=4)
+    assert b.input_ids[0, 0].tolist()[:5] == [6, 7, 8, 9, 10] and b.response_lengths.tolist() == [[2, 1, 3]]
+    r = torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64)
+    assert torch.allclose(b.advantages, (r - r.mean()) / (r.std() + 1e-4))  # TRL's group normalisation
+    assert torch.allclose(read_rollouts(f, tokenizer=tok, scale_rewards="none").advantages, r - r.mean())
+    assert torch.allclose(group_advantages(r, "none"), r - r.mean())
+    write_rollouts(f, [[3]], [[[4], [5]]], advantages=[[0.25, -0.25]])
+    assert read_rollouts(f).advantages.tolist() == [[0.25, -0.25]]
+
+
+def test_checkpoint_errors_and_named_optimizer_state(workspace, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_policy(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="adapter_dir: .* has no adapter_config.json"):
+        load_policy(workspace / "model", workspace / "model")
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        load_policy(workspace / "model", dtype="int8")
+    model = load_policy(workspace / "model", workspace / "adapter", dtype="float64")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.Adam(list(reversed(named)), lr=2e-3)  # param_names saved, order reversed
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "named.pt")
+    back = load_optimizer_state(tmp_path / "named.pt", model)
+    live = dict(named)
+    for n, p in named:
+        assert torch.equal(back.state[p]["exp_avg"], opt.state[live[n]]["exp_avg"])
+    short = torch.optim.Adam([named[0][1]], lr=1e-3)
+    torch.save(short.state_dict(), tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="holds 1 parameters but the model has"):
+        load_optimizer_state(tmp_path / "short.pt", model)
+
+
+def test_library_prints_nothing_and_progress_bar_runs(workspace, capsys):
+    from funcprobe import update_direction
+
+    model = load_policy(workspace / "model", workspace / "adapter", dtype="float64")
+    E = read_rollouts(workspace / "E.jsonl", max_len=LMAX)
+    mu = update_direction(model, read_rollouts(workspace / "U.jsonl", max_len=LMAX), direction="sgd", batch_size=2)
+    a = conditional_variance(model, E, mu, lr=0.1, batch_size=2, progress=True)
+    b = conditional_variance(model, E, mu, lr=0.1, batch_size=2, progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "funcprobe s[n]" in captured.err  # the tqdm bar
+    assert torch.equal(a.s, b.s)
+
+
+def test_plot_is_written(workspace, tmp_path):
+    from funcprobe.plots import plot_probe
+
+    model = load_policy(workspace / "model", workspace / "adapter", dtype="float64")
+    E = read_rollouts(workspace / "E.jsonl", max_len=LMAX)
+    res = EntropyProbe(model, lr=0.1, direction="sgd").predict(E, read_rollouts(workspace / "U.jsonl", max_len=LMAX))
+    path = plot_probe(res.result, tmp_path / "p.png")
+    assert path.stat().st_size > 5000
+
+
+def test_trl_grpo_trainer_logs_the_probe(workspace, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from funcprobe.integrations.trl import ProbedGRPOTrainer
+
+    model = load_policy(workspace / "model", workspace / "adapter", dtype="float32")
+    tok = load_tokenizer(workspace / "tokenizer")
+    data = Dataset.from_dict({"prompt": [f"w{3 + i} w{4 + i} w{5 + i}" for i in range(8)]})
+
+    def reward_short(completions, **kwargs):  # varies with the tokens drawn, so advantages are not all 0
+        return [-float(len(c)) for c in completions]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=LMAX, max_steps=2, logging_steps=1, report_to="none", use_cpu=True,
+                      learning_rate=1e-2, loss_type="dr_grpo", save_strategy="no", seed=0, bf16=False)
+    trainer = ProbedGRPOTrainer(model=model, reward_funcs=reward_short, args=args, train_dataset=data,
+                                processing_class=tok, probe_every=1)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "funcprobe/delta_h" in h]
+    assert len(logged) == 2, trainer.state.log_history
+    for h in logged:
+        for key in ("funcprobe/delta_h", "funcprobe/se_e", "funcprobe/ci95_low", "funcprobe/ci95_high", "entropy"):
+            assert key in h and math.isfinite(h[key]), (key, h)
+        assert h["funcprobe/ci95_low"] <= h["funcprobe/delta_h"] <= h["funcprobe/ci95_high"]
+        assert h["funcprobe/se_e"] > 0
