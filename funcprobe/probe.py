@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from .directions import DIRECTIONS, optimizer_lr, policy_gradient_sum, precondition, read_adam_state
-from .distributed import all_reduce_float64, all_reduce_sum_tree, handshake, refuse_fsdp, resolve_group
+from .distributed import all_reduce_float64, all_reduce_sum_tree, handshake, resolve_group
 from .guards import as_normal_batch, probe_session
 from .pytree import ParamTree, tree_map, tree_sq_norm
 from .registry import ParamRegistry, ParamSelection
-from .rollouts import RolloutBatch
+from .rollouts import RolloutBatch, check_batch_size, check_rollouts
 from .surrogates import WEIGHTINGS, check_weighting
 from .variance import ConditionalVariance, as_registry, conditional_variance
 
@@ -70,12 +70,8 @@ def update_direction(
         raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
     if direction != "sgd" and optimizer is None:
         raise ValueError(f"optimizer: direction={direction!r} needs the torch.optim.Adam/AdamW optimizer")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if not isinstance(U, RolloutBatch):
-        raise TypeError(f"U: expected a RolloutBatch, got {type(U).__name__}")
-    if not isinstance(model, ParamRegistry):
-        refuse_fsdp(model)
+    check_batch_size(batch_size)
+    check_rollouts(U, "U")
     registry = as_registry(model, params, adapter)
     group = resolve_group(process_group)
     if group is not None:
@@ -197,7 +193,6 @@ class EntropyProbe:
         check_weighting(weighting)
         if direction not in DIRECTIONS:
             raise ValueError(f"direction: expected one of {DIRECTIONS}, got {direction!r}")
-        refuse_fsdp(model)
         self.registry = ParamRegistry.from_model(model, params=params, adapter=adapter)
         if lr is None:
             if optimizer is None:

@@ -15,7 +15,6 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 ParamSelection = Union[str, Sequence[str]]
@@ -135,7 +134,11 @@ class ParamRegistry:
             TypeError: ``model`` is not a module.
             ValueError: unknown selection, unknown adapter, or an empty selection.
             KeyError: explicit names that the model does not have (all listed).
+            NotImplementedError: an FSDP-sharded model (``funcprobe.distributed.refuse_fsdp``).
         """
+        from .distributed import refuse_fsdp
+
+        refuse_fsdp(model)
         module = unwrap_model(model)
         with adapter_activated(module, adapter):
             named = dict(module.named_parameters())

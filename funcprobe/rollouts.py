@@ -185,6 +185,20 @@ class RolloutBatch:
         return batch.to(device) if device is not None else batch
 
 
+def check_rollouts(batch: object, argname: str) -> RolloutBatch:
+    """``batch`` itself, or ``TypeError`` naming ``argname`` when it is not a ``RolloutBatch``."""
+    if not isinstance(batch, RolloutBatch):
+        raise TypeError(f"{argname}: expected a RolloutBatch, got {type(batch).__name__}")
+    return batch
+
+
+def check_batch_size(batch_size: object) -> int:
+    """Prompts per group: an int >= 1, else ``ValueError`` naming ``batch_size``."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def _validate(b: RolloutBatch) -> None:
     ids, mask = b.input_ids, b.attention_mask
     if not isinstance(ids, Tensor) or ids.ndim != 3:

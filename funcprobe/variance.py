@@ -21,13 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp
 
-from .distributed import all_gather_varlen, all_reduce_float64, handshake, refuse_fsdp, resolve_group
+from .distributed import all_gather_varlen, all_reduce_float64, handshake, resolve_group
 from .guards import as_normal_batch, as_normal_tensor, probe_session
 from .logprobs import sequence_logprobs
 from .progress import log, progress_bar
 from .pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdot
 from .registry import ParamRegistry, ParamSelection
-from .rollouts import RolloutBatch
+from .rollouts import RolloutBatch, check_batch_size, check_rollouts
 from .surrogates import WEIGHTINGS, check_weighting, entropy_surrogate
 
 MODES = ("jvp", "vjp")
@@ -192,12 +192,8 @@ def _validated_local_scalars(
     check_weighting(weighting)
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    if not isinstance(E, RolloutBatch):
-        raise TypeError(f"E: expected a RolloutBatch, got {type(E).__name__}")
-    if not isinstance(model, ParamRegistry):
-        refuse_fsdp(model)
+    check_batch_size(batch_size)
+    check_rollouts(E, "E")
     registry = as_registry(model, params, adapter)
     check_like(registry.trainable, muY, "muY")
     if group is not None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from funcprobe import AdamState, ParamRegistry, adam_preconditioner, update_direction
+from funcprobe import AdamState, adam_preconditioner, update_direction
 from funcprobe.directions import AdamHyper
 from helpers import gpt2, live_params, random_rollouts, reference_policy_gradient, rel_err
 
