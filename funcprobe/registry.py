@@ -138,8 +138,8 @@ class ParamRegistry:
         """
         from .distributed import refuse_fsdp
 
-        refuse_fsdp(model)
         module = unwrap_model(model)
+        refuse_fsdp(module)
         with adapter_activated(module, adapter):
             named = dict(module.named_parameters())
             names = _select(module, named, params, adapter)
