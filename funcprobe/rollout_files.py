@@ -97,14 +97,22 @@ def read_rollouts(
     return RolloutBatch.from_lists(prompts, responses, pad_token_id=pad_token_id, advantages=adv, max_len=max_len)
 
 
-def _parse_line(obj, where: str, tokenizer):
+def _check_object(obj, where: str, pairs: tuple[tuple[str, str], ...], optional: tuple[str, ...] = ()) -> None:
+    """``obj`` must be a JSON object with exactly one key of each pair and nothing else."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"prompt_ids", "prompt", "responses"})
+    allowed = [k for pair in pairs for k in pair] + list(optional)
+    unknown = sorted(set(obj) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: prompt_ids | prompt, responses")
-    if ("prompt_ids" in obj) == ("prompt" in obj):
-        raise ValueError(f"{where}: give exactly one of 'prompt_ids' and 'prompt'")
+        layout = ", ".join([" | ".join(pair) for pair in pairs] + list(optional))
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {layout}")
+    for a, b in pairs:
+        if (a in obj) == (b in obj):
+            raise ValueError(f"{where}: give exactly one of '{a}' and '{b}'")
+
+
+def _parse_line(obj, where: str, tokenizer):
+    _check_object(obj, where, (("prompt_ids", "prompt"),), optional=("responses",))
     prompt = _ids(obj, "prompt_ids", "prompt", where, tokenizer)
     if not prompt:
         raise ValueError(f"{where}: the prompt is empty")
@@ -114,15 +122,7 @@ def _parse_line(obj, where: str, tokenizer):
     ids, vals, kinds = [], [], set()
     for g, r in enumerate(resp):
         w = f"{where}: response {g}"
-        if not isinstance(r, dict):
-            raise ValueError(f"{w}: expected an object")
-        extra = sorted(set(r) - {"ids", "text", "reward", "advantage"})
-        if extra:
-            raise ValueError(f"{w}: unknown key(s) {extra}; allowed: ids | text, reward | advantage")
-        if ("ids" in r) == ("text" in r):
-            raise ValueError(f"{w}: give exactly one of 'ids' and 'text'")
-        if ("reward" in r) == ("advantage" in r):
-            raise ValueError(f"{w}: give exactly one of 'reward' and 'advantage'")
+        _check_object(r, w, (("ids", "text"), ("reward", "advantage")))
         toks = _ids(r, "ids", "text", w, tokenizer)
         if not toks:
             raise ValueError(f"{w}: the response is empty")
