@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from funcprobe import RolloutBatch
+from funcprobe.models import qwen2_lora_policy
 
 
 @dataclass(frozen=True)
@@ -51,22 +52,12 @@ PRESETS = {
 
 
 def build_model(p: Preset, device: str = "cpu", seed: int = 0):
-    """A Qwen2-architecture causal LM of the preset's shape with a PEFT LoRA adapter."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
-        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, max_position_embeddings=4096,
-        tie_word_embeddings=p.tie_embeddings, attn_implementation="sdpa", bos_token_id=1, eos_token_id=2,
+    """A Qwen2-architecture causal LM of the preset's shape with a PEFT LoRA adapter (eval mode)."""
+    model = qwen2_lora_policy(
+        vocab_size=p.vocab, hidden=p.hidden, layers=p.layers, heads=p.heads, kv_heads=p.kv_heads,
+        intermediate=p.intermediate, lora_rank=p.lora_rank, lora_targets=p.lora_targets, init_lora_weights=False,
+        tie_word_embeddings=p.tie_embeddings, dtype=getattr(torch, p.dtype), device=device, seed=seed,
     )
-    dtype = getattr(torch, p.dtype)
-    with torch.device(device):
-        base = Qwen2ForCausalLM(cfg).to(dtype)
-    lora = LoraConfig(r=p.lora_rank, lora_alpha=2 * p.lora_rank, lora_dropout=0.0,
-                      target_modules=list(p.lora_targets), init_lora_weights=False)
-    model = get_peft_model(base, lora).to(device=device, dtype=dtype)
     model.eval()
     return model
 
