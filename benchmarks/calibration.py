@@ -32,6 +32,7 @@ import torch
 
 from funcprobe import RolloutBatch, policy_gradient_surrogate, sequence_logprobs, update_direction
 from funcprobe.models import qwen2_lora_policy
+from funcprobe.rollout_files import group_advantages
 from funcprobe.validate import calibration_study, first_order_sweep, largest_first_order_lr, sample_fixed_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,8 +49,7 @@ def reward(tokens: list[int]) -> float:
 def with_advantages(batch: RolloutBatch) -> RolloutBatch:
     r = torch.tensor([[reward(batch.input_ids[n, g, batch.response_start:].tolist())
                        for g in range(batch.group_size)] for n in range(batch.num_prompts)], dtype=torch.float64)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
-    return RolloutBatch(batch.input_ids, batch.attention_mask, batch.response_start, adv, float(LMAX))
+    return RolloutBatch(batch.input_ids, batch.attention_mask, batch.response_start, group_advantages(r), float(LMAX))
 
 
 def prompt_pool(k: int, seed: int) -> list[list[int]]:

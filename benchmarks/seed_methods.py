@@ -43,11 +43,15 @@ def seed_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
         return (token_log_probs[:, :, gen_start:] * gen_masks).sum(dim=2)
 
 
-def seed_lx(S: torch.Tensor, batch: RolloutBatch, weighting: str) -> torch.Tensor:
+def seed_weighted(S: torch.Tensor, batch: RolloutBatch, weighting: str) -> torch.Tensor:
+    """S_w of seed 001 §B (dr_grpo: S / Lmax; per_token_avg: S / |y|)."""
     if weighting == "dr_grpo":
-        S_w = S / batch.max_len_tensor(S.dtype)
-    else:
-        S_w = S / batch.response_lengths.to(S.dtype).clamp_min(1.0)
+        return S / batch.max_len_tensor(S.dtype)
+    return S / batch.response_lengths.to(S.dtype).clamp_min(1.0)
+
+
+def seed_lx(S: torch.Tensor, batch: RolloutBatch, weighting: str) -> torch.Tensor:
+    S_w = seed_weighted(S, batch, weighting)
     G = S.size(1)
     S_w_LOO = (S_w.sum(dim=1, keepdim=True) - S_w) / max(G - 1, 1)
     coeff = (S_w - S_w_LOO).detach()
@@ -83,10 +87,7 @@ def seeds_s_boundary(model, names, batch, mu, weighting, group_size):
     for group in _groups(batch, group_size):
         S = seed_logprobs(model, group)
         alpha = torch.ones(group.num_prompts, dtype=S.dtype, requires_grad=True)
-        if weighting == "dr_grpo":
-            S_w = S / group.max_len_tensor(S.dtype)
-        else:
-            S_w = S / group.response_lengths.to(S.dtype).clamp_min(1.0)
+        S_w = seed_weighted(S, group, weighting)
         G = S.shape[1]
         S_w_LOO = (S_w.sum(dim=1, keepdim=True) - S_w) / max(G - 1, 1)
         W = -(alpha.view(-1, 1) / float(G)) * (S_w - S_w_LOO).detach()

@@ -96,7 +96,7 @@ def sampled_entropy_change(
         raise ValueError(f"E: the importance-sampling standard error needs at least 2 prompts, got {E.num_prompts}")
     registry = as_registry(model, params, adapter)
     theta1 = stepped_params(registry, direction, lr)
-    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
+    E = as_normal_batch(E, registry.device)
     with probe_session(registry), torch.no_grad():
         S0 = sequence_logprobs(registry.module, registry.merged(registry.trainable), E).double()
         S1 = sequence_logprobs(registry.module, registry.merged(theta1), E).double()

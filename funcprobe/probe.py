@@ -78,7 +78,7 @@ def update_direction(
         handshake(group, registry.names, registry.numel(),
                   [DIRECTIONS.index(direction), WEIGHTINGS.index(weighting)])
     states = read_adam_state(optimizer, registry) if direction != "sgd" else None
-    U = as_normal_batch(U, next(iter(registry.trainable.values())).device)
+    U = as_normal_batch(U, registry.device)
     with probe_session(registry, keep_dropout=keep_dropout):
         total = policy_gradient_sum(registry, U, weighting=weighting, batch_size=batch_size)
     count = float(U.num_prompts)

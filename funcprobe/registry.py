@@ -15,6 +15,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 ParamSelection = Union[str, Sequence[str]]
@@ -165,6 +166,11 @@ class ParamRegistry:
         """
         named = dict(self.module.named_parameters())
         return {n: named[n] for n in self.trainable}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the probed parameters live (inputs are moved there)."""
+        return next(iter(self.trainable.values())).device
 
     @property
     def names(self) -> list[str]:

@@ -175,7 +175,7 @@ def calibration_study(
     registry = ParamRegistry.from_model(model)
     if weighting == "dr_grpo" and max_len is None:
         max_len = float(response_len)
-    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=next(iter(registry.trainable.values())).device)
+    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=registry.device)
     with probe_session(registry):
         _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
     exact = lr * float(dh.mean())
@@ -224,7 +224,7 @@ def first_order_sweep(
     registry = model if isinstance(model, ParamRegistry) else ParamRegistry.from_model(model)
     if weighting == "dr_grpo" and max_len is None:
         max_len = float(response_len)
-    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=next(iter(registry.trainable.values())).device)
+    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=registry.device)
     with probe_session(registry):
         _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
     slope = float(dh.mean())

@@ -154,7 +154,7 @@ def _scalars(
             s = _alpha_trick(lx(group), theta, tangent, group.num_prompts)
         out.append(s.detach().to(torch.float64))
     if not out:  # an empty data-parallel shard
-        return torch.zeros(0, dtype=torch.float64, device=next(iter(theta.values())).device)
+        return torch.zeros(0, dtype=torch.float64, device=registry.device)
     return torch.cat(out)
 
 
@@ -204,7 +204,7 @@ def _validated_local_scalars(
     tangent = tree_map(
         lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), registry.trainable
     )
-    E = as_normal_batch(E, next(iter(registry.trainable.values())).device)
+    E = as_normal_batch(E, registry.device)
     with probe_session(registry, keep_dropout=keep_dropout):
         return _scalars(registry, E, tangent, weighting=weighting, batch_size=batch_size, mode=mode,
                         surrogate=surrogate, progress=progress)
@@ -235,7 +235,7 @@ def probe_scalars(
         model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode, params=params, adapter=adapter,
         keep_dropout=keep_dropout, surrogate=surrogate, progress=progress,
     )
-    _check_s(s, [float(s.numel()), float((~torch.isfinite(s)).sum()), float((s != 0).sum())])
+    _check_s(s, _counts(s))
     return s
 
 
@@ -301,8 +301,7 @@ def conditional_variance(
         model, E, muY, weighting=weighting, batch_size=batch_size, mode=mode, params=params, adapter=adapter,
         keep_dropout=keep_dropout, surrogate=entropy_surrogate, group=group, lr=float(lr), progress=progress,
     )
-    local = [float(s.sum()), float((s * s).sum()), float(s.numel()),
-             float((~torch.isfinite(s)).sum()), float((s != 0).sum())]
+    local = [float(s.sum()), float((s * s).sum()), *_counts(s)]
     totals = all_reduce_float64(local, group) if group is not None else local
     _check_s(s, totals[2:])
     if group is not None and gather_s:
@@ -310,6 +309,11 @@ def conditional_variance(
     return ConditionalVariance.from_sums(
         s, totals[0], totals[1], int(totals[2]), lr=float(lr), mode=mode, weighting=weighting
     )
+
+
+def _counts(s: Tensor) -> list[float]:
+    """(B, #non-finite, #non-zero) of the local s, the inputs of ``_check_s``."""
+    return [float(s.numel()), float((~torch.isfinite(s)).sum()), float((s != 0).sum())]
 
 
 def _check_s(s: Tensor, counts: Sequence[float]) -> None:

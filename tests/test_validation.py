@@ -10,6 +10,7 @@ from funcprobe.entropy_change import exact_entropy_change, sampled_entropy_chang
 from funcprobe.exact import enumerate_responses, enumeration_batch, exact_directional_derivative, exact_entropy
 from funcprobe.guards import probe_session
 from funcprobe.models import qwen2_lora_policy
+from funcprobe.rollout_files import group_advantages
 from funcprobe.validate import (
     SoftmaxBandit,
     bandit_rollouts,
@@ -75,7 +76,7 @@ def test_bandit_exact_derivative_is_the_covariance_formula_and_the_probe_converg
     gen = torch.Generator().manual_seed(0)
     actions = torch.multinomial(p.expand(64, K), 4, replacement=True, generator=gen)
     r = reward[actions]
-    U = bandit_rollouts(actions, (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4))
+    U = bandit_rollouts(actions, group_advantages(r))
     mu = update_direction(bandit, U, direction="sgd", weighting="per_token_avg")
     with probe_session(reg):
         _, dh_mu = exact_directional_derivative(reg, enum, mu)
@@ -98,8 +99,7 @@ def calibration_setup():
     U = sample_fixed_length(model, POOL * 4, group_size=4, response_len=L, seed=123, max_len=L)
     r = torch.tensor([[reward(U.input_ids[n, g, U.response_start:].tolist()) for g in range(4)]
                       for n in range(U.num_prompts)], dtype=torch.float64)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
-    U = RolloutBatch(U.input_ids, U.attention_mask, U.response_start, adv, float(L))
+    U = RolloutBatch(U.input_ids, U.attention_mask, U.response_start, group_advantages(r), float(L))
     mu = update_direction(model, U, direction="sgd")
     return model, mu
 
