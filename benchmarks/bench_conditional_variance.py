@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # ------------------------------------------------------------------ one measurement
 def _funcprobe(mode):
     def run(model, names, batch, mu, weighting, group_size):
-        return probe_scalars(model, batch, mu, weighting=weighting, batch_size=group_size, mode=mode)
+        return probe_scalars(model, batch, mu, weighting=weighting, chunk_size=group_size, mode=mode)
 
     return run
 

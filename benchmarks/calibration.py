@@ -5,7 +5,7 @@
 On a Qwen2-config transformer with a LoRA adapter and a tiny vocabulary (V = 8,
 responses of L = 3 tokens, so every one of the 512 responses of a prompt can be
 enumerated), after a few AdamW steps of a policy gradient (so the optimizer has real
-state), for each direction (sgd, adam, adam_step) and weighting (dr_grpo,
+state), for each step map (sgd, frozen_adam, adam_step) and weighting (dr_grpo,
 per_token_avg):
 
 1. μY from a fixed update batch U (the study is conditional on U);
@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 from funcprobe import RolloutBatch, policy_gradient_surrogate, sequence_logprobs, update_direction
-from funcprobe.models import qwen2_lora_policy
-from funcprobe.rollout_files import group_advantages
-from funcprobe.validate import calibration_study, first_order_sweep, largest_first_order_lr, sample_fixed_length
+from funcprobe.validation.models import qwen2_lora_policy
+from funcprobe.io.rollout_files import group_advantages
+from funcprobe.validation.studies import calibration_study, first_order_sweep, largest_first_order_lr, sample_fixed_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
 V, L = 8, 3
 LMAX = L + 1  # Dr. GRPO's fixed max completion length (responses here all have L tokens)
-DIRECTION_LR = {"sgd": 0.1, "adam": 1e-3, "adam_step": 1e-3}
+DIRECTION_LR = {"sgd": 0.1, "frozen_adam": 1e-3, "adam_step": 1e-3}
 
 
 def reward(tokens: list[int]) -> float:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--pool", type=int, default=8, help="prompts in the fixed prompt distribution")
     ap.add_argument("--train-steps", type=int, default=3)
-    ap.add_argument("--directions", default="sgd,adam,adam_step")
+    ap.add_argument("--directions", default="sgd,frozen_adam,adam_step")
     ap.add_argument("--weightings", default="dr_grpo,per_token_avg")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     lrs = [10.0**e for e in torch.arange(-5, 1.01, 0.5).tolist()]
     for direction in args.directions.split(","):
         for weighting in args.weightings.split(","):
-            mu = update_direction(model, U, optimizer=optimizer, direction=direction, weighting=weighting)
+            mu = update_direction(model, U, optimizer=optimizer, step=direction, weighting=weighting)
             lr = DIRECTION_LR[direction]
             t = time.perf_counter()
             res = calibration_study(model, pool, mu, lr=lr, vocab_size=V, response_len=L,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from funcprobe import RolloutBatch
-from funcprobe.models import qwen2_lora_policy
+from funcprobe.validation.models import qwen2_lora_policy
 
 
 @dataclass(frozen=True)

@@ -110,11 +110,11 @@ def main(argv=None) -> int:
     mu = random_direction(reg.trainable)
 
     def jvp_path():
-        probe_scalars(reg, E, mu, batch_size=preset.prompts, mode="jvp")
+        probe_scalars(reg, E, mu, chunk_size=preset.prompts, mode="jvp")
 
     def forward():
         with torch.no_grad():
-            sequence_logprobs(reg.module, reg.merged(reg.trainable), E)
+            sequence_logprobs(reg.module, reg.params(reg.trainable), E)
 
     with sdpa_kernel([SDPBackend.MATH]):
         t_jvp, jvp_rows = profile(jvp_path, model)

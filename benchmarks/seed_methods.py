@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from funcprobe import RolloutBatch, sequence_logprobs
-from funcprobe.registry import ParamRegistry
+from funcprobe.edge.registry import ParamRegistry
 
 
 def seed_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
@@ -112,7 +112,7 @@ def nograd_forward(model, names, batch, mu, weighting, group_size):
     reg = ParamRegistry.from_model(model)
     with torch.no_grad():
         for group in _groups(batch, group_size):
-            sequence_logprobs(reg.module, reg.merged(reg.trainable), group)
+            sequence_logprobs(reg.module, reg.params(reg.trainable), group)
     return None
 
 

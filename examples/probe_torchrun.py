@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from funcprobe import EntropyProbe, policy_gradient_surrogate, sequence_logprobs
-from funcprobe.demo import DemoConfig, build_policy, sample_prompts, sample_rollouts
+from funcprobe.apps.demo import DemoConfig, build_policy, sample_prompts, sample_rollouts
 
 
 def main() -> None:
@@ -42,16 +42,16 @@ def main() -> None:
         batch = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
         optimizer.zero_grad(set_to_none=True)
         S = sequence_logprobs(ddp, dict(ddp.named_parameters()), batch)  # DDP forward: gradients all-reduced
-        (-policy_gradient_surrogate(S, batch, cfg.weighting).mean()).backward()
+        (-policy_gradient_surrogate(S, batch, cfg.probe.weighting).mean()).backward()
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     E = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
     U = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
-    pred = EntropyProbe(ddp, optimizer, direction="adam_step").predict(E, U)
-    r = pred.result
+    pred = EntropyProbe(ddp, optimizer, step="adam_step").predict(E, U)
+    r = pred
     lo, hi = r.ci95
     print(f"rank {rank}/{world}: local E prompts {E.num_prompts}, global B = {r.num_prompts}, "
-          f"predicted dH = {r.delta_h:+.6e} nats, SE_E = {r.se_e:.6e}, 95% [{lo:+.6e}, {hi:+.6e}]", flush=True)
+          f"predicted dH = {r.delta_h:+.6e} nats, SE_E = {r.se:.6e}, 95% [{lo:+.6e}, {hi:+.6e}]", flush=True)
     dist.destroy_process_group()
 
 

@@ -1,46 +1,107 @@
 """funcprobe: predict the entropy change of the next RL optimizer step, exactly, via torch.func.
 
-Quantities and failure modes are defined in SPEC.md; the public API:
+Quantities are defined in ``docs/definitions.md``; the failure modes of the older
+design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
 
-* ``ParamRegistry``: name→tensor pytrees of a model's parameters (extracted once);
+* ``ProbeSettings``: every option, checked once;
 * ``RolloutBatch``: B prompts × G responses;
-* ``sequence_logprobs``: the pure S(θ);
-* ``entropy_surrogate`` (LX) and ``policy_gradient_surrogate`` (J);
-* ``update_direction``: μY for ``sgd`` / ``adam`` / ``adam_step``;
-* ``conditional_variance(model, E, muY, lr=...)``: s[n], δH, Var_E, SE_E;
-* ``EntropyProbe``: both in one call.
+* ``update_direction(model, U, optimizer=...)``: μY for ``step`` ``sgd`` /
+  ``frozen_adam`` / ``adam_step``;
+* ``conditional_variance(model, E, muY, lr=...)``: s[n], δH, SE, 95% interval;
+* ``EntropyProbe``: both in one call, following the live model and optimizer;
+* the pure core: ``sequence_logprobs`` (S), ``entropy_surrogate`` (LX),
+  ``policy_gradient_surrogate`` (J), the step maps and the transforms
+  (``funcprobe.core``).
+
+Layout (imports point one way, core ← edge ← api ← apps): ``funcprobe.core`` (pure
+maths), ``funcprobe.edge`` (side effects), ``funcprobe.api`` (entry points),
+``funcprobe.io`` (files), ``funcprobe.validation`` (ground-truth studies),
+``funcprobe.integrations`` (TRL), ``funcprobe.apps`` (demo, command line, plots).
 """
 
-from .directions import DIRECTIONS, AdamState, adam_preconditioner, adam_step, precondition, read_adam_state
-from .logprobs import sequence_logprobs
-from .probe import EntropyPrediction, EntropyProbe, update_direction
-from .registry import ParamRegistry, unwrap_model
-from .rollouts import RolloutBatch
-from .surrogates import WEIGHTINGS, entropy_surrogate, policy_gradient_surrogate, weighted_logprobs
-from .variance import MODES, ConditionalVariance, conditional_variance, probe_scalars
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import warnings
+
+from . import errors
+from .api import EntropyProbe, conditional_variance, probe_scalars, update_direction
+from .core.logprobs import sequence_logprobs
+from .core.objectives import (
+    Objective,
+    entropy_objective,
+    entropy_surrogate,
+    policy_gradient_objective,
+    policy_gradient_surrogate,
+    weighted_logprobs,
+)
+from .core.rollouts import RolloutBatch
+from .core.statistics import EntropyPrediction
+from .core.steps import AdamState, StepMap, adam_preconditioner, adam_step, frozen_adam, sgd
+from .core.transforms import directional_derivatives, summed_gradient
+from .edge.optim import read_adam_state
+from .edge.registry import ParamRegistry, unwrap_model
+from .errors import (
+    NoSignalError,
+    NonFiniteError,
+    RankMismatchError,
+    SettingsError,
+    StaleProbeError,
+    UnreachableDirectionError,
+    UnsupportedModelError,
+)
+from .settings import MODES, STEPS, WEIGHTINGS, ProbeSettings
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AdamState",
-    "ConditionalVariance",
-    "DIRECTIONS",
     "EntropyPrediction",
     "EntropyProbe",
     "MODES",
+    "NoSignalError",
+    "NonFiniteError",
+    "Objective",
     "ParamRegistry",
+    "ProbeSettings",
+    "RankMismatchError",
     "RolloutBatch",
+    "STEPS",
+    "SettingsError",
+    "StaleProbeError",
+    "StepMap",
+    "UnreachableDirectionError",
+    "UnsupportedModelError",
     "WEIGHTINGS",
     "adam_preconditioner",
     "adam_step",
     "conditional_variance",
+    "directional_derivatives",
+    "entropy_objective",
     "entropy_surrogate",
+    "errors",
+    "frozen_adam",
+    "policy_gradient_objective",
     "policy_gradient_surrogate",
-    "precondition",
     "probe_scalars",
     "read_adam_state",
     "sequence_logprobs",
+    "sgd",
+    "summed_gradient",
     "unwrap_model",
     "update_direction",
     "weighted_logprobs",
 ]
+
+#: deprecated top-level names → (current object, what to write instead)
+_DEPRECATED = {
+    "ConditionalVariance": (EntropyPrediction, "EntropyPrediction"),
+    "DIRECTIONS": (("sgd", "adam", "adam_step"), "STEPS (with 'frozen_adam' for 'adam')"),
+}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        value, instead = _DEPRECATED[name]
+        warnings.warn(f"funcprobe.{name} is deprecated; use {instead}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module 'funcprobe' has no attribute {name!r}")

@@ -5,16 +5,16 @@ import math
 import subprocess
 import sys
 
-from funcprobe.demo import DemoConfig, format_report, run_demo
+from funcprobe.apps.demo import DemoConfig, format_report, run_demo
 
 
 def test_demo_small_setting():
     cfg = DemoConfig(prompts=4, group_size=3, max_new_tokens=6, train_steps=2, hidden=32, layers=1)
     res = run_demo(cfg)
-    r = res.prediction.result
+    r = res.prediction
     assert r.num_prompts == 4 and res.E.group_size == 3 and len(res.train_rewards) == 2
-    assert all(math.isfinite(x) for x in (r.delta_h, r.se_e, *r.ci95, res.prediction.mu_y_norm))
-    assert r.se_e > 0
+    assert all(math.isfinite(x) for x in (r.delta_h, r.se, *r.ci95, res.prediction.step_norm))
+    assert r.se > 0
     report = format_report(res)
     assert "predicted dH" in report and "95% interval" in report and "nan" not in report.lower()
 

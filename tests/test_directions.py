@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from funcprobe import AdamState, adam_preconditioner, update_direction
-from funcprobe.directions import AdamHyper
+from funcprobe.core.steps import AdamHyper
 from helpers import gpt2, live_params, random_rollouts, reference_policy_gradient, rel_err
 
 
@@ -12,7 +12,7 @@ def test_sgd_direction_is_the_mean_policy_gradient():
     model = gpt2()
     U = random_rollouts(B=5, G=3, seed=4)
     for weighting in ("dr_grpo", "per_token_avg"):
-        mu = update_direction(model, U, direction="sgd", weighting=weighting, batch_size=2)
+        mu = update_direction(model, U, step="sgd", weighting=weighting, chunk_size=2)
         ref = reference_policy_gradient(model, U, list(mu), weighting)
         for k in mu:
             assert rel_err(mu[k], ref[k]) < 1e-10, k
@@ -46,7 +46,7 @@ def test_adam_step_equals_the_optimizer_step_per_unit_lr(opt_cls, kw):
     model = gpt2()
     U = random_rollouts(B=4, G=3, seed=8)
     opt, names, params = _warm_optimizer(model, opt_cls, **kw)
-    mu = update_direction(model, U, optimizer=opt, direction="adam_step")
+    mu = update_direction(model, U, optimizer=opt, step="adam_step")
     grad_j = reference_policy_gradient(model, U, names)
     before = [p.detach().clone() for p in params]
     sign = 1.0 if kw.get("maximize") else -1.0  # the trainer's loss is -J (or +J when maximizing)
@@ -63,9 +63,9 @@ def test_adam_preconditioner_reads_state_by_name_and_refuses_missing_state():
     U = random_rollouts(B=3, G=2)
     opt, names, params = _warm_optimizer(model, torch.optim.Adam, lr=1e-3)
     with pytest.raises(ValueError, match=f"1 parameter\\(s\\) have no Adam state yet: \\['{names[-1]}'\\]"):
-        update_direction(model, U, optimizer=opt, direction="adam")
-    mu = update_direction(model, U, optimizer=opt, direction="adam", allow_identity_fallback=True)
-    g = update_direction(model, U, direction="sgd")
+        update_direction(model, U, optimizer=opt, step="frozen_adam")
+    mu = update_direction(model, U, optimizer=opt, step="frozen_adam", allow_identity_fallback=True)
+    g = update_direction(model, U, step="sgd")
     st = opt.state[params[0]]
     v_hat = st["exp_avg_sq"] / (1 - 0.999 ** int(st["step"]))
     assert rel_err(mu[names[0]], g[names[0]] / (v_hat.sqrt() + 1e-8)) < 1e-12
@@ -73,7 +73,7 @@ def test_adam_preconditioner_reads_state_by_name_and_refuses_missing_state():
 
 
 def test_adam_preconditioner_pure_function():
-    hyper = AdamHyper(lr=1.0, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+    hyper = AdamHyper(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
                       decoupled_weight_decay=False, amsgrad=False)
     g = torch.tensor([1.0, -2.0], dtype=torch.float64)
     v = torch.tensor([4.0, 1.0], dtype=torch.float64)
@@ -86,19 +86,19 @@ def test_adam_preconditioner_pure_function():
 def test_direction_errors():
     model = gpt2()
     U = random_rollouts()
-    with pytest.raises(ValueError, match="direction: expected one of"):
-        update_direction(model, U, direction="rmsprop")
-    with pytest.raises(ValueError, match="optimizer: direction='adam_step' needs"):
-        update_direction(model, U, direction="adam_step")
+    with pytest.raises(ValueError, match="step: expected one of"):
+        update_direction(model, U, step="rmsprop")
+    with pytest.raises(ValueError, match="optimizer: step='adam_step' needs"):
+        update_direction(model, U, step="adam_step")
     sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(TypeError, match="optimizer: expected torch.optim.Adam or AdamW"):
-        update_direction(model, U, optimizer=sgd, direction="adam")
+        update_direction(model, U, optimizer=sgd, step="frozen_adam")
     with pytest.raises(ValueError, match="U: the batch has no advantages"):
-        update_direction(model, random_rollouts(advantages=False), direction="sgd")
+        update_direction(model, random_rollouts(advantages=False), step="sgd")
     zero = random_rollouts()
     zero = type(zero)(zero.input_ids, zero.attention_mask, zero.response_start, torch.zeros(4, 3), zero.max_len)
     with pytest.raises(ValueError, match="update direction \\(sgd\\) is zero everywhere; the policy gradient is zero"):
-        update_direction(model, zero, direction="sgd")
+        update_direction(model, zero, step="sgd")
     other = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(KeyError, match="in no param group"):
-        update_direction(model, U, optimizer=other, direction="adam_step")
+        update_direction(model, U, optimizer=other, step="adam_step")

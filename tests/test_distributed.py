@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from funcprobe import RolloutBatch, conditional_variance, update_direction
-from funcprobe.distributed import refuse_fsdp
+from funcprobe.edge.registry import refuse_fsdp
 from helpers import gpt2, random_rollouts, rel_err
 
 TIMEOUT = 20  # seconds: a collective whose peer is gone fails after this instead of hanging
@@ -54,7 +54,7 @@ def _worker(rank, world, port, case, outdir):
         params = "trainable"
         if case == "mismatch" and rank == 1:
             params = [n for n, p in model.named_parameters() if p.requires_grad][:2]
-        mu = update_direction(probed, U_local, optimizer=opt, direction="adam_step", params=params)
+        mu = update_direction(probed, U_local, optimizer=opt, step="adam_step", params=params)
         res = conditional_variance(probed, E_local, mu, lr=0.1, gather_s=True)
         local = conditional_variance(probed, E_local, mu, lr=0.1)
         result = {"mu": mu, "res": res.to_dict(), "local_s": local.s, "grads_none": all(
@@ -93,7 +93,7 @@ def _run(world, case, tmp_path):
 @pytest.fixture(scope="module")
 def single_process():
     model, opt, E, U = _setup()
-    mu = update_direction(model, U, optimizer=opt, direction="adam_step")
+    mu = update_direction(model, U, optimizer=opt, step="adam_step")
     return mu, conditional_variance(model, E, mu, lr=0.1)
 
 
@@ -106,7 +106,7 @@ def test_sharded_equals_single_process(world, case, tmp_path, single_process):
         for k in mu_ref:
             assert rel_err(out["mu"][k], mu_ref[k]) < 1e-10, (rank, k)
         r = out["res"]
-        for key in ("sum_s", "sum_s2", "bars_dot", "delta_h", "var_e", "se_e"):
+        for key in ("sum_s", "sum_s2", "mean_s", "delta_h", "var", "se"):
             assert rel_err(r[key], getattr(ref, key)) < 1e-10, (rank, key)
         assert r["num_prompts"] == 7
         assert rel_err(torch.tensor(r["s"], dtype=torch.float64), ref.s) < 1e-10  # gathered, rank order
@@ -120,7 +120,7 @@ def test_sharded_equals_single_process(world, case, tmp_path, single_process):
 def test_ranks_probing_different_registries_fail_together(tmp_path):
     results = _run(2, "mismatch", tmp_path)
     for out in results:
-        assert "RuntimeError" in out["error"] and "ranks disagree on" in out["error"], out
+        assert "RankMismatchError" in out["error"] and "ranks disagree on" in out["error"], out
 
 
 def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
@@ -129,12 +129,23 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     assert "error" in results[0]
 
 
-def test_fsdp_models_are_refused_with_advice():
-    class FSDPQwen2ForCausalLM(torch.nn.Module):  # the class name fully_shard gives a model
-        pass
+def test_fsdp_models_are_refused_with_advice(tmp_path):
+    """A real FSDP2 model (``fully_shard`` on a 1-rank gloo group) is refused by type, with advice."""
+    from torch.distributed.fsdp import fully_shard
 
-    with pytest.raises(NotImplementedError, match="full_state_dict=True"):
-        refuse_fsdp(FSDPQwen2ForCausalLM())
+    from funcprobe import UnsupportedModelError
+    from helpers import qwen2
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = qwen2(dtype=torch.float32)
+        fully_shard(model)
+        with pytest.raises(UnsupportedModelError, match="full_state_dict=True"):
+            refuse_fsdp(model)
+        with pytest.raises(NotImplementedError, match="FSDP-sharded"):
+            conditional_variance(model, random_rollouts(), {}, lr=1.0)
+    finally:
+        dist.destroy_process_group()
     refuse_fsdp(gpt2())  # an ordinary model passes
 
 

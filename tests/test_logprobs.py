@@ -6,14 +6,14 @@ from torch import nn
 from torch.func import jvp
 
 from funcprobe import ParamRegistry, RolloutBatch, conditional_variance, sequence_logprobs
-from funcprobe.guards import probe_session
+from funcprobe.edge.session import probe_session
 from helpers import gpt2, qwen2, random_direction, random_rollouts, reference_S, reference_s, rel_err
 
 
 def _S(model, batch):
     reg = ParamRegistry.from_model(model)
     with probe_session(reg):
-        return sequence_logprobs(reg.module, reg.merged(reg.trainable), batch)
+        return sequence_logprobs(reg.module, reg.params(reg.trainable), batch)
 
 
 def _with_extra_left_padding(batch, extra):
@@ -101,7 +101,7 @@ def test_generic_module_and_nan_logits_on_padding_are_masked_by_selection():
     reg = ParamRegistry.from_model(nanny)
     mu = random_direction(reg)
     with probe_session(reg):
-        _, dS = jvp(lambda t: sequence_logprobs(reg.module, reg.merged(t), batch), (reg.trainable,), (mu,))
+        _, dS = jvp(lambda t: sequence_logprobs(reg.module, reg.params(t), batch), (reg.trainable,), (mu,))
     assert torch.isfinite(dS).all() and dS.abs().sum() > 0
 
 

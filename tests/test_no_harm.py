@@ -51,7 +51,7 @@ def test_probe_changes_nothing(mode):
     opt = _trained(model)
     before = _snapshot(model, opt)
     pred = EntropyProbe(model, opt, mode=mode).predict(random_rollouts(seed=1), random_rollouts(seed=2))
-    assert pred.se_e > 0 and torch.isfinite(pred.result.s).all()
+    assert pred.se > 0 and torch.isfinite(pred.s).all()
     _assert_same(before, _snapshot(model, opt))
     # also when the probe fails half-way through a forward
     bad = random_rollouts(seed=1)
@@ -71,7 +71,7 @@ def test_fused_attention_is_switched_for_the_probe_and_restored():
     assert model.get_base_model().config._attn_implementation == "flex_attention"
     model.get_base_model().set_attn_implementation("sdpa")
     ref = EntropyProbe(model, opt, mode="vjp").predict(E, U)
-    assert rel_err(pred.result.s, ref.result.s) < 1e-6
+    assert rel_err(pred.s, ref.s) < 1e-6
 
 
 def test_dropout_off_by_default_and_switchable():
@@ -99,11 +99,11 @@ def test_no_grad_and_inference_mode_give_identical_results(mode):
     probe = EntropyProbe(model, opt, mode=mode)
     ref = probe.predict(E, U)
     with torch.no_grad():
-        assert torch.equal(probe.predict(E, U).result.s, ref.result.s)
+        assert torch.equal(probe.predict(E, U).s, ref.s)
     with torch.inference_mode():
         E_inf, U_inf = random_rollouts(seed=1), random_rollouts(seed=2)  # inference tensors
         assert E_inf.input_ids.is_inference()
-        assert torch.equal(probe.predict(E_inf, U_inf).result.s, ref.result.s)
+        assert torch.equal(probe.predict(E_inf, U_inf).s, ref.s)
 
 
 def test_model_built_under_inference_mode_is_refused():

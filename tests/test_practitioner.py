@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from funcprobe import EntropyProbe, conditional_variance
-from funcprobe.checkpoints import load_optimizer_state, load_policy, load_tokenizer
-from funcprobe.rollout_files import group_advantages, read_rollouts, write_rollouts
+from funcprobe.io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
+from funcprobe.io.rollout_files import group_advantages, read_rollouts, write_rollouts
 from helpers import rel_err
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]
@@ -73,7 +73,7 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
     w = workspace
     out, png = tmp_path / "out.json", tmp_path / "probe.png"
     proc = _cli("probe", "--model", w / "model", "--adapter", w / "adapter", "--eval", w / "E.jsonl",
-                "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt", "--direction", "adam_step",
+                "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt", "--step", "adam_step",
                 "--weighting", "dr_grpo", "--max-completion-length", LMAX, "--dtype", "float64",
                 "--json", out, "--plot", png, "--no-progress")
     assert proc.returncode == 0, proc.stderr
@@ -83,9 +83,9 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
     opt = load_optimizer_state(w / "optimizer.pt", model)
     E = read_rollouts(w / "E.jsonl", max_len=LMAX)
     U = read_rollouts(w / "U.jsonl", max_len=LMAX)
-    ref = EntropyProbe(model, opt, direction="adam_step", weighting="dr_grpo").predict(E, U)
-    assert got["lr"] == 1e-3 and got["direction"] == "adam_step" and got["num_prompts"] == 5
-    for key in ("delta_h", "se_e", "bars_dot", "var_e", "mu_y_norm"):
+    ref = EntropyProbe(model, opt, step="adam_step", weighting="dr_grpo").predict(E, U)
+    assert got["lr"] == 1e-3 and got["step"] == "adam_step" and got["num_prompts"] == 5
+    for key in ("delta_h", "se", "mean_s", "var", "step_norm"):
         assert rel_err(got[key], ref.to_dict()[key]) < 1e-9, key
     assert png.stat().st_size > 5000
 
@@ -196,9 +196,9 @@ def test_library_prints_nothing_and_progress_bar_runs(workspace, capsys):
 
     model = load_policy(workspace / "model", workspace / "adapter", dtype="float64")
     E = read_rollouts(workspace / "E.jsonl", max_len=LMAX)
-    mu = update_direction(model, read_rollouts(workspace / "U.jsonl", max_len=LMAX), direction="sgd", batch_size=2)
-    a = conditional_variance(model, E, mu, lr=0.1, batch_size=2, progress=True)
-    b = conditional_variance(model, E, mu, lr=0.1, batch_size=2, progress=False)
+    mu = update_direction(model, read_rollouts(workspace / "U.jsonl", max_len=LMAX), step="sgd", chunk_size=2)
+    a = conditional_variance(model, E, mu, lr=0.1, chunk_size=2, progress=True)
+    b = conditional_variance(model, E, mu, lr=0.1, chunk_size=2, progress=False)
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "funcprobe s[n]" in captured.err  # the tqdm bar
@@ -206,12 +206,12 @@ def test_library_prints_nothing_and_progress_bar_runs(workspace, capsys):
 
 
 def test_plot_is_written(workspace, tmp_path):
-    from funcprobe.plots import plot_probe
+    from funcprobe.apps.plots import plot_probe
 
     model = load_policy(workspace / "model", workspace / "adapter", dtype="float64")
     E = read_rollouts(workspace / "E.jsonl", max_len=LMAX)
-    res = EntropyProbe(model, lr=0.1, direction="sgd").predict(E, read_rollouts(workspace / "U.jsonl", max_len=LMAX))
-    path = plot_probe(res.result, tmp_path / "p.png")
+    res = EntropyProbe(model, lr=0.1, step="sgd").predict(E, read_rollouts(workspace / "U.jsonl", max_len=LMAX))
+    path = plot_probe(res, tmp_path / "p.png")
     assert path.stat().st_size > 5000
 
 
@@ -237,7 +237,7 @@ def test_trl_grpo_trainer_logs_the_probe(workspace, tmp_path):
     logged = [h for h in trainer.state.log_history if "funcprobe/delta_h" in h]
     assert len(logged) == 2, trainer.state.log_history
     for h in logged:
-        for key in ("funcprobe/delta_h", "funcprobe/se_e", "funcprobe/ci95_low", "funcprobe/ci95_high", "entropy"):
+        for key in ("funcprobe/delta_h", "funcprobe/se", "funcprobe/ci95_low", "funcprobe/ci95_high", "entropy"):
             assert key in h and math.isfinite(h[key]), (key, h)
         assert h["funcprobe/ci95_low"] <= h["funcprobe/delta_h"] <= h["funcprobe/ci95_high"]
-        assert h["funcprobe/se_e"] > 0
+        assert h["funcprobe/se"] > 0

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from torch.func import jvp
 
 from funcprobe import ParamRegistry, conditional_variance, sequence_logprobs, unwrap_model
-from funcprobe.guards import probe_session
+from funcprobe.edge.session import probe_session
 from helpers import gpt2, qwen2, random_direction, random_rollouts, reference_s, rel_err
 
 
@@ -61,7 +61,7 @@ def test_lora_tensors_receive_tangents():
         for name, value in reg.trainable.items():
             tangent = {k: torch.zeros_like(v) for k, v in reg.trainable.items()}
             tangent[name] = torch.ones_like(value)
-            _, dS = jvp(lambda t: sequence_logprobs(reg.module, reg.merged(t), E), (reg.trainable,), (tangent,))
+            _, dS = jvp(lambda t: sequence_logprobs(reg.module, reg.params(t), E), (reg.trainable,), (tangent,))
             assert dS.abs().min() > 0, name
 
 

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from funcprobe import ParamRegistry, RolloutBatch, probe_scalars, update_direction
-from funcprobe.entropy_change import exact_entropy_change, sampled_entropy_change
-from funcprobe.exact import enumerate_responses, enumeration_batch, exact_directional_derivative, exact_entropy
-from funcprobe.guards import probe_session
-from funcprobe.models import qwen2_lora_policy
-from funcprobe.rollout_files import group_advantages
-from funcprobe.validate import (
+from funcprobe.validation.entropy_change import exact_entropy_change, sampled_entropy_change
+from funcprobe.core.exact import enumerate_responses, enumeration_batch, exact_entropy
+from funcprobe.edge.session import probe_session
+from funcprobe.validation.models import qwen2_lora_policy
+from funcprobe.io.rollout_files import group_advantages
+from funcprobe.validation.studies import (
+    exact_directional_derivative,
     SoftmaxBandit,
     bandit_rollouts,
-    biased_entropy_surrogate,
+    biased_entropy_objective,
     calibration_study,
     covariance_entropy_derivative,
     first_order_sweep,
@@ -36,7 +37,7 @@ def test_enumeration_guards():
     reg = ParamRegistry.from_model(model)
     partial = RolloutBatch.from_lists([[1, 2]], [[[0], [1]]], pad_token_id=0)
     with probe_session(reg), pytest.raises(ValueError, match="not a full enumeration"):
-        exact_entropy(reg.module, reg.merged(reg.trainable), partial)
+        exact_entropy(reg.module, reg.params(reg.trainable), partial)
 
 
 @pytest.mark.parametrize("weighting", ["per_token_avg", "dr_grpo"])
@@ -51,8 +52,8 @@ def test_exact_directional_derivative_equals_finite_difference(weighting):
         h, dh = exact_directional_derivative(reg, enum, mu, **kw)
         plus = {k: v + eps * mu[k] for k, v in reg.trainable.items()}
         minus = {k: v - eps * mu[k] for k, v in reg.trainable.items()}
-        fd = (exact_entropy(reg.module, reg.merged(plus), enum, **kw)
-              - exact_entropy(reg.module, reg.merged(minus), enum, **kw)) / (2 * eps)
+        fd = (exact_entropy(reg.module, reg.params(plus), enum, **kw)
+              - exact_entropy(reg.module, reg.params(minus), enum, **kw)) / (2 * eps)
     assert torch.all(h > 0) and rel_err(dh, fd) < 1e-7
     step = exact_entropy_change(reg, enum, mu, lr=1e-7, **kw)
     assert rel_err(step.per_prompt / 1e-7, dh) < 1e-5  # the actual step's change is first order at tiny lr
@@ -77,14 +78,14 @@ def test_bandit_exact_derivative_is_the_covariance_formula_and_the_probe_converg
     actions = torch.multinomial(p.expand(64, K), 4, replacement=True, generator=gen)
     r = reward[actions]
     U = bandit_rollouts(actions, group_advantages(r))
-    mu = update_direction(bandit, U, direction="sgd", weighting="per_token_avg")
+    mu = update_direction(bandit, U, step="sgd", weighting="per_token_avg")
     with probe_session(reg):
         _, dh_mu = exact_directional_derivative(reg, enum, mu)
     exact = float(covariance_entropy_derivative(z0, mu["z"]))
     assert abs(float(dh_mu[0]) - exact) < 1e-10
     # the probe's estimate from sampled E converges to it
     actions = torch.multinomial(p.expand(4000, K), 8, replacement=True, generator=gen)
-    s = probe_scalars(bandit, bandit_rollouts(actions), mu, weighting="per_token_avg", batch_size=4000)
+    s = probe_scalars(bandit, bandit_rollouts(actions), mu, weighting="per_token_avg", chunk_size=4000)
     se = float(s.std()) / math.sqrt(len(s))
     assert abs(float(s.mean()) - exact) < 4 * se
     assert se < 0.1 * abs(exact)  # the check has teeth: the estimate is sharp
@@ -100,7 +101,7 @@ def calibration_setup():
     r = torch.tensor([[reward(U.input_ids[n, g, U.response_start:].tolist()) for g in range(4)]
                       for n in range(U.num_prompts)], dtype=torch.float64)
     U = RolloutBatch(U.input_ids, U.attention_mask, U.response_start, group_advantages(r), float(L))
-    mu = update_direction(model, U, direction="sgd")
+    mu = update_direction(model, U, step="sgd")
     return model, mu
 
 
@@ -119,7 +120,7 @@ def test_biased_baseline_is_detected(calibration_setup):
     model, mu = calibration_setup
     kw = dict(lr=0.1, vocab_size=V, response_len=L, repetitions=120, prompts_per_batch=32, group_size=2, seed=2)
     fair = calibration_study(model, POOL, mu, **kw).summary()
-    biased = calibration_study(model, POOL, mu, surrogate=biased_entropy_surrogate, **kw).summary()
+    biased = calibration_study(model, POOL, mu, objective=biased_entropy_objective("dr_grpo"), **kw).summary()
     assert abs(fair["bias_in_se_of_mean"]) < 4, fair
     assert abs(biased["bias_in_se_of_mean"]) > 4, biased
     assert math.isclose(biased["mean_estimate"] / fair["mean_estimate"], 0.5, rel_tol=0.25)  # (G-1)/G

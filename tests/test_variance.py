@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from funcprobe import ParamRegistry, conditional_variance, entropy_surrogate, sequence_logprobs, weighted_logprobs
-from funcprobe.guards import probe_session
+from funcprobe.edge.session import probe_session
 from helpers import gpt2, qwen2, random_direction, random_rollouts, reference_s, rel_err
 
 
@@ -18,7 +18,7 @@ def test_jvp_and_vjp_equal_per_prompt_autograd(build, tol, weighting):
     mu = random_direction(ParamRegistry.from_model(model))
     ref = reference_s(model, E, mu, weighting)
     for mode in ("jvp", "vjp"):
-        r = conditional_variance(model, E, mu, lr=0.01, weighting=weighting, mode=mode, batch_size=2)
+        r = conditional_variance(model, E, mu, lr=0.01, weighting=weighting, mode=mode, chunk_size=2)
         assert r.s.shape == (5,) and r.s.dtype == torch.float64
         assert rel_err(r.s, ref) < tol, mode
 
@@ -27,20 +27,20 @@ def test_statistics_and_independence_of_batch_size():
     model = gpt2()
     E = random_rollouts(B=7, G=2, seed=3)
     mu = random_direction(ParamRegistry.from_model(model))
-    results = [conditional_variance(model, E, mu, lr=0.5, batch_size=k) for k in (1, 3, 7, 8)]
+    results = [conditional_variance(model, E, mu, lr=0.5, chunk_size=k) for k in (1, 3, 7, 8)]
     for r in results[1:]:
         assert rel_err(r.s, results[0].s) < 1e-12
     r = results[0]
     s = r.s
     assert r.num_prompts == 7
-    assert math.isclose(r.bars_dot, float(s.mean()), rel_tol=1e-12)
+    assert math.isclose(r.mean_s, float(s.mean()), rel_tol=1e-12)
     assert math.isclose(r.delta_h, 0.5 * float(s.mean()), rel_tol=1e-12)
-    assert math.isclose(r.var_e, 0.25 * float(s.var(unbiased=True)) / 7, rel_tol=1e-9)
-    assert math.isclose(r.se_e, math.sqrt(r.var_e), rel_tol=1e-12)
+    assert math.isclose(r.var, 0.25 * float(s.var(unbiased=True)) / 7, rel_tol=1e-9)
+    assert math.isclose(r.se, math.sqrt(r.var), rel_tol=1e-12)
     lo, hi = r.ci95
-    assert math.isclose((lo + hi) / 2, r.delta_h, rel_tol=1e-12) and math.isclose(hi - lo, 2 * 1.959963984540054 * r.se_e)
+    assert math.isclose((lo + hi) / 2, r.delta_h, rel_tol=1e-12) and math.isclose(hi - lo, 2 * 1.959963984540054 * r.se)
     d = r.to_dict()
-    assert set(d) >= {"s", "sum_s", "sum_s2", "num_prompts", "bars_dot", "delta_h", "var_e", "se_e", "ci95"}
+    assert set(d) >= {"s", "sum_s", "sum_s2", "num_prompts", "mean_s", "delta_h", "var", "se", "ci95"}
     assert len(d["s"]) == 7
 
 
@@ -52,13 +52,13 @@ def test_finite_difference_of_LX_with_frozen_coefficients():
     s = conditional_variance(model, E, mu, lr=1.0).s
     eps = 1e-6
     with probe_session(reg):
-        S0 = sequence_logprobs(reg.module, reg.merged(reg.trainable), E)
+        S0 = sequence_logprobs(reg.module, reg.params(reg.trainable), E)
         Sw = weighted_logprobs(S0, E, "dr_grpo")
         coeff = Sw - (Sw.sum(1, keepdim=True) - Sw) / (E.group_size - 1)
 
         def lx_frozen(sign):
             theta = {k: v + sign * eps * mu[k] for k, v in reg.trainable.items()}
-            return -(coeff * sequence_logprobs(reg.module, reg.merged(theta), E)).mean(1)
+            return -(coeff * sequence_logprobs(reg.module, reg.params(theta), E)).mean(1)
 
         fd = (lx_frozen(+1) - lx_frozen(-1)) / (2 * eps)
         # the library's LX holds the same coefficients fixed (stop-gradient)
@@ -96,7 +96,7 @@ def test_muY_validation_lists_offending_names():
         (dict(lr=float("nan")), "lr: expected a finite number > 0"),
         (dict(lr=1.0, mode="fwd"), "mode: expected one of"),
         (dict(lr=1.0, weighting="token"), "weighting: expected one of"),
-        (dict(lr=1.0, batch_size=0), "batch_size: expected an int >= 1"),
+        (dict(lr=1.0, chunk_size=0), "chunk_size: expected an int >= 1"),
     ],
 )
 def test_argument_errors(kwargs, match):

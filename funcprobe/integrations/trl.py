@@ -8,8 +8,13 @@ generation batch (E = U = the completions just generated and scored, grouped G =
 TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
 
 * ``funcprobe/delta_h``: predicted δH of the step (nats / W, see SPEC.md);
-* ``funcprobe/se_e`` and ``funcprobe/ci95_low`` / ``funcprobe/ci95_high``;
-* ``funcprobe/bars_dot`` (mean s) and ``funcprobe/lr``.
+* ``funcprobe/se`` and ``funcprobe/ci95_low`` / ``funcprobe/ci95_high``;
+* ``funcprobe/mean_s`` and ``funcprobe/lr``.
+
+A diagnostic must never stop the training it watches: a batch with no signal
+(``NoSignalError``: all advantages 0) is skipped with a log line, and any other failure
+of the probe is logged with its reason (``funcprobe/failed`` counts them) while
+training goes on, unless ``probe_raise=True``.
 
 Mapping of TRL's losses: ``loss_type="dr_grpo"`` → ``weighting="dr_grpo"`` with Lmax =
 ``max_completion_length``; every other loss type → ``per_token_avg`` (exact for
@@ -24,15 +29,18 @@ Tested with trl 1.16 (``pyproject.toml`` pins ``trl>=1.16,<2``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from ..probe import EntropyProbe
-from ..rollouts import RolloutBatch
-from ..progress import log
+from ..api import EntropyProbe
+from ..core.rollouts import RolloutBatch
+from ..edge.progress import log
+from ..errors import NoSignalError
+from ..settings import ProbeSettings
 
 
 def generation_batch_to_rollouts(batch: dict[str, Any], group_size: int, max_len: float | None) -> RolloutBatch:
@@ -56,21 +64,24 @@ class ProbedGRPOTrainer(GRPOTrainer):
 
     Args (besides ``GRPOTrainer``'s):
         probe_every: probe every N optimizer steps (1: every step).
-        probe_direction: ``"adam_step"`` (default, the exact next Adam/AdamW step),
-            ``"adam"`` or ``"sgd"``.
-        probe_batch_size: prompts per JVP group.
-        probe_mode: ``"jvp"`` or ``"vjp"``.
+        probe_settings: ``ProbeSettings`` of the probe (``step``, ``mode``,
+            ``chunk_size``, ...); ``weighting`` is taken from the trainer's ``loss_type``.
+        probe_raise: raise the probe's errors instead of logging them and training on.
+        probe_direction, probe_batch_size, probe_mode: deprecated spellings of
+            ``probe_settings`` fields.
     """
 
-    def __init__(self, *args, probe_every: int = 1, probe_direction: str = "adam_step",
-                 probe_batch_size: int = 8, probe_mode: str = "jvp", **kwargs):
-        if probe_every < 1:
+    def __init__(self, *args, probe_every: int = 1, probe_settings: ProbeSettings | None = None,
+                 probe_raise: bool = False, **kwargs):
+        if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every: expected an int >= 1, got {probe_every!r}")
+        old = {k[len("probe_"):]: kwargs.pop(k) for k in ("probe_direction", "probe_batch_size", "probe_mode")
+               if k in kwargs}
+        self.probe_settings = ProbeSettings.resolve(probe_settings, {"progress": False, **old},
+                                                    caller="ProbedGRPOTrainer")
         super().__init__(*args, **kwargs)
         self.probe_every = probe_every
-        self.probe_direction = probe_direction
-        self.probe_batch_size = probe_batch_size
-        self.probe_mode = probe_mode
+        self.probe_raise = bool(probe_raise)
         self._funcprobe_batch: dict[str, Any] | None = None
         self.add_callback(_ProbeCallback(self))
 
@@ -91,21 +102,25 @@ class ProbedGRPOTrainer(GRPOTrainer):
         if batch.num_prompts < 2:
             log.warning("funcprobe: skipped, the step's batch has %d prompt(s); the SE needs 2", batch.num_prompts)
             return None
-        probe = EntropyProbe(self.model, self.optimizer, direction=self.probe_direction,
-                             weighting="dr_grpo" if dr else "per_token_avg", batch_size=self.probe_batch_size,
-                             mode=self.probe_mode, progress=False)
+        settings = replace(self.probe_settings, weighting="dr_grpo" if dr else "per_token_avg")
         try:
-            pred = probe.predict(batch, batch)
-        except ValueError as err:  # a batch with no signal (all advantages 0): nothing to predict, keep training
+            r = EntropyProbe(self.model, self.optimizer, settings=settings).predict(batch, batch)
+        except NoSignalError as err:  # a batch with no signal (all advantages 0): nothing to predict
             log.warning("funcprobe: skipped step %d: %s", self.state.global_step, err)
             return None
-        r = pred.result
+        except Exception as err:  # a diagnostic must not stop the training it watches
+            if self.probe_raise:
+                raise
+            log.error("funcprobe: the probe failed at step %d (training goes on; probe_raise=True raises): "
+                      "%s: %s", self.state.global_step, type(err).__name__, err)
+            self._metrics["train"]["funcprobe/failed"].append(1.0)
+            return None
         lo, hi = r.ci95
-        metrics = {"funcprobe/delta_h": r.delta_h, "funcprobe/se_e": r.se_e, "funcprobe/ci95_low": lo,
-                   "funcprobe/ci95_high": hi, "funcprobe/bars_dot": r.bars_dot, "funcprobe/lr": r.lr}
+        metrics = {"funcprobe/delta_h": r.delta_h, "funcprobe/se": r.se, "funcprobe/ci95_low": lo,
+                   "funcprobe/ci95_high": hi, "funcprobe/mean_s": r.mean_s, "funcprobe/lr": r.lr}
         for k, v in metrics.items():
             self._metrics["train"][k].append(v)
-        log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se_e, self.state.global_step)
+        log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, self.state.global_step)
         return metrics
 
 

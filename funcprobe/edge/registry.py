@@ -1,6 +1,6 @@
 """The parameter registry: one name→tensor pytree per model, extracted once.
 
-SPEC failure 1 (parameter identity mismatch) came from asking autograd for gradients
+Failure 1 of the older design (docs/failure-modes.md, parameter identity mismatch) came from asking autograd for gradients
 of tensor objects that the forward did not use (DDP/FSDP/PEFT re-wrapping), and from
 keying buffers by ``id(p)`` (seeds 003 and 000). Here the canonical module is found
 once (``unwrap_model``), its parameters are extracted once into ``dict[str, Tensor]``
@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-ParamSelection = Union[str, Sequence[str]]
+from ..core.logprobs import sequence_logprobs
+from ..core.rollouts import RolloutBatch
+from ..errors import SettingsError, UnsupportedModelError
+from ..settings import ParamSelection, ProbeSettings
 
 #: substrings that mark PEFT LoRA-family adapter weights in parameter names
 LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -28,23 +31,52 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the canonical module that runs the forward.
 
     Strips ``DistributedDataParallel`` / ``DataParallel`` (``.module``), ``torch.compile``
-    (``._orig_mod``) and DeepSpeed engines, in any nesting. A ``peft.PeftModel`` is itself
-    canonical (seed 002: the adapter lives there). Raises ``TypeError`` for a non-module.
+    (``._orig_mod``) and DeepSpeed engines, in any nesting, with accelerate's
+    ``extract_model_from_parallel`` (mixed-precision forward wrappers are kept: the
+    model is not changed). A ``peft.PeftModel`` is itself canonical (seed 002: the
+    adapter lives there).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        UnsupportedModelError: an FSDP-sharded model (``refuse_fsdp``).
     """
+    from accelerate.utils import extract_model_from_parallel
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    seen = 0
-    while seen < 16:
-        seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
+    refuse_fsdp(model)
+    for _ in range(16):
+        inner = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+        if inner is model:
             return model
+        model = inner
     raise TypeError("model: wrapper nesting deeper than 16 levels")
+
+
+def refuse_fsdp(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` for FSDP1 (``FullyShardedDataParallel``) and FSDP2
+    (``fully_shard``: ``FSDPModule``, ``DTensor`` parameters) models.
+
+    Their parameters are shards (flat parameters or ``DTensor``s) that are all-gathered by
+    forward hooks into the module's parameter slots, over the tensors ``functional_call``
+    installs; forward-mode AD over such shards is not supported by torch. Probe an
+    unsharded replica instead (see the README).
+    """
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    sharded = any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+    if not sharded:
+        from torch.distributed.tensor import DTensor
+
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded:
+        raise UnsupportedModelError(
+            "model: FSDP-sharded models are not supported by the probe (forward-mode AD and functional_call "
+            "cannot run over FSDP's parameter shards). Gather a full state dict "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True))) into an unsharded replica of the model (with its "
+            "PEFT adapter) and probe that, each rank with its own shard of E and U and the same process group"
+        )
 
 
 def is_peft_model(module: nn.Module) -> bool:
@@ -135,12 +167,9 @@ class ParamRegistry:
             TypeError: ``model`` is not a module.
             ValueError: unknown selection, unknown adapter, or an empty selection.
             KeyError: explicit names that the model does not have (all listed).
-            NotImplementedError: an FSDP-sharded model (``funcprobe.distributed.refuse_fsdp``).
+            UnsupportedModelError (a ``NotImplementedError``): an FSDP-sharded model.
         """
-        from .distributed import refuse_fsdp
-
         module = unwrap_model(model)
-        refuse_fsdp(module)
         with adapter_activated(module, adapter):
             named = dict(module.named_parameters())
             names = _select(module, named, params, adapter)
@@ -148,15 +177,33 @@ class ParamRegistry:
         frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
         return cls(module=module, adapter=adapter, trainable=trainable, frozen=frozen)
 
+    @classmethod
+    def from_settings(cls, model: "nn.Module | ParamRegistry", settings: ProbeSettings) -> "ParamRegistry":
+        """``model`` itself if it is already a registry, else ``from_model`` with the
+        selection of ``settings`` (``params``, ``adapter``)."""
+        if isinstance(model, ParamRegistry):
+            return model
+        return cls.from_model(model, params=settings.params, adapter=settings.adapter)
+
     def __repr__(self) -> str:
         return (
             f"ParamRegistry(module={type(self.module).__name__}, adapter={self.adapter!r}, "
             f"trainable={len(self.trainable)} tensors / {self.numel()} scalars, frozen={len(self.frozen)} tensors)"
         )
 
-    def merged(self, trainable: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The full parameter dict for ``functional_call`` with θ replaced by ``trainable``."""
-        return {**self.frozen, **trainable}
+    def params(self, theta: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(frozen, theta)``: what ``functional_call`` takes, θ replaced by ``theta``."""
+        return (self.frozen, theta)
+
+    def logprob_fn(self) -> Callable[[dict[str, Tensor], RolloutBatch], Tensor]:
+        """The pure S(θ, batch) ``[B, G]`` of this model (``sequence_logprobs`` closed over
+        the canonical module and the frozen parameters): what the edge hands the core."""
+        module, frozen = self.module, self.frozen
+
+        def logprobs(theta: dict[str, Tensor], batch: RolloutBatch) -> Tensor:
+            return sequence_logprobs(module, (frozen, theta), batch)
+
+        return logprobs
 
     def live_parameters(self) -> dict[str, nn.Parameter]:
         """The module's live ``nn.Parameter`` objects for the trainable names.
@@ -195,7 +242,7 @@ def _select(module: nn.Module, named: dict[str, nn.Parameter], params: ParamSele
             ]
             what = f"no LoRA weights found for adapter(s) {wanted} (is this a peft LoRA model?)"
         else:
-            raise ValueError(f"params: expected 'trainable', 'lora' or a list of parameter names, got {params!r}")
+            raise SettingsError(f"params: expected 'trainable', 'lora' or a list of parameter names, got {params!r}")
         if not names:
             raise ValueError(f"params={params!r}: {what}")
         return names

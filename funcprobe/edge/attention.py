@@ -1,6 +1,6 @@
 """Attention implementations that forward-mode AD and double backward can go through.
 
-SPEC failure 8: fused attention kernels (SDPA's flash / memory-efficient backends,
+docs/failure-modes.md, failure 8: fused attention kernels (SDPA's flash / memory-efficient backends,
 flash-attn) implement neither forward-mode AD nor double backward. Measured with
 torch 2.13 on CPU: ``torch.func.jvp`` through an SDPA model fails with "Trying to use
 forward AD with _scaled_dot_product_flash_attention_for_cpu that does not support it",

@@ -8,6 +8,9 @@
 * ``calibration_study``: repeat the probe on fresh evaluation batches E (prompts drawn
   i.i.d. from a fixed pool, responses sampled with ``generate``) and compare
   ``η·s̄ ± 1.96·SE_E`` with the exact ``η·⟨∇H_w, μY⟩`` from enumeration.
+* ``exact_directional_derivative`` / ``objective_scalars``: the core transform
+  (``funcprobe.core.transforms.directional_derivatives``) on the exact entropy, or on any
+  per-prompt objective a study wants (e.g. the biased surrogate below).
 * ``first_order_sweep``: predicted ``η·⟨∇H_w, μY⟩`` against the exact change of the step
   actually taken, over learning rates.
 """
@@ -21,13 +24,14 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.exact import enumeration_batch, exact_entropy_objective
+from ..core.objectives import Objective, entropy_objective, weighted_logprobs
+from ..core.rollouts import RolloutBatch
+from ..core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_counts
+from ..core.transforms import directional_derivatives
+from ..edge.registry import ParamRegistry
+from ..edge.session import probe_session
 from .entropy_change import exact_entropy_change
-from .exact import enumeration_batch, exact_directional_derivative
-from .guards import probe_session
-from .registry import ParamRegistry
-from .rollouts import RolloutBatch
-from .surrogates import entropy_surrogate
-from .variance import Z_95, ConditionalVariance, probe_scalars
 
 
 # ----------------------------------------------------------------------- bandit
@@ -66,6 +70,43 @@ def bandit_rollouts(actions: Tensor, advantages: Tensor | None = None) -> Rollou
     B, G = actions.shape
     ids = torch.stack([torch.zeros_like(actions), actions], -1)
     return RolloutBatch(ids, torch.ones_like(ids), 1, advantages, 1.0)
+
+
+# ------------------------------------------------------------------ transforms
+def exact_directional_derivative(
+    registry: ParamRegistry,
+    batch: RolloutBatch,
+    direction: Mapping[str, Tensor],
+    *,
+    weighting: str = "per_token_avg",
+    max_len: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(H_w ``[B]``, ⟨∇θ H_w, direction⟩ ``[B]``), float64, for an enumeration batch.
+
+    One ``torch.func.jvp`` per chunk of prompts (the core transform) inside a probe
+    session; H_w itself from one more no-grad forward.
+    """
+    objective = exact_entropy_objective(weighting, max_len)
+    f = objective.on_logprobs(registry.logprob_fn())
+    tangent = {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
+    with probe_session(registry):
+        dh = directional_derivatives(f, chunk_size=max(1, batch.num_prompts))(registry.trainable, tangent, batch)
+        with torch.no_grad():
+            h = f(registry.trainable, batch)
+    return h.detach().double(), dh
+
+
+def objective_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], objective: Objective,
+                      *, mode: str = "jvp", chunk_size: int = 8) -> Tensor:
+    """⟨∇θ objective[n], μY⟩ ``[B]`` float64 for any per-prompt ``objective`` (checked:
+    finite and not all zero). With ``entropy_objective`` this is ``probe_scalars``."""
+    tangent = {k: muY[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
+    f = objective.on_logprobs(registry.logprob_fn())
+    with probe_session(registry):
+        s = directional_derivatives(f, mode=mode, chunk_size=chunk_size)(registry.trainable, tangent,
+                                                                         E.to(registry.device))
+    check_scalars(s, scalar_counts(s))
+    return s
 
 
 # ------------------------------------------------------------------ sampling
@@ -163,21 +204,23 @@ def calibration_study(
     max_len: float | None = None,
     mode: str = "jvp",
     seed: int = 0,
-    surrogate: Callable[[Tensor, RolloutBatch, str], Tensor] = entropy_surrogate,
+    objective: Objective | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> CalibrationResult:
     """Repeat the probe on fresh E and compare with the exact value (see module docstring).
 
     Each repetition draws ``prompts_per_batch`` prompts i.i.d. uniformly from
     ``prompt_pool`` and ``group_size`` responses per prompt by ``sample_fixed_length``.
-    ``max_len`` defaults to ``response_len`` for ``dr_grpo``.
+    ``max_len`` defaults to ``response_len`` for ``dr_grpo``. ``objective`` replaces LX
+    (default ``entropy_objective(weighting)``; e.g. ``biased_entropy_objective`` to show
+    that a biased baseline is detected).
     """
+    objective = objective if objective is not None else entropy_objective(weighting)
     registry = ParamRegistry.from_model(model)
     if weighting == "dr_grpo" and max_len is None:
         max_len = float(response_len)
     enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=registry.device)
-    with probe_session(registry):
-        _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
+    _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
     exact = lr * float(dh.mean())
     gen = torch.Generator().manual_seed(seed)
     predicted, ses = [], []
@@ -185,12 +228,11 @@ def calibration_study(
         idx = torch.randint(len(prompt_pool), (prompts_per_batch,), generator=gen).tolist()
         E = sample_fixed_length(model, [prompt_pool[i] for i in idx], group_size=group_size,
                                 response_len=response_len, seed=seed * 1_000_003 + r, max_len=max_len)
-        s = probe_scalars(registry, E, muY, weighting=weighting, mode=mode, batch_size=prompts_per_batch,
-                          surrogate=surrogate)
-        res = ConditionalVariance.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=mode,
-                                            weighting=weighting)
+        s = objective_scalars(registry, E, muY, objective, mode=mode, chunk_size=prompts_per_batch)
+        res = EntropyPrediction.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=mode,
+                                          weighting=weighting)
         predicted.append(res.delta_h)
-        ses.append(res.se_e)
+        ses.append(res.se)
         if progress is not None:
             progress(r)
     return CalibrationResult(exact, torch.tensor(predicted, dtype=torch.float64), torch.tensor(ses, dtype=torch.float64))
@@ -201,11 +243,14 @@ def biased_entropy_surrogate(S: Tensor, batch: RolloutBatch, weighting: str) -> 
 
     Its expected gradient is (G − 1)/G times ∇H_w; calibration studies must detect it.
     """
-    from .surrogates import weighted_logprobs
-
     Sw = weighted_logprobs(S, batch, weighting)
     coeff = (Sw - Sw.mean(-1, keepdim=True)).detach()
     return -(coeff * S).mean(-1)
+
+
+def biased_entropy_objective(weighting: str) -> Objective:
+    """``biased_entropy_surrogate`` as an ``Objective`` (for ``calibration_study``)."""
+    return Objective("biased_entropy_surrogate", weighting, biased_entropy_surrogate)
 
 
 # ------------------------------------------------------------------ first order
@@ -225,8 +270,7 @@ def first_order_sweep(
     if weighting == "dr_grpo" and max_len is None:
         max_len = float(response_len)
     enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=registry.device)
-    with probe_session(registry):
-        _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
+    _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
     slope = float(dh.mean())
     rows = []
     for lr in lrs:

@@ -9,8 +9,9 @@ the V^L sequences, and
 with W = Lmax (``dr_grpo``) or W = L (``per_token_avg``; every response has length L).
 This is the quantity whose gradient the leave-one-out surrogate LX estimates without
 bias (SPEC "Entropy surrogate": E[∇LX] = −E[Sw ∇log π] = ∇H_w, since E[∇log π] = 0 and
-W does not depend on θ). Everything here is a pure function of the registry's
-parameters, so ⟨∇H_w, μY⟩ is one ``torch.func.jvp`` (``exact_directional_derivative``).
+W does not depend on θ; docs/derivations.md#unbiased-surrogate). Everything here is
+pure, so ⟨∇H_w, μY⟩ is one ``funcprobe.core.transforms.directional_derivatives`` of
+``exact_entropy_objective`` (``funcprobe.validation.studies.exact_directional_derivative``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp
 
-from .logprobs import sequence_logprobs
-from .registry import ParamRegistry
+from .logprobs import Params, sequence_logprobs
 from .rollouts import RolloutBatch
-from .surrogates import check_weighting
+from .objectives import Objective
 
 #: enumeration refuses more sequences per prompt than this (memory and time guard)
 MAX_SEQUENCES = 1 << 16
@@ -55,7 +54,7 @@ def enumeration_batch(prompts: Sequence[Sequence[int]], vocab_size: int, length:
 
 def exact_entropy(
     module: nn.Module,
-    params: Mapping[str, Tensor],
+    params: Params,
     batch: RolloutBatch,
     *,
     weighting: str = "per_token_avg",
@@ -74,7 +73,12 @@ def exact_entropy(
             mass that is not 1 (the batch is not a full enumeration, or the model puts
             mass on an end-of-sequence token).
     """
-    check_weighting(weighting)
+    return weighted_entropy(sequence_logprobs(module, params, batch), batch, weighting=weighting, max_len=max_len)
+
+
+def weighted_entropy(S: Tensor, batch: RolloutBatch, *, weighting: str = "per_token_avg",
+                     max_len: float | None = None) -> Tensor:
+    """H_w ``[B]`` from the S ``[B, V**L]`` of an enumeration batch (see ``exact_entropy``)."""
     lengths = batch.response_lengths
     if not bool((lengths == lengths.flatten()[0]).all()):
         raise ValueError("batch: exact entropy needs fixed-length responses")
@@ -82,32 +86,17 @@ def exact_entropy(
         if max_len is None:
             raise ValueError("max_len: weighting='dr_grpo' needs Lmax")
         W = float(max_len)
-    else:
+    elif weighting == "per_token_avg":
         W = float(lengths.flatten()[0])
-    S = sequence_logprobs(module, params, batch)  # [B, V**L]
+    else:
+        raise ValueError(f"weighting: expected 'dr_grpo' or 'per_token_avg', got {weighting!r}")
     mass = S.detach().exp().sum(-1)
     if not bool(torch.allclose(mass, torch.ones_like(mass), atol=1e-5)):
         raise ValueError(f"batch: the responses carry probability mass {mass.tolist()}, not 1: not a full enumeration")
     return -(S.exp() * S).sum(-1) / W
 
 
-def exact_directional_derivative(
-    registry: ParamRegistry,
-    batch: RolloutBatch,
-    direction: Mapping[str, Tensor],
-    *,
-    weighting: str = "per_token_avg",
-    max_len: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(H_w ``[B]``, ⟨∇θ H_w, direction⟩ ``[B]``) by one ``torch.func.jvp``, float64.
-
-    Call inside ``funcprobe.guards.probe_session(registry)`` or use
-    ``funcprobe.validate`` which does.
-    """
-    tangent = {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
-
-    def H(theta):
-        return exact_entropy(registry.module, registry.merged(theta), batch, weighting=weighting, max_len=max_len)
-
-    h, dh = jvp(H, (registry.trainable,), (tangent,))
-    return h.detach().double(), dh.detach().double()
+def exact_entropy_objective(weighting: str = "per_token_avg", max_len: float | None = None) -> Objective:
+    """H_w as an ``Objective`` over enumeration batches (for the core transforms)."""
+    return Objective("exact_entropy", weighting,
+                     lambda S, batch, w: weighted_entropy(S, batch, weighting=w, max_len=max_len))

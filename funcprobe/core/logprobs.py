@@ -11,13 +11,15 @@
 * padding is removed by selection (``torch.where``), never by multiplication, so a
   NaN at a padded position cannot leak into S or its tangent (failure 6);
 * the forward is ``torch.func.functional_call(module, params, ...)`` (failure 1).
+
+Sources: docs/definitions.md#sequence-log-prob, docs/failure-modes.md.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +27,11 @@ from torch.func import functional_call
 
 from .rollouts import RolloutBatch
 
+#: what ``functional_call`` takes: one name→tensor dict, or several with disjoint names
+Params = Union[Mapping[str, Tensor], Sequence[Mapping[str, Tensor]]]
 
-def sequence_logprobs(module: nn.Module, params: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
+
+def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch) -> Tensor:
     """S for every response of ``batch``, as a function of ``params``.
 
     Each sequence is shifted so that its first real token sits in column 0 (the padding
@@ -40,7 +45,8 @@ def sequence_logprobs(module: nn.Module, params: Mapping[str, Tensor], batch: Ro
             Hugging Face causal-LM calling convention: ``input_ids``, ``attention_mask`` and
             ``position_ids`` (each ``[N, T]``) in, an output with ``.logits`` (or a logits
             tensor, or a tuple whose first item is one) ``[N, T, V]`` out.
-        params: name→tensor for ``functional_call`` (parameters not named come from the
+        params: name→tensor for ``functional_call``, or a tuple of such dicts with
+            disjoint names (e.g. ``(frozen, theta)``; parameters not named come from the
             module itself).
         batch: the rollouts (B prompts × G responses × T columns).
 
@@ -66,7 +72,7 @@ def sequence_logprobs(module: nn.Module, params: Mapping[str, Tensor], batch: Ro
         kwargs["logits_to_keep"] = keep
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
-    logits = _logits(functional_call(module, dict(params), (), kwargs, tie_weights=True, strict=False))
+    logits = _logits(functional_call(module, _as_dicts(params), (), kwargs, tie_weights=True, strict=False))
     if logits.ndim != 3 or logits.shape[0] != N or logits.shape[1] not in (T, keep):
         raise ValueError(
             f"model: expected logits of shape [{N}, {T}, V] (or [{N}, {keep}, V]), got {tuple(logits.shape)}; "
@@ -79,6 +85,12 @@ def sequence_logprobs(module: nn.Module, params: Mapping[str, Tensor], batch: Ro
     selected = resp[:, first + 1 :]
     token_logp = torch.where(selected, token_logp, torch.zeros((), dtype=token_logp.dtype, device=token_logp.device))
     return token_logp.sum(-1).reshape(B, G)
+
+
+def _as_dicts(params: Params) -> dict[str, Tensor] | tuple[dict[str, Tensor], ...]:
+    if isinstance(params, Mapping):
+        return dict(params)
+    return tuple(dict(p) for p in params)
 
 
 def _prompt_lengths(batch: RolloutBatch) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import ParamRegistry
+from ..edge.registry import ParamRegistry
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ Layout (as produced by left-padded generation):
 
 Prompts are left-padded so that every prompt ends at column ``response_start - 1``;
 responses are right-padded. ``attention_mask`` is 1 on real tokens and 0 on padding.
+A pure value: validated once at construction (``__post_init__``), never mutated.
 """
 
 from __future__ import annotations
@@ -190,13 +191,6 @@ def check_rollouts(batch: object, argname: str) -> RolloutBatch:
     if not isinstance(batch, RolloutBatch):
         raise TypeError(f"{argname}: expected a RolloutBatch, got {type(batch).__name__}")
     return batch
-
-
-def check_batch_size(batch_size: object) -> int:
-    """Prompts per group: an int >= 1, else ``ValueError`` naming ``batch_size``."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
-    return batch_size
 
 
 def _validate(b: RolloutBatch) -> None:

@@ -32,22 +32,26 @@ def qwen2_lora_policy(
 
     ``init_lora_weights=True`` is PEFT's standard init (B = 0: the adapter starts as a
     no-op); ``False`` makes both factors random, so every LoRA tensor matters at once.
+    ``seed``: initialise under a forked RNG seeded with it (the caller's global RNG is
+    left as it was); None draws from the global RNG.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if seed is not None:
-        torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=4096, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
-    with torch.device(device):
-        base = Qwen2ForCausalLM(config)
-    base.generation_config.eos_token_id = eos_token_id
-    base.generation_config.bos_token_id = None
     lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(lora_targets),
                       init_lora_weights=init_lora_weights)
-    return get_peft_model(base, lora).to(device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.device(device):
+            base = Qwen2ForCausalLM(config)
+        base.generation_config.eos_token_id = eos_token_id
+        base.generation_config.bos_token_id = None
+        model = get_peft_model(base, lora)
+    return model.to(device=device, dtype=dtype)

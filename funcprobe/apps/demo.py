@@ -15,24 +15,29 @@ its entropy).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
-from .logprobs import sequence_logprobs
-from .models import qwen2_lora_policy
-from .probe import EntropyPrediction, EntropyProbe
-from .rollout_files import group_advantages
-from .rollouts import RolloutBatch
-from .surrogates import policy_gradient_surrogate
+from ..errors import SettingsError
+
+from ..api import EntropyProbe
+from ..core.logprobs import sequence_logprobs
+from ..core.objectives import policy_gradient_surrogate
+from ..core.rollouts import RolloutBatch
+from ..core.statistics import EntropyPrediction
+from ..io.rollout_files import group_advantages
+from ..settings import ProbeSettings
+from ..validation.models import qwen2_lora_policy
 
 PAD, EOS = 0, 1
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults finish in well under a minute on 2 CPU cores)."""
+    """Sizes of the demo (defaults finish in well under a minute on 2 CPU cores) and the
+    probe's settings (``probe``; the command line generates its flags from both)."""
 
     prompts: int = 32
     group_size: int = 8
@@ -43,11 +48,27 @@ class DemoConfig:
     hidden: int = 128
     layers: int = 4
     lora_rank: int = 8
-    direction: str = "adam_step"
-    weighting: str = "dr_grpo"
-    mode: str = "jvp"
-    batch_size: int = 8
     seed: int = 0
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "probe":
+                if not isinstance(value, ProbeSettings):
+                    raise SettingsError(f"probe: expected a ProbeSettings, got {type(value).__name__}")
+            elif f.name == "lr":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                    raise SettingsError(f"lr: expected a finite number > 0, got {value!r}")
+            elif f.name == "seed":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise SettingsError(f"seed: expected an int, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if f.name == "train_steps" else 1):
+                raise SettingsError(f"{f.name}: expected an int >= {0 if f.name == 'train_steps' else 1}, got {value!r}")
+        if self.vocab < 8:
+            raise SettingsError(f"vocab: the demo needs at least 8 token ids, got {self.vocab}")
+        if self.prompts < 2 or self.group_size < 2:
+            raise SettingsError("prompts, group_size: the prediction needs at least 2 prompts and 2 responses each")
 
 
 def build_policy(cfg: DemoConfig) -> nn.Module:
@@ -101,7 +122,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DemoCon
         batch = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
         optimizer.zero_grad(set_to_none=True)
         S = sequence_logprobs(model, params, batch)
-        loss = -policy_gradient_surrogate(S, batch, cfg.weighting).mean()
+        loss = -policy_gradient_surrogate(S, batch, cfg.probe.weighting).mean()
         loss.backward()
         optimizer.step()
         mean_rewards.append(float(_batch_rewards(batch).mean()))
@@ -131,7 +152,12 @@ class DemoResult:
 def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     """Run the whole demo and return its numbers (``format_report`` renders them)."""
     cfg = cfg or DemoConfig()
-    torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.manual_seed(cfg.seed)
+        return _run(cfg)
+
+
+def _run(cfg: DemoConfig) -> DemoResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -145,17 +171,17 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     E = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
     U = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
     seconds["sample E and U"] = time.perf_counter() - t
-    probe = EntropyProbe(model, optimizer, direction=cfg.direction, weighting=cfg.weighting,
-                         batch_size=cfg.batch_size, mode=cfg.mode)
+    probe = EntropyProbe(model, optimizer, settings=cfg.probe)
     prediction = probe.predict(E, U)
-    seconds["probe: update direction"] = prediction.seconds["direction"]
-    seconds[f"probe: s over E ({cfg.mode})"] = prediction.seconds["probe"]
+    seconds["probe: update direction"] = prediction.seconds["step"]
+    seconds[f"probe: s over E ({cfg.probe.mode})"] = prediction.seconds["probe"]
     return DemoResult(prediction, seconds, train_rewards, E, U, cfg)
 
 
 def format_report(res: DemoResult) -> str:
     """A plain-text report of the demo."""
-    p, r, cfg = res.prediction, res.prediction.result, res.config
+    p = r = res.prediction
+    cfg = res.config
     s = r.s
     lo, hi = r.ci95
     lines = [
@@ -164,10 +190,10 @@ def format_report(res: DemoResult) -> str:
         f"  warm-up      {cfg.train_steps} AdamW steps, mean reward per step {', '.join(f'{x:.3f}' for x in res.train_rewards)}",
         f"  E            B = {r.num_prompts} prompts x G = {res.E.group_size} responses, T = {res.E.seq_len} columns",
         f"  U            B = {p.num_update_prompts} prompts x G = {res.U.group_size} responses",
-        f"  step         direction {p.direction}, lr {r.lr:g}, weighting {r.weighting}, ||muY|| = {p.mu_y_norm:.4g}",
+        f"  step         {p.step}, lr {r.lr:g}, weighting {r.weighting}, ||muY|| = {p.step_norm:.4g}",
         f"  s[n]         mean {float(s.mean()):+.6g}  std {float(s.std()):.6g}  min {float(s.min()):+.6g}  max {float(s.max()):+.6g}",
         f"  predicted dH {r.delta_h:+.6e} nats   (lr * mean s, mode {r.mode})",
-        f"  SE_E         {r.se_e:.6e} nats   (conditional on U)",
+        f"  SE_E         {r.se:.6e} nats   (conditional on U)",
         f"  95% interval [{lo:+.6e}, {hi:+.6e}] nats",
         "  wall time",
     ]

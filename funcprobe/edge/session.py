@@ -1,8 +1,8 @@
 """The probe's side-effect boundary: enter a clean probing state, leave no trace.
 
 ``probe_session`` wraps every probe computation. Inside it the PEFT adapter being
-probed is active (SPEC failure 2), dropout is off (``eval()``; switchable), attention
-runs in a differentiable implementation (failure 8) and an outer
+probed is active (docs/failure-modes.md, failure 2), dropout is off (``eval()``;
+switchable), attention runs in a differentiable implementation (failure 8) and an outer
 ``torch.inference_mode()`` is suspended (failure 3; ``torch.func`` transforms already
 ignore an outer ``no_grad``). On exit the train/eval flag of every submodule, the
 active adapter, ``requires_grad`` flags, the attention implementation and HF's
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .attention import probe_attention
 from .registry import ParamRegistry, adapter_activated
-from .rollouts import RolloutBatch
+from ..core.rollouts import RolloutBatch
 
 
 @contextlib.contextmanager

@@ -1,33 +1,38 @@
-"""Figures for a probe report (matplotlib, written to PNG files)."""
+"""Figures for a probe report (matplotlib, written to PNG files).
+
+Figures are built as ``matplotlib.figure.Figure`` objects and written through the Agg
+canvas directly: the caller's pyplot state and backend are never touched (inline
+plots in notebooks keep working).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .variance import ConditionalVariance
+from ..core.statistics import EntropyPrediction
 
 
-def plot_probe(result: ConditionalVariance, path: str | Path, *, title: str | None = None) -> Path:
+def plot_probe(result: EntropyPrediction, path: str | Path, *, title: str | None = None) -> Path:
     """Two panels: the distribution of η·s[n] with δH and its 95% interval, and the
     per-prompt contributions η·s[n]/B to δH (sorted) with their running sum.
 
     Raises ``ImportError`` with the install hint when matplotlib is missing.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - matplotlib is in the plots/test extras
         raise ImportError("plots need matplotlib: pip install 'funcprobe[plots]'") from err
 
     lr, B = result.lr, result.num_prompts
     scaled = (result.s * lr).tolist()
     lo, hi = result.ci95
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.hist(scaled, bins=max(10, min(60, len(scaled) // 2)), color="#4c72b0", alpha=0.75)
     ax1.axvline(result.delta_h, color="k", lw=1.5, label=f"δH = η·mean s = {result.delta_h:+.3e}")
-    ax1.axvspan(lo, hi, color="orange", alpha=0.3, label=f"95% interval ±{1.96 * result.se_e:.2e}")
+    ax1.axvspan(lo, hi, color="orange", alpha=0.3, label=f"95% interval ±{1.96 * result.se:.2e}")
     ax1.axvline(0.0, color="gray", lw=0.8, ls=":")
     ax1.set_xlabel("η · s[n]  (nats, per prompt)")
     ax1.set_ylabel("prompts")
@@ -40,9 +45,8 @@ def plot_probe(result: ConditionalVariance, path: str | Path, *, title: str | No
     ax2.set_xlabel("prompts, sorted by contribution")
     ax2.set_ylabel("η · s[n] / B  (nats)")
     ax2.legend(fontsize=8)
-    fig.suptitle(title or f"predicted entropy change δH = {result.delta_h:+.3e} ± {result.se_e:.1e} (SE_E), B = {B}")
+    fig.suptitle(title or f"predicted entropy change δH = {result.delta_h:+.3e} ± {result.se:.1e} (SE_E), B = {B}")
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out

@@ -21,14 +21,14 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .exact import exact_entropy
-from .guards import as_normal_batch, probe_session
-from .logprobs import sequence_logprobs
-from .pytree import ParamTree, check_like
-from .registry import ParamRegistry, ParamSelection
-from .rollouts import RolloutBatch
-from .surrogates import check_weighting, weighted_logprobs
-from .variance import as_registry
+from ..core.exact import exact_entropy
+from ..core.logprobs import sequence_logprobs
+from ..core.objectives import weighted_logprobs
+from ..core.pytree import ParamTree, check_like
+from ..core.rollouts import RolloutBatch
+from ..edge.registry import ParamRegistry
+from ..edge.session import as_normal_batch, probe_session
+from ..settings import ParamSelection, ProbeSettings
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,12 @@ def exact_entropy_change(
     adapter: str | None = None,
 ) -> EntropyChange:
     """Exact ΔH_w per prompt of ``enumeration`` (``funcprobe.exact.enumeration_batch``)."""
-    check_weighting(weighting)
-    registry = as_registry(model, params, adapter)
+    registry = _registry(model, weighting, params, adapter)
     theta1 = stepped_params(registry, direction, lr)
     with probe_session(registry):
         kw = dict(weighting=weighting, max_len=max_len)
-        h0 = exact_entropy(registry.module, registry.merged(registry.trainable), enumeration, **kw).detach()
-        h1 = exact_entropy(registry.module, registry.merged(theta1), enumeration, **kw).detach()
+        h0 = exact_entropy(registry.module, registry.params(registry.trainable), enumeration, **kw).detach()
+        h1 = exact_entropy(registry.module, registry.params(theta1), enumeration, **kw).detach()
     d = (h1 - h0).double()
     return EntropyChange(float(d.mean()), 0.0, d, "exact")
 
@@ -91,17 +90,22 @@ def sampled_entropy_change(
 
     Raises ``ValueError`` for B < 2 (no standard error) and the ``muY`` checks.
     """
-    check_weighting(weighting)
+    registry = _registry(model, weighting, params, adapter)
     if E.num_prompts < 2:
         raise ValueError(f"E: the importance-sampling standard error needs at least 2 prompts, got {E.num_prompts}")
-    registry = as_registry(model, params, adapter)
     theta1 = stepped_params(registry, direction, lr)
     E = as_normal_batch(E, registry.device)
     with probe_session(registry), torch.no_grad():
-        S0 = sequence_logprobs(registry.module, registry.merged(registry.trainable), E).double()
-        S1 = sequence_logprobs(registry.module, registry.merged(theta1), E).double()
+        S0 = sequence_logprobs(registry.module, registry.params(registry.trainable), E).double()
+        S1 = sequence_logprobs(registry.module, registry.params(theta1), E).double()
     w = torch.softmax(S1 - S0, dim=-1)
     h1 = -(w * weighted_logprobs(S1, E, weighting)).sum(-1)
     h0 = -weighted_logprobs(S0, E, weighting).mean(-1)
     d = h1 - h0
     return EntropyChange(float(d.mean()), float(d.std()) / math.sqrt(len(d)), d, "snis")
+
+
+def _registry(model: nn.Module | ParamRegistry, weighting: str, params: ParamSelection,
+              adapter: str | None) -> ParamRegistry:
+    """The registry of ``model``, with ``weighting`` and the selection checked by ``ProbeSettings``."""
+    return ParamRegistry.from_settings(model, ProbeSettings(weighting=weighting, params=params, adapter=adapter))

@@ -11,19 +11,24 @@ Each rank holds its own shard of E and U (uneven, possibly empty). Collectives:
 Every error that depends on data of several ranks is decided after a collective, so all
 ranks raise it together instead of some of them waiting forever. A handshake first
 checks that all ranks probe the same parameter registry (names and sizes) with the
-same settings. FSDP-sharded models are refused at the entry (``refuse_fsdp``).
+same settings. FSDP-sharded models are refused by the registry (``refuse_fsdp``).
+
+``Communicator`` bundles these for one group, and is a no-op without one, so the
+library's orchestration (``funcprobe.api``) reads the same with and without ranks.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch import distributed as dist
 
-from .pytree import ParamTree
+from ..core.pytree import ParamTree
+from ..errors import RankMismatchError
 
 
 def resolve_group(process_group: object | None) -> object | None:
@@ -56,7 +61,7 @@ def collective_device(group: object, fallback: torch.device) -> torch.device:
 def handshake(group: object, names: Sequence[str], numel: int, settings: Sequence[float]) -> None:
     """Check that every rank probes the same registry with the same settings.
 
-    Raises ``RuntimeError`` on every rank (together) when they differ.
+    Raises ``RankMismatchError`` (a ``RuntimeError``) on every rank together when they differ.
     """
     key = float(zlib.crc32("\n".join(names).encode()))
     local = torch.tensor([key, float(len(names)), float(numel), *map(float, settings)], dtype=torch.float64)
@@ -66,9 +71,9 @@ def handshake(group: object, names: Sequence[str], numel: int, settings: Sequenc
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(lo, hi):
         what = ["parameter names", "number of parameters", "parameter sizes"]
-        bad = [what[i] if i < 3 else "settings (lr / weighting / direction / mode)" for i in range(len(local))
+        bad = [what[i] if i < 3 else "settings (lr / step / weighting / mode)" for i in range(len(local))
                if bool(lo[i] != hi[i])]
-        raise RuntimeError(
+        raise RankMismatchError(
             f"process_group: the {dist.get_world_size(group)} ranks disagree on {sorted(set(bad))}; every rank "
             "must call the probe on the same model (same params/adapter selection) with the same settings"
         )
@@ -112,25 +117,30 @@ def all_gather_varlen(s: Tensor, group: object) -> Tensor:
     return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)]).to(s.device)
 
 
-def refuse_fsdp(model: nn.Module) -> None:
-    """Raise ``NotImplementedError`` for FSDP (FSDP1 wrapper or FSDP2 ``fully_shard``) models.
+@dataclass(frozen=True)
+class Communicator:
+    """The collectives of one probe call over ``group``; identity operations when None."""
 
-    Their parameters are shards (flat parameters or ``DTensor``s) that are all-gathered by
-    forward hooks; forward-mode AD and ``functional_call`` over such shards are not
-    supported by torch. Probe an unsharded replica instead (see the README).
-    """
-    sharded = type(model).__name__ in ("FullyShardedDataParallel",) or type(model).__name__.startswith("FSDP")
-    if not sharded:
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover
-            DTensor = ()  # type: ignore[assignment]
-        sharded = any(isinstance(p, DTensor) for p in model.parameters()) if DTensor else False
-    if sharded:
-        raise NotImplementedError(
-            "model: FSDP-sharded models are not supported by the probe (forward-mode AD and functional_call "
-            "cannot run over FSDP's parameter shards). Gather a full state dict "
-            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-            "options=StateDictOptions(full_state_dict=True))) into an unsharded replica of the model (with its "
-            "PEFT adapter) and probe that, each rank with its own shard of E and U and the same process group"
-        )
+    group: object | None = None
+
+    @classmethod
+    def for_group(cls, process_group: object | None) -> "Communicator":
+        """``Communicator(resolve_group(process_group))``."""
+        return cls(resolve_group(process_group))
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def handshake(self, names: Sequence[str], numel: int, settings: Sequence[float]) -> None:
+        if self.group is not None:
+            handshake(self.group, names, numel, settings)
+
+    def sum_tree(self, tree: Mapping[str, Tensor]) -> ParamTree:
+        return all_reduce_sum_tree(tree, self.group) if self.group is not None else dict(tree)
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        return all_reduce_float64(values, self.group) if self.group is not None else [float(v) for v in values]
+
+    def gather(self, s: Tensor) -> Tensor:
+        return all_gather_varlen(s, self.group) if self.group is not None else s

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from .rollouts import RolloutBatch
+from ..core.rollouts import RolloutBatch
 
 SCALE_REWARDS = ("group", "none")
 

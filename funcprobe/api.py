@@ -1,0 +1,299 @@
+"""The library's entry points: the pure core run inside the edge, settings checked once.
+
+``update_direction`` turns an update batch U and an optimizer into μY;
+``conditional_variance`` gives every s[n] over an evaluation batch E along μY and the
+prediction δH ± SE; ``EntropyProbe.predict(E, U)`` chains both.
+
+Each entry point does the same four things, in this order, and nothing else:
+
+1. settings: ``ProbeSettings.resolve`` checks every option once (bad input is
+   refused here, before any forward);
+2. edge: the registry, the optimizer's step map, the communicator and the probe
+   session (``funcprobe.edge``);
+3. core: ``Objective.on_logprobs`` composes LX or J with the registry's pure S(θ, batch),
+   and a transform of ``funcprobe.core.transforms`` evaluates it;
+4. statistics (``funcprobe.core.statistics``), reduced over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .core.objectives import entropy_objective, policy_gradient_objective
+from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
+from .core.rollouts import RolloutBatch, check_rollouts
+from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
+from .core.transforms import directional_derivatives, summed_gradient
+from .edge.distributed import Communicator
+from .edge.optim import check_adam, optimizer_lr, step_map
+from .edge.progress import chunk_progress
+from .edge.registry import ParamRegistry
+from .edge.session import as_normal_batch, as_normal_tensor, probe_session
+from .errors import NoSignalError, SettingsError, StaleProbeError
+from .settings import ProbeSettings
+
+
+def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
+                     optimizer: torch.optim.Optimizer | None = None, settings: ProbeSettings | None = None,
+                     **options: Any) -> ParamTree:
+    """μY = P(∇θ mean_{n∈U} J[n]), the step per unit learning rate (θ ← θ + η·μY).
+
+    Args:
+        model: ``nn.Module`` (HF / PEFT, possibly DDP-wrapped) or a ``ParamRegistry``.
+        U: update rollouts with ``advantages`` ``[B_U, G]``; a data-parallel rank's shard
+            may be empty (``RolloutBatch.empty``).
+        optimizer: ``torch.optim.Adam``/``AdamW`` for ``step="frozen_adam"``/``"adam_step"``
+            (read only).
+        settings, **options: a ``ProbeSettings`` and/or its fields as keywords (``step``,
+            ``weighting``, ``chunk_size``, ``params``, ``adapter``,
+            ``allow_identity_fallback``, ``keep_dropout``, ``process_group``, ...). With
+            ranks, the gradient sum and the prompt count are all-reduced before dividing
+            and preconditioning, so every rank gets the global μY.
+
+    Returns:
+        name→tensor, the registry's trainable names, float32 or wider.
+
+    Raises:
+        SettingsError (``ValueError``): a bad setting, named.
+        ValueError: U without advantages, missing optimizer or optimizer state, no
+            prompts on any rank.
+        NoSignalError (``ValueError``): μY is zero everywhere (all advantages 0?).
+        TypeError: a non-Adam optimizer for an Adam step; a keyword that is no setting.
+        KeyError: probed parameters in no param group of the optimizer.
+        UnsupportedModelError (``NotImplementedError``): an FSDP-sharded model.
+        RankMismatchError (``RuntimeError``): ranks that disagree on registry or settings.
+    """
+    settings = ProbeSettings.resolve(settings, options, caller="update_direction")
+    check_rollouts(U, "U").require_advantages("U")
+    if settings.step != "sgd":
+        check_adam(optimizer, settings)
+    registry = ParamRegistry.from_settings(model, settings)
+    return _update_direction(registry, U, optimizer, settings)
+
+
+def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
+                      settings: ProbeSettings) -> ParamTree:
+    comm = Communicator.for_group(settings.process_group)
+    comm.handshake(registry.names, registry.numel(), settings.code()[:2])
+    step = step_map(settings, optimizer, registry)
+    U = as_normal_batch(U, registry.device)
+    f = policy_gradient_objective(settings.weighting).on_logprobs(registry.logprob_fn())
+    gradient_sum = summed_gradient(f, chunk_size=settings.chunk_size)
+    with probe_session(registry, keep_dropout=settings.keep_dropout):
+        total = gradient_sum(registry.trainable, U)
+    total = comm.sum_tree(total)
+    (count,) = comm.sum_floats([float(U.num_prompts)])
+    if count == 0:
+        raise ValueError("U: there are no update prompts (on any rank)")
+    gradient = tree_map(lambda t: t / count, total)
+    mu = step(gradient)
+    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
+        raise NoSignalError(
+            f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
+            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
+        )
+    return mu
+
+
+def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
+                  settings: ProbeSettings | None = None, **options: Any) -> Tensor:
+    """Every per-prompt s[n] = ⟨∇θ LX[n], μY⟩ of E, ``[B]`` float64 (nats per unit lr).
+
+    The arguments, checks and errors are those of ``conditional_variance`` without
+    ``lr``, for any B ≥ 1, in this process only (no collectives).
+    """
+    settings = ProbeSettings.resolve(settings, options, caller="probe_scalars")
+    check_rollouts(E, "E")
+    registry = ParamRegistry.from_settings(model, settings)
+    s = _local_scalars(registry, E, muY, settings)
+    check_scalars(s, scalar_counts(s))
+    return s
+
+
+def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
+                         lr: float, settings: ProbeSettings | None = None, **options: Any) -> EntropyPrediction:
+    """Every s[n] over the evaluation batch E along μY, and δH with its E-conditional SE.
+
+    Args:
+        model: an ``nn.Module`` (HF / PEFT, possibly DDP-wrapped) or a ``ParamRegistry``.
+        E: evaluation rollouts, B ≥ 2 prompts × G ≥ 2 responses (across all ranks when
+            distributed; a rank's shard may be empty, ``RolloutBatch.empty``).
+        muY: name→tensor update direction per unit learning rate (``update_direction``),
+            with exactly the registry's names and shapes; cast to each parameter's
+            dtype and device.
+        lr: η > 0, the learning rate of the step (a real number: float, int, numpy
+            scalar or 0-d tensor).
+        settings, **options: a ``ProbeSettings`` and/or its fields as keywords
+            (``weighting``, ``mode``, ``chunk_size``, ``params``, ``adapter``,
+            ``keep_dropout``, ``process_group``, ``gather_s``, ``progress``).
+
+    Returns:
+        ``EntropyPrediction`` (``delta_h``, ``se``, ``ci95``, ``s``, ``mean_s``, ...); the
+        statistics are global, ``s`` is this rank's unless ``gather_s``.
+
+    Raises:
+        SettingsError (``ValueError``): a bad setting or ``lr``, named.
+        KeyError: μY names missing from or unknown to the registry (listed).
+        ValueError: μY shapes or non-finite values (listed), B < 2 (over all ranks).
+        NoSignalError (``ValueError``): μY identically zero.
+        TypeError: E is not a ``RolloutBatch``; a keyword that is no setting.
+        UnsupportedModelError (``NotImplementedError``): an FSDP-sharded model.
+        NonFiniteError, UnreachableDirectionError, RankMismatchError (``RuntimeError``):
+            non-finite s (prompts listed), every s exactly 0, ranks that disagree;
+            raised on every rank together.
+    """
+    settings = ProbeSettings.resolve(settings, options, caller="conditional_variance")
+    lr = check_lr(lr)
+    check_rollouts(E, "E")
+    registry = ParamRegistry.from_settings(model, settings)
+    return _conditional_variance(registry, E, muY, lr, settings)
+
+
+def _conditional_variance(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], lr: float,
+                          settings: ProbeSettings) -> EntropyPrediction:
+    comm = Communicator.for_group(settings.process_group)
+    if not comm.distributed and E.num_prompts < 2:
+        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
+    comm.handshake(registry.names, registry.numel(), [lr, *settings.code()[1:]])
+    s = _local_scalars(registry, E, muY, settings)
+    totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
+    check_scalars(s, totals[2:])
+    if settings.gather_s:
+        s = comm.gather(s)
+    return EntropyPrediction.from_sums(s, totals[0], totals[1], int(totals[2]), lr=lr, mode=settings.mode,
+                                       weighting=settings.weighting)
+
+
+def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor],
+                   settings: ProbeSettings) -> Tensor:
+    """s ``[B_local]`` float64 of this rank's E along μY (checked: names, shapes, finite, non-zero)."""
+    check_like(registry.trainable, muY, "muY")
+    if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
+        raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
+    tangent = tree_map(lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY),
+                       registry.trainable)
+    E = as_normal_batch(E, registry.device)
+    f = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
+    derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=settings.chunk_size,
+                                          wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress))
+    with probe_session(registry, keep_dropout=settings.keep_dropout):
+        return derivatives(registry.trainable, tangent, E)
+
+
+def check_lr(lr: object) -> float:
+    """``lr`` as a float: a finite real number > 0 (Python, numpy or a 0-d tensor).
+
+    Raises ``SettingsError`` naming ``lr``.
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+            raise SettingsError(f"lr: expected a real number > 0, got a tensor of shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise SettingsError(f"lr: expected a real number > 0, got {lr!r}")
+    value = float(lr)
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"lr: expected a finite number > 0, got {lr!r}")
+    return value
+
+
+class EntropyProbe:
+    """Predicts the entropy change of the next optimizer step with its standard error.
+
+    Example::
+
+        probe = EntropyProbe(peft_model, optimizer, step="adam_step")
+        pred = probe.predict(E, U)         # RolloutBatch each
+        print(pred.delta_h, pred.se, pred.ci95)
+
+    The settings are checked here, once. At each ``predict`` the probe looks at the
+    model and the optimizer as they are then: the registry is re-extracted (tensors
+    replaced by ``.to()`` or ``load_state_dict`` are seen) and the learning rate is
+    re-read from the optimizer (LR schedulers are followed). Nothing about the model,
+    its ``.grad``s or the optimizer is changed by the probe.
+
+    Args:
+        model: ``nn.Module`` (HF / PEFT, possibly DDP-wrapped).
+        optimizer: ``torch.optim.Adam``/``AdamW`` (needed for the Adam steps and to read
+            the learning rate).
+        lr: η; default: the optimizer's current learning rate for the probed parameters.
+        settings, **options: a ``ProbeSettings`` and/or its fields as keywords.
+
+    Raises:
+        SettingsError (``ValueError``): a bad setting or ``lr``; no ``lr`` and no
+            optimizer to read it from.
+        ValueError, TypeError, KeyError: an Adam step without an Adam/AdamW optimizer, an
+            optimizer that holds none of the probed parameters, and the errors of
+            ``ParamRegistry.from_model``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 lr: float | None = None, settings: ProbeSettings | None = None, **options: Any) -> None:
+        self.settings = ProbeSettings.resolve(settings, options, caller="EntropyProbe")
+        self.model = model
+        self.optimizer = optimizer
+        self._lr = None if lr is None else check_lr(lr)
+        if self.settings.step != "sgd":
+            check_adam(optimizer, self.settings)
+        registry = ParamRegistry.from_settings(model, self.settings)
+        self._layout = _layout(registry)
+        if self._lr is None:
+            if optimizer is None:
+                raise SettingsError("lr: pass the learning rate, or an optimizer to read it from")
+            optimizer_lr(optimizer, registry)
+
+    @property
+    def registry(self) -> ParamRegistry:
+        """The registry of the model as it is now (re-extracted; names and shapes checked)."""
+        registry = ParamRegistry.from_settings(self.model, self.settings)
+        layout = _layout(registry)
+        if layout != self._layout:
+            changed = sorted(set(layout.items()) ^ set(self._layout.items()))
+            raise StaleProbeError(
+                f"model: the probed parameters changed since the EntropyProbe was built ({len(changed)} "
+                f"name/shape difference(s), e.g. {[name for name, _ in changed[:4]]}); build a new EntropyProbe"
+            )
+        return registry
+
+    @property
+    def lr(self) -> float:
+        """η: the ``lr`` given at construction, else the optimizer's current learning rate."""
+        if self._lr is not None:
+            return self._lr
+        return optimizer_lr(self.optimizer, self.registry)
+
+    def update_direction(self, U: RolloutBatch) -> ParamTree:
+        """μY for the update batch U (see ``update_direction``)."""
+        check_rollouts(U, "U").require_advantages("U")
+        return _update_direction(self.registry, U, self.optimizer, self.settings)
+
+    def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
+        """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
+        check_rollouts(E, "E")
+        registry = self.registry
+        lr = self._lr if self._lr is not None else optimizer_lr(self.optimizer, registry)
+        return _conditional_variance(registry, E, muY, lr, self.settings)
+
+    def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:
+        """Predicted entropy change of the step the optimizer would take on U, measured on E."""
+        check_rollouts(E, "E")
+        check_rollouts(U, "U").require_advantages("U")
+        registry = self.registry
+        lr = self._lr if self._lr is not None else optimizer_lr(self.optimizer, registry)
+        t0 = time.perf_counter()
+        mu = _update_direction(registry, U, self.optimizer, self.settings)
+        t1 = time.perf_counter()
+        result = _conditional_variance(registry, E, mu, lr, self.settings)
+        t2 = time.perf_counter()
+        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts,
+                                {"step": t1 - t0, "probe": t2 - t1})
+
+
+def _layout(registry: ParamRegistry) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in registry.trainable.items()}

@@ -1,0 +1,145 @@
+"""Command line: ``funcprobe demo`` and ``funcprobe probe`` (also ``python -m funcprobe ...``).
+
+The probe's flags are generated from ``funcprobe.settings.ProbeSettings``
+(``add_arguments``); every user error exits with status 2 and one line
+``funcprobe <command>: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from ..settings import add_arguments, from_arguments
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    from .demo import DemoConfig
+
+    p = sub.add_parser(
+        "demo",
+        help="run the probe end to end on a Qwen2-config model with a LoRA adapter (no downloads)",
+        description="Build a Qwen2-architecture LM + LoRA from a config, train a few AdamW steps on sampled "
+        "rollouts, sample E and U, and predict the next step's entropy change with its standard error.",
+    )
+    defaults = DemoConfig()
+    for f in dataclasses.fields(DemoConfig):
+        if f.name == "probe":
+            continue
+        default = getattr(defaults, f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"(default: {default})")
+    add_arguments(p, exclude=("params", "adapter", "allow_identity_fallback"))
+    p.add_argument("--json", metavar="FILE", help="also write the prediction as JSON to FILE")
+
+
+def _probe_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="predict the entropy change of the next step for a local checkpoint and rollout files",
+        description="Load a causal LM (and a PEFT adapter) from local directories, read the evaluation batch E "
+        "and the update batch U from JSONL rollout files (schema: funcprobe.io.rollout_files), build the update "
+        "direction muY, and print the predicted entropy change of the step with its standard error SE_E.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="saved causal LM directory (config.json)")
+    p.add_argument("--adapter", metavar="DIR", help="saved PEFT adapter directory (adapter_config.json)")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, needed for text rollouts")
+    p.add_argument("--eval", required=True, metavar="E.jsonl", help="evaluation rollouts E")
+    p.add_argument("--update", required=True, metavar="U.jsonl", help="update rollouts U (rewards or advantages)")
+    p.add_argument("--optimizer-state", metavar="FILE",
+                   help="torch.save(optimizer.state_dict()) of the Adam/AdamW (needed for frozen_adam, adam_step)")
+    p.add_argument("--lr", type=float, help="learning rate eta (default: the optimizer state's)")
+    p.add_argument("--max-completion-length", type=float, metavar="LMAX", help="Lmax for dr_grpo")
+    p.add_argument("--scale-rewards", choices=["group", "none"], default="group",
+                   help="reward normalisation within each prompt's group, as TRL (default: group)")
+    add_arguments(p, exclude=("adapter",))
+    p.add_argument("--dtype", choices=["auto", "float32", "float64", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", metavar="FILE", help="write the result as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="save a figure of the s distribution and contributions")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from ..api import EntropyProbe
+    from ..io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
+    from ..io.rollout_files import read_rollouts
+
+    settings = from_arguments(args)
+    if settings.step != "sgd" and not args.optimizer_state:
+        raise ValueError(f"--optimizer-state: step {settings.step!r} needs the optimizer state file")
+    if args.optimizer_state is None and args.lr is None:
+        raise ValueError("--lr: give the learning rate (there is no optimizer state to read it from)")
+    if settings.weighting == "dr_grpo" and args.max_completion_length is None:
+        raise ValueError("--max-completion-length: weighting dr_grpo needs Lmax (or use --weighting per_token_avg)")
+    model = load_policy(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    kw = dict(tokenizer=tokenizer, max_len=args.max_completion_length, scale_rewards=args.scale_rewards)
+    E = read_rollouts(args.eval, **kw)
+    U = read_rollouts(args.update, **kw)
+    optimizer = load_optimizer_state(args.optimizer_state, model) if args.optimizer_state else None
+    probe = EntropyProbe(model, optimizer, lr=args.lr, settings=settings)
+    pred = r = probe.predict(E, U)
+    lo, hi = r.ci95
+    rows = [
+        ("model", args.model + (f" + adapter {args.adapter}" if args.adapter else "")),
+        ("E", f"B = {r.num_prompts} prompts x G = {E.group_size}"),
+        ("U", f"B = {U.num_prompts} prompts x G = {U.group_size}"),
+        ("step", f"{pred.step}, lr {r.lr:g}, weighting {r.weighting}, mode {r.mode}"),
+        ("||muY||", f"{pred.step_norm:.6g}"),
+        ("mean s", f"{r.mean_s:+.6g} nats per unit lr"),
+        ("predicted dH", f"{r.delta_h:+.6e} nats"),
+        ("SE_E", f"{r.se:.6e} nats"),
+        ("95% interval", f"[{lo:+.6e}, {hi:+.6e}] nats"),
+        ("wall time", f"step {pred.seconds['step']:.2f} s, probe {pred.seconds['probe']:.2f} s"),
+    ]
+    print("\n".join(f"{k:<14} {v}" for k, v in rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(pred.to_dict(), fh, indent=2)
+    if args.plot:
+        from .plots import plot_probe
+
+        plot_probe(r, args.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="funcprobe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
+    _probe_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    run = _run_demo if args.command == "demo" else _run_probe
+    try:
+        return run(args)
+    except (ValueError, KeyError, FileNotFoundError, TypeError, NotImplementedError, RuntimeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"funcprobe {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, format_report, run_demo
+
+    names = [f.name for f in dataclasses.fields(DemoConfig) if f.name != "probe"]
+    cfg = DemoConfig(**{n: getattr(args, n) for n in names}, probe=from_arguments(args))
+    res = run_demo(cfg)
+    print(format_report(res))
+    if args.json:
+        config = {n: getattr(cfg, n) for n in names}
+        config["probe"] = {k: v for k, v in dataclasses.asdict(cfg.probe).items() if k != "process_group"}
+        with open(args.json, "w") as fh:
+            json.dump({"config": config, **res.prediction.to_dict(), "seconds": res.seconds}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

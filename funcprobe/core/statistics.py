@@ -1,0 +1,150 @@
+"""The prediction and its E-conditional standard error, from the probe scalars s.
+
+docs/definitions.md#estimates (seed 001 §D): mean_s = Σs / B = ⟨μX, μY⟩,
+δH = η·mean_s, Var_E = η²·sample_var(s)/B from Σs, Σs², B in float64,
+SE = sqrt(Var_E), 95% interval δH ± 1.96·SE.
+
+One result vocabulary across the project: ``delta_h``, ``se``, ``ci95``,
+``per_prompt`` (each prompt's share in nats) for the prediction here, for the realized
+change (``funcprobe.validation.entropy_change.EntropyChange``) and for the
+validation studies.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError, UnreachableDirectionError
+
+#: two-sided 97.5% quantile of N(0, 1)
+Z_95 = 1.959963984540054
+
+#: deprecated attribute → current attribute
+_DEPRECATED = {"bars_dot": "mean_s", "var_e": "var", "se_e": "se", "mu_y_norm": "step_norm", "direction": "step"}
+
+
+@dataclass(frozen=True)
+class EntropyPrediction:
+    """The predicted entropy change of the next step and its E-conditional error.
+
+    Attributes:
+        s: ``[B]`` float64, s[n] = ⟨∇θ LX[n], μY⟩ (nats per unit learning rate); this
+            rank's unless ``gather_s``.
+        sum_s, sum_s2: Σ s and Σ s² over all ranks (float64).
+        num_prompts: B over all ranks.
+        lr: η, the learning rate of the step.
+        mean_s: Σs / B = ⟨μX, μY⟩ (the seeds' ``bars_dot``).
+        delta_h: predicted entropy change η·mean_s (nats, per W: docs/definitions.md#weighting).
+        var: Var_E = η²·sample_var(s)/B (nats²).
+        se: SE_E = sqrt(Var_E) (nats).
+        mode, weighting: how s was computed.
+        step: the step map of μY (``"sgd"``, ``"frozen_adam"``, ``"adam_step"``), or
+            None when μY was given by the caller.
+        step_norm: ||μY||₂ when known.
+        num_update_prompts: B_U when μY came from an update batch.
+        seconds: wall time of each phase (``"step"``, ``"probe"``) when timed.
+
+    Deprecated attribute names (``bars_dot``, ``var_e``, ``se_e``, ``mu_y_norm``,
+    ``direction``, ``result``) still read, with a ``DeprecationWarning``.
+    """
+
+    s: Tensor = field(repr=False)
+    sum_s: float
+    sum_s2: float
+    num_prompts: int
+    lr: float
+    mean_s: float
+    delta_h: float
+    var: float
+    se: float
+    mode: str
+    weighting: str
+    step: str | None = None
+    step_norm: float | None = None
+    num_update_prompts: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_sums(cls, s: Tensor, sum_s: float, sum_s2: float, num_prompts: int, *, lr: float, mode: str,
+                  weighting: str) -> "EntropyPrediction":
+        """Assemble the statistics from Σs, Σs², B. Raises ``ValueError`` if B < 2."""
+        B = int(num_prompts)
+        if B < 2:
+            raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {B}")
+        mean = sum_s / B
+        sample_var = max((sum_s2 - B * mean * mean) / (B - 1), 0.0)
+        var = lr * lr * sample_var / B
+        return cls(s=s, sum_s=float(sum_s), sum_s2=float(sum_s2), num_prompts=B, lr=float(lr), mean_s=mean,
+                   delta_h=lr * mean, var=var, se=math.sqrt(var), mode=mode, weighting=weighting)
+
+    def with_step(self, step: str, step_norm: float, num_update_prompts: int,
+                  seconds: dict[str, float]) -> "EntropyPrediction":
+        """This prediction annotated with where μY came from."""
+        return replace(self, step=step, step_norm=step_norm, num_update_prompts=num_update_prompts,
+                       seconds=dict(seconds))
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """Normal 95% interval δH ± 1.96·SE (nats)."""
+        return (self.delta_h - Z_95 * self.se, self.delta_h + Z_95 * self.se)
+
+    @property
+    def per_prompt(self) -> Tensor:
+        """``[B]`` η·s[n] (nats): each prompt's estimate; their mean is ``delta_h``."""
+        return self.s * self.lr
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict of every field, ``s`` as a list of floats, plus ``ci95``."""
+        out = {
+            "delta_h": self.delta_h, "se": self.se, "ci95": list(self.ci95), "var": self.var,
+            "mean_s": self.mean_s, "lr": self.lr, "num_prompts": self.num_prompts,
+            "sum_s": self.sum_s, "sum_s2": self.sum_s2, "mode": self.mode, "weighting": self.weighting,
+            "s": [float(x) for x in self.s.tolist()],
+        }
+        if self.step is not None:
+            out.update(step=self.step, step_norm=self.step_norm, num_update_prompts=self.num_update_prompts,
+                       seconds=dict(self.seconds))
+        return out
+
+    def __getattr__(self, name: str):
+        if name in _DEPRECATED:
+            warnings.warn(f"EntropyPrediction.{name} is deprecated; use .{_DEPRECATED[name]}", DeprecationWarning,
+                          stacklevel=2)
+            return getattr(self, _DEPRECATED[name])
+        if name == "result":
+            warnings.warn("EntropyPrediction.result is deprecated; the prediction holds every field itself",
+                          DeprecationWarning, stacklevel=2)
+            return self
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+
+def scalar_counts(s: Tensor) -> list[float]:
+    """(B, #non-finite, #non-zero) of the local s: the inputs of ``check_scalars``."""
+    return [float(s.numel()), float((~torch.isfinite(s)).sum()), float((s != 0).sum())]
+
+
+def check_scalars(s: Tensor, counts: Sequence[float]) -> None:
+    """Raise for non-finite or all-zero s, from (B, #non-finite, #non-zero) over all ranks.
+
+    Raises:
+        NonFiniteError: some s is NaN or inf (this rank's prompts listed).
+        UnreachableDirectionError: every s is exactly 0.
+    """
+    total, non_finite, non_zero = counts
+    if non_finite > 0:
+        local = (~torch.isfinite(s)).nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"probe: s is NaN or inf for {int(non_finite)} prompt(s) (here: {local[:16]}): the model produced "
+            "non-finite log-probs on real response tokens (check the inputs and the model's dtype)"
+        )
+    if total > 0 and non_zero == 0:
+        raise UnreachableDirectionError(
+            "probe: every s[n] is exactly 0: the direction does not reach the forward "
+            "(are the probed parameters used, is the adapter enabled?)"
+        )

@@ -1,0 +1,144 @@
+"""Step maps P as values: μY = P(∇θ mean_{n∈U} J[n]), the step θ ← θ + η·μY.
+
+Each step map is a small frozen value closed over what it needs (optax style): build it
+once from the optimizer's state (``funcprobe.edge.optim.step_map`` does that, reading
+``torch.optim`` by parameter name), then apply it to an ascent gradient tree. Pure: no
+optimizer objects here, only tensors and numbers.
+
+* ``sgd()``: identity;
+* ``frozen_adam(states)``: the seeds' preconditioner ``g / (sqrt(v / (1 − β2^t)) + ε)``
+  with Adam's state frozen (seed 003 "Adam preconditioning"; formerly called ``adam``);
+* ``adam_step(params, states)``: the exact next ``torch.optim.Adam``/``AdamW`` step per
+  unit learning rate (first moment, second-moment update, both bias corrections, ε
+  outside the square root, L2 or decoupled weight decay, AMSGrad;
+  docs/derivations.md#adam-step).
+
+Sign convention: the trainer minimises ``−mean J``, so the optimizer sees the gradient
+``−∇ mean J`` (with ``maximize=True`` it sees ``+∇ mean J`` and flips it, which is the
+same step). The step is therefore the ascent direction of J.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from .pytree import ParamTree
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """The hyper-parameters of the ``torch.optim`` param group that holds a parameter
+    (the learning rate is not among them: steps here are per unit learning rate)."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled_weight_decay: bool
+    amsgrad: bool
+
+
+@dataclass(frozen=True)
+class AdamState:
+    """One parameter's Adam state (``None`` fields: no state yet, i.e. step 0)."""
+
+    hyper: AdamHyper
+    step: int = 0
+    exp_avg: Tensor | None = None
+    exp_avg_sq: Tensor | None = None
+    max_exp_avg_sq: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StepMap:
+    """A step map P: ascent gradient tree → step tree per unit learning rate.
+
+    Attributes:
+        name: ``"sgd"``, ``"frozen_adam"`` or ``"adam_step"``.
+        fn: name, gradient tensor → step tensor.
+    """
+
+    name: str
+    fn: Callable[[str, Tensor], Tensor] = field(repr=False)
+
+    def __call__(self, gradient: Mapping[str, Tensor]) -> ParamTree:
+        return {n: self.fn(n, g) for n, g in gradient.items()}
+
+
+def sgd() -> StepMap:
+    """P = identity."""
+    return StepMap("sgd", lambda name, g: g)
+
+
+def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: bool = False) -> StepMap:
+    """The seeds' frozen-state Adam preconditioner for every name of ``states``.
+
+    Raises ``ValueError`` listing the parameters with no Adam state yet, unless
+    ``allow_identity_fallback`` (then P = identity for them).
+    """
+    stateless = sorted(n for n, st in states.items() if st.exp_avg_sq is None)
+    if stateless and not allow_identity_fallback:
+        raise ValueError(
+            f"optimizer: step 'frozen_adam' needs exp_avg_sq, but {len(stateless)} parameter(s) have no Adam "
+            f"state yet: {stateless[:8]}; use step='adam_step' (exact for them) or allow_identity_fallback=True"
+        )
+    states = dict(states)
+
+    def fn(name: str, g: Tensor) -> Tensor:
+        st = states[name]
+        return g if st.exp_avg_sq is None else adam_preconditioner(g, st)
+
+    return StepMap("frozen_adam", fn)
+
+
+def adam_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState]) -> StepMap:
+    """The exact next Adam/AdamW step per unit learning rate for every name of ``states``."""
+    params, states = dict(params), dict(states)
+    return StepMap("adam_step", lambda name, g: adam_step(g, params[name], states[name]))
+
+
+def adam_preconditioner(g: Tensor, state: AdamState) -> Tensor:
+    """``g / (sqrt(v / (1 − β2^t)) + ε)`` with the frozen ``exp_avg_sq`` v and ``step`` t.
+
+    Source: seed 003 (``adam_preconditioner.apply_preconditioner``),
+    docs/definitions.md#step-maps. Raises ``ValueError`` when the state has no second
+    moment yet.
+    """
+    if state.exp_avg_sq is None or state.step < 1:
+        raise ValueError("adam_preconditioner: the parameter has no Adam state yet (step 0)")
+    h = state.hyper
+    v_hat = state.exp_avg_sq.to(g.dtype) / (1.0 - h.beta2**state.step)
+    return g / (v_hat.sqrt() + h.eps)
+
+
+def adam_step(g: Tensor, param: Tensor, state: AdamState) -> Tensor:
+    """The next Adam/AdamW step per unit learning rate, (θ_new − θ) / lr, for ascent gradient g.
+
+    Mirrors ``torch.optim.Adam`` (single-tensor path, torch 2.13) fed the loss gradient
+    ``−g``: weight decay (L2 on the gradient, or decoupled ``θ ← θ(1 − lr·wd)``), the
+    moment updates, both bias corrections, ε outside the square root, AMSGrad's max.
+    Exact for parameters with no state (step 0, zero moments).
+    """
+    h = state.hyper
+    dtype = g.dtype
+    p = param.to(dtype)
+    loss_grad = -g
+    if h.weight_decay != 0 and not h.decoupled_weight_decay:
+        loss_grad = loss_grad + h.weight_decay * p
+    m_prev = torch.zeros_like(g) if state.exp_avg is None else state.exp_avg.to(dtype)
+    v_prev = torch.zeros_like(g) if state.exp_avg_sq is None else state.exp_avg_sq.to(dtype)
+    t = state.step + 1
+    m = h.beta1 * m_prev + (1.0 - h.beta1) * loss_grad
+    v = h.beta2 * v_prev + (1.0 - h.beta2) * loss_grad * loss_grad
+    if h.amsgrad:
+        v_max_prev = torch.zeros_like(g) if state.max_exp_avg_sq is None else state.max_exp_avg_sq.to(dtype)
+        v = torch.maximum(v_max_prev, v)
+    denom = v.sqrt() / (1.0 - h.beta2**t) ** 0.5 + h.eps
+    delta = -(m / (1.0 - h.beta1**t)) / denom
+    if h.weight_decay != 0 and h.decoupled_weight_decay:
+        delta = delta - h.weight_decay * p
+    return delta

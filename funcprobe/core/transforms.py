@@ -1,0 +1,117 @@
+"""The one core transform: per-prompt directional derivatives, in chunks, by jvp or vjp.
+
+Like ``torch.func``'s transforms these take a function and return a function. The
+function ``f(θ, batch) → [b]`` maps the probed parameters (a name→tensor dict) and a
+``RolloutBatch`` of b prompts to one number per prompt (LX for the probe, J for the
+update direction, the exact weighted entropy for validation, any surrogate a study
+wants). Prompts are independent, so the batch is cut into chunks of ``chunk_size``
+prompts and the results concatenated; results do not depend on the chunk size.
+
+* ``directional_derivatives(f)`` → ``(θ, tangent, batch) ↦ d/dε f(θ + ε·tangent)[n]``
+  ``[B]`` float64: ``mode="jvp"``: one ``torch.func.jvp`` per chunk (one primal plus one
+  tangent pass); ``mode="vjp"``: the seeds' α-trick, s = ∂/∂α ⟨∇θ Σ_n α_n f[n], tangent⟩
+  at α = 1, reverse over reverse (docs/definitions.md#alpha-trick).
+* ``summed_gradient(f)`` → ``(θ, batch) ↦ Σ_n ∇θ f[n]`` (float32 or wider), one
+  ``torch.func.grad`` per chunk.
+
+Pure: no module state, no collectives, no ``.grad``; the caller (``funcprobe.api``) runs
+them inside ``funcprobe.edge.session.probe_session``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from .objectives import PromptFn
+from .pytree import ParamTree, tree_map, tree_vdot
+from .rollouts import RolloutBatch
+
+#: wraps the iterable of chunk start indices (e.g. a tqdm bar); identity by default
+ChunkWrapper = Callable[[Iterable[int], int], Iterable[int]]
+
+
+def _plain(starts: Iterable[int], total: int) -> Iterable[int]:
+    return starts
+
+
+def directional_derivatives(
+    f: PromptFn, *, mode: str = "jvp", chunk_size: int = 8, wrap: ChunkWrapper = _plain
+) -> Callable[[ParamTree, Mapping[str, Tensor], RolloutBatch], Tensor]:
+    """Return ``(theta, tangent, batch) ↦ [B]`` float64 directional derivatives of ``f``.
+
+    Args:
+        f: ``f(theta, batch) → [b]``, pure in ``theta``.
+        mode: ``"jvp"`` (forward mode) or ``"vjp"`` (α-trick, reverse over reverse).
+        chunk_size: prompts per call of ``f``.
+        wrap: ``wrap(starts, total)`` wraps the chunk loop (progress bars).
+
+    The returned function's ``tangent`` must have ``theta``'s names, shapes, dtypes and
+    devices. An empty batch (B = 0, an empty data-parallel shard) gives an empty result.
+    Raises ``ValueError`` for an unknown ``mode``.
+    """
+    if mode not in ("jvp", "vjp"):
+        raise ValueError(f"mode: expected 'jvp' or 'vjp', got {mode!r}")
+
+    def derivatives(theta: ParamTree, tangent: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
+        out = []
+        for start in wrap(range(0, batch.num_prompts, chunk_size), -(-batch.num_prompts // chunk_size)):
+            chunk = batch.select(start, min(start + chunk_size, batch.num_prompts))
+
+            def f_chunk(t: ParamTree) -> Tensor:
+                return f(t, chunk)
+
+            if mode == "jvp":
+                _, d = jvp(f_chunk, (theta,), (dict(tangent),))
+            else:
+                d = _alpha_trick(f_chunk, theta, tangent, chunk.num_prompts)
+            out.append(d.detach().to(torch.float64))
+        if not out:
+            device = next(iter(theta.values())).device
+            return torch.zeros(0, dtype=torch.float64, device=device)
+        return torch.cat(out)
+
+    return derivatives
+
+
+def summed_gradient(
+    f: PromptFn, *, chunk_size: int = 8, wrap: ChunkWrapper = _plain
+) -> Callable[[ParamTree, RolloutBatch], ParamTree]:
+    """Return ``(theta, batch) ↦ Σ_n ∇θ f(theta, batch)[n]`` as name→tensor.
+
+    The sum (not the mean) so that data-parallel ranks can all-reduce it with their
+    prompt counts; zeros for an empty batch. Accumulated in float32 or wider.
+    """
+
+    def total(theta: ParamTree, chunk: RolloutBatch) -> Tensor:
+        return f(theta, chunk).sum()
+
+    grad_total = grad(total)
+
+    def summed(theta: ParamTree, batch: RolloutBatch) -> ParamTree:
+        acc = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
+        for start in wrap(range(0, batch.num_prompts, chunk_size), -(-batch.num_prompts // chunk_size)):
+            g = grad_total(theta, batch.select(start, min(start + chunk_size, batch.num_prompts)))
+            acc = tree_map(lambda a, t: a + t.to(a.dtype), acc, g)
+        return acc
+
+    return summed
+
+
+def _alpha_trick(f_chunk: Callable[[ParamTree], Tensor], theta: ParamTree, tangent: Mapping[str, Tensor],
+                 k: int) -> Tensor:
+    """s = ∂/∂α ⟨∇θ Σ_n α_n f[n](θ), tangent⟩ at α = 1, by ``vjp`` over ``vjp``."""
+
+    def h(alpha: Tensor) -> Tensor:
+        _, pull = vjp(lambda t: (alpha * f_chunk(t)).sum(), theta)
+        (g,) = pull(torch.ones((), dtype=alpha.dtype, device=alpha.device))
+        return tree_vdot(g, tangent)
+
+    ref = next(iter(theta.values()))
+    alpha = torch.ones(k, dtype=torch.promote_types(ref.dtype, torch.float32), device=ref.device)
+    value, pull_h = vjp(h, alpha)
+    (s,) = pull_h(torch.ones((), dtype=value.dtype, device=value.device))
+    return s

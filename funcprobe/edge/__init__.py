@@ -1,0 +1,11 @@
+"""The side-effect edge: everything that touches live objects, restored after use.
+
+| module | concept |
+| --- | --- |
+| ``registry`` | ``ParamRegistry``: the canonical module (accelerate's unwrapping, FSDP refusal), the adapter, name→tensor pytrees, the pure S(θ, batch) handed to the core |
+| ``session`` | ``probe_session``: modes, adapter, attention, inference mode, input-require-grads hooks, all restored |
+| ``attention`` | a differentiable attention implementation for the probe's forwards |
+| ``optim`` | reads a live ``torch.optim.Adam``/``AdamW`` by name into the core's step maps |
+| ``distributed`` | ``Communicator``: handshake, all-reduce, gather over ``torch.distributed`` |
+| ``progress`` | tqdm bars and the ``funcprobe`` logger |
+"""

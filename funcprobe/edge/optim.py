@@ -1,0 +1,131 @@
+"""The optimizer edge: read a live ``torch.optim.Adam``/``AdamW`` by parameter name.
+
+``torch.optim`` keys its state by parameter object; this is the only module that
+touches those objects (read-only, no copies). It turns them into the pure values of
+``funcprobe.core.steps`` (``AdamState`` per name, a ``StepMap``), keyed by the
+registry's names, never by ``id()`` (docs/failure-modes.md, failure 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..core.steps import AdamHyper, AdamState, StepMap, adam_step_map, frozen_adam, sgd
+from ..settings import ProbeSettings
+from .registry import ParamRegistry
+
+ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(optimizer, ADAM_TYPES) or not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def check_adam(optimizer: object, settings: ProbeSettings) -> torch.optim.Optimizer:
+    """The unwrapped Adam/AdamW ``optimizer``, checked against ``settings.step``.
+
+    Raises:
+        ValueError: no optimizer for a step that needs one.
+        TypeError: an optimizer other than ``torch.optim.Adam``/``AdamW``.
+    """
+    if optimizer is None:
+        raise ValueError(f"optimizer: step={settings.step!r} needs the torch.optim.Adam/AdamW optimizer")
+    inner = unwrap_optimizer(optimizer)
+    if not isinstance(inner, ADAM_TYPES):
+        raise TypeError(
+            f"optimizer: expected torch.optim.Adam or AdamW for step={settings.step!r}, got {type(inner).__name__}"
+        )
+    return inner
+
+
+def read_adam_state(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> dict[str, AdamState]:
+    """Name→``AdamState`` for the registry's trainable parameters (read-only, no copies).
+
+    Wrappers (accelerate) are looked through.
+
+    Raises:
+        TypeError: an optimizer other than ``torch.optim.Adam``/``AdamW``.
+        KeyError: probed parameters that are in no param group of ``optimizer`` (listed).
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    if not isinstance(optimizer, ADAM_TYPES):
+        raise TypeError(f"optimizer: expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    group_of: dict[Tensor, dict] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            group_of[p] = group
+    live = registry.live_parameters()
+    missing = [n for n, p in live.items() if p not in group_of]
+    if missing:
+        raise KeyError(
+            f"optimizer: {len(missing)} of the {len(live)} probed parameter(s) are in no param group of the "
+            f"optimizer: {missing[:8]}"
+        )
+    out: dict[str, AdamState] = {}
+    for name, p in live.items():
+        group = group_of[p]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        hyper = AdamHyper(
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled_weight_decay=bool(
+                group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+            ),
+            amsgrad=bool(group.get("amsgrad", False)),
+        )
+        st = optimizer.state.get(p, {})
+        if "exp_avg_sq" in st:
+            out[name] = AdamState(
+                hyper=hyper,
+                step=int(st["step"]),
+                exp_avg=st["exp_avg"].detach(),
+                exp_avg_sq=st["exp_avg_sq"].detach(),
+                max_exp_avg_sq=st["max_exp_avg_sq"].detach() if "max_exp_avg_sq" in st else None,
+            )
+        else:
+            out[name] = AdamState(hyper=hyper)
+    return out
+
+
+def step_map(settings: ProbeSettings, optimizer: torch.optim.Optimizer | None,
+             registry: ParamRegistry) -> StepMap:
+    """The ``StepMap`` of ``settings.step`` for the registry's parameters, read from ``optimizer``.
+
+    Raises the errors of ``check_adam``, ``read_adam_state`` and
+    ``funcprobe.core.steps.frozen_adam``.
+    """
+    if settings.step == "sgd":
+        return sgd()
+    states = read_adam_state(check_adam(optimizer, settings), registry)
+    if settings.step == "frozen_adam":
+        return frozen_adam(states, allow_identity_fallback=settings.allow_identity_fallback)
+    return adam_step_map(registry.trainable, states)
+
+
+def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> float:
+    """The learning rate the optimizer uses now for the registry's parameters.
+
+    Raises:
+        KeyError: the optimizer holds none of the probed parameters.
+        ValueError: they sit in param groups with different learning rates (pass
+            ``lr=`` explicitly then).
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    live = set(registry.live_parameters().values())
+    lrs = {float(g["lr"]) for g in optimizer.param_groups if any(p in live for p in g["params"])}
+    if not lrs:
+        raise KeyError("optimizer: it holds none of the probed parameters (was it built for another model?)")
+    if len(lrs) != 1:
+        raise ValueError(
+            f"lr: the probed parameters are in param groups with learning rates {sorted(lrs)}; pass lr= explicitly"
+        )
+    return lrs.pop()

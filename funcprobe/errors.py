@@ -1,0 +1,40 @@
+"""Named exceptions. Each subclasses the built-in a caller would catch without funcprobe.
+
+Callers that need to tell "this batch carries nothing to predict" from "the probe is
+mis-set" catch the specific class (the TRL integration catches only ``NoSignalError``
+as a reason to skip a step quietly); everything else stays catchable as before
+(``ValueError``, ``RuntimeError``, ...).
+"""
+
+from __future__ import annotations
+
+
+class SettingsError(ValueError):
+    """A setting or argument has a wrong type or value; the message names it."""
+
+
+class NoSignalError(ValueError):
+    """The update batch carries no policy-gradient signal (e.g. every advantage is 0),
+    so there is no step to probe. Raised on every data-parallel rank together."""
+
+
+class UnreachableDirectionError(RuntimeError):
+    """Every probe scalar is exactly 0: the direction does not reach the forward (the
+    probed parameters are unused, or the adapter is disabled)."""
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or inf where the probe needs finite numbers; the message lists where."""
+
+
+class RankMismatchError(RuntimeError):
+    """Data-parallel ranks disagree on the parameter registry or the settings."""
+
+
+class UnsupportedModelError(NotImplementedError):
+    """A model layout the probe cannot differentiate (e.g. FSDP-sharded parameters)."""
+
+
+class StaleProbeError(RuntimeError):
+    """A long-lived ``EntropyProbe`` found the model's probed parameters changed in a way
+    it cannot follow (names or shapes differ from those at construction)."""

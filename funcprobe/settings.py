@@ -1,0 +1,227 @@
+"""``ProbeSettings``: every option of the probe, checked once, at the edge.
+
+The library functions (``update_direction``, ``conditional_variance``,
+``probe_scalars``), ``EntropyProbe``, the command line and the TRL integration all
+build one ``ProbeSettings`` and pass it inward; nothing below re-checks an option.
+The command line's flags are generated from the fields (``add_arguments``), so the
+help text lives in one place (the ``help`` metadata of each field).
+
+Keyword arguments given to the library functions are applied on top of a
+``settings=`` object (``ProbeSettings.resolve``). Deprecated spellings keep working
+with a ``DeprecationWarning``: ``batch_size`` → ``chunk_size``, ``direction`` →
+``step``, ``step="adam"`` → ``"frozen_adam"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+from .errors import SettingsError
+
+#: step maps P (docs/definitions.md#step-maps); "adam" is the deprecated name of "frozen_adam"
+STEPS = ("sgd", "frozen_adam", "adam_step")
+#: weightings of S (docs/definitions.md#weighting)
+WEIGHTINGS = ("dr_grpo", "per_token_avg")
+#: ways to compute the probe scalars (docs/definitions.md#probe-scalar, #alpha-trick)
+MODES = ("jvp", "vjp")
+#: parameter selections besides an explicit list of names
+PARAM_SELECTIONS = ("trainable", "lora")
+
+ParamSelection = Union[str, Sequence[str]]
+
+#: deprecated keyword → current keyword
+_RENAMED = {"batch_size": "chunk_size", "direction": "step"}
+#: deprecated value of ``step`` → current value
+_RENAMED_STEPS = {"adam": "frozen_adam"}
+
+
+def _opt(default: Any, help: str, *, choices: Sequence[str] | None = None, cli: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the probe runs. Every field is checked in ``__post_init__``.
+
+    Raises:
+        SettingsError (a ``ValueError``): naming the field, what was given and what was
+            expected.
+    """
+
+    step: str = _opt(
+        "adam_step",
+        "the optimizer's step map P in muY = P(grad J): sgd (identity), frozen_adam (the seeds' "
+        "preconditioner g/(sqrt(v_hat)+eps) with Adam's state frozen; formerly 'adam'), adam_step "
+        "(the exact next Adam/AdamW step per unit learning rate)",
+        choices=STEPS,
+    )
+    weighting: str = _opt(
+        "dr_grpo",
+        "weighting of the sequence log-prob: dr_grpo (S/Lmax, needs max_len) or per_token_avg (S/|y|)",
+        choices=WEIGHTINGS,
+    )
+    mode: str = _opt(
+        "jvp",
+        "how s is computed: jvp (forward mode, memory of about one forward) or vjp (the seeds' alpha-trick, "
+        "reverse over reverse; same numbers, more memory)",
+        choices=MODES,
+    )
+    chunk_size: int = _opt(
+        8,
+        "prompts per forward (each JVP / gradient chunk holds chunk_size x G sequences); results do not "
+        "depend on it, memory grows with it",
+    )
+    params: ParamSelection = _opt(
+        "trainable",
+        "which parameters are probed: trainable (requires_grad), lora (LoRA weights of the adapter) or a "
+        "list of parameter names",
+        choices=PARAM_SELECTIONS,
+    )
+    adapter: str | None = _opt(None, "PEFT adapter to probe (default: the active one)")
+    keep_dropout: bool = _opt(False, "keep the model's train/eval modes (dropout) in the probe's forwards")
+    allow_identity_fallback: bool = _opt(
+        False, "frozen_adam: identity preconditioner for parameters without Adam state"
+    )
+    gather_s: bool = _opt(False, "data-parallel: return every rank's s, not only this rank's", cli=False)
+    progress: bool | None = _opt(None, "tqdm bar over chunks: None = only on a terminal", cli=False)
+    process_group: object | None = _opt(
+        None, "torch.distributed group to reduce over (default: WORLD when initialised with > 1 rank)", cli=False
+    )
+
+    def __post_init__(self) -> None:
+        _choice("step", self.step, STEPS)
+        _choice("weighting", self.weighting, WEIGHTINGS)
+        _choice("mode", self.mode, MODES)
+        object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
+        object.__setattr__(self, "params", _param_selection(self.params))
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise SettingsError(f"adapter: expected an adapter name (str) or None, got {self.adapter!r}")
+        for name in ("keep_dropout", "allow_identity_fallback", "gather_s"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingsError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise SettingsError(f"progress: expected True, False or None, got {self.progress!r}")
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def resolve(cls, settings: "ProbeSettings | None", options: Mapping[str, Any], *, caller: str) -> "ProbeSettings":
+        """``settings`` (default: all defaults) with the keyword ``options`` applied on top.
+
+        Translates the deprecated spellings (with a ``DeprecationWarning``) and raises
+        ``TypeError`` for a keyword that is no setting, as Python does for a function.
+        """
+        if settings is not None and not isinstance(settings, ProbeSettings):
+            raise SettingsError(f"settings: expected a ProbeSettings, got {type(settings).__name__}")
+        base = settings if settings is not None else cls()
+        if not options:
+            return base
+        known = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in options.items():
+            if key in _RENAMED:
+                warnings.warn(f"{caller}: '{key}=' is deprecated; use '{_RENAMED[key]}='", DeprecationWarning,
+                              stacklevel=3)
+                key = _RENAMED[key]
+            if key not in known:
+                raise TypeError(f"{caller}() got an unexpected keyword argument '{key}'; settings are {sorted(known)}")
+            if key in changes:
+                raise TypeError(f"{caller}() got '{key}' twice (once under a deprecated name)")
+            changes[key] = value
+        if changes.get("step") in _RENAMED_STEPS:
+            old = changes["step"]
+            warnings.warn(f"{caller}: step {old!r} is deprecated; use {_RENAMED_STEPS[old]!r}", DeprecationWarning,
+                          stacklevel=3)
+            changes["step"] = _RENAMED_STEPS[old]
+        return dataclasses.replace(base, **changes)
+
+    def code(self) -> list[float]:
+        """The settings that data-parallel ranks must share, as numbers (for the handshake)."""
+        return [float(STEPS.index(self.step)), float(WEIGHTINGS.index(self.weighting)),
+                float(MODES.index(self.mode))]
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """Add a ``--flag`` for every command-line field of ``ProbeSettings`` to ``parser``.
+
+    Flags are the field names with ``-`` for ``_``; defaults and help come from the fields.
+    ``--direction`` and ``--batch-size`` stay accepted as deprecated spellings. The names
+    added are remembered on the parser, so ``from_arguments`` reads exactly those.
+    """
+    added = []
+    for f in dataclasses.fields(ProbeSettings):
+        if not f.metadata.get("cli") or f.name in exclude:
+            continue
+        added.append(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"{f.metadata['help']} (default: {f.default})"
+        aliases = [("--" + old.replace("_", "-")) for old, new in _RENAMED.items() if new == f.name]
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=helptext)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": helptext}
+        if f.name == "chunk_size":
+            kwargs.update(type=int, metavar="N")
+        elif f.metadata.get("choices"):
+            choices = list(f.metadata["choices"])
+            if f.name == "step":
+                choices += list(_RENAMED_STEPS)
+            kwargs.update(choices=choices)
+        parser.add_argument(flag, *aliases, **kwargs)
+    parser.set_defaults(_settings_fields=tuple(added) + ("progress",))
+
+
+def from_arguments(args: argparse.Namespace, **extra: Any) -> ProbeSettings:
+    """The ``ProbeSettings`` of parsed arguments (fields added by ``add_arguments``) plus ``extra``."""
+    names = getattr(args, "_settings_fields", ())
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    step = values.get("step")
+    if step in _RENAMED_STEPS:
+        values["step"] = _RENAMED_STEPS[step]
+    return ProbeSettings(**{**values, **extra})
+
+
+# ---------------------------------------------------------------- checks
+def _choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        hint = f"; {value!r} is deprecated, write {_RENAMED_STEPS[value]!r}" if value in _RENAMED_STEPS else ""
+        raise SettingsError(f"{name}: expected one of {tuple(allowed)}, got {value!r}{hint}")
+
+
+def _positive_int(name: str, value: object) -> int:
+    """An integer ≥ 1; integer-like numbers (``numpy.int64``, 0-d integer tensors) are accepted."""
+    if isinstance(value, bool):
+        raise SettingsError(f"{name}: expected an int >= 1, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise SettingsError(f"{name}: expected an int >= 1, got {value!r}") from None
+    if number < 1:
+        raise SettingsError(f"{name}: expected an int >= 1, got {value!r}")
+    return int(number)
+
+
+def _param_selection(value: object) -> ParamSelection:
+    if isinstance(value, str):
+        if value not in PARAM_SELECTIONS:
+            raise SettingsError(
+                f"params: expected 'trainable', 'lora' or a list of parameter names, got {value!r}"
+            )
+        return value
+    try:
+        names = tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise SettingsError(
+            f"params: expected 'trainable', 'lora' or a list of parameter names, got {type(value).__name__}"
+        ) from None
+    if not names:
+        raise SettingsError("params: the explicit list of parameter names is empty")
+    if not all(isinstance(n, str) for n in names):
+        raise SettingsError("params: an explicit selection must be a sequence of str parameter names")
+    if len(set(names)) != len(names):
+        raise SettingsError("params: the explicit list of parameter names has duplicates")
+    return names
