@@ -49,7 +49,8 @@ def test_qwen2_eager_float64_left_padding_gives_no_nan():
     m = batch.attention_mask[0, 0][None]
     with torch.no_grad():
         raw = model(input_ids=batch.input_ids[0, 0][None], attention_mask=m).logits
-    assert torch.isnan(raw).any(), "precondition: this HF path produces NaN with left padding"
+    if not torch.isnan(raw).any():
+        pytest.skip("upstream fixed: HF Qwen2 eager float64 no longer returns NaN for a left-padded row")
     S = _S(model, batch)
     assert torch.isfinite(S).all()
     mu = random_direction(ParamRegistry.from_model(model))

@@ -11,7 +11,7 @@ import torch
 from funcprobe import EntropyProbe, conditional_variance
 from funcprobe.io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
 from funcprobe.io.rollout_files import group_advantages, read_rollouts, write_rollouts
-from helpers import rel_err
+from helpers import gpt2, rel_err
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]
 LMAX = 6
@@ -241,3 +241,41 @@ def test_trl_grpo_trainer_logs_the_probe(workspace, tmp_path):
             assert key in h and math.isfinite(h[key]), (key, h)
         assert h["funcprobe/ci95_low"] <= h["funcprobe/delta_h"] <= h["funcprobe/ci95_high"]
         assert h["funcprobe/se"] > 0
+
+
+def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
+    """Only a batch with no signal is a quiet skip; any other failure is logged by name
+    (and counted) instead of stopping the run, unless probe_raise=True."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from funcprobe.integrations.trl import ProbedGRPOTrainer
+    from funcprobe.settings import ProbeSettings
+
+    model = gpt2()
+    B, G, P, C = 2, 2, 3, 4
+    batch = {"prompt_ids": torch.randint(1, 30, (B * G, P)), "prompt_mask": torch.ones(B * G, P, dtype=torch.long),
+             "completion_ids": torch.randint(1, 30, (B * G, C)), "completion_mask": torch.ones(B * G, C, dtype=torch.long),
+             "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])}
+
+    def fake(optimizer, advantages=None, probe_raise=False, step="adam_step"):
+        b = dict(batch, advantages=batch["advantages"] if advantages is None else advantages)
+        return SimpleNamespace(_funcprobe_batch=b, loss_type="grpo", num_generations=G,
+                               args=SimpleNamespace(max_completion_length=C), model=model, optimizer=optimizer,
+                               probe_settings=ProbeSettings(step=step, progress=False),
+                               probe_raise=probe_raise, state=SimpleNamespace(global_step=7),
+                               _metrics={"train": defaultdict(list)})
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ok = fake(opt)
+    metrics = ProbedGRPOTrainer.run_probe(ok)
+    assert metrics is not None and all(math.isfinite(v) for v in metrics.values())
+    quiet = fake(opt, advantages=torch.zeros(4), step="sgd")
+    assert ProbedGRPOTrainer.run_probe(quiet) is None and "funcprobe/failed" not in quiet._metrics["train"]
+    broken = fake(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    with caplog.at_level("ERROR", logger="funcprobe"):
+        assert ProbedGRPOTrainer.run_probe(broken) is None
+    assert "the probe failed at step 7" in caplog.text and "TypeError" in caplog.text
+    assert broken._metrics["train"]["funcprobe/failed"] == [1.0]
+    with pytest.raises(TypeError, match="expected torch.optim.Adam or AdamW"):
+        ProbedGRPOTrainer.run_probe(fake(broken.optimizer, probe_raise=True))

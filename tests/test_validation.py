@@ -105,6 +105,7 @@ def calibration_setup():
     return model, mu
 
 
+@pytest.mark.slow
 def test_coverage_of_the_95_interval(calibration_setup):
     model, mu = calibration_setup
     res = calibration_study(model, POOL, mu, lr=0.1, vocab_size=V, response_len=L, repetitions=240,
@@ -116,6 +117,7 @@ def test_coverage_of_the_95_interval(calibration_setup):
     assert abs(summary["bias_in_se_of_mean"]) < 4, summary
 
 
+@pytest.mark.slow
 def test_biased_baseline_is_detected(calibration_setup):
     model, mu = calibration_setup
     kw = dict(lr=0.1, vocab_size=V, response_len=L, repetitions=120, prompts_per_batch=32, group_size=2, seed=2)

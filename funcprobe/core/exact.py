@@ -8,7 +8,7 @@ the V^L sequences, and
 
 with W = Lmax (``dr_grpo``) or W = L (``per_token_avg``; every response has length L).
 This is the quantity whose gradient the leave-one-out surrogate LX estimates without
-bias (SPEC "Entropy surrogate": E[∇LX] = −E[Sw ∇log π] = ∇H_w, since E[∇log π] = 0 and
+bias (docs/definitions.md#entropy-surrogate: E[∇LX] = −E[Sw ∇log π] = ∇H_w, since E[∇log π] = 0 and
 W does not depend on θ; docs/derivations.md#unbiased-surrogate). Everything here is
 pure, so ⟨∇H_w, μY⟩ is one ``funcprobe.core.transforms.directional_derivatives`` of
 ``exact_entropy_objective`` (``funcprobe.validation.studies.exact_directional_derivative``).

@@ -1,8 +1,8 @@
 """S(θ): teacher-forced sequence log-probs of the responses, as a pure function.
 
-``S[n, g](θ) = Σ_{t ∈ response} log π_θ(y_t | x_n, y_<t)`` (SPEC "Definitions").
+``S[n, g](θ) = Σ_{t ∈ response} log π_θ(y_t | x_n, y_<t)`` (docs/definitions.md#sequence-log-prob).
 
-* temperature 1: logits are never divided by a sampling temperature (SPEC failure 4,
+* temperature 1: logits are never divided by a sampling temperature (docs/failure-modes.md#4-temperature,
   seeds 001 §E and 004 §E);
 * ``position_ids = cumsum(attention_mask) - 1``, so an absolute-position model (GPT-2)
   sees the positions it had at sampling time and S does not depend on the amount of

@@ -1,7 +1,7 @@
 """Per-prompt objectives built on S: the entropy surrogate LX and the policy-gradient J.
 
 Pure functions of S ``[B, G]`` and the batch (docs/definitions.md#entropy-surrogate and
-#policy-gradient-surrogate; seed 001 ``build_LX_vector_from_S``):
+#policy-gradient-surrogate; docs/seeds/001 ``build_LX_vector_from_S``):
 
 * ``Sw = S / Lmax`` (``dr_grpo``) or ``Sw = S / |y|`` (``per_token_avg``);
 * ``b[n,g] = (Σ_g' Sw[n,g'] − Sw[n,g]) / (G − 1)`` (leave-one-out baseline);

@@ -2,7 +2,7 @@
 
 Every direction, gradient and optimizer-state view in funcprobe is a flat
 ``dict[str, Tensor]`` keyed by the registry's parameter names (never by ``id()``,
-SPEC failure 1). These helpers keep the bookkeeping in one place.
+docs/failure-modes.md#1-parameter-identity). These helpers keep the bookkeeping in one place.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The prediction and its E-conditional standard error, from the probe scalars s.
 
-docs/definitions.md#estimates (seed 001 §D): mean_s = Σs / B = ⟨μX, μY⟩,
+docs/definitions.md#estimates (docs/seeds/001 §D): mean_s = Σs / B = ⟨μX, μY⟩,
 δH = η·mean_s, Var_E = η²·sample_var(s)/B from Σs, Σs², B in float64,
 SE = sqrt(Var_E), 95% interval δH ± 1.96·SE.
 

@@ -7,7 +7,7 @@ optimizer objects here, only tensors and numbers.
 
 * ``sgd()``: identity;
 * ``frozen_adam(states)``: the seeds' preconditioner ``g / (sqrt(v / (1 − β2^t)) + ε)``
-  with Adam's state frozen (seed 003 "Adam preconditioning"; formerly called ``adam``);
+  with Adam's state frozen (docs/seeds/003 "Adam preconditioning"; formerly called ``adam``);
 * ``adam_step(params, states)``: the exact next ``torch.optim.Adam``/``AdamW`` step per
   unit learning rate (first moment, second-moment update, both bias corrections, ε
   outside the square root, L2 or decoupled weight decay, AMSGrad;
@@ -104,7 +104,7 @@ def adam_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState])
 def adam_preconditioner(g: Tensor, state: AdamState) -> Tensor:
     """``g / (sqrt(v / (1 − β2^t)) + ε)`` with the frozen ``exp_avg_sq`` v and ``step`` t.
 
-    Source: seed 003 (``adam_preconditioner.apply_preconditioner``),
+    Source: docs/seeds/003 (``adam_preconditioner.apply_preconditioner``),
     docs/definitions.md#step-maps. Raises ``ValueError`` when the state has no second
     moment yet.
     """

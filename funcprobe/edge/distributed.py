@@ -5,7 +5,7 @@ Each rank holds its own shard of E and U (uneven, possibly empty). Collectives:
 * μY: the local *sum* over U-prompts of ∇θ J and the local prompt count are all-reduced
   before dividing and preconditioning, so every rank holds the identical global μY;
 * statistics: Σs, Σs², B (plus the counts of non-finite and non-zero s, so that every
-  rank raises the same error) are all-reduced in float64 (seed 001 §D);
+  rank raises the same error) are all-reduced in float64 (docs/seeds/001 §D);
 * optionally, the per-prompt s of all ranks are gathered to every rank.
 
 Every error that depends on data of several ranks is decided after a collective, so all

@@ -33,7 +33,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Strips ``DistributedDataParallel`` / ``DataParallel`` (``.module``), ``torch.compile``
     (``._orig_mod``) and DeepSpeed engines, in any nesting, with accelerate's
     ``extract_model_from_parallel`` (mixed-precision forward wrappers are kept: the
-    model is not changed). A ``peft.PeftModel`` is itself canonical (seed 002: the
+    model is not changed). A ``peft.PeftModel`` is itself canonical (docs/seeds/002: the
     adapter lives there).
 
     Raises:

@@ -7,7 +7,7 @@ generation batch (E = U = the completions just generated and scored, grouped G =
 ``num_generations`` per prompt), and logs into ``trainer.state.log_history`` (hence
 TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
 
-* ``funcprobe/delta_h``: predicted δH of the step (nats / W, see SPEC.md);
+* ``funcprobe/delta_h``: predicted δH of the step (nats / W, see docs/definitions.md#weighting);
 * ``funcprobe/se`` and ``funcprobe/ci95_low`` / ``funcprobe/ci95_high``;
 * ``funcprobe/mean_s`` and ``funcprobe/lr``.
 

@@ -1,0 +1,187 @@
+"""Settings checked once, deprecated spellings, the import direction, no global side effects."""
+
+import argparse
+import ast
+import pathlib
+import warnings
+
+import pytest
+import torch
+
+import funcprobe
+from funcprobe import (
+    EntropyProbe,
+    NoSignalError,
+    ParamRegistry,
+    ProbeSettings,
+    SettingsError,
+    StaleProbeError,
+    conditional_variance,
+    update_direction,
+)
+from funcprobe.settings import add_arguments, from_arguments
+from helpers import gpt2, random_direction, random_rollouts, rel_err
+
+PACKAGE = pathlib.Path(funcprobe.__file__).parent
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(step="rmsprop"), "step: expected one of"),
+        (dict(weighting="mean"), "weighting: expected one of"),
+        (dict(mode="bogus"), "mode: expected one of"),
+        (dict(chunk_size=2.5), "chunk_size: expected an int >= 1"),
+        (dict(chunk_size=0), "chunk_size: expected an int >= 1"),
+        (dict(chunk_size=True), "chunk_size: expected an int >= 1"),
+        (dict(params="everything"), "params: expected 'trainable', 'lora'"),
+        (dict(params=[]), "params: the explicit list of parameter names is empty"),
+        (dict(params=["a", "a"]), "duplicates"),
+        (dict(adapter=3), "adapter: expected an adapter name"),
+        (dict(keep_dropout="yes"), "keep_dropout: expected True or False"),
+        (dict(progress=1), "progress: expected True, False or None"),
+    ],
+)
+def test_bad_settings_are_named(change, message):
+    with pytest.raises(SettingsError, match=message):
+        ProbeSettings(**change)
+
+
+def test_integer_like_chunk_size_is_accepted():
+    np = pytest.importorskip("numpy")
+    assert ProbeSettings(chunk_size=np.int64(3)).chunk_size == 3
+    assert ProbeSettings(chunk_size=torch.tensor(4)).chunk_size == 4
+
+
+def test_entropy_probe_checks_settings_before_any_work():
+    model = gpt2()
+    with pytest.raises(SettingsError, match="mode: expected one of"):
+        EntropyProbe(model, lr=0.1, mode="bogus")
+    with pytest.raises(ValueError, match="optimizer: step='adam_step' needs"):
+        EntropyProbe(model, lr=0.1)  # adam_step is the default and needs the optimizer
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
+        EntropyProbe(model, lr=0.1, step="sgd", nonsense=1)
+    with pytest.raises(SettingsError, match="lr: expected a finite number > 0"):
+        EntropyProbe(model, lr=-1.0, step="sgd")
+
+
+def test_lr_accepts_real_numbers_of_any_kind():
+    np = pytest.importorskip("numpy")
+    model = gpt2()
+    E = random_rollouts(B=3, G=2, seed=5)
+    mu = random_direction(ParamRegistry.from_model(model))
+    ref = conditional_variance(model, E, mu, lr=0.5).delta_h
+    for lr in (np.float32(0.5), torch.tensor(0.5, dtype=torch.float64), 0.5):
+        assert rel_err(conditional_variance(model, E, mu, lr=lr).delta_h, ref) < 1e-6
+    for bad in ("1e-3", True, torch.ones(2), float("nan")):
+        with pytest.raises(SettingsError, match="lr: expected"):
+            conditional_variance(model, E, mu, lr=bad)
+
+
+def test_settings_object_and_keywords_agree_and_deprecated_spellings_warn():
+    model = gpt2()
+    U = random_rollouts(B=3, G=2, seed=6)
+    new = update_direction(model, U, settings=ProbeSettings(step="sgd", chunk_size=2))
+    with pytest.warns(DeprecationWarning, match="'direction=' is deprecated"):
+        old = update_direction(model, U, direction="sgd", batch_size=2)
+    assert all(torch.equal(new[k], old[k]) for k in new)
+    with pytest.warns(DeprecationWarning, match="step 'adam' is deprecated"):
+        assert ProbeSettings.resolve(None, {"step": "adam"}, caller="x").step == "frozen_adam"
+    with pytest.raises(TypeError, match="twice"):
+        ProbeSettings.resolve(None, {"step": "sgd", "direction": "sgd"}, caller="x")
+    E = random_rollouts(B=3, G=2, seed=7)
+    pred = conditional_variance(model, E, new, lr=0.1)
+    with pytest.warns(DeprecationWarning, match="se_e is deprecated"):
+        assert pred.se_e == pred.se
+    with pytest.warns(DeprecationWarning, match="bars_dot is deprecated"):
+        assert pred.bars_dot == pred.mean_s
+    with pytest.warns(DeprecationWarning):
+        assert funcprobe.ConditionalVariance is funcprobe.EntropyPrediction
+    assert torch.allclose(pred.per_prompt.mean(), torch.tensor(pred.delta_h, dtype=torch.float64))
+
+
+def test_command_line_flags_are_generated_from_the_settings():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, exclude=("adapter",))
+    args = parser.parse_args(["--step", "sgd", "--chunk-size", "3", "--mode", "vjp", "--keep-dropout"])
+    assert from_arguments(args) == ProbeSettings(step="sgd", chunk_size=3, mode="vjp", keep_dropout=True)
+    old = parser.parse_args(["--direction", "adam", "--batch-size", "2"])
+    assert from_arguments(old) == ProbeSettings(step="frozen_adam", chunk_size=2)
+    helptext = parser.format_help()
+    for field in ("--step", "--weighting", "--mode", "--chunk-size", "--params", "--allow-identity-fallback"):
+        assert field in helptext
+
+
+def test_no_signal_is_a_named_value_error():
+    model = gpt2()
+    zero = random_rollouts()
+    zero = type(zero)(zero.input_ids, zero.attention_mask, zero.response_start, torch.zeros(4, 3), zero.max_len)
+    with pytest.raises(NoSignalError):
+        update_direction(model, zero, step="sgd")
+    assert issubclass(NoSignalError, ValueError)
+
+
+def test_a_long_lived_probe_follows_the_model_and_the_scheduler():
+    model = gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.01**k)
+    probe = EntropyProbe(model, opt)
+    E, U = random_rollouts(B=3, G=2, seed=8), random_rollouts(B=3, G=2, seed=9)
+    before = probe.predict(E, U)
+    opt.step()  # no gradients: nothing moves, but the scheduler may step now
+    sched.step()
+    after = probe.predict(E, U)
+    assert after.lr == pytest.approx(before.lr * 0.01)
+    # a replaced tensor (load_state_dict into new storage) is seen: the probe differentiates the new values
+    name = next(n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].data = dict(model.named_parameters())[name].data * 2.0
+    assert probe.registry.trainable[name].data_ptr() == dict(model.named_parameters())[name].data_ptr()
+    # a changed layout is refused by name
+    model.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"].weight = torch.nn.Parameter(
+        torch.zeros(5, 32, dtype=torch.float64))
+    with pytest.raises(StaleProbeError, match="changed since the EntropyProbe was built"):
+        probe.predict(E, U)
+
+
+def test_imports_point_one_way_core_edge_api_apps():
+    """core imports nothing outside core (and settings/errors); edge nothing above it."""
+    layers = {"core": 0, "edge": 1, "api": 2, "io": 3, "validation": 3, "integrations": 4, "apps": 4}
+    allowed_everywhere = {"settings", "errors"}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        top = rel.parts[0].removesuffix(".py")
+        if top not in layers:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                # resolve the relative import to funcprobe's top-level part
+                base = list(rel.parts[:-1])[: len(rel.parts) - node.level]
+                target = (base + (node.module or "").split("."))[0] if (base or node.module) else ""
+                if not target or target in allowed_everywhere or target == top or target not in layers:
+                    continue
+                assert layers[target] <= layers[top], f"{rel} imports {target} (a higher layer)"
+                if top == "core":
+                    assert target == "core", f"the core must stay pure: {rel} imports {target}"
+
+
+def test_library_leaves_global_state_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    from funcprobe.apps.plots import plot_probe
+    from funcprobe.validation.models import qwen2_lora_policy
+
+    backend = matplotlib.get_backend()
+    rng = torch.get_rng_state()
+    qwen2_lora_policy(vocab_size=16, hidden=16, layers=1, seed=123)
+    assert torch.equal(torch.get_rng_state(), rng)
+    model = gpt2()
+    E = random_rollouts(B=3, G=2, seed=5)
+    pred = conditional_variance(model, E, random_direction(ParamRegistry.from_model(model)), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_probe(pred, tmp_path / "p.png")
+    assert matplotlib.get_backend() == backend
+    assert (tmp_path / "p.png").stat().st_size > 5000
