@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from funcprobe import RolloutBatch, policy_gradient_surrogate, sequence_logprobs, update_direction
-from funcprobe.validation.models import qwen2_lora_policy
+from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
 from funcprobe.io.rollout_files import group_advantages
-from funcprobe.validation.studies import calibration_study, first_order_sweep, largest_first_order_lr, sample_fixed_length
+from funcprobe.validation.studies import CalibrationDesign, calibration_study, first_order_sweep, largest_first_order_lr, sample_fixed_length
 
 RESULTS = Path(__file__).resolve().parent / "results"
 V, L = 8, 3
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     pool = prompt_pool(args.pool, args.seed)
-    model = qwen2_lora_policy(vocab_size=V, hidden=32, layers=2, lora_rank=4, dtype=torch.float64, seed=args.seed)
+    model = qwen2_lora_policy(PolicySpec(vocab_size=V, hidden=32, layers=2, lora_rank=4), dtype=torch.float64,
+                              seed=args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
     params = dict(model.named_parameters())
     for step in range(args.train_steps):  # real optimizer state for adam / adam_step
@@ -90,14 +91,13 @@ def main(argv=None) -> int:
             mu = update_direction(model, U, optimizer=optimizer, step=direction, weighting=weighting)
             lr = DIRECTION_LR[direction]
             t = time.perf_counter()
-            res = calibration_study(model, pool, mu, lr=lr, vocab_size=V, response_len=L,
-                                    repetitions=args.repetitions, prompts_per_batch=args.prompts_per_batch,
-                                    group_size=args.group_size, weighting=weighting, max_len=LMAX,
-                                    seed=args.seed + 1)
+            design = CalibrationDesign(vocab_size=V, response_len=L, repetitions=args.repetitions,
+                                       prompts_per_batch=args.prompts_per_batch, group_size=args.group_size,
+                                       weighting=weighting, max_len=LMAX, seed=args.seed + 1)
+            res = calibration_study(model, pool, mu, lr=lr, design=design)
             summary = {"direction": direction, "weighting": weighting, "lr": lr, **res.summary(),
                        "seconds": time.perf_counter() - t}
-            sweep = first_order_sweep(model, pool, mu, [x * lr / DIRECTION_LR["sgd"] for x in lrs],
-                                      vocab_size=V, response_len=L, weighting=weighting, max_len=LMAX)
+            sweep = first_order_sweep(model, pool, mu, [x * lr / DIRECTION_LR["sgd"] for x in lrs], design=design)
             summary["largest_lr_first_order_within_10pct"] = largest_first_order_lr(sweep, 0.1)
             rows.append(summary)
             studies[(direction, weighting)] = res

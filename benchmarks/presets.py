@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from funcprobe import RolloutBatch
-from funcprobe.validation.models import qwen2_lora_policy
+from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,10 @@ PRESETS = {
 def build_model(p: Preset, device: str = "cpu", seed: int = 0):
     """A Qwen2-architecture causal LM of the preset's shape with a PEFT LoRA adapter (eval mode)."""
     model = qwen2_lora_policy(
-        vocab_size=p.vocab, hidden=p.hidden, layers=p.layers, heads=p.heads, kv_heads=p.kv_heads,
-        intermediate=p.intermediate, lora_rank=p.lora_rank, lora_targets=p.lora_targets, init_lora_weights=False,
-        tie_word_embeddings=p.tie_embeddings, dtype=getattr(torch, p.dtype), device=device, seed=seed,
+        PolicySpec(vocab_size=p.vocab, hidden=p.hidden, layers=p.layers, heads=p.heads, kv_heads=p.kv_heads,
+                   intermediate=p.intermediate, lora_rank=p.lora_rank, lora_targets=p.lora_targets,
+                   init_lora_weights=False, tie_word_embeddings=p.tie_embeddings),
+        dtype=getattr(torch, p.dtype), device=device, seed=seed,
     )
     model.eval()
     return model

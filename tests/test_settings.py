@@ -171,11 +171,11 @@ def test_library_leaves_global_state_alone(tmp_path):
     import matplotlib
 
     from funcprobe.apps.plots import plot_probe
-    from funcprobe.validation.models import qwen2_lora_policy
+    from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
 
     backend = matplotlib.get_backend()
     rng = torch.get_rng_state()
-    qwen2_lora_policy(vocab_size=16, hidden=16, layers=1, seed=123)
+    qwen2_lora_policy(PolicySpec(vocab_size=16, hidden=16, layers=1), seed=123)
     assert torch.equal(torch.get_rng_state(), rng)
     model = gpt2()
     E = random_rollouts(B=3, G=2, seed=5)

@@ -9,9 +9,10 @@ from funcprobe import ParamRegistry, RolloutBatch, probe_scalars, update_directi
 from funcprobe.validation.entropy_change import exact_entropy_change, sampled_entropy_change
 from funcprobe.core.exact import enumerate_responses, enumeration_batch, exact_entropy
 from funcprobe.edge.session import probe_session
-from funcprobe.validation.models import qwen2_lora_policy
+from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
 from funcprobe.io.rollout_files import group_advantages
 from funcprobe.validation.studies import (
+    CalibrationDesign,
     exact_directional_derivative,
     SoftmaxBandit,
     bandit_rollouts,
@@ -93,7 +94,7 @@ def test_bandit_exact_derivative_is_the_covariance_formula_and_the_probe_converg
 
 @pytest.fixture(scope="module")
 def calibration_setup():
-    model = qwen2_lora_policy(vocab_size=V, hidden=32, layers=2, lora_rank=4, init_lora_weights=False,
+    model = qwen2_lora_policy(PolicySpec(vocab_size=V, hidden=32, layers=2, lora_rank=4, init_lora_weights=False),
                               dtype=torch.float64, seed=0)
     model.eval()
     reward = lambda y: sum(1.0 for t in y if t < 3) / len(y)  # noqa: E731
@@ -108,8 +109,9 @@ def calibration_setup():
 @pytest.mark.slow
 def test_coverage_of_the_95_interval(calibration_setup):
     model, mu = calibration_setup
-    res = calibration_study(model, POOL, mu, lr=0.1, vocab_size=V, response_len=L, repetitions=240,
-                            prompts_per_batch=32, group_size=4, seed=1)
+    design = CalibrationDesign(vocab_size=V, response_len=L, repetitions=240, prompts_per_batch=32, group_size=4,
+                               seed=1)
+    res = calibration_study(model, POOL, mu, lr=0.1, design=design)
     summary = res.summary()
     assert 0.92 <= summary["coverage_95"] <= 0.98, summary
     assert abs(summary["mean_z"]) < 0.25 and 0.8 < summary["std_z"] < 1.2, summary
@@ -120,7 +122,8 @@ def test_coverage_of_the_95_interval(calibration_setup):
 @pytest.mark.slow
 def test_biased_baseline_is_detected(calibration_setup):
     model, mu = calibration_setup
-    kw = dict(lr=0.1, vocab_size=V, response_len=L, repetitions=120, prompts_per_batch=32, group_size=2, seed=2)
+    kw = dict(lr=0.1, design=CalibrationDesign(vocab_size=V, response_len=L, repetitions=120, prompts_per_batch=32,
+                                               group_size=2, seed=2))
     fair = calibration_study(model, POOL, mu, **kw).summary()
     biased = calibration_study(model, POOL, mu, objective=biased_entropy_objective("dr_grpo"), **kw).summary()
     assert abs(fair["bias_in_se_of_mean"]) < 4, fair
@@ -137,7 +140,7 @@ def test_sampled_entropy_change_agrees_with_the_exact_step(calibration_setup):
     assert est.method == "snis" and est.se > 0
     assert abs(est.delta_h - exact.delta_h) < 4 * est.se + 0.05 * abs(exact.delta_h), (est, exact)
     lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-    rows = first_order_sweep(model, POOL, mu, lrs, vocab_size=V, response_len=L)
+    rows = first_order_sweep(model, POOL, mu, lrs, design=CalibrationDesign(vocab_size=V, response_len=L))
     errors = [r["rel_error"] for r in rows]
     assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]  # the first-order error grows with lr
     assert math.isclose(errors[1] / errors[0], 10, rel_tol=0.6)  # ... linearly at small lr

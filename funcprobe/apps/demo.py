@@ -29,7 +29,7 @@ from ..core.rollouts import RolloutBatch
 from ..core.statistics import EntropyPrediction
 from ..io.rollout_files import group_advantages
 from ..settings import ProbeSettings
-from ..validation.models import qwen2_lora_policy
+from ..validation.models import PolicySpec, qwen2_lora_policy
 
 PAD, EOS = 0, 1
 
@@ -73,8 +73,8 @@ class DemoConfig:
 
 def build_policy(cfg: DemoConfig) -> nn.Module:
     """A Qwen2-architecture causal LM built from a config, with a LoRA adapter on q/k/v/o."""
-    return qwen2_lora_policy(vocab_size=cfg.vocab, hidden=cfg.hidden, layers=cfg.layers, lora_rank=cfg.lora_rank,
-                             eos_token_id=EOS, pad_token_id=PAD)
+    return qwen2_lora_policy(PolicySpec(vocab_size=cfg.vocab, hidden=cfg.hidden, layers=cfg.layers,
+                                        lora_rank=cfg.lora_rank, eos_token_id=EOS, pad_token_id=PAD))
 
 
 def reward(response: list[int]) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,20 @@ def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch) ->
     selected = resp[:, first + 1 :]
     token_logp = torch.where(selected, token_logp, torch.zeros((), dtype=token_logp.dtype, device=token_logp.device))
     return token_logp.sum(-1).reshape(B, G)
+
+
+def logprob_function(module: nn.Module, frozen: Mapping[str, Tensor]) -> Callable[[dict, RolloutBatch], Tensor]:
+    """S as a pure function of the probed parameters: ``(theta, batch) ↦ [B, G]``.
+
+    ``sequence_logprobs`` closed over ``module`` and the ``frozen`` parameters (passed to
+    ``functional_call`` beside ``theta``); what the edge hands the core's transforms.
+    """
+    frozen = dict(frozen)
+
+    def logprobs(theta: dict, batch: RolloutBatch) -> Tensor:
+        return sequence_logprobs(module, (frozen, theta), batch)
+
+    return logprobs
 
 
 def _as_dicts(params: Params) -> dict[str, Tensor] | tuple[dict[str, Tensor], ...]:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..core.logprobs import sequence_logprobs
+from ..core.logprobs import logprob_function
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError, UnsupportedModelError
 from ..settings import ParamSelection, ProbeSettings
@@ -198,12 +198,7 @@ class ParamRegistry:
     def logprob_fn(self) -> Callable[[dict[str, Tensor], RolloutBatch], Tensor]:
         """The pure S(θ, batch) ``[B, G]`` of this model (``sequence_logprobs`` closed over
         the canonical module and the frozen parameters): what the edge hands the core."""
-        module, frozen = self.module, self.frozen
-
-        def logprobs(theta: dict[str, Tensor], batch: RolloutBatch) -> Tensor:
-            return sequence_logprobs(module, (frozen, theta), batch)
-
-        return logprobs
+        return logprob_function(self.module, self.frozen)
 
     def live_parameters(self) -> dict[str, nn.Parameter]:
         """The module's live ``nn.Parameter`` objects for the trainable names.

@@ -31,6 +31,8 @@ from ..core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_cou
 from ..core.transforms import directional_derivatives
 from ..edge.registry import ParamRegistry
 from ..edge.session import probe_session
+from ..errors import SettingsError
+from ..settings import ProbeSettings
 from .entropy_change import exact_entropy_change
 
 
@@ -189,48 +191,82 @@ class CalibrationResult:
         }
 
 
+@dataclass(frozen=True)
+class CalibrationDesign:
+    """The design of a calibration or first-order study on an enumerable model.
+
+    Attributes:
+        vocab_size, response_len: responses are all ``vocab_size**response_len``
+            fixed-length sequences (``funcprobe.core.exact``).
+        repetitions: fresh evaluation batches E per study.
+        prompts_per_batch: B of each E (drawn i.i.d. from the prompt pool).
+        group_size: G responses per prompt, sampled with ``generate``.
+        weighting: ``"dr_grpo"`` or ``"per_token_avg"``.
+        max_len: Lmax for ``dr_grpo`` (default ``response_len``).
+        mode: ``"jvp"`` or ``"vjp"``.
+        seed: seeds the prompt draws and the sampling (forked RNG).
+
+    Raises ``SettingsError`` naming a field that is not a positive int, or the
+    ``ProbeSettings`` errors for ``weighting`` / ``mode``.
+    """
+
+    vocab_size: int
+    response_len: int
+    repetitions: int = 100
+    prompts_per_batch: int = 32
+    group_size: int = 4
+    weighting: str = "dr_grpo"
+    max_len: float | None = None
+    mode: str = "jvp"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "response_len", "repetitions", "prompts_per_batch", "group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(f"{name}: expected an int >= 1, got {value!r}")
+        ProbeSettings(weighting=self.weighting, mode=self.mode)
+        if self.max_len is None and self.weighting == "dr_grpo":
+            object.__setattr__(self, "max_len", float(self.response_len))
+
+    def enumeration(self, prompt_pool: Sequence[Sequence[int]], device: torch.device) -> RolloutBatch:
+        """Every response of every prompt of the pool."""
+        return enumeration_batch(prompt_pool, self.vocab_size, self.response_len, device=device)
+
+
 def calibration_study(
     model: nn.Module,
     prompt_pool: Sequence[Sequence[int]],
     muY: Mapping[str, Tensor],
     *,
     lr: float,
-    vocab_size: int,
-    response_len: int,
-    repetitions: int,
-    prompts_per_batch: int,
-    group_size: int,
-    weighting: str = "dr_grpo",
-    max_len: float | None = None,
-    mode: str = "jvp",
-    seed: int = 0,
+    design: CalibrationDesign,
     objective: Objective | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> CalibrationResult:
     """Repeat the probe on fresh E and compare with the exact value (see module docstring).
 
-    Each repetition draws ``prompts_per_batch`` prompts i.i.d. uniformly from
-    ``prompt_pool`` and ``group_size`` responses per prompt by ``sample_fixed_length``.
-    ``max_len`` defaults to ``response_len`` for ``dr_grpo``. ``objective`` replaces LX
-    (default ``entropy_objective(weighting)``; e.g. ``biased_entropy_objective`` to show
-    that a biased baseline is detected).
+    Each repetition draws ``design.prompts_per_batch`` prompts i.i.d. uniformly from
+    ``prompt_pool`` and ``design.group_size`` responses per prompt by
+    ``sample_fixed_length``. ``objective`` replaces LX (default
+    ``entropy_objective(design.weighting)``; e.g. ``biased_entropy_objective`` to show
+    that a biased baseline is detected). ``progress(r)`` is called after repetition r.
     """
-    objective = objective if objective is not None else entropy_objective(weighting)
+    d = design
+    objective = objective if objective is not None else entropy_objective(d.weighting)
     registry = ParamRegistry.from_model(model)
-    if weighting == "dr_grpo" and max_len is None:
-        max_len = float(response_len)
-    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=registry.device)
-    _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
+    enum = d.enumeration(prompt_pool, registry.device)
+    _, dh = exact_directional_derivative(registry, enum, muY, weighting=d.weighting, max_len=d.max_len)
     exact = lr * float(dh.mean())
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(d.seed)
     predicted, ses = [], []
-    for r in range(repetitions):
-        idx = torch.randint(len(prompt_pool), (prompts_per_batch,), generator=gen).tolist()
-        E = sample_fixed_length(model, [prompt_pool[i] for i in idx], group_size=group_size,
-                                response_len=response_len, seed=seed * 1_000_003 + r, max_len=max_len)
-        s = objective_scalars(registry, E, muY, objective, mode=mode, chunk_size=prompts_per_batch)
-        res = EntropyPrediction.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=mode,
-                                          weighting=weighting)
+    for r in range(d.repetitions):
+        idx = torch.randint(len(prompt_pool), (d.prompts_per_batch,), generator=gen).tolist()
+        E = sample_fixed_length(model, [prompt_pool[i] for i in idx], group_size=d.group_size,
+                                response_len=d.response_len, seed=d.seed * 1_000_003 + r, max_len=d.max_len)
+        s = objective_scalars(registry, E, muY, objective, mode=d.mode, chunk_size=d.prompts_per_batch)
+        res = EntropyPrediction.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=d.mode,
+                                          weighting=d.weighting)
         predicted.append(res.delta_h)
         ses.append(res.se)
         if progress is not None:
@@ -260,21 +296,18 @@ def first_order_sweep(
     muY: Mapping[str, Tensor],
     lrs: Sequence[float],
     *,
-    vocab_size: int,
-    response_len: int,
-    weighting: str = "dr_grpo",
-    max_len: float | None = None,
+    design: CalibrationDesign,
 ) -> list[dict]:
-    """For each η: predicted η·⟨∇H_w, μY⟩ and the exact H_w(θ + ημY) − H_w(θ), pool-averaged."""
+    """For each η: predicted η·⟨∇H_w, μY⟩ and the exact H_w(θ + ημY) − H_w(θ), pool-averaged
+    (``design``: ``vocab_size``, ``response_len``, ``weighting``, ``max_len``)."""
+    d = design
     registry = model if isinstance(model, ParamRegistry) else ParamRegistry.from_model(model)
-    if weighting == "dr_grpo" and max_len is None:
-        max_len = float(response_len)
-    enum = enumeration_batch(prompt_pool, vocab_size, response_len, device=registry.device)
-    _, dh = exact_directional_derivative(registry, enum, muY, weighting=weighting, max_len=max_len)
+    enum = d.enumeration(prompt_pool, registry.device)
+    _, dh = exact_directional_derivative(registry, enum, muY, weighting=d.weighting, max_len=d.max_len)
     slope = float(dh.mean())
     rows = []
     for lr in lrs:
-        actual = exact_entropy_change(registry, enum, muY, lr=lr, weighting=weighting, max_len=max_len).delta_h
+        actual = exact_entropy_change(registry, enum, muY, lr=lr, weighting=d.weighting, max_len=d.max_len).delta_h
         predicted = lr * slope
         rows.append({"lr": lr, "predicted": predicted, "exact": actual,
                      "rel_error": abs(predicted - actual) / abs(actual) if actual != 0 else math.inf})
