@@ -42,7 +42,8 @@ from .settings import ProbeSettings
 def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
                      optimizer: torch.optim.Optimizer | None = None, settings: ProbeSettings | None = None,
                      **options: Any) -> ParamTree:
-    """μY = P(∇θ mean_{n∈U} J[n]), the step per unit learning rate (θ ← θ + η·μY).
+    """μY = P(∇θ mean_{n∈U} J[n]), the step per unit learning rate (θ ← θ + η·μY), or
+    for ``step="optimizer_step"`` the step Δθ itself (learning rates and clipping inside).
 
     Args:
         model: ``nn.Module`` (HF / PEFT, possibly DDP-wrapped) or a ``ParamRegistry``.
@@ -243,7 +244,11 @@ class EntropyProbe:
             check_adam(optimizer, self.settings)
         registry = ParamRegistry.from_settings(model, self.settings)
         self._layout = _layout(registry)
-        if self._lr is None:
+        if self.settings.step == "optimizer_step":
+            if self._lr is not None:
+                raise SettingsError("lr: step='optimizer_step' takes each param group's current lr from the "
+                                    "optimizer; do not pass lr=")
+        elif self._lr is None:
             if optimizer is None:
                 raise SettingsError("lr: pass the learning rate, or an optimizer to read it from")
             optimizer_lr(optimizer, registry)
@@ -263,10 +268,16 @@ class EntropyProbe:
 
     @property
     def lr(self) -> float:
-        """η: the ``lr`` given at construction, else the optimizer's current learning rate."""
+        """η: the ``lr`` given at construction, else the optimizer's current learning rate
+        (1.0 for ``step="optimizer_step"``, whose Δθ holds the learning rates)."""
+        return self._current_lr(self.registry)
+
+    def _current_lr(self, registry: ParamRegistry) -> float:
+        if self.settings.step == "optimizer_step":
+            return 1.0
         if self._lr is not None:
             return self._lr
-        return optimizer_lr(self.optimizer, self.registry)
+        return optimizer_lr(self.optimizer, registry)
 
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
@@ -277,7 +288,7 @@ class EntropyProbe:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
         check_rollouts(E, "E")
         registry = self.registry
-        lr = self._lr if self._lr is not None else optimizer_lr(self.optimizer, registry)
+        lr = self._current_lr(registry)
         return _conditional_variance(registry, E, muY, lr, self.settings)
 
     def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:
@@ -285,7 +296,7 @@ class EntropyProbe:
         check_rollouts(E, "E")
         check_rollouts(U, "U").require_advantages("U")
         registry = self.registry
-        lr = self._lr if self._lr is not None else optimizer_lr(self.optimizer, registry)
+        lr = self._current_lr(registry)
         t0 = time.perf_counter()
         mu = _update_direction(registry, U, self.optimizer, self.settings)
         t1 = time.perf_counter()

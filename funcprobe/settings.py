@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence, Union
 from .errors import SettingsError
 
 #: step maps P (docs/definitions.md#step-maps); "adam" is the deprecated name of "frozen_adam"
-STEPS = ("sgd", "frozen_adam", "adam_step")
+STEPS = ("sgd", "frozen_adam", "adam_step", "optimizer_step")
 #: weightings of S (docs/definitions.md#weighting)
 WEIGHTINGS = ("dr_grpo", "per_token_avg")
 #: ways to compute the probe scalars (docs/definitions.md#probe-scalar, #alpha-trick)
@@ -57,8 +57,15 @@ class ProbeSettings:
         "adam_step",
         "the optimizer's step map P in muY = P(grad J): sgd (identity), frozen_adam (the seeds' "
         "preconditioner g/(sqrt(v_hat)+eps) with Adam's state frozen; formerly 'adam'), adam_step "
-        "(the exact next Adam/AdamW step per unit learning rate)",
+        "(the exact next Adam/AdamW step per unit learning rate), optimizer_step (the step "
+        "clip_grad_norm_ + optimizer.step() will take now: each param group's current lr inside, "
+        "clipping by max_grad_norm)",
         choices=STEPS,
+    )
+    max_grad_norm: float | None = _opt(
+        None,
+        "step optimizer_step: the trainer's gradient clipping by global norm (torch.nn.utils.clip_grad_norm_, "
+        "TRL/HF max_grad_norm); None: no clipping",
     )
     weighting: str = _opt(
         "dr_grpo",
@@ -95,6 +102,16 @@ class ProbeSettings:
 
     def __post_init__(self) -> None:
         _choice("step", self.step, STEPS)
+        if self.max_grad_norm is not None:
+            if isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, (int, float)) \
+                    or not 0 < self.max_grad_norm < float("inf"):
+                raise SettingsError(f"max_grad_norm: expected a finite number > 0 or None, got {self.max_grad_norm!r}")
+            if self.step != "optimizer_step":
+                raise SettingsError(
+                    f"max_grad_norm: clipping is part of step='optimizer_step' only (the step here is {self.step!r}, "
+                    "per unit learning rate)"
+                )
+            object.__setattr__(self, "max_grad_norm", float(self.max_grad_norm))
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("mode", self.mode, MODES)
         object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
@@ -166,6 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": helptext}
         if f.name == "chunk_size":
             kwargs.update(type=int, metavar="N")
+        elif f.name == "max_grad_norm":
+            kwargs.update(type=float, metavar="C")
         elif f.metadata.get("choices"):
             choices = list(f.metadata["choices"])
             if f.name == "step":

@@ -102,3 +102,71 @@ def test_direction_errors():
     other = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(KeyError, match="in no param group"):
         update_direction(model, U, optimizer=other, step="adam_step")
+
+
+def _lora_plus_groups(model, lr, ratio=16.0, **kw):
+    """LoRA+ param groups: lora_B at ``ratio`` times lora_A's learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    a = [p for n, p in named if "lora_B" not in n]
+    b = [p for n, p in named if "lora_B" in n]
+    return [dict(params=a, lr=lr, **kw), dict(params=b, lr=lr * ratio, **kw)]
+
+
+@pytest.mark.parametrize(
+    "opt_cls, kw, max_norm, lora_plus",
+    [
+        (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05), 1e-3, False),  # clipping active
+        (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05, amsgrad=True), 1e-3, True),
+        (torch.optim.Adam, dict(lr=2e-3, weight_decay=0.1, foreach=True), 1e-2, True),
+        (torch.optim.AdamW, dict(lr=1e-3, betas=(0.8, 0.95), eps=1e-6, maximize=True), None, True),
+    ],
+)
+def test_optimizer_step_equals_clip_grad_norm_and_optimizer_step(opt_cls, kw, max_norm, lora_plus):
+    """Δθ predicted before the step = θ after a real clip_grad_norm_ + optimizer.step() − θ,
+    after several steps of a LambdaLR schedule, with per-group learning rates (LoRA+)."""
+    model = gpt2()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = live_params(model, names)
+    lr = kw.pop("lr")
+    groups = _lora_plus_groups(model, lr, **kw) if lora_plus else [dict(params=params, lr=lr, **kw)]
+    opt = opt_cls(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # real state, and a learning rate the scheduler has cut
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    U = random_rollouts(B=4, G=3, seed=8)
+    delta = update_direction(model, U, optimizer=opt, step="optimizer_step", max_grad_norm=max_norm)
+    grad_j = reference_policy_gradient(model, U, names)
+    before = [p.detach().clone() for p in params]
+    sign = 1.0 if kw.get("maximize") else -1.0
+    for n, p in zip(names, params):
+        p.grad = sign * grad_j[n]
+    if max_norm is not None:
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        assert float(total) > max_norm  # clipping is active in this case
+    opt.step()
+    for n, p, b in zip(names, params, before):
+        assert rel_err(delta[n], p.detach() - b) < 1e-6, n
+
+
+def test_optimizer_step_settings_are_checked():
+    model = gpt2()
+    U = random_rollouts()
+    with pytest.raises(ValueError, match="max_grad_norm: clipping is part of step='optimizer_step' only"):
+        update_direction(model, U, step="sgd", max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm: expected a finite number > 0"):
+        update_direction(model, U, step="optimizer_step", max_grad_norm=0.0)
+    opt = torch.optim.AdamW(_lora_plus_groups(model, 1e-3))
+    from funcprobe import EntropyProbe
+
+    with pytest.raises(ValueError, match="lr: step='optimizer_step' takes each param group's current lr"):
+        EntropyProbe(model, opt, lr=1e-3, step="optimizer_step")
+    with pytest.raises(ValueError, match="pass lr= explicitly"):  # per-unit-lr steps need one lr
+        EntropyProbe(model, opt, step="adam_step")
+    probe = EntropyProbe(model, opt, step="optimizer_step", max_grad_norm=1.0)
+    pred = probe.predict(random_rollouts(B=3, G=3, seed=2), U)
+    assert pred.lr == 1.0 and pred.step == "optimizer_step"

@@ -8,10 +8,13 @@ optimizer objects here, only tensors and numbers.
 * ``sgd()``: identity;
 * ``frozen_adam(states)``: the seeds' preconditioner ``g / (sqrt(v / (1 − β2^t)) + ε)``
   with Adam's state frozen (docs/seeds/003 "Adam preconditioning"; formerly called ``adam``);
-* ``adam_step(params, states)``: the exact next ``torch.optim.Adam``/``AdamW`` step per
+* ``adam_step_map(params, states)``: the exact next ``torch.optim.Adam``/``AdamW`` step per
   unit learning rate (first moment, second-moment update, both bias corrections, ε
   outside the square root, L2 or decoupled weight decay, AMSGrad;
-  docs/derivations.md#adam-step).
+  docs/derivations.md#adam-step);
+* ``optimizer_step_map(params, states, lrs, max_grad_norm)``: the step the trainer will
+  actually take, learning rates inside: ``chain(clip_by_global_norm(c), adam_step_map,
+  scale_by_lr(lrs))``.
 
 Sign convention: the trainer minimises ``−mean J``, so the optimizer sees the gradient
 ``−∇ mean J`` (with ``maximize=True`` it sees ``+∇ mean J`` and flips it, which is the
@@ -55,23 +58,61 @@ class AdamState:
 
 @dataclass(frozen=True)
 class StepMap:
-    """A step map P: ascent gradient tree → step tree per unit learning rate.
+    """A step map: ascent gradient tree → step tree.
 
     Attributes:
-        name: ``"sgd"``, ``"frozen_adam"`` or ``"adam_step"``.
-        fn: name, gradient tensor → step tensor.
+        name: ``"sgd"``, ``"frozen_adam"``, ``"adam_step"`` or ``"optimizer_step"``.
+        fn: gradient tree → step tree (same names).
+        per_unit_lr: True when the step is per unit learning rate (θ ← θ + η·step);
+            False when the learning rates are inside it (θ ← θ + step).
     """
 
     name: str
-    fn: Callable[[str, Tensor], Tensor] = field(repr=False)
+    fn: Callable[[Mapping[str, Tensor]], ParamTree] = field(repr=False)
+    per_unit_lr: bool = True
 
     def __call__(self, gradient: Mapping[str, Tensor]) -> ParamTree:
-        return {n: self.fn(n, g) for n, g in gradient.items()}
+        return self.fn(gradient)
+
+
+def per_name(name: str, fn: Callable[[str, Tensor], Tensor], *, per_unit_lr: bool = True) -> StepMap:
+    """A coordinate-wise step map from ``fn(parameter name, gradient tensor) → step tensor``."""
+    return StepMap(name, lambda gradient: {n: fn(n, g) for n, g in gradient.items()}, per_unit_lr)
+
+
+def chain(name: str, *maps: StepMap) -> StepMap:
+    """The maps applied in order (optax's ``chain``); per unit lr only if all of them are."""
+
+    def fn(gradient: Mapping[str, Tensor]) -> ParamTree:
+        tree = dict(gradient)
+        for m in maps:
+            tree = m(tree)
+        return tree
+
+    return StepMap(name, fn, all(m.per_unit_lr for m in maps))
 
 
 def sgd() -> StepMap:
     """P = identity."""
-    return StepMap("sgd", lambda name, g: g)
+    return per_name("sgd", lambda name, g: g)
+
+
+def clip_by_global_norm(max_norm: float) -> StepMap:
+    """``g ← g · min(1, c / (‖g‖ + 1e-6))`` with the 2-norm over every tensor of the tree:
+    ``torch.nn.utils.clip_grad_norm_`` (torch 2.13, ``norm_type=2``) as a pure map."""
+
+    def fn(gradient: Mapping[str, Tensor]) -> ParamTree:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradient.values()]))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return {n: g * coef.to(g.dtype) for n, g in gradient.items()}
+
+    return StepMap("clip_by_global_norm", fn)
+
+
+def scale_by_lr(lrs: Mapping[str, float]) -> StepMap:
+    """Multiply each parameter's step by its param group's learning rate."""
+    lrs = dict(lrs)
+    return per_name("scale_by_lr", lambda name, g: g * lrs[name], per_unit_lr=False)
 
 
 def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: bool = False) -> StepMap:
@@ -92,13 +133,22 @@ def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: boo
         st = states[name]
         return g if st.exp_avg_sq is None else adam_preconditioner(g, st)
 
-    return StepMap("frozen_adam", fn)
+    return per_name("frozen_adam", fn)
 
 
 def adam_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState]) -> StepMap:
     """The exact next Adam/AdamW step per unit learning rate for every name of ``states``."""
     params, states = dict(params), dict(states)
-    return StepMap("adam_step", lambda name, g: adam_step(g, params[name], states[name]))
+    return per_name("adam_step", lambda name, g: adam_step(g, params[name], states[name]))
+
+
+def optimizer_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState], lrs: Mapping[str, float],
+                       max_grad_norm: float | None = None) -> StepMap:
+    """Δθ = what ``clip_grad_norm_`` + ``optimizer.step()`` of Adam/AdamW will add to θ now:
+    global-norm clipping (if ``max_grad_norm``), the exact Adam/AdamW step, each param
+    group's current learning rate (docs/definitions.md#step-maps)."""
+    maps = [] if max_grad_norm is None else [clip_by_global_norm(max_grad_norm)]
+    return chain("optimizer_step", *maps, adam_step_map(params, states), scale_by_lr(lrs))
 
 
 def adam_preconditioner(g: Tensor, state: AdamState) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.steps import AdamHyper, AdamState, StepMap, adam_step_map, frozen_adam, sgd
+from ..core.steps import AdamHyper, AdamState, StepMap, adam_step_map, frozen_adam, optimizer_step_map, sgd
 from ..settings import ProbeSettings
 from .registry import ParamRegistry
 
@@ -108,7 +108,17 @@ def step_map(settings: ProbeSettings, optimizer: torch.optim.Optimizer | None,
     states = read_adam_state(check_adam(optimizer, settings), registry)
     if settings.step == "frozen_adam":
         return frozen_adam(states, allow_identity_fallback=settings.allow_identity_fallback)
+    if settings.step == "optimizer_step":
+        return optimizer_step_map(registry.trainable, states, group_lrs(optimizer, registry), settings.max_grad_norm)
     return adam_step_map(registry.trainable, states)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> dict[str, float]:
+    """Name → the current ``lr`` of the param group that holds each probed parameter
+    (schedulers and per-group rates such as LoRA+ included)."""
+    optimizer = unwrap_optimizer(optimizer)
+    lr_of = {p: float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    return {n: lr_of[p] for n, p in registry.live_parameters().items()}
 
 
 def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> float:
