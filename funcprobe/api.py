@@ -35,7 +35,7 @@ from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.progress import chunk_progress
 from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
-from .errors import NoSignalError, SettingsError, StaleProbeError
+from .errors import NonFiniteError, NoSignalError, SettingsError, StaleProbeError
 from .settings import ProbeSettings
 
 
@@ -65,6 +65,8 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
         ValueError: U without advantages, missing optimizer or optimizer state, no
             prompts on any rank.
         NoSignalError (``ValueError``): μY is zero everywhere (all advantages 0?).
+        NonFiniteError (``RuntimeError``): a NaN/inf policy gradient, naming the parameters
+            (and those whose weights are non-finite).
         TypeError: a non-Adam optimizer for an Adam step; a keyword that is no setting.
         KeyError: probed parameters in no param group of the optimizer.
         UnsupportedModelError (``NotImplementedError``): an FSDP-sharded model.
@@ -93,6 +95,14 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
     if count == 0:
         raise ValueError("U: there are no update prompts (on any rank)")
     gradient = tree_map(lambda t: t / count, total)
+    bad = sorted(n for n, g in gradient.items() if not bool(torch.isfinite(g).all()))
+    if bad:  # identical on every rank: decided after the all-reduce
+        weights = sorted(n for n in bad if not bool(torch.isfinite(registry.trainable[n]).all()))
+        raise NonFiniteError(
+            f"U: the policy gradient is NaN or inf at {len(bad)} parameter(s): {bad[:8]}"
+            + (f"; the weights themselves are non-finite at {weights[:8]}" if weights else
+               " (check U's advantages and the model's dtype)")
+        )
     mu = step(gradient)
     if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
         raise NoSignalError(

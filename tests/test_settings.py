@@ -185,3 +185,14 @@ def test_library_leaves_global_state_alone(tmp_path):
         plot_probe(pred, tmp_path / "p.png")
     assert matplotlib.get_backend() == backend
     assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_a_nan_weight_raises_by_name_not_a_nan_direction():
+    from funcprobe import NonFiniteError
+
+    model = gpt2()
+    name = next(n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        dict(model.named_parameters())[name][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=f"weights themselves are non-finite at \\['{name}'"):
+        update_direction(model, random_rollouts(), step="sgd")
