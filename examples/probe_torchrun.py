@@ -30,6 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # each rank its share of the cores
     cfg = DemoConfig(prompts=args.prompts_per_rank, group_size=4, max_new_tokens=8 if args.small else 24,
                      hidden=32 if args.small else 128, layers=1 if args.small else 4, train_steps=args.train_steps)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -56,5 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
