@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .core.objectives import entropy_objective, policy_gradient_objective
+from .core.objectives import Objective, entropy_objective, policy_gradient_objective, token_sum_objective
 from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
 from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
@@ -83,10 +83,10 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
 def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
                       settings: ProbeSettings) -> ParamTree:
     comm = Communicator.for_group(settings.process_group)
-    comm.handshake(registry.names, registry.numel(), settings.code()[:2])
+    comm.handshake(registry.names, registry.numel(), settings.code()[:3])
     step = step_map(settings, optimizer, registry)
     U = as_normal_batch(U, registry.device)
-    f = policy_gradient_objective(settings.weighting).on_logprobs(registry.logprob_fn())
+    f = _policy_gradient(settings, U, comm).on_logprobs(registry.logprob_fn())
     gradient_sum = summed_gradient(f, chunk_size=settings.chunk_size)
     with probe_session(registry, keep_dropout=settings.keep_dropout):
         total = gradient_sum(registry.trainable, U)
@@ -110,6 +110,27 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
             f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
         )
     return mu
+
+
+def _policy_gradient(settings: ProbeSettings, U: RolloutBatch, comm: Communicator) -> Objective:
+    """J of ``settings.loss_type`` (docs/definitions.md#trl-loss-types), or of the weighting.
+
+    ``dapo``/``bnpo`` need the completion-token count T and sequence count N of the whole
+    U: all-reduced here for ``dapo``; ``bnpo`` (TRL normalises each rank's micro-batch by
+    its own tokens) is refused across ranks.
+    """
+    loss_type = settings.loss_type
+    if loss_type is None:
+        return policy_gradient_objective(settings.weighting)
+    if loss_type in ("grpo", "dr_grpo"):
+        return policy_gradient_objective("per_token_avg" if loss_type == "grpo" else "dr_grpo")
+    if loss_type == "bnpo" and comm.distributed:
+        raise SettingsError("loss_type: 'bnpo' normalises each rank's micro-batch by its own token count, which "
+                            "is not modelled across ranks; use 'dapo' (TRL's default) or one process")
+    tokens, sequences = comm.sum_floats([float(U.response_lengths.sum()), float(U.num_prompts * U.group_size)])
+    if tokens == 0:
+        raise ValueError("U: there are no completion tokens (on any rank)")
+    return token_sum_objective(sequences / tokens)
 
 
 def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
@@ -171,7 +192,8 @@ def _conditional_variance(registry: ParamRegistry, E: RolloutBatch, muY: Mapping
     comm = Communicator.for_group(settings.process_group)
     if not comm.distributed and E.num_prompts < 2:
         raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
-    comm.handshake(registry.names, registry.numel(), [lr, *settings.code()[1:]])
+    code = settings.code()
+    comm.handshake(registry.names, registry.numel(), [lr, code[1], code[3]])
     s = _local_scalars(registry, E, muY, settings)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
     check_scalars(s, totals[2:])

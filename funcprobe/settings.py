@@ -27,6 +27,8 @@ from .errors import SettingsError
 STEPS = ("sgd", "frozen_adam", "adam_step", "optimizer_step")
 #: weightings of S (docs/definitions.md#weighting)
 WEIGHTINGS = ("dr_grpo", "per_token_avg")
+#: TRL ``GRPOTrainer`` loss types whose policy gradient is modelled (docs/definitions.md#trl-loss-types)
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 #: ways to compute the probe scalars (docs/definitions.md#probe-scalar, #alpha-trick)
 MODES = ("jvp", "vjp")
 #: parameter selections besides an explicit list of names
@@ -72,6 +74,14 @@ class ProbeSettings:
         "weighting of the sequence log-prob: dr_grpo (S/Lmax, needs max_len) or per_token_avg (S/|y|)",
         choices=WEIGHTINGS,
     )
+    loss_type: str | None = _opt(
+        None,
+        "the policy-gradient loss of the step, as TRL's GRPOTrainer computes it at ratio 1: grpo (mean over "
+        "sequences of the token mean), dr_grpo (token sum / (sequences x Lmax)), dapo (token sum / completion "
+        "tokens of the whole update batch, all ranks), bnpo (token sum / tokens of the batch, one process); "
+        "None: J of the weighting",
+        choices=LOSS_TYPES,
+    )
     mode: str = _opt(
         "jvp",
         "how s is computed: jvp (forward mode, memory of about one forward) or vjp (the seeds' alpha-trick, "
@@ -114,6 +124,8 @@ class ProbeSettings:
             object.__setattr__(self, "max_grad_norm", float(self.max_grad_norm))
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("mode", self.mode, MODES)
+        if self.loss_type is not None:
+            _choice("loss_type", self.loss_type, LOSS_TYPES)
         object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
         object.__setattr__(self, "params", _param_selection(self.params))
         if self.adapter is not None and not isinstance(self.adapter, str):
@@ -158,7 +170,8 @@ class ProbeSettings:
 
     def code(self) -> list[float]:
         """The settings that data-parallel ranks must share, as numbers (for the handshake)."""
-        return [float(STEPS.index(self.step)), float(WEIGHTINGS.index(self.weighting)),
+        loss = -1.0 if self.loss_type is None else float(LOSS_TYPES.index(self.loss_type))
+        return [float(STEPS.index(self.step)), float(WEIGHTINGS.index(self.weighting)), loss,
                 float(MODES.index(self.mode))]
 
 

@@ -8,7 +8,10 @@ Pure functions of S ``[B, G]`` and the batch (docs/definitions.md#entropy-surrog
 * ``c = stopgrad(Sw − b)``; ``LX[n] = −(1/G) Σ_g c[n,g] · S[n,g]``, so that
   E[∇LX[n]] = ∇θ of the (weighted) response entropy of prompt n
   (docs/derivations.md#unbiased-surrogate);
-* ``J[n] = (1/G) Σ_g A[n,g] · Sw[n,g]``.
+* ``J[n] = (1/G) Σ_g A[n,g] · Sw[n,g]``;
+* TRL's token-sum losses (``dapo``, ``bnpo``): ``mean_n J[n] = Σ_{n,g} A·S / T`` with T
+  the completion tokens of the batch, i.e. ``Sw = S · N / T`` with N = B·G sequences
+  (``token_sum_objective``; docs/definitions.md#trl-loss-types).
 
 An ``Objective`` is such a function closed over its weighting (a small value, built
 once); ``on_logprobs`` composes it with a pure S(θ, batch) into the per-prompt function
@@ -103,3 +106,21 @@ def entropy_objective(weighting: str) -> Objective:
 def policy_gradient_objective(weighting: str) -> Objective:
     """J with ``weighting`` (the update direction's f; docs/definitions.md#policy-gradient-surrogate)."""
     return Objective("policy_gradient", weighting, policy_gradient_surrogate)
+
+
+def token_sum_objective(sequences_per_token: float) -> Objective:
+    """J with ``Sw = S · sequences_per_token`` (N / T of the whole update batch), so that
+    ``mean_n J[n] = Σ A·S / T``: the policy loss of TRL's ``dapo`` (T over the whole
+    generation batch, all processes) and ``bnpo`` (T of one micro-batch), at ratio 1.
+
+    Raises ``ValueError`` for a non-positive or non-finite ``sequences_per_token``.
+    """
+    scale = float(sequences_per_token)
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"sequences_per_token: expected a finite number > 0, got {sequences_per_token!r}")
+
+    def fn(S: Tensor, batch: RolloutBatch, weighting: str) -> Tensor:
+        A = batch.require_advantages("U").to(S.dtype)
+        return (A * S * scale).mean(-1)
+
+    return Objective("policy_gradient", "token_sum", fn)

@@ -1,0 +1,85 @@
+"""TRL's own GRPO loss: funcprobe's ∇J equals the autograd gradient of ``GRPOTrainer._compute_loss``."""
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from funcprobe import update_direction  # noqa: E402
+from funcprobe.integrations.trl import generation_batch_to_rollouts  # noqa: E402
+from helpers import rel_err  # noqa: E402
+
+VOCAB, G, LMAX = 32, 3, 5
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False)).to(torch.float64)
+    args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=4 * G,
+                      num_generations=G, max_completion_length=LMAX, report_to="none", use_cpu=True,
+                      save_strategy="no", bf16=False)
+    data = Dataset.from_dict({"prompt": ["w3 w4"] * 8})
+    t = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                    train_dataset=data, processing_class=_tokenizer())
+    t.model.train()
+    t.current_gradient_accumulation_steps = 1
+    return t
+
+
+def _generation_batch(B=4, seed=3):
+    """Left-padded prompts, right-padded completions of unequal lengths, advantages: TRL's layout."""
+    gen = torch.Generator().manual_seed(seed)
+    N, P = B * G, 4
+    prompt_ids = torch.randint(3, VOCAB, (N, P), generator=gen)
+    prompt_lens = torch.randint(1, P + 1, (B,), generator=gen).repeat_interleave(G)
+    prompt_mask = (torch.arange(P) >= (P - prompt_lens)[:, None]).long()
+    prompt_ids = torch.where(prompt_mask.bool(), prompt_ids, 0)
+    completion_ids = torch.randint(3, VOCAB, (N, LMAX), generator=gen)
+    completion_lens = torch.randint(1, LMAX + 1, (N,), generator=gen)
+    completion_mask = (torch.arange(LMAX) < completion_lens[:, None]).long()
+    completion_ids = torch.where(completion_mask.bool(), completion_ids, 0)
+    advantages = torch.randn(N, generator=gen, dtype=torch.float64)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask, "advantages": advantages,
+            "num_items_in_batch": completion_mask.sum()}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_policy_gradient_equals_the_gradient_of_trls_loss(trainer, loss_type):
+    batch = _generation_batch()
+    trainer.loss_type = loss_type
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss = trainer._compute_loss(trainer.model, dict(batch))
+    grads = torch.autograd.grad(loss, params)
+    U = generation_batch_to_rollouts(batch, G, float(LMAX))
+    mu = update_direction(trainer.model, U, step="sgd", loss_type=loss_type, chunk_size=3)
+    for n, g in zip(names, grads):
+        assert rel_err(mu[n], -g) < 1e-6, (loss_type, n, rel_err(mu[n], -g))
+
+
+def test_loss_types_differ_where_they_should(trainer):
+    """grpo (per-sequence token mean) and dapo (token sum / all tokens) are different steps here."""
+    U = generation_batch_to_rollouts(_generation_batch(), G, float(LMAX))
+    a = update_direction(trainer.model, U, step="sgd", loss_type="grpo")
+    b = update_direction(trainer.model, U, step="sgd", loss_type="dapo")
+    assert max(rel_err(a[k], b[k]) for k in a) > 1e-2
