@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 
 from . import errors
-from .api import EntropyProbe, conditional_variance, probe_scalars, update_direction
+from .api import EntropyProbe, conditional_variance, probe_scalars, step_from_gradient, update_direction
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
     Objective,
@@ -86,6 +86,7 @@ __all__ = [
     "read_adam_state",
     "sequence_logprobs",
     "sgd",
+    "step_from_gradient",
     "summed_gradient",
     "unwrap_model",
     "update_direction",

@@ -112,6 +112,32 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
     return mu
 
 
+def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
+                       optimizer: torch.optim.Optimizer | None = None, settings: ProbeSettings | None = None,
+                       **options: Any) -> ParamTree:
+    """The step of ``settings.step`` for a given ascent gradient ∇θ J (name→tensor).
+
+    For a trainer that has already back-propagated its loss L = −J: pass
+    ``{name: -p.grad}``; with ``step="optimizer_step"`` and ``max_grad_norm=None`` (the
+    ``.grad`` is already clipped) this is exactly the Δθ that ``optimizer.step()`` will add,
+    whatever the loss, precision, gradient accumulation or data parallelism that made the
+    gradient. Nothing is read from or written to ``.grad`` here.
+
+    Raises:
+        KeyError, ValueError: ``gradient`` names or shapes that do not match the registry,
+            non-finite values (listed).
+        the errors of ``update_direction`` for the settings and the optimizer.
+    """
+    settings = ProbeSettings.resolve(settings, options, caller="step_from_gradient")
+    if settings.step != "sgd":
+        check_adam(optimizer, settings)
+    registry = ParamRegistry.from_settings(model, settings)
+    check_like(registry.trainable, gradient, "gradient")
+    grad = {n: gradient[n].to(device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
+            for n, t in registry.trainable.items()}
+    return step_map(settings, optimizer, registry)(grad)
+
+
 def _policy_gradient(settings: ProbeSettings, U: RolloutBatch, comm: Communicator) -> Objective:
     """J of ``settings.loss_type`` (docs/definitions.md#trl-loss-types), or of the weighting.
 

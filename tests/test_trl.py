@@ -83,3 +83,62 @@ def test_loss_types_differ_where_they_should(trainer):
     a = update_direction(trainer.model, U, step="sgd", loss_type="grpo")
     b = update_direction(trainer.model, U, step="sgd", loss_type="dapo")
     assert max(rel_err(a[k], b[k]) for k in a) > 1e-2
+
+
+@pytest.mark.parametrize("gradient, dtype, bf16, lr, clip", [
+    ("trainer", torch.float32, False, 0.1, 0.05),
+    ("trainer", torch.float32, True, 0.1, 0.05),  # TRL's default mixed precision: autocast to bf16
+    # recompute: funcprobe's own float64 gradient against TRL's fused log-prob head, which accumulates
+    # in float32 (~2e-7 relative); clip and lr keep Adam's first step g/(|g| + eps) from amplifying it
+    ("recompute", torch.float64, False, 1e-2, 0.1),
+])
+def test_predicted_step_is_the_step_the_trainer_takes(tmp_path, gradient, dtype, bf16, lr, clip):
+    """A real ProbedGRPOTrainer run (default loss_type dapo, clipping active, linear LR decay):
+    the Δθ the probe predicted before each optimizer step equals the Δθ the step applied."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+    from trl import GRPOConfig
+
+    from funcprobe.integrations.trl import ProbedGRPOTrainer
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False)).to(dtype)
+    # clip: active at every step; lr 0.1 keeps a float32 step well above float32's resolution of θ
+    # itself (θ_after − θ_before is measured in the parameters' dtype)
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=G,
+                      max_completion_length=LMAX, max_steps=3, learning_rate=lr, max_grad_norm=clip,
+                      weight_decay=0.01, lr_scheduler_type="linear", logging_steps=1, report_to="none",
+                      use_cpu=True, save_strategy="no", seed=0, bf16=bf16)
+    data = Dataset.from_dict({"prompt": [f"w{3 + i} w{4 + i} w{5 + i}" for i in range(12)]})
+    trainer = ProbedGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [-float(len(c)) for c in completions],
+                                args=args, train_dataset=data, processing_class=_tokenizer(), probe_gradient=gradient,
+                                probe_raise=True)
+    assert trainer.probe_settings.step == "optimizer_step" and trainer.probe_settings.loss_type == "dapo"
+    assert trainer.probe_settings.max_grad_norm == (clip if gradient == "recompute" else None)
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.errors, self.lrs, self.norms = [], [], []
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.predicted = {k: v.clone() for k, v in trainer.funcprobe_step.items()}
+            self.before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n in self.predicted}
+            self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            named = dict(trainer.model.named_parameters())
+            self.errors.append(max(rel_err(self.predicted[n], named[n].detach() - b) for n, b in self.before.items()))
+
+    rec = Recorder()
+    trainer.add_callback(rec)
+    trainer.train()
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(rec.errors) == 3 and len(set(rec.lrs)) == 3  # the schedule moved the lr every step
+    assert min(norms) > clip, norms  # clipping was active at every step
+    assert max(rec.errors) < 1e-5, rec.errors
+    logged = [h for h in trainer.state.log_history if "funcprobe/delta_h" in h]
+    assert len(logged) == 3 and all(abs(h["funcprobe/delta_h"]) < 1 for h in logged)

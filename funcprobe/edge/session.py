@@ -45,7 +45,7 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Ite
     modes = [(m, m.training) for m in module.modules()]
     try:
         with torch.inference_mode(False), adapter_activated(module, registry.adapter), probe_attention(module), \
-                _input_require_grads_suspended(module):
+                _input_require_grads_suspended(module), _mixed_precision_forward_suspended(module):
             if not keep_dropout:
                 module.eval()
             yield
@@ -53,6 +53,29 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Ite
         for m, training in modes:
             if m.training != training:
                 m.train(training)
+
+
+@contextlib.contextmanager
+def _mixed_precision_forward_suspended(module: torch.nn.Module) -> Iterator[None]:
+    """Run the body with the module's own ``forward`` instead of accelerate's mixed-precision
+    wrapper (``accelerator.prepare`` with ``mixed_precision="bf16"/"fp16"`` replaces
+    ``model.forward`` by an autocast + ``convert_outputs_to_fp32`` wrapper and keeps the
+    original as ``model._original_forward``); the wrapper is put back afterwards.
+
+    The probe's forwards then compute in the weights' own dtype: under the wrapper,
+    ``torch.func.grad`` fails inside autocast ("expected scalar type Float but found
+    BFloat16", torch 2.13 CPU).
+    """
+    original = module.__dict__.get("_original_forward")
+    wrapper = module.__dict__.get("forward")
+    if original is None or wrapper is None:
+        yield
+        return
+    module.forward = original
+    try:
+        yield
+    finally:
+        module.forward = wrapper
 
 
 #: forward hooks that call ``output.requires_grad_(True)`` (transformers' and peft's names)

@@ -16,12 +16,28 @@ A diagnostic must never stop the training it watches: a batch with no signal
 of the probe is logged with its reason (``funcprobe/failed`` counts them) while
 training goes on, unless ``probe_raise=True``.
 
-Mapping of TRL's losses: ``loss_type="dr_grpo"`` → ``weighting="dr_grpo"`` with Lmax =
-``max_completion_length``; every other loss type → ``per_token_avg`` (exact for
-``grpo``; an approximation of the token-level normalisation of ``bnpo``/``dapo``). The
-direction assumes the optimizer step on ``−∇ mean J``: TRL's gradient clipping and
-multiple iterations per batch (``num_iterations > 1``) are not modelled. Using the same
-batch for E and U adds an O(1/B) self-term to s̄ (each prompt's own contribution to μY).
+What is predicted: the step the trainer takes now, ``step="optimizer_step"`` (unless
+``probe_settings`` names another step), through the live AdamW with each param group's
+current learning rate. Its gradient comes from (``probe_gradient``):
+
+* ``"trainer"`` (default): the ``.grad`` the optimizer is about to use (read-only; after
+  TRL's loss, gradient accumulation, mixed precision, DDP's all-reduce and the
+  trainer's ``max_grad_norm`` clipping), so Δθ is exactly the step taken, whatever the
+  configuration;
+* ``"recompute"``: funcprobe's own gradient of TRL's loss for the configured
+  ``loss_type`` (``grpo``, ``dr_grpo``, ``dapo`` — TRL's default — or ``bnpo``;
+  docs/definitions.md#trl-loss-types) on the generation batch at ratio 1, clipped by
+  ``max_grad_norm``, computed in the weights' dtype (without the trainer's autocast).
+
+The predicted Δθ of the last probed step is kept in ``trainer.funcprobe_step``. The entropy is weighted ``dr_grpo`` (Lmax =
+``max_completion_length``) for ``loss_type="dr_grpo"``, else ``per_token_avg``.
+With ``probe_gradient="recompute"``, settings whose loss terms are not modelled are
+refused by name when the trainer is built (``SettingsError``): ``beta != 0`` (KL to a reference model), ``entropy_coef`` /
+adaptive entropy control, ``top_entropy_quantile < 1``, ``num_iterations > 1``,
+``steps_per_generation != gradient_accumulation_steps``, ``mask_truncated_completions``,
+vLLM importance-sampling correction, ``off_policy_mask_threshold``, other loss types,
+and ``bnpo`` with gradient accumulation. Using the same batch for E and U adds an
+O(1/B) self-term to s̄ (each prompt's own contribution to μY).
 
 Tested with trl 1.16 (``pyproject.toml`` pins ``trl>=1.16,<2``).
 """
@@ -36,11 +52,11 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from ..api import EntropyProbe
+from ..api import EntropyProbe, step_from_gradient
 from ..core.rollouts import RolloutBatch
 from ..edge.progress import log
-from ..errors import NoSignalError
-from ..settings import ProbeSettings
+from ..errors import NoSignalError, SettingsError
+from ..settings import LOSS_TYPES, ProbeSettings
 
 
 def generation_batch_to_rollouts(batch: dict[str, Any], group_size: int, max_len: float | None) -> RolloutBatch:
@@ -59,6 +75,10 @@ def generation_batch_to_rollouts(batch: dict[str, Any], group_size: int, max_len
     return RolloutBatch(ids, mask, int(prompt_ids.shape[1]), adv, max_len)
 
 
+#: where the step's gradient comes from in ``ProbedGRPOTrainer``
+PROBE_GRADIENTS = ("trainer", "recompute")
+
+
 class ProbedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` that logs funcprobe's prediction of each (N-th) step.
 
@@ -67,21 +87,29 @@ class ProbedGRPOTrainer(GRPOTrainer):
         probe_settings: ``ProbeSettings`` of the probe (``step``, ``mode``,
             ``chunk_size``, ...); ``weighting`` is taken from the trainer's ``loss_type``.
         probe_raise: raise the probe's errors instead of logging them and training on.
+        probe_gradient: ``"trainer"`` (the ``.grad`` the optimizer will use) or
+            ``"recompute"`` (funcprobe's gradient of the modelled loss); see the module
+            docstring.
         probe_direction, probe_batch_size, probe_mode: deprecated spellings of
             ``probe_settings`` fields.
     """
 
     def __init__(self, *args, probe_every: int = 1, probe_settings: ProbeSettings | None = None,
-                 probe_raise: bool = False, **kwargs):
+                 probe_raise: bool = False, probe_gradient: str = "trainer", **kwargs):
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every: expected an int >= 1, got {probe_every!r}")
+        if probe_gradient not in PROBE_GRADIENTS:
+            raise SettingsError(f"probe_gradient: expected one of {PROBE_GRADIENTS}, got {probe_gradient!r}")
         old = {k[len("probe_"):]: kwargs.pop(k) for k in ("probe_direction", "probe_batch_size", "probe_mode")
                if k in kwargs}
-        self.probe_settings = ProbeSettings.resolve(probe_settings, {"progress": False, **old},
-                                                    caller="ProbedGRPOTrainer")
+        base = probe_settings if probe_settings is not None else ProbeSettings(step="optimizer_step")
+        base = ProbeSettings.resolve(base, {"progress": False, **old}, caller="ProbedGRPOTrainer")
         super().__init__(*args, **kwargs)
+        self.probe_gradient = probe_gradient
+        self.probe_settings = trainer_settings(self, base, recompute=probe_gradient == "recompute")
         self.probe_every = probe_every
         self.probe_raise = bool(probe_raise)
+        self.funcprobe_step: dict[str, torch.Tensor] | None = None
         self._funcprobe_batch: dict[str, Any] | None = None
         self.add_callback(_ProbeCallback(self))
 
@@ -96,15 +124,20 @@ class ProbedGRPOTrainer(GRPOTrainer):
         """Probe the step about to be taken on the current generation batch; returns the metrics."""
         if self._funcprobe_batch is None:
             return None
-        dr = self.loss_type == "dr_grpo"
         batch = generation_batch_to_rollouts(self._funcprobe_batch, self.num_generations,
-                                             float(self.args.max_completion_length) if dr else None)
+                                             float(self.args.max_completion_length))
         if batch.num_prompts < 2:
             log.warning("funcprobe: skipped, the step's batch has %d prompt(s); the SE needs 2", batch.num_prompts)
             return None
-        settings = replace(self.probe_settings, weighting="dr_grpo" if dr else "per_token_avg")
         try:
-            r = EntropyProbe(self.model, self.optimizer, settings=settings).predict(batch, batch)
+            probe = EntropyProbe(self.model, self.optimizer, settings=self.probe_settings)
+            if self.probe_gradient == "trainer":
+                step = step_from_gradient(self.model, trainer_gradient(probe.registry), optimizer=self.optimizer,
+                                          settings=self.probe_settings)
+            else:
+                step = probe.update_direction(batch)
+            r = probe.conditional_variance(batch, step)
+            self.funcprobe_step = step
         except NoSignalError as err:  # a batch with no signal (all advantages 0): nothing to predict
             log.warning("funcprobe: skipped step %d: %s", self.state.global_step, err)
             return None
@@ -134,3 +167,54 @@ class _ProbeCallback(TrainerCallback):
             if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
                 log.warning("funcprobe: non-finite metrics %s", metrics)
         return control
+
+
+def trainer_gradient(registry) -> dict[str, torch.Tensor]:
+    """``{name: −p.grad}``: the ascent gradient the optimizer is about to use (read-only).
+
+    Raises ``ValueError`` naming probed parameters that have no ``.grad``.
+    """
+    live = registry.live_parameters()
+    missing = [n for n, p in live.items() if p.grad is None]
+    if missing:
+        raise ValueError(f"model: {len(missing)} probed parameter(s) have no .grad at this step: {missing[:8]}")
+    return {n: -p.grad.detach() for n, p in live.items()}
+
+
+def trainer_settings(trainer: GRPOTrainer, base: ProbeSettings, *, recompute: bool = True) -> ProbeSettings:
+    """The probe's settings for ``trainer``: ``loss_type``, ``max_grad_norm`` (``recompute``
+    only: the trainer's ``.grad`` is already clipped) and the entropy weighting from its
+    ``GRPOConfig``, on top of ``base``.
+
+    Raises ``SettingsError`` naming each ``GRPOConfig`` setting whose loss term or step
+    structure the probe does not model (see the module docstring).
+    """
+    args = trainer.args
+    loss_type = getattr(trainer, "loss_type", args.loss_type)
+    checks = [
+        (loss_type not in LOSS_TYPES, f"loss_type={loss_type!r} (modelled: {LOSS_TYPES})"),
+        (float(getattr(trainer, "beta", args.beta)) != 0.0, "beta != 0 (the KL term to the reference model)"),
+        (bool(getattr(trainer, "_entropy_bonus_enabled", False)), "entropy_coef / adaptive entropy control"),
+        (float(getattr(args, "top_entropy_quantile", 1.0)) < 1.0, "top_entropy_quantile < 1 (entropy-masked tokens)"),
+        (int(getattr(args, "num_iterations", 1)) > 1, "num_iterations > 1 (ratios != 1 after the first step)"),
+        (args.steps_per_generation != args.gradient_accumulation_steps,
+         "steps_per_generation != gradient_accumulation_steps (one optimizer step sees part of the batch)"),
+        (bool(getattr(args, "mask_truncated_completions", False)), "mask_truncated_completions=True"),
+        (bool(getattr(trainer, "use_vllm", False)) and bool(getattr(args, "vllm_importance_sampling_correction",
+                                                                    False)), "vLLM importance-sampling correction"),
+        (getattr(args, "off_policy_mask_threshold", None) is not None, "off_policy_mask_threshold"),
+        (loss_type == "bnpo" and args.gradient_accumulation_steps > 1,
+         "loss_type='bnpo' with gradient accumulation (TRL normalises each shuffled micro-batch)"),
+    ]
+    refused = [what for bad, what in checks if bad] if recompute else []
+    if refused:
+        raise SettingsError(
+            "GRPOConfig: funcprobe does not model " + "; ".join(refused)
+            + ". Its prediction would be of another step, so the probe refuses instead of guessing"
+        )
+    changes: dict[str, Any] = {"loss_type": loss_type if loss_type in LOSS_TYPES else None,
+                               "weighting": "dr_grpo" if loss_type == "dr_grpo" else "per_token_avg"}
+    if base.step == "optimizer_step" and recompute:
+        max_norm = args.max_grad_norm
+        changes["max_grad_norm"] = float(max_norm) if max_norm is not None and max_norm > 0 else None
+    return replace(base, **changes)
