@@ -267,11 +267,14 @@ class EntropyProbe:
 
     Example::
 
-        probe = EntropyProbe(peft_model, optimizer, step="adam_step")
+        probe = EntropyProbe(peft_model, optimizer)   # step="optimizer_step" by default
         pred = probe.predict(E, U)         # RolloutBatch each
         print(pred.delta_h, pred.se, pred.ci95)
 
-    The settings are checked here, once. At each ``predict`` the probe looks at the
+    By default (no ``settings`` and no ``step``) the probe predicts ``step="optimizer_step"``:
+    the Δθ that ``optimizer.step()`` will take now, with each param group's current
+    learning rate (pass ``max_grad_norm`` for the trainer's clipping). The settings are
+    checked here, once. At each ``predict`` the probe looks at the
     model and the optimizer as they are then: the registry is re-extracted (tensors
     replaced by ``.to()`` or ``load_state_dict`` are seen) and the learning rate is
     re-read from the optimizer (LR schedulers are followed). Nothing about the model,
@@ -294,6 +297,8 @@ class EntropyProbe:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  lr: float | None = None, settings: ProbeSettings | None = None, **options: Any) -> None:
+        if settings is None and not {"step", "direction"} & set(options):
+            options = {"step": "optimizer_step", **options}  # the step the optimizer will take, by default
         self.settings = ProbeSettings.resolve(settings, options, caller="EntropyProbe")
         self.model = model
         self.optimizer = optimizer
@@ -304,8 +309,9 @@ class EntropyProbe:
         self._layout = _layout(registry)
         if self.settings.step == "optimizer_step":
             if self._lr is not None:
-                raise SettingsError("lr: step='optimizer_step' takes each param group's current lr from the "
-                                    "optimizer; do not pass lr=")
+                raise SettingsError("lr: step='optimizer_step' (EntropyProbe's default) takes each param group's "
+                                    "current lr from the optimizer; do not pass lr=, or pass step='adam_step' "
+                                    "(or 'sgd') to predict the step of one learning rate lr")
         elif self._lr is None:
             if optimizer is None:
                 raise SettingsError("lr: pass the learning rate, or an optimizer to read it from")

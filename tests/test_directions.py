@@ -163,7 +163,7 @@ def test_optimizer_step_settings_are_checked():
     opt = torch.optim.AdamW(_lora_plus_groups(model, 1e-3))
     from funcprobe import EntropyProbe
 
-    with pytest.raises(ValueError, match="lr: step='optimizer_step' takes each param group's current lr"):
+    with pytest.raises(ValueError, match="lr: step='optimizer_step' \\(EntropyProbe's default\\) takes each param group"):
         EntropyProbe(model, opt, lr=1e-3, step="optimizer_step")
     with pytest.raises(ValueError, match="pass lr= explicitly"):  # per-unit-lr steps need one lr
         EntropyProbe(model, opt, step="adam_step")

@@ -57,8 +57,10 @@ def test_entropy_probe_checks_settings_before_any_work():
     model = gpt2()
     with pytest.raises(SettingsError, match="mode: expected one of"):
         EntropyProbe(model, lr=0.1, mode="bogus")
-    with pytest.raises(ValueError, match="optimizer: step='adam_step' needs"):
-        EntropyProbe(model, lr=0.1)  # adam_step is the default and needs the optimizer
+    with pytest.raises(ValueError, match="optimizer: step='optimizer_step' needs"):
+        EntropyProbe(model)  # the step the optimizer will take is the default: it needs the optimizer
+    with pytest.raises(ValueError, match="pass step='adam_step'"):
+        EntropyProbe(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), lr=0.1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
         EntropyProbe(model, lr=0.1, step="sgd", nonsense=1)
     with pytest.raises(SettingsError, match="lr: expected a finite number > 0"):
@@ -126,7 +128,7 @@ def test_a_long_lived_probe_follows_the_model_and_the_scheduler():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.01**k)
-    probe = EntropyProbe(model, opt)
+    probe = EntropyProbe(model, opt, step="adam_step")
     E, U = random_rollouts(B=3, G=2, seed=8), random_rollouts(B=3, G=2, seed=9)
     before = probe.predict(E, U)
     opt.step()  # no gradients: nothing moves, but the scheduler may step now
