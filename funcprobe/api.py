@@ -29,6 +29,7 @@ from .core.objectives import Objective, entropy_objective, policy_gradient_objec
 from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
 from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
+from .core.steps import StepMap
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
 from .edge.optim import check_adam, optimizer_lr, step_map
@@ -77,11 +78,12 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
     if settings.step != "sgd":
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
-    return _update_direction(registry, U, optimizer, settings)
+    return _update_direction(registry, U, optimizer, settings)[0]
 
 
 def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-                      settings: ProbeSettings) -> ParamTree:
+                      settings: ProbeSettings) -> tuple[ParamTree, StepMap]:
+    """(μY, the step map that made it)."""
     comm = Communicator.for_group(settings.process_group)
     comm.handshake(registry.names, registry.numel(), settings.code()[:3])
     step = step_map(settings, optimizer, registry)
@@ -109,7 +111,7 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
             f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
             f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
         )
-    return mu
+    return mu, step
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
@@ -346,7 +348,7 @@ class EntropyProbe:
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
         check_rollouts(U, "U").require_advantages("U")
-        return _update_direction(self.registry, U, self.optimizer, self.settings)
+        return _update_direction(self.registry, U, self.optimizer, self.settings)[0]
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
@@ -362,12 +364,24 @@ class EntropyProbe:
         registry = self.registry
         lr = self._current_lr(registry)
         t0 = time.perf_counter()
-        mu = _update_direction(registry, U, self.optimizer, self.settings)
+        mu, step = _update_direction(registry, U, self.optimizer, self.settings)
         t1 = time.perf_counter()
         result = _conditional_variance(registry, E, mu, lr, self.settings)
         t2 = time.perf_counter()
-        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts,
-                                {"step": t1 - t0, "probe": t2 - t1})
+        seconds = {"step": t1 - t0, "probe": t2 - t1}
+        if self.settings.split_baseline:
+            result = result.with_baseline(self._baseline(registry, E, step, lr))
+            seconds["baseline"] = time.perf_counter() - t2
+        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts, seconds)
+
+    def _baseline(self, registry: ParamRegistry, E: RolloutBatch, step: StepMap,
+                  lr: float) -> EntropyPrediction | None:
+        """The prediction along Δθ(0), the step of a zero gradient (None where it is 0)."""
+        zero = step({n: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                     for n, t in registry.trainable.items()})
+        if tree_sq_norm(zero) == 0.0:
+            return None
+        return _conditional_variance(registry, E, zero, lr, self.settings)
 
 
 def _layout(registry: ParamRegistry) -> dict[str, tuple[int, ...]]:

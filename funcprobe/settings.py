@@ -104,6 +104,11 @@ class ProbeSettings:
     allow_identity_fallback: bool = _opt(
         False, "frozen_adam: identity preconditioner for parameters without Adam state"
     )
+    split_baseline: bool = _opt(
+        False,
+        "EntropyProbe.predict: also report the entropy change of the part of the step that does not depend "
+        "on U (Adam's momentum and weight decay, the step of a zero gradient), at one more JVP pass over E",
+    )
     gather_s: bool = _opt(False, "data-parallel: return every rank's s, not only this rank's", cli=False)
     progress: bool | None = _opt(None, "tqdm bar over chunks: None = only on a terminal", cli=False)
     process_group: object | None = _opt(
@@ -130,7 +135,7 @@ class ProbeSettings:
         object.__setattr__(self, "params", _param_selection(self.params))
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise SettingsError(f"adapter: expected an adapter name (str) or None, got {self.adapter!r}")
-        for name in ("keep_dropout", "allow_identity_fallback", "gather_s"):
+        for name in ("keep_dropout", "allow_identity_fallback", "gather_s", "split_baseline"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):

@@ -170,3 +170,44 @@ def test_optimizer_step_settings_are_checked():
     probe = EntropyProbe(model, opt, step="optimizer_step", max_grad_norm=1.0)
     pred = probe.predict(random_rollouts(B=3, G=3, seed=2), U)
     assert pred.lr == 1.0 and pred.step == "optimizer_step"
+
+
+def test_baseline_split_is_exact_and_is_the_step_of_a_zero_gradient():
+    """δH = δH(0) + δH(U): the part of the step that does not depend on U (momentum, weight
+    decay) is the real optimizer's step on a zero gradient, and s is linear in the tangent."""
+    from funcprobe import EntropyProbe, conditional_variance
+
+    model = gpt2()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = live_params(model, names)
+    opt = torch.optim.AdamW(_lora_plus_groups(model, 1e-3, weight_decay=0.1))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    E, U = random_rollouts(B=5, G=3, seed=12), random_rollouts(B=4, G=3, seed=13)
+    pred = EntropyProbe(model, opt, split_baseline=True).predict(E, U)
+    delta = update_direction(model, U, optimizer=opt, step="optimizer_step")
+    # the zero-gradient step, from the real optimizer
+    before = [p.detach().clone() for p in params]
+    saved = {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()} for k, v in opt.state.items()}
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    delta0 = {n: p.detach() - b for n, p, b in zip(names, params, before)}
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    opt.state.clear()
+    opt.state.update(saved)
+    opt.zero_grad(set_to_none=True)
+    base = conditional_variance(model, E, delta0, lr=1.0)
+    rest = conditional_variance(model, E, {n: delta[n] - delta0[n] for n in names}, lr=1.0)
+    assert pred.step == "optimizer_step" and pred.lr == 1.0
+    assert abs(pred.delta_h_baseline - base.delta_h) <= 1e-6 * abs(base.delta_h)
+    assert abs(pred.delta_h - (base.delta_h + rest.delta_h)) <= 1e-10 * (abs(base.delta_h) + abs(rest.delta_h))
+    assert pred.se_baseline > 0 and "delta_h_baseline" in pred.to_dict()
+    sgd = EntropyProbe(model, lr=0.1, step="sgd", split_baseline=True).predict(E, U)
+    assert sgd.delta_h_baseline == 0.0 and sgd.se_baseline == 0.0

@@ -49,6 +49,11 @@ class EntropyPrediction:
         step_norm: ||μY||₂ when known.
         num_update_prompts: B_U when μY came from an update batch.
         seconds: wall time of each phase (``"step"``, ``"probe"``) when timed.
+        delta_h_baseline, se_baseline: with ``split_baseline``, the predicted entropy
+            change of the part of the step that does not depend on U (the step of a zero
+            gradient: Adam's momentum and weight decay) and its SE; ``delta_h −
+            delta_h_baseline`` is the part the update batch drives
+            (docs/derivations.md#baseline-split).
 
     Deprecated attribute names (``bars_dot``, ``var_e``, ``se_e``, ``mu_y_norm``,
     ``direction``, ``result``) still read, with a ``DeprecationWarning``.
@@ -69,6 +74,8 @@ class EntropyPrediction:
     step_norm: float | None = None
     num_update_prompts: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    delta_h_baseline: float | None = None
+    se_baseline: float | None = None
 
     @classmethod
     def from_sums(cls, s: Tensor, sum_s: float, sum_s2: float, num_prompts: int, *, lr: float, mode: str,
@@ -89,6 +96,13 @@ class EntropyPrediction:
         return replace(self, step=step, step_norm=step_norm, num_update_prompts=num_update_prompts,
                        seconds=dict(seconds))
 
+    def with_baseline(self, baseline: "EntropyPrediction | None") -> "EntropyPrediction":
+        """This prediction with the baseline part's δH and SE (0 and 0 for ``None``: a step
+        map whose zero-gradient step is zero)."""
+        if baseline is None:
+            return replace(self, delta_h_baseline=0.0, se_baseline=0.0)
+        return replace(self, delta_h_baseline=baseline.delta_h, se_baseline=baseline.se)
+
     @property
     def ci95(self) -> tuple[float, float]:
         """Normal 95% interval δH ± 1.96·SE (nats)."""
@@ -107,6 +121,8 @@ class EntropyPrediction:
             "sum_s": self.sum_s, "sum_s2": self.sum_s2, "mode": self.mode, "weighting": self.weighting,
             "s": [float(x) for x in self.s.tolist()],
         }
+        if self.delta_h_baseline is not None:
+            out.update(delta_h_baseline=self.delta_h_baseline, se_baseline=self.se_baseline)
         if self.step is not None:
             out.update(step=self.step, step_norm=self.step_norm, num_update_prompts=self.num_update_prompts,
                        seconds=dict(self.seconds))
