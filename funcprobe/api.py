@@ -33,6 +33,7 @@ from .core.steps import StepMap
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
 from .edge.optim import check_adam, optimizer_lr, step_map
+from .edge.precision import compute_dtype, primal
 from .edge.progress import chunk_progress
 from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
@@ -90,8 +91,9 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
     U = as_normal_batch(U, registry.device)
     f = _policy_gradient(settings, U, comm).on_logprobs(registry.logprob_fn())
     gradient_sum = summed_gradient(f, chunk_size=settings.chunk_size)
-    with probe_session(registry, keep_dropout=settings.keep_dropout):
-        total = gradient_sum(registry.trainable, U)
+    dtype = compute_dtype(registry, settings.precision)
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+        total = gradient_sum(primal(registry, dtype), U)
     total = comm.sum_tree(total)
     (count,) = comm.sum_floats([float(U.num_prompts)])
     if count == 0:
@@ -237,14 +239,15 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
     check_like(registry.trainable, muY, "muY")
     if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
         raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
-    tangent = tree_map(lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY),
-                       registry.trainable)
+    dtype = compute_dtype(registry, settings.precision)
+    theta = primal(registry, dtype)
+    tangent = tree_map(lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), theta)
     E = as_normal_batch(E, registry.device)
     f = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
     derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=settings.chunk_size,
                                           wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress))
-    with probe_session(registry, keep_dropout=settings.keep_dropout):
-        return derivatives(registry.trainable, tangent, E)
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+        return derivatives(theta, tangent, E)
 
 
 def check_lr(lr: object) -> float:

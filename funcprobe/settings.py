@@ -31,6 +31,8 @@ WEIGHTINGS = ("dr_grpo", "per_token_avg")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 #: ways to compute the probe scalars (docs/definitions.md#probe-scalar, #alpha-trick)
 MODES = ("jvp", "vjp")
+#: compute precisions of the probe's forwards (funcprobe.edge.precision)
+PRECISIONS = ("auto", "float32", "model")
 #: parameter selections besides an explicit list of names
 PARAM_SELECTIONS = ("trainable", "lora")
 
@@ -88,6 +90,13 @@ class ProbeSettings:
         "reverse over reverse; same numbers, more memory)",
         choices=MODES,
     )
+    precision: str = _opt(
+        "auto",
+        "compute precision of the probe's forwards: auto (float32 when the model holds bf16/fp16 weights, "
+        "upcast layer by layer without touching the model; else the model's dtype), float32, or model (the "
+        "model's own dtypes)",
+        choices=PRECISIONS,
+    )
     chunk_size: int = _opt(
         8,
         "prompts per forward (each JVP / gradient chunk holds chunk_size x G sequences); results do not "
@@ -129,6 +138,7 @@ class ProbeSettings:
             object.__setattr__(self, "max_grad_norm", float(self.max_grad_norm))
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("mode", self.mode, MODES)
+        _choice("precision", self.precision, PRECISIONS)
         if self.loss_type is not None:
             _choice("loss_type", self.loss_type, LOSS_TYPES)
         object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))

@@ -20,17 +20,21 @@ import torch
 from torch import Tensor
 
 from .attention import probe_attention
+from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
 from ..core.rollouts import RolloutBatch
 
 
 @contextlib.contextmanager
-def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Iterator[None]:
+def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
+                  dtype: torch.dtype | None = None) -> Iterator[None]:
     """Context for probe forwards on ``registry.module``; see the module docstring.
 
     Args:
         keep_dropout: keep the caller's train/eval modes (dropout active in train mode)
             instead of switching to ``eval()`` for the probe's forwards.
+        dtype: compute the forwards in this dtype, upcasting low-precision layers on the
+            fly (``funcprobe.edge.precision.upcast_layerwise``); None: the model's dtypes.
 
     Raises:
         RuntimeError: the model's parameters are inference tensors (created under
@@ -45,7 +49,8 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False) -> Ite
     modes = [(m, m.training) for m in module.modules()]
     try:
         with torch.inference_mode(False), adapter_activated(module, registry.adapter), probe_attention(module), \
-                _input_require_grads_suspended(module), _mixed_precision_forward_suspended(module):
+                _input_require_grads_suspended(module), _mixed_precision_forward_suspended(module), \
+                upcast_layerwise(module, dtype):
             if not keep_dropout:
                 module.eval()
             yield
