@@ -79,6 +79,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
     if settings.step != "sgd":
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
+    registry.check_batch(U, "U")
     return _update_direction(registry, U, optimizer, settings)[0]
 
 
@@ -173,6 +174,7 @@ def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mappin
     settings = ProbeSettings.resolve(settings, options, caller="probe_scalars")
     check_rollouts(E, "E")
     registry = ParamRegistry.from_settings(model, settings)
+    registry.check_batch(E, "E")
     s = _local_scalars(registry, E, muY, settings)
     check_scalars(s, scalar_counts(s))
     return s
@@ -214,6 +216,7 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
     lr = check_lr(lr)
     check_rollouts(E, "E")
     registry = ParamRegistry.from_settings(model, settings)
+    registry.check_batch(E, "E")
     return _conditional_variance(registry, E, muY, lr, settings)
 
 
@@ -351,12 +354,15 @@ class EntropyProbe:
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
         check_rollouts(U, "U").require_advantages("U")
-        return _update_direction(self.registry, U, self.optimizer, self.settings)[0]
+        registry = self.registry
+        registry.check_batch(U, "U")
+        return _update_direction(registry, U, self.optimizer, self.settings)[0]
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
         check_rollouts(E, "E")
         registry = self.registry
+        registry.check_batch(E, "E")
         lr = self._current_lr(registry)
         return _conditional_variance(registry, E, muY, lr, self.settings)
 
@@ -365,6 +371,8 @@ class EntropyProbe:
         check_rollouts(E, "E")
         check_rollouts(U, "U").require_advantages("U")
         registry = self.registry
+        registry.check_batch(E, "E")
+        registry.check_batch(U, "U")
         lr = self._current_lr(registry)
         t0 = time.perf_counter()
         mu, step = _update_direction(registry, U, self.optimizer, self.settings)

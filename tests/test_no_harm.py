@@ -54,10 +54,15 @@ def test_probe_changes_nothing(mode):
     assert pred.se > 0 and torch.isfinite(pred.s).all()
     _assert_same(before, _snapshot(model, opt))
     # also when the probe fails half-way through a forward
-    bad = random_rollouts(seed=1)
-    bad.input_ids[0, 0, bad.response_start] = 10_000  # a real token outside the vocabulary
-    with pytest.raises((IndexError, RuntimeError)):
-        EntropyProbe(model, opt, mode=mode).predict(bad, random_rollouts(seed=2))
+    def boom(*args):
+        raise RuntimeError("boom in the middle of a forward")
+
+    handle = model.base_model.model.transformer.h[1].register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            EntropyProbe(model, opt, mode=mode).predict(random_rollouts(seed=1), random_rollouts(seed=2))
+    finally:
+        handle.remove()
     _assert_same(before, _snapshot(model, opt))
 
 

@@ -263,7 +263,8 @@ def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
         return SimpleNamespace(_funcprobe_batch=b, loss_type="grpo", num_generations=G,
                                args=SimpleNamespace(max_completion_length=C), model=model, optimizer=optimizer,
                                probe_settings=ProbeSettings(step=step, progress=False),
-                               probe_raise=probe_raise, state=SimpleNamespace(global_step=7),
+                               probe_raise=probe_raise, probe_gradient="recompute",
+                               state=SimpleNamespace(global_step=7),
                                _metrics={"train": defaultdict(list)})
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -19,9 +19,9 @@ def test_from_lists_pads_prompts_left_and_responses_right():
 
 def test_select_keeps_per_prompt_max_len():
     b = random_rollouts(B=4, max_len=None)
-    b = RolloutBatch(b.input_ids, b.attention_mask, b.response_start, b.advantages, torch.tensor([1.0, 2, 3, 4]))
+    b = RolloutBatch(b.input_ids, b.attention_mask, b.response_start, b.advantages, torch.tensor([5.0, 6, 7, 8]))
     sub = b.select(1, 3)
-    assert sub.num_prompts == 2 and sub.max_len.tolist() == [2.0, 3.0]
+    assert sub.num_prompts == 2 and sub.max_len.tolist() == [6.0, 7.0]
     assert torch.equal(sub.input_ids, b.input_ids[1:3])
     with pytest.raises(ValueError, match="select"):
         b.select(3, 2)

@@ -125,7 +125,8 @@ def _left_aligned(ids: Tensor, mask: Tensor, resp: Tensor) -> tuple[Tensor, Tens
     L = int(lengths.max())
     src = (cols[:L].unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
     inside = cols[:L].unsqueeze(0) < lengths.unsqueeze(1)
-    ids = torch.where(inside, ids.gather(1, src), ids[:, :1].expand(N, L))
+    shifted = ids.gather(1, src)
+    ids = torch.where(inside, shifted, shifted[:, :1].expand(N, L))  # padding: the row's first real token
     mask = torch.where(inside, mask.gather(1, src), torch.zeros_like(mask[:, :L]))
     resp = inside & resp.gather(1, src)
     return ids, mask, resp

@@ -58,6 +58,9 @@ def check_like(reference: Mapping[str, Tensor], tree: Mapping[str, Tensor], argn
     Raises ``KeyError`` (names), ``ValueError`` (shapes, dtypes or non-finite values), each
     listing the offending names.
     """
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"{argname}: expected a dict name -> tensor (as update_direction returns), "
+                         f"got {type(tree).__name__}")
     check_keys(reference, tree, argname)
     not_tensor = sorted(k for k, v in tree.items() if not isinstance(v, Tensor))
     if not_tensor:
@@ -68,6 +71,9 @@ def check_like(reference: Mapping[str, Tensor], tree: Mapping[str, Tensor], argn
             f"{k}: {tuple(tree[k].shape)} != {tuple(reference[k].shape)}" for k in bad_shape[:5]
         )
         raise ValueError(f"{argname}: shapes differ from the parameters at {len(bad_shape)} name(s): {detail}")
+    meta = sorted(k for k in reference if tree[k].is_meta)
+    if meta:
+        raise ValueError(f"{argname}: tensors on the meta device (no data) at {_short(meta)}")
     bad_dtype = sorted(k for k in reference if not tree[k].is_floating_point())
     if bad_dtype:
         raise ValueError(f"{argname}: values must be floating point; integer/bool at {_short(bad_dtype)}")

@@ -13,6 +13,7 @@ A pure value: validated once at construction (``__post_init__``), never mutated.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+import numbers
 from typing import Sequence
 
 import torch
@@ -152,16 +153,28 @@ class RolloutBatch:
             advantages: optional B × G advantages.
             max_len: optional Lmax (number or B numbers) for ``dr_grpo``.
 
-        Raises ``ValueError`` naming the argument for ragged G, empty prompts/responses,
-        or mismatched lengths.
+        Raises ``ValueError`` naming the argument (and the prompt / response) for: a flat
+        or ragged layout, empty prompts or responses, token ids that are not non-negative
+        integers (floats are never truncated), a ``pad_token_id`` that is not a
+        non-negative int (``None``: tokenizers without a pad token, e.g. GPT-2 and Llama,
+        should pass ``eos_token_id``; padding is masked out), advantages that are not
+        B × G real numbers, and a ``max_len`` that is not a positive number or B of them.
         """
+        pad = _token_id(pad_token_id, "pad_token_id")
+        prompts = _id_lists(prompts, "prompts", "prompt {i}")
         if len(prompts) == 0:
             raise ValueError("prompts: need at least one prompt")
+        if not isinstance(responses, Sequence) or isinstance(responses, (str, bytes)):
+            raise ValueError(f"responses: expected B lists of G token-id lists, got {type(responses).__name__}")
         if len(responses) != len(prompts):
             raise ValueError(f"responses: {len(responses)} groups for {len(prompts)} prompts")
+        responses = [_id_lists(group, "responses", f"response {{i}} of prompt {n}", group_of=n)
+                     for n, group in enumerate(responses)]
         groups = {len(r) for r in responses}
         if len(groups) != 1:
             raise ValueError(f"responses: every prompt needs the same number G of responses, got {sorted(groups)}")
+        if groups == {0}:
+            raise ValueError("responses: every prompt has G = 0 responses; the leave-one-out baseline needs G >= 2")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts: prompt {i} is empty")
@@ -172,18 +185,91 @@ class RolloutBatch:
         B, G = len(prompts), groups.pop()
         P = max(len(p) for p in prompts)
         R = max(len(r) for group in responses for r in group)
-        ids = torch.full((B, G, P + R), int(pad_token_id), dtype=torch.long)
+        ids = torch.full((B, G, P + R), pad, dtype=torch.long)
         mask = torch.zeros((B, G, P + R), dtype=torch.long)
         for i, (p, group) in enumerate(zip(prompts, responses)):
             for g, r in enumerate(group):
-                ids[i, g, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
-                ids[i, g, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+                ids[i, g, P - len(p) : P] = torch.as_tensor(p, dtype=torch.long)
+                ids[i, g, P : P + len(r)] = torch.as_tensor(r, dtype=torch.long)
                 mask[i, g, P - len(p) : P + len(r)] = 1
-        adv = None if advantages is None else torch.as_tensor(advantages, dtype=torch.float64)
-        if isinstance(max_len, (list, tuple)):
-            max_len = torch.as_tensor(max_len, dtype=torch.float32)
+        adv = None if advantages is None else _real_table(advantages, B, G)
+        max_len = _max_len_value(max_len, B)
         batch = cls(ids, mask, P, adv, max_len)
         return batch.to(device) if device is not None else batch
+
+
+def _token_id(value: object, argname: str) -> int:
+    if value is None:
+        raise ValueError(f"{argname}: None; for a tokenizer without a pad token (GPT-2, Llama) pass its "
+                         "eos_token_id: padding is masked out, any valid id works")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() \
+                and value.dtype != torch.bool:
+            value = int(value)
+        else:
+            raise ValueError(f"{argname}: expected an int token id >= 0, got {value!r}")
+    if int(value) < 0:
+        raise ValueError(f"{argname}: expected a token id >= 0, got {value}")
+    return int(value)
+
+
+def _id_lists(rows: object, argname: str, what: str, group_of: int | None = None) -> list[list[int]]:
+    """``rows`` as lists of int token ids, or ``ValueError`` naming ``argname`` and the row."""
+    if isinstance(rows, Tensor):
+        rows = rows.tolist()
+    if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
+        where = "" if group_of is None else f" for prompt {group_of}"
+        raise ValueError(f"{argname}: expected a list of token-id lists{where}, got {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, Tensor):
+            if row.is_floating_point() or row.dtype == torch.bool:
+                raise ValueError(f"{argname}: {what.format(i=i)} holds {row.dtype} values; token ids are integers")
+            row = row.tolist()
+        if isinstance(row, numbers.Number) or not isinstance(row, Sequence) or isinstance(row, (str, bytes)):
+            raise ValueError(
+                f"{argname}: {what.format(i=i)} is {type(row).__name__}, not a list of token ids"
+                + (" (a flat list? pass one token-id list per prompt)" if isinstance(row, numbers.Number) else "")
+            )
+        bad = [t for t in row if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0]
+        if bad:
+            raise ValueError(f"{argname}: {what.format(i=i)} has {bad[:3]!r}: token ids must be ints >= 0 "
+                             "(floats are not truncated)")
+        out.append([int(t) for t in row])
+    return out
+
+
+def _real_table(values: object, B: int, G: int) -> Tensor:
+    """B × G real numbers as float64, or ``ValueError`` naming ``advantages``."""
+    if isinstance(values, Tensor):
+        if tuple(values.shape) != (B, G) or not values.is_floating_point():
+            raise ValueError(f"advantages: expected a floating [B, G] = [{B}, {G}] tensor, got {_desc(values)} "
+                             f"of {values.dtype}")
+        return values.to(torch.float64)
+    rows = list(values) if isinstance(values, Sequence) and not isinstance(values, (str, bytes)) else None
+    if rows is None or len(rows) != B:
+        raise ValueError(f"advantages: expected B = {B} rows of G = {G} numbers, got {type(values).__name__}"
+                         + (f" of {len(rows)} rows" if rows is not None else ""))
+    for n, row in enumerate(rows):
+        if not isinstance(row, Sequence) or isinstance(row, (str, bytes)) or len(row) != G:
+            raise ValueError(f"advantages: row {n} must hold G = {G} numbers, got {row!r}")
+        bad = [v for v in row if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+        if bad:
+            raise ValueError(f"advantages: row {n} holds {bad[:3]!r}; expected real numbers")
+    return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+
+
+def _max_len_value(value: object, B: int) -> float | Tensor | None:
+    """Lmax: None, a positive number, or B positive numbers (as a float32 tensor)."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value):
+            raise ValueError(f"max_len: expected a number or B = {B} numbers (Lmax, tokens), got {value!r}")
+        return torch.as_tensor([float(v) for v in value], dtype=torch.float32)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"max_len: expected a number (Lmax, tokens), got {value!r}")
+    return float(value)
 
 
 def check_rollouts(batch: object, argname: str) -> RolloutBatch:
@@ -197,8 +283,8 @@ def _validate(b: RolloutBatch) -> None:
     ids, mask = b.input_ids, b.attention_mask
     if not isinstance(ids, Tensor) or ids.ndim != 3:
         raise ValueError(f"input_ids: expected a [B, G, T] tensor, got {_desc(ids)}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"input_ids: expected an integer dtype, got {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids: expected int64 (or int32) token ids, got {ids.dtype}")
     B, G, T = ids.shape
     if ids.numel() and int(ids.min()) < 0:
         raise ValueError("input_ids: negative token ids")
@@ -237,11 +323,22 @@ def _validate(b: RolloutBatch) -> None:
         if not bool(torch.isfinite(a).all()):
             raise ValueError("advantages: contains NaN or inf")
     if b.max_len is not None:
+        if not isinstance(b.max_len, Tensor) and (isinstance(b.max_len, bool) or not isinstance(b.max_len, numbers.Real)):
+            raise ValueError(f"max_len: expected a number or a [B] tensor (Lmax, tokens), got {b.max_len!r}")
         ml = torch.as_tensor(b.max_len)
         if ml.ndim > 1 or (ml.ndim == 1 and ml.shape[0] != B):
             raise ValueError(f"max_len: expected a number or a [B] = [{B}] tensor, got shape {tuple(ml.shape)}")
         if not bool(torch.isfinite(ml.double()).all()) or not bool((ml > 0).all()):
             raise ValueError("max_len: Lmax must be finite and > 0")
+        lengths = (m[..., rs:]).sum(-1)
+        over = (lengths.double() > ml.double().reshape(-1, 1).expand(B, G)).nonzero().tolist() if B else []
+        if over:
+            n, g = over[0]
+            raise ValueError(
+                f"max_len: response {g} of prompt {n} has {int(lengths[n, g])} tokens, more than Lmax = "
+                f"{float(ml.reshape(-1)[n if ml.ndim else 0]):g} ({len(over)} response(s) exceed it); Dr. GRPO's "
+                "S / Lmax needs Lmax >= every response length (the trainer's max_completion_length)"
+            )
 
 
 def _desc(x: object) -> str:

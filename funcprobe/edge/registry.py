@@ -173,6 +173,7 @@ class ParamRegistry:
         with adapter_activated(module, adapter):
             named = dict(module.named_parameters())
             names = _select(module, named, params, adapter)
+            _refuse_dora(module, named)
         trainable = {n: named[n].detach() for n in names}
         frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
         return cls(module=module, adapter=adapter, trainable=trainable, frozen=frozen)
@@ -184,6 +185,29 @@ class ParamRegistry:
         if isinstance(model, ParamRegistry):
             return model
         return cls.from_model(model, params=settings.params, adapter=settings.adapter)
+
+    def check_batch(self, batch: RolloutBatch, argname: str) -> None:
+        """Refuse, before any forward, a batch this model cannot read: real token ids outside
+        the vocabulary (padding ids are never looked up), or sequences longer than a
+        learned absolute position table (GPT-2's ``wpe``). Raises ``ValueError`` naming
+        ``argname``, the prompt and the limit."""
+        ids = batch.input_ids
+        if ids.numel() == 0:
+            return
+        real = batch.attention_mask.bool()
+        vocab = _vocab_size(self.module)
+        if vocab is not None:
+            top = int(torch.where(real, ids, torch.zeros((), dtype=ids.dtype, device=ids.device)).max())
+            if top >= vocab:
+                n = int((torch.where(real, ids, 0) >= vocab).flatten(1).any(-1).nonzero()[0])
+                raise ValueError(f"{argname}: token id {top} (prompt {n}) is outside the model's vocabulary of "
+                                 f"{vocab} ids (wrong tokenizer?)")
+        positions = _position_table(self.module)
+        if positions is not None:
+            longest = int(real.sum(-1).max())
+            if longest > positions:
+                raise ValueError(f"{argname}: a sequence has {longest} tokens, more than the model's {positions} "
+                                 "learned positions")
 
     def __repr__(self) -> str:
         return (
@@ -252,3 +276,30 @@ def _select(module: nn.Module, named: dict[str, nn.Parameter], params: ParamSele
     if len(set(names)) != len(names):
         raise ValueError("params: the explicit list of parameter names has duplicates")
     return names
+
+
+def _vocab_size(module: nn.Module) -> int | None:
+    """Rows of the input embedding table (the ids the model can look up), if it has one."""
+    get = getattr(module, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.ndim == 2 else None
+
+
+def _position_table(module: nn.Module) -> int | None:
+    """Size of a learned absolute position embedding (GPT-2 ``wpe``, OPT ``embed_positions``), if any."""
+    for name, m in module.named_modules():
+        if name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings") and isinstance(m, nn.Embedding):
+            return int(m.num_embeddings)
+    return None
+
+
+def _refuse_dora(module: nn.Module, named: dict) -> None:
+    """DoRA (PEFT ``use_dora=True``) detaches the weight norm in its forward, so the model's
+    forward is not differentiated exactly: s came out 5-10% off a float64 finite difference."""
+    if any(".lora_magnitude_vector." in n for n in named):
+        raise UnsupportedModelError(
+            "model: a DoRA adapter (use_dora=True): PEFT detaches the weight norm in DoRA's forward, so the "
+            "derivative the probe would take is not the model's (measured 5-10% off a finite difference); "
+            "probe a plain LoRA adapter"
+        )

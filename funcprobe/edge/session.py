@@ -23,6 +23,7 @@ from .attention import probe_attention
 from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
 from ..core.rollouts import RolloutBatch
+from ..errors import SettingsError
 
 
 @contextlib.contextmanager
@@ -41,6 +42,12 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
             ``torch.inference_mode()``): no transform can differentiate them.
     """
     module = registry.module
+    if keep_dropout and module.training and _gradient_checkpointing(module):
+        raise SettingsError(
+            "keep_dropout: the model is in train mode with gradient checkpointing, whose saved-tensor hooks "
+            "torch.func does not support; use keep_dropout=False (the probe's forwards then run in eval mode, "
+            "without checkpointing) or disable gradient checkpointing"
+        )
     if any(t.is_inference() for t in registry.trainable.values()):
         raise RuntimeError(
             "model: its parameters were created under torch.inference_mode() and cannot be "
@@ -81,6 +88,11 @@ def _mixed_precision_forward_suspended(module: torch.nn.Module) -> Iterator[None
         yield
     finally:
         module.forward = wrapper
+
+
+def _gradient_checkpointing(module: torch.nn.Module) -> bool:
+    """Whether HF gradient checkpointing is on anywhere in the model."""
+    return any(bool(getattr(m, "gradient_checkpointing", False)) for m in module.modules())
 
 
 #: forward hooks that call ``output.requires_grad_(True)`` (transformers' and peft's names)
