@@ -93,7 +93,7 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda w: ["--model", w / "missing"], "model_dir: .* does not exist"),
+        (lambda w: ["--model", w / "missing"], "--model: .* does not exist"),
         (lambda w: ["--model", w / "tokenizer"], "has no config.json"),
         (lambda w: ["--eval", w / "bad.jsonl"], "bad.jsonl:2: not valid JSON"),
         (lambda w: ["--optimizer-state", w / "E.jsonl"], "not a torch optimizer state_dict"),
@@ -113,6 +113,71 @@ def test_cli_reports_malformed_input(workspace, change, message):
     import re
 
     assert re.search(message, proc.stderr), proc.stderr
+    # --no-progress: one line, no loading bars, no warnings, no traceback
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("funcprobe probe: error: "), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda w, t: ["--json", t], "--json: .* is a directory"),
+        (lambda w, t: ["--plot", t / "no" / "p.png"], "--plot: the folder .* does not exist"),
+        (lambda w, t: ["--device", "banana"], "--device: 'banana' is not a torch device"),
+        (lambda w, t: ["--tokenizer", t], "--tokenizer: .* has no tokenizer files"),
+        (lambda w, t: ["--optimizer-state", w / "E.jsonl"], r"--optimizer-state: .*\(torch.load failed: \w+\)$"),
+        (lambda w, t: ["--eval", w / "latin1.jsonl"], "rollouts: .* is not UTF-8 text"),
+        (lambda w, t: ["--step", "optimizer_step", "--lr", "0.1"], "lr: step='optimizer_step'"),
+        (lambda w, t: ["--chunk-size", "0"], "chunk_size: expected an int >= 1"),
+    ],
+)
+def test_cli_checks_outputs_devices_and_files_first(workspace, tmp_path, capsys, change, message):
+    """In-process: every user error is one line naming the flag, exit status 2, before any work."""
+    import re
+
+    from funcprobe.apps.cli import main
+
+    w = workspace
+    (w / "latin1.jsonl").write_bytes("{\"prompt\": \"caf\u00e9\"}\n".encode("latin-1"))
+    args = {"--model": w / "model", "--adapter": w / "adapter", "--eval": w / "E.jsonl", "--update": w / "U.jsonl",
+            "--optimizer-state": w / "optimizer.pt", "--max-completion-length": LMAX}
+    extra = change(w, tmp_path)
+    for k, v in zip(extra[::2], extra[1::2]):
+        args[k] = v
+    code = main(["probe", *[str(x) for k, v in args.items() for x in (k, v)]])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err.strip().splitlines()[-1]), err
+    assert "Traceback" not in err
+
+
+def test_cli_on_cuda_without_cuda_is_a_user_error(workspace, capsys):
+    from funcprobe.apps.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    w = workspace
+    code = main(["probe", "--model", str(w / "model"), "--eval", str(w / "E.jsonl"), "--update", str(w / "U.jsonl"),
+                 "--lr", "0.1", "--step", "sgd", "--weighting", "per_token_avg", "--device", "cuda"])
+    assert code == 2 and "--device: 'cuda' but this torch build has no CUDA" in capsys.readouterr().err
+
+
+def test_trailing_blank_lines_in_rollout_files_are_fine(workspace, tmp_path):
+    text = (workspace / "E.jsonl").read_text()
+    (tmp_path / "E.jsonl").write_text(text.rstrip("\n") + "\n\n\n")
+    a = read_rollouts(workspace / "E.jsonl", max_len=LMAX)
+    b = read_rollouts(tmp_path / "E.jsonl", max_len=LMAX)
+    assert torch.equal(a.input_ids, b.input_ids)
+    (tmp_path / "mid.jsonl").write_text(text.replace("\n", "\n\n", 1))
+    with pytest.raises(ValueError, match="mid.jsonl:2: empty line"):
+        read_rollouts(tmp_path / "mid.jsonl", max_len=LMAX)
+
+
+def test_demo_bad_options_are_user_errors(capsys):
+    from funcprobe.apps.cli import main
+
+    assert main(["demo", "--prompts", "0"]) == 2
+    assert "prompts: expected an int >= 1" in capsys.readouterr().err
+    assert main(["demo", "--lr", "-1"]) == 2
+    assert "lr: expected a finite number > 0" in capsys.readouterr().err
 
 
 def test_cli_help_is_complete():

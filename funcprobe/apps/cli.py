@@ -71,6 +71,11 @@ def _run_probe(args: argparse.Namespace) -> int:
     from ..io.rollout_files import read_rollouts
 
     settings = from_arguments(args)
+    check_output(args.json, "--json")
+    check_output(args.plot, "--plot")
+    check_device(args.device)
+    if args.progress is False:
+        _quiet_transformers()
     if settings.step != "sgd" and not args.optimizer_state:
         raise ValueError(f"--optimizer-state: step {settings.step!r} needs the optimizer state file")
     if args.optimizer_state is None and args.lr is None:
@@ -109,6 +114,64 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+#: library argument names → the command line's flags, for error messages
+_FLAGS = {"model_dir:": "--model:", "adapter_dir:": "--adapter:", "tokenizer:": "--tokenizer:",
+          "optimizer_state:": "--optimizer-state:", "dtype:": "--dtype:"}
+
+
+def check_output(path: str | None, flag: str) -> None:
+    """An output file the command can write: not a directory, in an existing writable folder.
+
+    Checked before any work, so a long run is not wasted. Raises ``ValueError`` naming ``flag``.
+    """
+    if path is None:
+        return
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag}: {path!r} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{flag}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{flag}: {path!r} is not writable")
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this build has. Raises ``ValueError`` naming ``--device``."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} but this torch build has no CUDA device available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device: {device!r} but MPS is not available")
+
+
+def _quiet_transformers() -> None:
+    """--no-progress: no loading bars or advisory warnings from transformers in this process."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _user_message(err: BaseException) -> str:
+    msg = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    for name, flag in _FLAGS.items():
+        if msg.startswith(name):
+            return flag + msg[len(name):]
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="funcprobe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
@@ -120,15 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     run = _run_demo if args.command == "demo" else _run_probe
     try:
         return run(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError, NotImplementedError, RuntimeError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"funcprobe {args.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, TypeError, NotImplementedError, RuntimeError) as err:
+        print(f"funcprobe {args.command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_report, run_demo
 
+    check_output(args.json, "--json")
     names = [f.name for f in dataclasses.fields(DemoConfig) if f.name != "probe"]
     cfg = DemoConfig(**{n: getattr(args, n) for n in names}, probe=from_arguments(args))
     res = run_demo(cfg)

@@ -90,6 +90,9 @@ def load_tokenizer(path: str | Path):
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer: {str(p)!r} is not an existing directory")
+    markers = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    if not any((p / m).is_file() for m in markers):
+        raise ValueError(f"tokenizer: {str(p)!r} has no tokenizer files (one of {', '.join(markers)})")
     try:
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
@@ -117,7 +120,8 @@ def load_optimizer_state(path: str | Path, model: nn.Module | ParamRegistry) -> 
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise ValueError(f"optimizer_state: {str(p)!r} is not a torch optimizer state_dict: {err}") from err
+        raise ValueError(f"optimizer_state: {str(p)!r} is not a torch optimizer state_dict (torch.load failed: "
+                         f"{type(err).__name__})") from err
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError(f"optimizer_state: {str(p)!r} has no 'state' and 'param_groups'; save optimizer.state_dict()")
     groups = sd["param_groups"]

@@ -67,24 +67,29 @@ def read_rollouts(
         raise FileNotFoundError(f"rollouts: {str(p)!r} is not an existing file")
     prompts, responses, values, kinds = [], [], [], []
     G = None
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            where = f"{p}:{lineno}"
-            if not line.strip():
-                raise ValueError(f"{where}: empty line (every line must be one prompt's JSON object)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            prompt, resp, vals, kind = _parse_line(obj, where, tokenizer)
-            if G is None:
-                G = len(resp)
-            elif len(resp) != G:
-                raise ValueError(f"{where}: {len(resp)} responses, but earlier lines have G = {G}")
-            prompts.append(prompt)
-            responses.append(resp)
-            values.append(vals)
-            kinds.append(kind)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"rollouts: {str(p)!r} is not UTF-8 text (byte {err.start}): JSONL files are UTF-8") from None
+    while lines and not lines[-1].strip():  # blank lines at the end of the file are allowed
+        lines.pop()
+    for lineno, line in enumerate(lines, start=1):
+        where = f"{p}:{lineno}"
+        if not line.strip():
+            raise ValueError(f"{where}: empty line (every line must be one prompt's JSON object)")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        prompt, resp, vals, kind = _parse_line(obj, where, tokenizer)
+        if G is None:
+            G = len(resp)
+        elif len(resp) != G:
+            raise ValueError(f"{where}: {len(resp)} responses, but earlier lines have G = {G}")
+        prompts.append(prompt)
+        responses.append(resp)
+        values.append(vals)
+        kinds.append(kind)
     if not prompts:
         raise ValueError(f"{p}: the file holds no rollouts")
     if len(set(kinds)) != 1:
