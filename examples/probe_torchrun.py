@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -51,8 +52,10 @@ def main() -> None:
     pred = EntropyProbe(ddp, optimizer, step="adam_step").predict(E, U)
     r = pred
     lo, hi = r.ci95
-    print(f"rank {rank}/{world}: local E prompts {E.num_prompts}, global B = {r.num_prompts}, "
-          f"predicted dH = {r.delta_h:+.6e} nats, SE_E = {r.se:.6e}, 95% [{lo:+.6e}, {hi:+.6e}]", flush=True)
+    line = (f"rank {rank}/{world}: local E prompts {E.num_prompts}, global B = {r.num_prompts}, "
+            f"predicted dH = {r.delta_h:+.6e} nats, SE_E = {r.se:.6e}, 95% [{lo:+.6e}, {hi:+.6e}]\n")
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())  # one write: the ranks' lines never interleave
     dist.destroy_process_group()
 
 

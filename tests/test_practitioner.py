@@ -191,7 +191,6 @@ def test_cli_help_is_complete():
 def test_rollout_file_errors_name_the_line(tmp_path):
     good = {"prompt_ids": [3, 4], "responses": [{"ids": [5], "reward": 1.0}, {"ids": [6, 7], "reward": 0.0}]}
     cases = [
-        ("", "r.jsonl:2: empty line"),
         ("[1, 2]", "r.jsonl:2: expected a JSON object"),
         (json.dumps({**good, "extra": 1}), "unknown key"),
         (json.dumps({"responses": good["responses"]}), "exactly one of 'prompt_ids' and 'prompt'"),
