@@ -68,8 +68,9 @@ def _worker(rank, world, port, case, outdir):
         result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     finally:
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # exit without tearing the process group down: destroy_process_group after DDP with gloo was seen
+        # to hang (futex) in a rank whose result was already written; the work is done and saved
+        os._exit(0)
 
 
 def _free_port():
