@@ -21,6 +21,8 @@ from helpers import gpt2, random_rollouts, rel_err
 # the others at once. HANG is only there to turn a real hang into a named failure.
 TIMEOUT = 180
 HANG = 3 * TIMEOUT
+# the dead-peer case tests the timeout itself: its surviving rank waits this long for the dead one
+DEAD_PEER_TIMEOUT = 20
 
 SHARDS = {  # prompt ranges of E (7 prompts) and U (5 prompts) per rank
     2: ([(0, 5), (5, 7)], [(0, 1), (1, 5)]),
@@ -49,7 +51,7 @@ def _worker(rank, world, port, case, outdir):
     result = {}
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=TIMEOUT))
+                                timeout=timedelta(seconds=DEAD_PEER_TIMEOUT if case == "dead_peer" else TIMEOUT))
         model, opt, E, U = _setup()
         e_range, u_range = SHARDS[world][0][rank], SHARDS[world][1][rank]
         E_local, U_local = _shard(E, *e_range), _shard(U, *u_range)
