@@ -87,7 +87,7 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
                       settings: ProbeSettings) -> tuple[ParamTree, StepMap]:
     """(μY, the step map that made it)."""
     comm = Communicator.for_group(settings.process_group)
-    comm.handshake(registry.names, registry.numel(), settings.code()[:3])
+    comm.handshake(registry.names, registry.numel(), settings.direction_code())
     step = step_map(settings, optimizer, registry)
     U = as_normal_batch(U, registry.device)
     f = _policy_gradient(settings, U, comm).on_logprobs(registry.logprob_fn())
@@ -225,8 +225,7 @@ def _conditional_variance(registry: ParamRegistry, E: RolloutBatch, muY: Mapping
     comm = Communicator.for_group(settings.process_group)
     if not comm.distributed and E.num_prompts < 2:
         raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
-    code = settings.code()
-    comm.handshake(registry.names, registry.numel(), [lr, code[1], code[3]])
+    comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
     s = _local_scalars(registry, E, muY, settings)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
     check_scalars(s, totals[2:])

@@ -183,11 +183,14 @@ class ProbeSettings:
             changes["step"] = _RENAMED_STEPS[old]
         return dataclasses.replace(base, **changes)
 
-    def code(self) -> list[float]:
-        """The settings that data-parallel ranks must share, as numbers (for the handshake)."""
+    def direction_code(self) -> list[float]:
+        """What ranks must share to build one μY (step, weighting, loss type), as numbers (handshake)."""
         loss = -1.0 if self.loss_type is None else float(LOSS_TYPES.index(self.loss_type))
-        return [float(STEPS.index(self.step)), float(WEIGHTINGS.index(self.weighting)), loss,
-                float(MODES.index(self.mode))]
+        return [float(STEPS.index(self.step)), float(WEIGHTINGS.index(self.weighting)), loss]
+
+    def probe_code(self) -> list[float]:
+        """What ranks must share to probe E along μY (weighting, mode), as numbers (handshake)."""
+        return [float(WEIGHTINGS.index(self.weighting)), float(MODES.index(self.mode))]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:

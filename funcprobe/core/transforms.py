@@ -20,7 +20,7 @@ them inside ``funcprobe.edge.session.probe_session``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -36,6 +36,13 @@ ChunkWrapper = Callable[[Iterable[int], int], Iterable[int]]
 
 def _plain(starts: Iterable[int], total: int) -> Iterable[int]:
     return starts
+
+
+def _chunks(batch: RolloutBatch, chunk_size: int, wrap: ChunkWrapper) -> Iterator[RolloutBatch]:
+    """The batch in consecutive chunks of at most ``chunk_size`` prompts (the loop ``wrap``ped)."""
+    B = batch.num_prompts
+    for start in wrap(range(0, B, chunk_size), -(-B // chunk_size)):
+        yield batch.select(start, min(start + chunk_size, B))
 
 
 def directional_derivatives(
@@ -58,10 +65,9 @@ def directional_derivatives(
 
     def derivatives(theta: ParamTree, tangent: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
         out = []
-        for start in wrap(range(0, batch.num_prompts, chunk_size), -(-batch.num_prompts // chunk_size)):
-            chunk = batch.select(start, min(start + chunk_size, batch.num_prompts))
+        for chunk in _chunks(batch, chunk_size, wrap):
 
-            def f_chunk(t: ParamTree) -> Tensor:
+            def f_chunk(t: ParamTree, chunk: RolloutBatch = chunk) -> Tensor:
                 return f(t, chunk)
 
             if mode == "jvp":
@@ -93,8 +99,8 @@ def summed_gradient(
 
     def summed(theta: ParamTree, batch: RolloutBatch) -> ParamTree:
         acc = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
-        for start in wrap(range(0, batch.num_prompts, chunk_size), -(-batch.num_prompts // chunk_size)):
-            g = grad_total(theta, batch.select(start, min(start + chunk_size, batch.num_prompts)))
+        for chunk in _chunks(batch, chunk_size, wrap):
+            g = grad_total(theta, chunk)
             acc = tree_map(lambda a, t: a + t.to(a.dtype), acc, g)
         return acc
 

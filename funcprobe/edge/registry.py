@@ -197,9 +197,10 @@ class ParamRegistry:
         real = batch.attention_mask.bool()
         vocab = _vocab_size(self.module)
         if vocab is not None:
-            top = int(torch.where(real, ids, torch.zeros((), dtype=ids.dtype, device=ids.device)).max())
+            real_ids = torch.where(real, ids, 0)  # padding ids are never looked up
+            top = int(real_ids.max())
             if top >= vocab:
-                n = int((torch.where(real, ids, 0) >= vocab).flatten(1).any(-1).nonzero()[0])
+                n = int((real_ids >= vocab).flatten(1).any(-1).nonzero()[0])
                 raise ValueError(f"{argname}: token id {top} (prompt {n}) is outside the model's vocabulary of "
                                  f"{vocab} ids (wrong tokenizer?)")
         positions = _position_table(self.module)

@@ -132,7 +132,8 @@ class ProbedGRPOTrainer(GRPOTrainer):
         try:
             probe = EntropyProbe(self.model, self.optimizer, settings=self.probe_settings)
             if self.probe_gradient == "trainer":
-                step = step_from_gradient(self.model, trainer_gradient(probe.registry), optimizer=self.optimizer,
+                registry = probe.registry
+                step = step_from_gradient(registry, trainer_gradient(registry), optimizer=self.optimizer,
                                           settings=self.probe_settings)
             else:
                 step = probe.update_direction(batch)

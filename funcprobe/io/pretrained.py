@@ -62,9 +62,8 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise ValueError(f"gguf: could not load a causal LM from {str(p)!r}: {err}") from err
     config = loaded.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):  # the weights are plain floats now
+        del config.quantization_config
     with torch.device("meta"):
         model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), assign=True)
