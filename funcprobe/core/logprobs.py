@@ -10,7 +10,9 @@
 * log-softmax in float32 or wider (the logits' dtype promoted with float32);
 * padding is removed by selection (``torch.where``), never by multiplication, so a
   NaN at a padded position cannot leak into S or its tangent (failure 6);
-* the forward is ``torch.func.functional_call(module, params, ...)`` (failure 1).
+* the forward is ``torch.func.functional_call(module, params, ...)`` (failure 1);
+* the LM head and log-softmax run on response tokens only, in chunks
+  (``funcprobe.core.lm_head``): no ``[N, T, V]`` logits at real vocabularies.
 
 Sources: docs/definitions.md#sequence-log-prob, docs/failure-modes.md.
 """
@@ -25,13 +27,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .lm_head import chunked_token_logprobs, head_split, token_chunk_size
 from .rollouts import RolloutBatch
 
 #: what ``functional_call`` takes: one name→tensor dict, or several with disjoint names
 Params = Union[Mapping[str, Tensor], Sequence[Mapping[str, Tensor]]]
 
 
-def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch) -> Tensor:
+def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, *, token_chunk: int | None = None,
+                      full_logits: bool = False) -> Tensor:
     """S for every response of ``batch``, as a function of ``params``.
 
     Each sequence is shifted so that its first real token sits in column 0 (the padding
@@ -49,6 +53,13 @@ def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch) ->
             disjoint names (e.g. ``(frozen, theta)``; parameters not named come from the
             module itself).
         batch: the rollouts (B prompts × G responses × T columns).
+        token_chunk: response tokens per LM-head chunk (``funcprobe.core.lm_head``);
+            None: as many as fit ``LOGITS_CHUNK_BYTES`` of float32 logits.
+        full_logits: run the model's own forward to full ``[N, T, V]`` logits instead
+            of the chunked head (the reference the chunked path is tested against).
+
+    Models that ``funcprobe.core.lm_head.head_split`` can cut into body and head never
+    hold logits of more than ``token_chunk`` tokens at once; others are run whole.
 
     Returns:
         ``[B, G]`` tensor of summed log-probs (nats), dtype float32 or the logits' dtype
@@ -62,16 +73,36 @@ def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch) ->
     ids, mask, resp = _left_aligned(
         batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(), batch.response_mask.reshape(N, T)
     )
-    T = ids.shape[1]
-    prompt_lens = _prompt_lengths(batch).reshape(N)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    owner = _forward_owner(module)
+    if "use_cache" in _accepted_kwargs(owner):
+        kwargs["use_cache"] = False
+    split = None if full_logits else head_split(module, owner)
+    if split is None:
+        return _unsplit_logprobs(module, params, kwargs, resp, _prompt_lengths(batch).reshape(N)).reshape(B, G)
+    merged = _merged(params)
+    h = split.hidden(merged, kwargs)  # [N, L, D]
+    L = h.shape[1]
+    if h.ndim != 3 or h.shape[0] != N or L != ids.shape[1]:
+        raise ValueError(f"model: expected hidden states of shape [{N}, {ids.shape[1]}, D], got {tuple(h.shape)}")
+    # the hidden state at column j predicts the token at column j + 1; keep response targets only
+    flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] indices into [N * (L - 1)]
+    h_sel = h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat)
+    targets = ids[:, 1:].reshape(-1).index_select(0, flat)
+    chunk = token_chunk or token_chunk_size(split.vocab_size)
+    token_logp = chunked_token_logprobs(split.logits_fn(merged), h_sel, targets, chunk)
+    per_column = token_logp.new_zeros(N * (L - 1)).index_copy(0, flat, token_logp)
+    return per_column.reshape(N, L - 1).sum(-1).reshape(B, G)
+
+
+def _unsplit_logprobs(module: nn.Module, params: Params, kwargs: dict, resp: Tensor, prompt_lens: Tensor) -> Tensor:
+    """``[N]`` S from the model's own full ``[N, T', V]`` logits (models the head split cannot drive)."""
+    ids = kwargs["input_ids"]
+    N, T = ids.shape
     first = int(prompt_lens.min()) - 1  # earliest column whose logits predict a response token
     keep = T - first
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    accepted = _accepted_kwargs(_forward_owner(module))
-    if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = keep
-    if "use_cache" in accepted:
-        kwargs["use_cache"] = False
+    if "logits_to_keep" in _accepted_kwargs(_forward_owner(module)):
+        kwargs = dict(kwargs, logits_to_keep=keep)
     logits = _logits(functional_call(module, _as_dicts(params), (), kwargs, tie_weights=True, strict=False))
     if logits.ndim != 3 or logits.shape[0] != N or logits.shape[1] not in (T, keep):
         raise ValueError(
@@ -84,7 +115,7 @@ def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch) ->
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     selected = resp[:, first + 1 :]
     token_logp = torch.where(selected, token_logp, torch.zeros((), dtype=token_logp.dtype, device=token_logp.device))
-    return token_logp.sum(-1).reshape(B, G)
+    return token_logp.sum(-1)
 
 
 def logprob_function(module: nn.Module, frozen: Mapping[str, Tensor]) -> Callable[[dict, RolloutBatch], Tensor]:
@@ -99,6 +130,15 @@ def logprob_function(module: nn.Module, frozen: Mapping[str, Tensor]) -> Callabl
         return sequence_logprobs(module, (frozen, theta), batch)
 
     return logprobs
+
+
+def _merged(params: Params) -> dict[str, Tensor]:
+    if isinstance(params, Mapping):
+        return dict(params)
+    out: dict[str, Tensor] = {}
+    for p in params:
+        out.update(p)
+    return out
 
 
 def _as_dicts(params: Params) -> dict[str, Tensor] | tuple[dict[str, Tensor], ...]:
