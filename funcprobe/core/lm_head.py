@@ -80,17 +80,17 @@ def token_chunk_size(vocab_size: int, budget_bytes: int = LOGITS_CHUNK_BYTES) ->
     return max(1, budget_bytes // (4 * vocab_size))
 
 
-def chunked_token_logprobs(logits: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor, token_chunk: int) -> Tensor:
-    """``log π(target_m | h_m)`` for ``h [M, D]``, ``targets [M]`` → ``[M]`` (float32 or wider).
+def chunked_token_values(logits: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor, token_chunk: int,
+                         token_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``token_fn(logits(h_m), target_m)`` for ``h [M, D]``, ``targets [M]`` → ``[M]`` (float32 or wider).
 
-    The head and the log-softmax run on ``token_chunk`` rows at a time.
+    The head and ``token_fn`` (a log-prob or an entropy of the ``[m, V]`` logits) run on
+    ``token_chunk`` rows at a time.
     """
     out = []
     for a in range(0, h.shape[0], token_chunk):
         z = logits(h[a : a + token_chunk])
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
-        t = targets[a : a + token_chunk]
-        out.append(z.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1))
+        out.append(token_fn(z.to(torch.promote_types(z.dtype, torch.float32)), targets[a : a + token_chunk]))
     if not out:
         return h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
     return torch.cat(out)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .lm_head import chunked_token_logprobs, head_split, token_chunk_size
+from .lm_head import chunked_token_values, head_split, token_chunk_size
 from .rollouts import RolloutBatch
 
 #: what ``functional_call`` takes: one name→tensor dict, or several with disjoint names
@@ -68,6 +68,50 @@ def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, *,
     Raises:
         ValueError: the module returns logits of an unexpected shape.
     """
+    return response_sums(module, params, batch, token_logprobs, token_chunk=token_chunk, full_logits=full_logits)
+
+
+def sequence_token_entropies(module: nn.Module, params: Params, batch: RolloutBatch, *,
+                             token_chunk: int | None = None, full_logits: bool = False) -> Tensor:
+    """``[B, G]`` Σ_t H_t: the next-token entropies (nats) summed over each response's positions.
+
+    ``H_t = −Σ_v π_θ(v | x, y_<t) log π_θ(v | x, y_<t)``, teacher-forced on the sampled
+    responses; the quantity TRL and verl log as ``entropy`` is its mean over completion
+    tokens. By the chain rule of entropy, E_{y∼π_θ}[Σ_t H_t] = H(π_θ(· | x)), the
+    sequence entropy funcprobe predicts (docs/definitions.md#logged-token-entropy).
+    Arguments, chunking and dtype as ``sequence_logprobs``.
+    """
+    return response_sums(module, params, batch, token_entropies, token_chunk=token_chunk, full_logits=full_logits)
+
+
+def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """``log softmax(logits)[target]``: ``[..., V]``, ``[...]`` → ``[...]``."""
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropies(logits: Tensor, targets: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)``: ``[..., V]`` → ``[...]`` (``targets`` unused)."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def logprobs_and_entropies(logits: Tensor, targets: Tensor) -> Tensor:
+    """``[..., 2]``: the target's log-prob and the entropy, from one pass over the logits."""
+    return torch.stack([token_logprobs(logits, targets), token_entropies(logits, targets)], -1)
+
+
+#: ``(float32 logits [..., V], targets [...]) → [...]`` or ``[..., k]``
+TokenFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def response_sums(module: nn.Module, params: Params, batch: RolloutBatch, token_fn: TokenFn, *,
+                  token_chunk: int | None = None, full_logits: bool = False) -> Tensor:
+    """``[B, G]`` (or ``[B, G, k]``) Σ over response tokens of ``token_fn(logits, target)``.
+
+    The one forward behind ``sequence_logprobs`` (``token_logprobs``),
+    ``sequence_token_entropies`` (``token_entropies``) and both at once
+    (``logprobs_and_entropies``, ``[B, G, 2]``); the logits are float32 or wider, in
+    chunks of ``token_chunk`` response tokens where the head can be split.
+    """
     B, G, T = batch.input_ids.shape
     N = B * G
     ids, mask, resp = _left_aligned(
@@ -79,24 +123,27 @@ def sequence_logprobs(module: nn.Module, params: Params, batch: RolloutBatch, *,
         kwargs["use_cache"] = False
     split = None if full_logits else head_split(module, owner)
     if split is None:
-        return _unsplit_logprobs(module, params, kwargs, resp, _prompt_lengths(batch).reshape(N)).reshape(B, G)
+        prompt_lens = _prompt_lengths(batch).reshape(N)
+        sums = _unsplit_token_sum(module, params, kwargs, resp, prompt_lens, token_fn)
+        return sums.reshape(B, G, *sums.shape[1:])
     merged = _merged(params)
     h = split.hidden(merged, kwargs)  # [N, L, D]
-    L = h.shape[1]
-    if h.ndim != 3 or h.shape[0] != N or L != ids.shape[1]:
-        raise ValueError(f"model: expected hidden states of shape [{N}, {ids.shape[1]}, D], got {tuple(h.shape)}")
+    L = ids.shape[1]
+    if h.ndim != 3 or h.shape[:2] != (N, L):
+        raise ValueError(f"model: expected hidden states of shape [{N}, {L}, D], got {tuple(h.shape)}")
     # the hidden state at column j predicts the token at column j + 1; keep response targets only
     flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] indices into [N * (L - 1)]
     h_sel = h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat)
     targets = ids[:, 1:].reshape(-1).index_select(0, flat)
     chunk = token_chunk or token_chunk_size(split.vocab_size)
-    token_logp = chunked_token_logprobs(split.logits_fn(merged), h_sel, targets, chunk)
-    per_column = token_logp.new_zeros(N * (L - 1)).index_copy(0, flat, token_logp)
-    return per_column.reshape(N, L - 1).sum(-1).reshape(B, G)
+    per_token = chunked_token_values(split.logits_fn(merged), h_sel, targets, chunk, token_fn)
+    per_column = per_token.new_zeros((N * (L - 1), *per_token.shape[1:])).index_copy(0, flat, per_token)
+    return per_column.reshape(N, L - 1, *per_token.shape[1:]).sum(1).reshape(B, G, *per_token.shape[1:])
 
 
-def _unsplit_logprobs(module: nn.Module, params: Params, kwargs: dict, resp: Tensor, prompt_lens: Tensor) -> Tensor:
-    """``[N]`` S from the model's own full ``[N, T', V]`` logits (models the head split cannot drive)."""
+def _unsplit_token_sum(module: nn.Module, params: Params, kwargs: dict, resp: Tensor, prompt_lens: Tensor,
+                       token_fn: TokenFn) -> Tensor:
+    """``[N]`` sums from the model's own full ``[N, T', V]`` logits (models the head split cannot drive)."""
     ids = kwargs["input_ids"]
     N, T = ids.shape
     first = int(prompt_lens.min()) - 1  # earliest column whose logits predict a response token
@@ -111,11 +158,10 @@ def _unsplit_logprobs(module: nn.Module, params: Params, kwargs: dict, resp: Ten
         )
     logits = logits[:, -keep:-1]  # columns first .. T-2 predict the tokens at first+1 .. T-1
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    targets = ids[:, first + 1 :]
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    selected = resp[:, first + 1 :]
-    token_logp = torch.where(selected, token_logp, torch.zeros((), dtype=token_logp.dtype, device=token_logp.device))
-    return token_logp.sum(-1)
+    per_token = token_fn(logits, ids[:, first + 1 :])  # [N, T'', ...]
+    selected = resp[:, first + 1 :].reshape(*resp[:, first + 1 :].shape, *([1] * (per_token.ndim - 2)))
+    per_token = torch.where(selected, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    return per_token.sum(1)
 
 
 def logprob_function(module: nn.Module, frozen: Mapping[str, Tensor]) -> Callable[[dict, RolloutBatch], Tensor]:

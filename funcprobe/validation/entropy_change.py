@@ -98,10 +98,24 @@ def sampled_entropy_change(
     with probe_session(registry), torch.no_grad():
         S0 = sequence_logprobs(registry.module, registry.params(registry.trainable), E).double()
         S1 = sequence_logprobs(registry.module, registry.params(theta1), E).double()
-    w = torch.softmax(S1 - S0, dim=-1)
-    h1 = -(w * weighted_logprobs(S1, E, weighting)).sum(-1)
-    h0 = -weighted_logprobs(S0, E, weighting).mean(-1)
-    d = h1 - h0
+    return snis_change(S0, S1, -weighted_logprobs(S0, E, weighting), -weighted_logprobs(S1, E, weighting))
+
+
+def snis_change(S0: Tensor, S1: Tensor, before: Tensor, after: Tensor) -> EntropyChange:
+    """SNIS estimate of E_θ'[f'] − E_θ[f] per prompt from responses sampled under θ.
+
+    Args:
+        S0, S1: ``[B, G]`` sequence log-probs under θ (the sampler) and θ'.
+        before, after: ``[B, G]`` the per-response quantity under θ and θ' (for the
+            weighted entropy: −Sw; for the logged token entropy: Σ_t H_t / Lmax).
+
+    Per prompt: Σ_g w_g after_g − mean_g before_g with w = softmax(S1 − S0); the estimate
+    is the mean over prompts, its SE their standard deviation / sqrt(B) (B ≥ 2).
+    """
+    if S0.shape[0] < 2:
+        raise ValueError(f"the importance-sampling standard error needs at least 2 prompts, got {S0.shape[0]}")
+    w = torch.softmax((S1 - S0).double(), dim=-1)
+    d = (w * after.double()).sum(-1) - before.double().mean(-1)
     return EntropyChange(float(d.mean()), float(d.std()) / math.sqrt(len(d)), d, "snis")
 
 
