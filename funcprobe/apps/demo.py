@@ -39,6 +39,7 @@ from torch import nn
 from ..api import conditional_variance, step_from_gradient
 from ..core.logprobs import logprobs_and_entropies, response_sums, sequence_logprobs
 from ..core.objectives import policy_gradient_surrogate
+from ..core.pytree import tree_sq_norm
 from ..core.rollouts import RolloutBatch
 from ..core.statistics import EntropyPrediction
 from ..edge.progress import progress_bar
@@ -211,6 +212,16 @@ class StepRecord:
     step_error: float
     seconds: dict[str, float]
 
+    def to_dict(self) -> dict:
+        """JSON-ready numbers of the step."""
+        p = self.prediction
+        return {"step": self.step, "mean_reward": self.mean_reward, "no_signal_prompts": self.no_signal,
+                "predicted": p.delta_h, "se_predicted": p.se, "realized": self.realized.delta_h,
+                "se_realized": self.realized.se, "z": self.z, "realized_token_entropies": self.realized_tokens.delta_h,
+                "se_realized_token_entropies": self.realized_tokens.se, "logged_entropy": self.logged_entropy,
+                "mean_length": self.mean_length, "step_error": self.step_error, "seconds": self.seconds,
+                "s": p.s.tolist()}
+
     @property
     def z(self) -> float:
         """(predicted − realized) / sqrt(SE_E² + SE_H²)."""
@@ -293,7 +304,7 @@ def _run(cfg: DemoConfig) -> DemoResult:
         records.append(_step(k, model, optimizer, sample, gen, cfg, settings))
     seconds["GRPO steps"] = time.perf_counter() - t_run
     for phase in records[0].seconds:
-        seconds[f"  of which {phase}"] = sum(r.seconds[phase] for r in records)
+        seconds[phase] = sum(r.seconds[phase] for r in records)
     result = DemoResult(records, cfg, name, seconds)
     if cfg.plot:
         from .plots import plot_demo
@@ -323,6 +334,8 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     delta = step_from_gradient(model, gradient, optimizer=optimizer, settings=settings)
     prediction = conditional_variance(model, E, delta, lr=1.0, settings=settings)
     phases["predict"] = time.perf_counter() - t0 - sum(phases.values())
+    prediction = prediction.with_step(settings.step, math.sqrt(tree_sq_norm(delta)), U.num_prompts,
+                                      {"probe": phases["predict"]})
     before = _held_out(model, H)
     theta0 = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer.step()
@@ -366,6 +379,12 @@ def calibration(records: list[StepRecord]) -> dict[str, float]:
             "coverage95": float((z.abs() < 1.959964).double().mean())}
 
 
+def _wall_time(seconds: dict[str, float]) -> str:
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if k not in ("load model", "GRPO steps"))
+    return (f"  wall time: load model {seconds['load model']:.1f} s, GRPO steps {seconds['GRPO steps']:.1f} s "
+            f"({phases})")
+
+
 def format_report(res: DemoResult) -> str:
     """The per-step table and a summary, as plain text."""
     cfg = res.config
@@ -402,6 +421,6 @@ def format_report(res: DemoResult) -> str:
         "  columns: reward = mean reward of U; no-sig = prompts of U whose rewards are all equal (no signal);",
         "    d sum_t H_t = realized change of the summed next-token entropies / Lmax (same expectation as dH: chain",
         "    rule); entropy = TRL's logged `entropy` on H before the step (mean next-token entropy, nats per token)",
-        "  wall time " + ", ".join(f"{k} {v:.1f} s" for k, v in res.seconds.items()),
+        _wall_time(res.seconds),
     ]
     return "\n".join(lines)
