@@ -34,7 +34,7 @@ from .core.transforms import directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
 from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.precision import compute_dtype, primal
-from .edge.progress import chunk_progress
+from .edge.progress import chunk_progress, log
 from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
 from .errors import NonFiniteError, NoSignalError, SettingsError, StaleProbeError
@@ -84,8 +84,13 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
 
 
 def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-                      settings: ProbeSettings) -> tuple[ParamTree, StepMap]:
-    """(μY, the step map that made it)."""
+                      settings: ProbeSettings) -> tuple[ParamTree, StepMap, bool]:
+    """(μY, the step map that made it, whether U's policy gradient was non-zero).
+
+    A zero policy gradient with a non-zero step (Adam's momentum or weight decay under
+    ``adam_step``/``optimizer_step``) is not an error: it is logged, and ``predict`` says
+    so in ``EntropyPrediction.policy_gradient_signal``.
+    """
     comm = Communicator.for_group(settings.process_group)
     comm.handshake(registry.names, registry.numel(), settings.direction_code())
     step = step_map(settings, optimizer, registry)
@@ -114,7 +119,11 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
             f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
             f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
         )
-    return mu, step
+    signal = tree_sq_norm(gradient) > 0.0
+    if not signal:
+        log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
+                    "weight decay only", step.name)
+    return mu, step, signal
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
@@ -374,7 +383,7 @@ class EntropyProbe:
         registry.check_batch(U, "U")
         lr = self._current_lr(registry)
         t0 = time.perf_counter()
-        mu, step = _update_direction(registry, U, self.optimizer, self.settings)
+        mu, step, signal = _update_direction(registry, U, self.optimizer, self.settings)
         t1 = time.perf_counter()
         result = _conditional_variance(registry, E, mu, lr, self.settings)
         t2 = time.perf_counter()
@@ -382,7 +391,7 @@ class EntropyProbe:
         if self.settings.split_baseline:
             result = result.with_baseline(self._baseline(registry, E, step, lr))
             seconds["baseline"] = time.perf_counter() - t2
-        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts, seconds)
+        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts, seconds, signal)
 
     def _baseline(self, registry: ParamRegistry, E: RolloutBatch, step: StepMap,
                   lr: float) -> EntropyPrediction | None:

@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import math
 import pathlib
 import warnings
 
@@ -198,3 +199,26 @@ def test_a_nan_weight_raises_by_name_not_a_nan_direction():
         dict(model.named_parameters())[name][0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=f"weights themselves are non-finite at \\['{name}'"):
         update_direction(model, random_rollouts(), step="sgd")
+
+
+def test_zero_advantages_under_adam_step_are_predicted_and_flagged(caplog):
+    """All-zero advantages: sgd raises NoSignalError; adam_step's step is momentum and weight
+    decay only, which is predicted, logged, and flagged in the result (README: "no signal")."""
+    from funcprobe import EntropyProbe
+
+    model = gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    U = random_rollouts(seed=3)
+    zero = type(U)(U.input_ids, U.attention_mask, U.response_start, torch.zeros(4, 3), U.max_len)
+    E = random_rollouts(seed=4)
+    probe = EntropyProbe(model, opt, step="adam_step")
+    with caplog.at_level("WARNING", logger="funcprobe"):
+        quiet = probe.predict(E, zero)
+    assert quiet.policy_gradient_signal is False and quiet.step_norm > 0 and math.isfinite(quiet.delta_h)
+    assert "no policy-gradient signal" in caplog.text
+    assert probe.predict(E, U).policy_gradient_signal is True
+    assert quiet.to_dict()["policy_gradient_signal"] is False

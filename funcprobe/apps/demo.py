@@ -335,7 +335,7 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     prediction = conditional_variance(model, E, delta, lr=1.0, settings=settings)
     phases["predict"] = time.perf_counter() - t0 - sum(phases.values())
     prediction = prediction.with_step(settings.step, math.sqrt(tree_sq_norm(delta)), U.num_prompts,
-                                      {"probe": phases["predict"]})
+                                      {"probe": phases["predict"]}, tree_sq_norm(gradient) > 0.0)
     before = _held_out(model, H)
     theta0 = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer.step()

@@ -49,6 +49,11 @@ class EntropyPrediction:
         step_norm: ||μY||₂ when known.
         num_update_prompts: B_U when μY came from an update batch.
         seconds: wall time of each phase (``"step"``, ``"probe"``) when timed.
+        policy_gradient_signal: whether U's policy gradient was non-zero (None when μY
+            was given by the caller). False means every advantage was 0 (or the adapter
+            was off): the step, and so δH, is only Adam's momentum and weight decay
+            (``adam_step``/``optimizer_step``; ``sgd`` and ``frozen_adam`` raise
+            ``NoSignalError`` instead).
         delta_h_baseline, se_baseline: with ``split_baseline``, the predicted entropy
             change of the part of the step that does not depend on U (the step of a zero
             gradient: Adam's momentum and weight decay) and its SE; ``delta_h −
@@ -73,6 +78,7 @@ class EntropyPrediction:
     step: str | None = None
     step_norm: float | None = None
     num_update_prompts: int | None = None
+    policy_gradient_signal: bool | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     delta_h_baseline: float | None = None
     se_baseline: float | None = None
@@ -91,10 +97,10 @@ class EntropyPrediction:
                    delta_h=lr * mean, var=var, se=math.sqrt(var), mode=mode, weighting=weighting)
 
     def with_step(self, step: str, step_norm: float, num_update_prompts: int,
-                  seconds: dict[str, float]) -> "EntropyPrediction":
+                  seconds: dict[str, float], policy_gradient_signal: bool | None = None) -> "EntropyPrediction":
         """This prediction annotated with where μY came from."""
         return replace(self, step=step, step_norm=step_norm, num_update_prompts=num_update_prompts,
-                       seconds=dict(seconds))
+                       seconds=dict(seconds), policy_gradient_signal=policy_gradient_signal)
 
     def with_baseline(self, baseline: "EntropyPrediction | None") -> "EntropyPrediction":
         """This prediction with the baseline part's δH and SE (0 and 0 for ``None``: a step
@@ -125,7 +131,7 @@ class EntropyPrediction:
             out.update(delta_h_baseline=self.delta_h_baseline, se_baseline=self.se_baseline)
         if self.step is not None:
             out.update(step=self.step, step_norm=self.step_norm, num_update_prompts=self.num_update_prompts,
-                       seconds=dict(self.seconds))
+                       seconds=dict(self.seconds), policy_gradient_signal=self.policy_gradient_signal)
         return out
 
     def __getattr__(self, name: str):
