@@ -344,3 +344,32 @@ def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
     assert broken._metrics["train"]["funcprobe/failed"] == [1.0]
     with pytest.raises(TypeError, match="expected torch.optim.Adam or AdamW"):
         ProbedGRPOTrainer.run_probe(fake(broken.optimizer, probe_raise=True))
+
+
+def test_text_responses_warn_and_mismatched_retokenization_is_counted(tmp_path):
+    """Text-only responses are re-tokenized with a warning; with both 'ids' and 'text' the
+    ids are used and texts that re-tokenize to other ids are counted."""
+    from funcprobe.io.rollout_files import read_rollouts
+
+    tok = _tokenizer()
+    text_only = {"prompt_ids": [3, 4], "responses": [{"text": "w1 w2", "reward": 1.0}, {"text": "w3", "reward": 0.0}]}
+    f = tmp_path / "text.jsonl"
+    f.write_text(json.dumps(text_only) + "\n")
+    with pytest.warns(UserWarning, match="2 response\\(s\\) given only as 'text' were re-tokenized"):
+        batch = read_rollouts(f, tokenizer=tok, max_len=LMAX)
+    assert batch.input_ids[0, 0][batch.response_mask[0, 0]].tolist() == tok("w1 w2", add_special_tokens=False)["input_ids"]
+    both = {"prompt_ids": [3, 4], "responses": [{"ids": [9, 10], "text": "w1 w2", "reward": 1.0},
+                                                 {"ids": [WORDS.index("w3")], "text": "w3", "reward": 0.0}]}
+    g = tmp_path / "both.jsonl"
+    g.write_text(json.dumps(both) + "\n")
+    with pytest.warns(UserWarning, match="1 of 2 response\\(s\\) whose 'text' and 'ids'"):
+        batch = read_rollouts(g, tokenizer=tok, max_len=LMAX)
+    assert batch.input_ids[0, 0][batch.response_mask[0, 0]].tolist() == [9, 10]  # the ids are what is used
+    import warnings
+
+    ids_only = {"prompt_ids": [3, 4], "responses": [{"ids": [9], "reward": 1.0}, {"ids": [10], "reward": 0.0}]}
+    h = tmp_path / "ids.jsonl"
+    h.write_text(json.dumps(ids_only) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_rollouts(h, max_len=LMAX)
