@@ -12,7 +12,8 @@ prompts and the results concatenated; results do not depend on the chunk size.
   tangent pass); ``mode="vjp"``: the seeds' α-trick, s = ∂/∂α ⟨∇θ Σ_n α_n f[n], tangent⟩
   at α = 1, reverse over reverse (docs/definitions.md#alpha-trick).
 * ``summed_gradient(f)`` → ``(θ, batch) ↦ Σ_n ∇θ f[n]`` (float32 or wider), one
-  ``torch.func.grad`` per chunk.
+  ``torch.autograd.grad`` on local leaves per chunk (a third of ``torch.func.grad``'s
+  peak memory, same values).
 
 Pure: no module state, no collectives, no ``.grad``; the caller (``funcprobe.api``) runs
 them inside ``funcprobe.edge.session.probe_session``.
@@ -24,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import jvp, vjp
 
 from .objectives import PromptFn
 from .pytree import ParamTree, tree_map, tree_vdot
@@ -90,18 +91,23 @@ def summed_gradient(
 
     The sum (not the mean) so that data-parallel ranks can all-reduce it with their
     prompt counts; zeros for an empty batch. Accumulated in float32 or wider.
+
+    Reverse mode by ``torch.autograd.grad`` on fresh leaves made from ``theta`` (detached
+    views, no copy): the same gradient as ``torch.func.grad``, at about a third of its
+    peak memory (measured on SmolLM2-135M + LoRA, 8 sequences: 1.09 GB against 3.92 GB;
+    benchmarks/results/memory.md). Nothing outside is touched: the leaves are local and
+    ``.grad`` is never written.
     """
-
-    def total(theta: ParamTree, chunk: RolloutBatch) -> Tensor:
-        return f(theta, chunk).sum()
-
-    grad_total = grad(total)
 
     def summed(theta: ParamTree, batch: RolloutBatch) -> ParamTree:
         acc = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
+        names = list(theta)
         for chunk in _chunks(batch, chunk_size, wrap):
-            g = grad_total(theta, chunk)
-            acc = tree_map(lambda a, t: a + t.to(a.dtype), acc, g)
+            with torch.enable_grad():
+                leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
+                total = f(leaves, chunk).sum()
+                grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
+            acc = {n: acc[n] + (g.to(acc[n].dtype) if g is not None else 0.0) for n, g in zip(names, grads)}
         return acc
 
     return summed
