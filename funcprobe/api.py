@@ -32,6 +32,7 @@ from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
+from .edge.memory import chunk_size_for
 from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.precision import compute_dtype, primal
 from .edge.progress import chunk_progress, log
@@ -96,7 +97,7 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
     step = step_map(settings, optimizer, registry)
     U = as_normal_batch(U, registry.device)
     f = _policy_gradient(settings, U, comm).on_logprobs(registry.logprob_fn())
-    gradient_sum = summed_gradient(f, chunk_size=settings.chunk_size)
+    gradient_sum = summed_gradient(f, chunk_size=chunk_size_for(settings, registry, U, "gradient"))
     dtype = compute_dtype(registry, settings.precision)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
         total = gradient_sum(primal(registry, dtype), U)
@@ -255,7 +256,8 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
     tangent = tree_map(lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), theta)
     E = as_normal_batch(E, registry.device)
     f = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
-    derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=settings.chunk_size,
+    chunk_size = chunk_size_for(settings, registry, E, settings.mode)
+    derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=chunk_size,
                                           wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress))
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
         return derivatives(theta, tangent, E)

@@ -97,10 +97,16 @@ class ProbeSettings:
         "model's own dtypes)",
         choices=PRECISIONS,
     )
-    chunk_size: int = _opt(
-        8,
-        "prompts per forward (each JVP / gradient chunk holds chunk_size x G sequences); results do not "
-        "depend on it, memory grows with it",
+    chunk_size: int | None = _opt(
+        None,
+        "prompts per forward (each JVP / gradient chunk holds chunk_size x G sequences); default: the most "
+        "that fit memory_budget_gb by an estimate from the model's config. Results do not depend on it; "
+        "larger chunks are fewer, bigger forwards (faster, above all on GPUs) and need more memory",
+    )
+    memory_budget_gb: float = _opt(
+        2.0,
+        "activation memory (GiB) the default chunk_size aims at (funcprobe.edge.memory); the model's own "
+        "weights are not counted",
     )
     params: ParamSelection = _opt(
         "trainable",
@@ -141,7 +147,12 @@ class ProbeSettings:
         _choice("precision", self.precision, PRECISIONS)
         if self.loss_type is not None:
             _choice("loss_type", self.loss_type, LOSS_TYPES)
-        object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
+        if self.chunk_size is not None:
+            object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
+        budget = self.memory_budget_gb
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+            raise SettingsError(f"memory_budget_gb: expected a finite number of GiB > 0, got {budget!r}")
+        object.__setattr__(self, "memory_budget_gb", float(budget))
         object.__setattr__(self, "params", _param_selection(self.params))
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise SettingsError(f"adapter: expected an adapter name (str) or None, got {self.adapter!r}")
@@ -213,7 +224,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": helptext}
         if f.name == "chunk_size":
-            kwargs.update(type=int, metavar="N")
+            kwargs.update(type=int, metavar="N", help=f"{f.metadata['help']} (default: auto)")
+        elif f.name == "memory_budget_gb":
+            kwargs.update(type=float, metavar="GIB")
         elif f.name == "max_grad_norm":
             kwargs.update(type=float, metavar="C")
         elif f.metadata.get("choices"):

@@ -222,3 +222,27 @@ def test_zero_advantages_under_adam_step_are_predicted_and_flagged(caplog):
     assert "no policy-gradient signal" in caplog.text
     assert probe.predict(E, U).policy_gradient_signal is True
     assert quiet.to_dict()["policy_gradient_signal"] is False
+
+
+def test_default_chunk_size_comes_from_the_memory_budget():
+    from funcprobe import ParamRegistry, ProbeSettings
+    from funcprobe.edge.memory import FALLBACK_CHUNK, bytes_per_token, chunk_size_for
+    from helpers import qwen2
+
+    reg = ParamRegistry.from_model(qwen2())
+    batch = random_rollouts(B=6, G=3)
+    per_prompt = bytes_per_token(reg, batch.seq_len, "gradient") * batch.group_size * batch.seq_len
+    assert chunk_size_for(ProbeSettings(memory_budget_gb=2.5 * per_prompt / 2**30), reg, batch, "gradient") == 2
+    assert chunk_size_for(ProbeSettings(memory_budget_gb=1e-9), reg, batch, "jvp") == 1
+    assert chunk_size_for(ProbeSettings(chunk_size=5), reg, batch, "gradient") == 5
+    assert bytes_per_token(reg, 10, "vjp") == 2 * bytes_per_token(reg, 10, "gradient")
+
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+    assert chunk_size_for(ProbeSettings(), ParamRegistry.from_model(Bare()), batch, "gradient") == FALLBACK_CHUNK
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(SettingsError, match="memory_budget_gb"):
+            ProbeSettings(memory_budget_gb=bad)
