@@ -32,15 +32,15 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # each rank its share of the cores
-    cfg = DemoConfig(prompts=args.prompts_per_rank, group_size=4, max_new_tokens=8 if args.small else 24,
-                     hidden=32 if args.small else 128, layers=1 if args.small else 4, train_steps=args.train_steps)
+    cfg = DemoConfig(model="tiny", prompts=args.prompts_per_rank, group_size=4, max_new_tokens=8 if args.small else 24,
+                     hidden=32 if args.small else 128, layers=1 if args.small else 4)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_policy(cfg)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank samples its own shard
     torch.manual_seed(1000 + rank)
-    for _ in range(cfg.train_steps):
+    for _ in range(args.train_steps):
         batch = sample_rollouts(model, sample_prompts(cfg.prompts, cfg, gen), cfg)
         optimizer.zero_grad(set_to_none=True)
         S = sequence_logprobs(ddp, dict(ddp.named_parameters()), batch)  # DDP forward: gradients all-reduced
