@@ -11,8 +11,8 @@ method: repeated experiments from one checkpoint), each repetition draws fresh r
 * Δθ: the trainer's Dr. GRPO gradient over U mapped by ``step_from_gradient(step=
   "optimizer_step")``: the step ``AdamW.step()`` would take (not taken: the state is kept);
 * predicted: ``conditional_variance(model, E, c·Δθ, lr=1)`` = c·δH ± c·SE_E;
-* realized: the SNIS change on H of the weighted sequence entropy at θ + c·Δθ
-  (``funcprobe.validation.entropy_change.snis_change``), with its SE, for c in ``--scales``
+* realized: the IS change on H of the weighted sequence entropy at θ + c·Δθ
+  (``funcprobe.validation.entropy_change.is_change``: unbiased for every G; the self-normalised estimate is (G-1)/G too small), with its SE, for c in ``--scales``
   (a learning-rate sweep: c·lr), and z = (predicted − realized)/sqrt(SE_E² + SE_H²) at c = 1;
 * for the first ``--bf16-reps`` repetitions: δH from the same model cast to bf16
   (``precision="auto"``) on the same E and Δθ.
@@ -53,7 +53,7 @@ def main() -> None:
     from funcprobe.core.objectives import policy_gradient_surrogate
     from funcprobe.edge.session import probe_session
     from funcprobe.apps.demo import DemoConfig, load_policy_and_task
-    from funcprobe.validation.entropy_change import snis_change
+    from funcprobe.validation.entropy_change import is_change
 
     cfg = DemoConfig(prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                      lr=args.lr)
@@ -104,7 +104,7 @@ def main() -> None:
         for c in args.scales:
             theta = {n: t + c * delta[n].to(t.dtype) for n, t in registry.trainable.items()}
             S1, _ = held_out(H, theta)
-            real = snis_change(S0, S1, -S0 / Lmax, -S1 / Lmax)
+            real = is_change(S0, S1, -S0 / Lmax, -S1 / Lmax)
             row["scales"][str(c)] = {"predicted": c * pred.delta_h, "se_predicted": c * pred.se,
                                      "realized": real.delta_h, "se_realized": real.se}
         r1 = row["scales"]["1.0"]
@@ -129,7 +129,7 @@ def write_table(args, name: str, rows: list[dict]) -> None:
         f"Command: `python benchmarks/validation_smollm2.py --reps {args.reps} --prompts {args.prompts} "
         f"--group-size {args.group_size} --max-new-tokens {args.max_new_tokens} --lr {args.lr} --warmup {args.warmup}`"
         f" (CPU, 2 cores, float32, torch {torch.__version__}).",
-        f"Model: {name}; LoRA r=8 on q/k/v/o; AdamW lr {args.lr}, weight decay 0.01, after {args.warmup} GRPO steps. "
+        f"Model: {name}; AdamW lr {args.lr}, weight decay 0.01, after {args.warmup} GRPO steps. "
         f"Each repetition: fresh U, E, H of {args.prompts} prompts x G = {args.group_size}; Δθ = the AdamW step of "
         "U's Dr. GRPO gradient (not taken). Units: nats per Lmax tokens.",
         "",

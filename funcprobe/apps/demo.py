@@ -17,8 +17,8 @@ Each step k:
 3. **predict**: ``conditional_variance(model, E, Δθ)``: δH ± SE_E (sequence entropy, Dr. GRPO
    weighting: nats per Lmax tokens);
 4. take the step (``optimizer.step()``);
-5. **realize**: the SNIS estimate of the entropy change on H from its log-probs before and
-   after the step (``funcprobe.validation.entropy_change.snis_change``), with its own SE,
+5. **realize**: the importance-sampling (IS) estimate of the entropy change on H from its log-probs before and
+   after the step (``funcprobe.validation.entropy_change.is_change``: unbiased for every G; the self-normalised estimate is (G-1)/G too small), with its own SE,
    and z = (predicted − realized) / sqrt(SE_E² + SE_H²). Beside it, the same estimate for
    Σ_t H_t / Lmax, the next-token entropies that TRL logs as ``entropy`` (summed, not
    averaged): by the chain rule of entropy both have the same expectation.
@@ -50,7 +50,7 @@ from ..io.rollout_files import group_advantages
 from ..settings import ProbeSettings
 from ..validation.arithmetic import LEVELS, Rollouts, no_signal_prompts, sample_problems
 from ..validation.arithmetic import sample_rollouts as sample_arithmetic
-from ..validation.entropy_change import EntropyChange, snis_change
+from ..validation.entropy_change import EntropyChange, is_change
 from ..validation.models import PolicySpec, qwen2_lora_policy
 
 PAD, EOS = 0, 1  # the tiny model's special tokens
@@ -192,8 +192,8 @@ class StepRecord:
         mean_reward: mean reward of U's responses.
         no_signal: prompts of U whose G rewards are all equal (zero advantages).
         prediction: δH ± SE_E of the step, from E, before it was taken.
-        realized: SNIS change of the weighted sequence entropy on H, after it was taken.
-        realized_tokens: SNIS change of Σ_t H_t / Lmax on H (TRL's logged token entropies).
+        realized: IS change of the weighted sequence entropy on H, after it was taken.
+        realized_tokens: IS change of Σ_t H_t / Lmax on H (TRL's logged token entropies).
         logged_entropy: TRL's ``entropy`` on H before the step: mean next-token entropy
             over completion tokens (nats per token).
         mean_length: mean completion length of H (tokens).
@@ -343,8 +343,8 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     applied = {n: p.detach() - theta0[n] for n, p in trainable.items()}
     after = _held_out(model, H)
     Lmax = float(H.max_len)
-    realized = snis_change(before[0], after[0], -before[0] / Lmax, -after[0] / Lmax)
-    realized_tokens = snis_change(before[0], after[0], before[1] / Lmax, after[1] / Lmax)
+    realized = is_change(before[0], after[0], -before[0] / Lmax, -after[0] / Lmax)
+    realized_tokens = is_change(before[0], after[0], before[1] / Lmax, after[1] / Lmax)
     lengths = H.response_lengths.double()
     phases["step and realize"] = time.perf_counter() - t0 - sum(phases.values())
     return StepRecord(
