@@ -153,7 +153,7 @@ def write_table(args, name: str, rows: list[dict]) -> None:
         se_real = float(real.std()) / math.sqrt(len(real))
         ratio = float(real.mean() / pred.mean())
         ratio_se = se_real / abs(float(pred.mean()))
-        within = "yes" if abs(ratio - 1) <= 0.1 else ("unresolved" if ratio_se > 0.1 else "no")
+        within = "unresolved" if ratio_se > 0.1 else ("yes" if abs(ratio - 1) <= 0.1 else "no")
         lines.append(f"| {float(c):g} | {float(c) * args.lr:.2e} | {float(pred.mean()):+.3e} | {float(real.mean()):+.3e} "
                      f"({se_real:.1e}) | {ratio:.3f} ({ratio_se:.3f}) | {within} | "
                      f"{'yes' if abs(ratio - 1) <= 2 * ratio_se else 'no'} |")
