@@ -246,3 +246,14 @@ def test_default_chunk_size_comes_from_the_memory_budget():
     for bad in (0, -1.0, float("nan"), True, "2"):
         with pytest.raises(SettingsError, match="memory_budget_gb"):
             ProbeSettings(memory_budget_gb=bad)
+
+
+def test_unused_probed_parameter_is_named_not_given_a_silent_zero_gradient():
+    """SPEC failure 5: no allow_unused; a probed parameter the forward does not reach is
+    refused by name instead of getting a zero gradient."""
+    from funcprobe import UnreachableDirectionError
+
+    model = gpt2()
+    model.register_parameter("stray", torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)))
+    with pytest.raises(UnreachableDirectionError, match="stray"):
+        update_direction(model, random_rollouts(), step="sgd")

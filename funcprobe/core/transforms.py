@@ -30,6 +30,7 @@ from torch.func import jvp, vjp
 from .objectives import PromptFn
 from .pytree import ParamTree, tree_map, tree_vdot
 from .rollouts import RolloutBatch
+from ..errors import UnreachableDirectionError
 
 #: wraps the iterable of chunk start indices (e.g. a tqdm bar); identity by default
 ChunkWrapper = Callable[[Iterable[int], int], Iterable[int]]
@@ -96,7 +97,8 @@ def summed_gradient(
     views, no copy): the same gradient as ``torch.func.grad``, at about a third of its
     peak memory (measured on SmolLM2-135M + LoRA, 8 sequences: 1.09 GB against 3.92 GB;
     benchmarks/results/memory.md). Nothing outside is touched: the leaves are local and
-    ``.grad`` is never written.
+    ``.grad`` is never written. A probed parameter the forward does not use raises
+    ``UnreachableDirectionError`` naming it (never a silent zero gradient).
     """
 
     def summed(theta: ParamTree, batch: RolloutBatch) -> ParamTree:
@@ -106,11 +108,32 @@ def summed_gradient(
             with torch.enable_grad():
                 leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
                 total = f(leaves, chunk).sum()
-                grads = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
-            acc = {n: acc[n] + (g.to(acc[n].dtype) if g is not None else 0.0) for n, g in zip(names, grads)}
+                unused = _unreached(total, leaves)
+                if unused:  # no allow_unused (docs/failure-modes.md, failure 5): say which, by name
+                    raise UnreachableDirectionError(
+                        f"U: {len(unused)} probed parameter(s) are not used by the forward, so they have no "
+                        f"gradient: {unused[:8]} (are they on the forward's path, is the adapter enabled?)"
+                    )
+                grads = torch.autograd.grad(total, [leaves[n] for n in names])
+            acc = {n: acc[n] + g.to(acc[n].dtype) for n, g in zip(names, grads)}
         return acc
 
     return summed
+
+
+def _unreached(total: Tensor, leaves: Mapping[str, Tensor]) -> list[str]:
+    """Names of ``leaves`` that ``total``'s autograd graph does not reach (walks the graph once)."""
+    seen, reached, stack = set(), set(), [total.grad_fn] if total.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return [n for n, t in leaves.items() if id(t) not in reached]
 
 
 def _alpha_trick(f_chunk: Callable[[ParamTree], Tensor], theta: ParamTree, tangent: Mapping[str, Tensor],
