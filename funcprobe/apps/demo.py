@@ -331,17 +331,17 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     phases["gradient"] = time.perf_counter() - t0 - sum(phases.values())
     registry = ParamRegistry.from_model(model)
     gradient = {n: -p.grad for n, p in model.named_parameters() if p.requires_grad and n in registry.trainable}
-    delta = step_from_gradient(model, gradient, optimizer=optimizer, settings=settings)
-    prediction = conditional_variance(model, E, delta, lr=1.0, settings=settings)
+    delta = step_from_gradient(registry, gradient, optimizer=optimizer, settings=settings)
+    prediction = conditional_variance(registry, E, delta, lr=1.0, settings=settings)
     phases["predict"] = time.perf_counter() - t0 - sum(phases.values())
     prediction = prediction.with_step(settings.step, math.sqrt(tree_sq_norm(delta)), U.num_prompts,
                                       {"probe": phases["predict"]}, tree_sq_norm(gradient) > 0.0)
-    before = _held_out(model, H)
+    before = _held_out(registry, H)
     theta0 = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     applied = {n: p.detach() - theta0[n] for n, p in trainable.items()}
-    after = _held_out(model, H)
+    after = _held_out(registry, H)  # the registry views the parameters AdamW updated in place
     Lmax = float(H.max_len)
     realized = is_change(before[0], after[0], -before[0] / Lmax, -after[0] / Lmax)
     realized_tokens = is_change(before[0], after[0], before[1] / Lmax, after[1] / Lmax)
@@ -356,9 +356,8 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
 
 
 @torch.no_grad()
-def _held_out(model: nn.Module, H: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def _held_out(registry: ParamRegistry, H: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, Σ_t H_t), each ``[B, G]`` float64, under the model's current weights."""
-    registry = ParamRegistry.from_model(model)
     with probe_session(registry):
         both = response_sums(registry.module, registry.params(registry.trainable), H, logprobs_and_entropies)
     return both[..., 0].double(), both[..., 1].double()

@@ -99,8 +99,11 @@ def chunked_token_values(logits: Callable[[Tensor], Tensor], h: Tensor, targets:
 _SPLITS: "weakref.WeakKeyDictionary[nn.Module, HeadSplit | None]" = weakref.WeakKeyDictionary()
 
 
-def head_split(module: nn.Module, owner: nn.Module) -> HeadSplit | None:
+def head_split(module: nn.Module, owner: nn.Module, extra_kwargs: Mapping[str, object] = {}) -> HeadSplit | None:
     """The verified ``HeadSplit`` of ``module`` (whose causal LM is ``owner``), or None.
+
+    ``extra_kwargs``: what S's forwards pass besides ids, mask and positions (e.g.
+    ``use_cache=False``); the check calls the module and the body with them too.
 
     Found once per module and cached (weakly). None where ``owner`` has no separate base
     model and output embeddings, where its config names a non-linear head, or where the
@@ -109,7 +112,7 @@ def head_split(module: nn.Module, owner: nn.Module) -> HeadSplit | None:
     if module in _SPLITS:
         return _SPLITS[module]
     split = _find_split(module, owner)
-    if split is not None and not _reproduces_logits(module, split):
+    if split is not None and not _reproduces_logits(module, split, dict(extra_kwargs)):
         split = None
     _SPLITS[module] = split
     return split
@@ -138,26 +141,26 @@ def _find_split(module: nn.Module, owner: nn.Module) -> HeadSplit | None:
     return HeadSplit(body, names[id(body)], head, head_params, vocab)
 
 
-def _reproduces_logits(module: nn.Module, split: HeadSplit) -> bool:
+def _reproduces_logits(module: nn.Module, split: HeadSplit, extra_kwargs: dict) -> bool:
     """The split's logits equal the module's own on a 4-token input (to a few ulps)."""
     ref = next(iter(module.parameters()), None)
     if ref is None or ref.device.type == "meta":
         return False
     ids = (torch.arange(4, device=ref.device) % split.vocab_size).unsqueeze(0)
     mask = torch.ones_like(ids)
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(4, device=ref.device).unsqueeze(0)}
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(4, device=ref.device).unsqueeze(0),
+              **extra_kwargs}
     devices = [ref.device] if ref.device.type == "cuda" else []
     try:
         with torch.no_grad():
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
-                out = module(**kwargs, use_cache=False) if _takes_use_cache(module) else module(**kwargs)
+                out = module(**kwargs)
                 full = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(0)
                 own = {}
-                kw = dict(kwargs, use_cache=False) if _takes_use_cache(split.body) else kwargs
-                h = split.hidden(own, kw)
+                h = split.hidden(own, kwargs)
                 mine = split.logits_fn(own)(h.reshape(-1, h.shape[-1])).reshape(full.shape)
     except Exception:  # noqa: BLE001 - a model the split cannot drive is run unsplit
         return False
@@ -166,13 +169,3 @@ def _reproduces_logits(module: nn.Module, split: HeadSplit) -> bool:
     scale = float(full.abs().max()) + 1.0
     tol = 16 * torch.finfo(full.dtype).eps * scale if full.dtype.is_floating_point else 0.0
     return float((mine.float() - full.float()).abs().max()) <= tol
-
-
-def _takes_use_cache(module: nn.Module) -> bool:
-    import inspect
-
-    target = module.get_base_model() if hasattr(module, "get_base_model") else module
-    try:
-        return "use_cache" in inspect.signature(type(target).forward).parameters
-    except (TypeError, ValueError):
-        return False

@@ -117,11 +117,10 @@ def response_sums(module: nn.Module, params: Params, batch: RolloutBatch, token_
     ids, mask, resp = _left_aligned(
         batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(), batch.response_mask.reshape(N, T)
     )
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     owner = _forward_owner(module)
-    if "use_cache" in _accepted_kwargs(owner):
-        kwargs["use_cache"] = False
-    split = None if full_logits else head_split(module, owner)
+    extra = {"use_cache": False} if "use_cache" in _accepted_kwargs(owner) else {}
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **extra}
+    split = None if full_logits else head_split(module, owner, extra)
     if split is None:
         prompt_lens = _prompt_lengths(batch).reshape(N)
         sums = _unsplit_token_sum(module, params, kwargs, resp, prompt_lens, token_fn)
