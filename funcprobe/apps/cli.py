@@ -92,6 +92,10 @@ def _run_probe(args: argparse.Namespace) -> int:
     settings = from_arguments(args)
     check_output(args.json, "--json")
     check_output(args.plot, "--plot")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     check_device(args.device)
     if args.progress is False:
         _quiet_transformers()
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     run = _run_demo if args.command == "demo" else _run_probe
     try:
         return run(args)
-    except (ValueError, KeyError, OSError, TypeError, NotImplementedError, RuntimeError) as err:
+    except (ValueError, KeyError, OSError, TypeError, NotImplementedError, RuntimeError, ImportError) as err:
         print(f"funcprobe {args.command}: error: {_user_message(err)}", file=sys.stderr)
         return 2
 
@@ -212,6 +216,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     check_output(args.json, "--json")
     check_output(args.plot or None, "--plot")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     if args.progress is False:
         _quiet_transformers()
     names = [f.name for f in dataclasses.fields(DemoConfig) if f.name != "probe"]

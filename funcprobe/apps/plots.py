@@ -12,23 +12,36 @@ from pathlib import Path
 from ..core.statistics import EntropyPrediction
 
 
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` with the install hint when matplotlib is missing (checked
+    before a long run whose plot was asked for)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:  # pragma: no cover - matplotlib is in the plots/test extras
+        raise ImportError("plots need matplotlib: pip install 'funcprobe[plots]'") from err
+
+
+def new_figure(figsize: tuple[float, float]):
+    """A ``Figure`` on its own Agg canvas (pyplot's state and backend untouched)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_probe(result: EntropyPrediction, path: str | Path, *, title: str | None = None) -> Path:
     """Two panels: the distribution of η·s[n] with δH and its 95% interval, and the
     per-prompt contributions η·s[n]/B to δH (sorted) with their running sum.
 
     Raises ``ImportError`` with the install hint when matplotlib is missing.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - matplotlib is in the plots/test extras
-        raise ImportError("plots need matplotlib: pip install 'funcprobe[plots]'") from err
-
     lr, B = result.lr, result.num_prompts
     scaled = (result.s * lr).tolist()
     lo, hi = result.ci95
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
+    fig = new_figure((11, 4.2))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.hist(scaled, bins=max(10, min(60, len(scaled) // 2)), color="#4c72b0", alpha=0.75)
     ax1.axvline(result.delta_h, color="k", lw=1.5, label=f"δH = η·mean s = {result.delta_h:+.3e}")
@@ -57,16 +70,12 @@ def plot_demo(records, path: str | Path, *, title: str | None = None) -> Path:
     change ± 95% interval (SE_H): left, realized against predicted with the diagonal;
     right, both along the steps. ``records``: ``funcprobe.apps.demo.StepRecord`` list.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     k = [r.step for r in records]
     pred = [r.prediction.delta_h for r in records]
     pred_ci = [1.96 * r.prediction.se for r in records]
     real = [r.realized.delta_h for r in records]
     real_ci = [1.96 * r.realized.se for r in records]
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)
+    fig = new_figure((11, 4.2))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.errorbar(pred, real, xerr=pred_ci, yerr=real_ci, fmt="o", color="#4c72b0", capsize=3)
     for x, y, n in zip(pred, real, k):
