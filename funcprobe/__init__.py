@@ -9,6 +9,8 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
   ``frozen_adam`` / ``adam_step``;
 * ``conditional_variance(model, E, muY, lr=...)``: s[n], δH, SE, 95% interval;
 * ``EntropyProbe``: both in one call, following the live model and optimizer;
+* ``entropy_influence(model, E, U, optimizer=...)`` / ``EntropyProbe.influence``: δH
+  split exactly over U's prompts, responses and tokens, with SEs (``funcprobe.influence``);
 * the pure core: ``sequence_logprobs`` (S), ``entropy_surrogate`` (LX),
   ``policy_gradient_surrogate`` (J), the step maps and the transforms
   (``funcprobe.core``).
@@ -25,6 +27,7 @@ import warnings
 
 from . import errors
 from .api import EntropyProbe, conditional_variance, probe_scalars, step_from_gradient, update_direction
+from .core.influence import EntropyInfluence, GroupInfluence
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
     Objective,
@@ -39,6 +42,7 @@ from .core.statistics import EntropyPrediction
 from .core.steps import AdamState, StepMap, adam_preconditioner, adam_step, frozen_adam, sgd
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.optim import read_adam_state
+from .influence import entropy_influence
 from .edge.registry import ParamRegistry, unwrap_model
 from .errors import (
     NoSignalError,
@@ -55,8 +59,10 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AdamState",
+    "EntropyInfluence",
     "EntropyPrediction",
     "EntropyProbe",
+    "GroupInfluence",
     "MODES",
     "NoSignalError",
     "NonFiniteError",
@@ -76,6 +82,7 @@ __all__ = [
     "adam_step",
     "conditional_variance",
     "directional_derivatives",
+    "entropy_influence",
     "entropy_objective",
     "entropy_surrogate",
     "errors",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
 from .errors import NonFiniteError, NoSignalError, SettingsError, StaleProbeError
 from .settings import ProbeSettings
+
+if TYPE_CHECKING:
+    from .core.influence import EntropyInfluence
 
 
 def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
@@ -95,8 +98,30 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
     comm = Communicator.for_group(settings.process_group)
     comm.handshake(registry.names, registry.numel(), settings.direction_code())
     step = step_map(settings, optimizer, registry)
+    gradient, _, _ = _mean_policy_gradient(registry, U, settings, comm)
+    mu = step(gradient)
+    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
+        raise NoSignalError(
+            f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
+            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
+        )
+    signal = tree_sq_norm(gradient) > 0.0
+    if not signal:
+        log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
+                    "weight decay only", step.name)
+    return mu, step, signal
+
+
+def _mean_policy_gradient(registry: ParamRegistry, U: RolloutBatch, settings: ProbeSettings,
+                          comm: Communicator) -> tuple[ParamTree, int, Objective]:
+    """(g = mean_{n∈U} ∇θ J[n] over all ranks, the global prompt count |U|, the objective J).
+
+    Raises ``ValueError`` when no rank has a prompt and ``NonFiniteError`` for a NaN/inf
+    gradient (naming the parameters), identically on every rank.
+    """
     U = as_normal_batch(U, registry.device)
-    f = _policy_gradient(settings, U, comm).on_logprobs(registry.logprob_fn())
+    objective = _policy_gradient(settings, U, comm)
+    f = objective.on_logprobs(registry.logprob_fn())
     gradient_sum = summed_gradient(f, chunk_size=chunk_size_for(settings, registry, U, "gradient"))
     dtype = compute_dtype(registry, settings.precision)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
@@ -114,17 +139,7 @@ def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch
             + (f"; the weights themselves are non-finite at {weights[:8]}" if weights else
                " (check U's advantages and the model's dtype)")
         )
-    mu = step(gradient)
-    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
-        raise NoSignalError(
-            f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
-            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
-        )
-    signal = tree_sq_norm(gradient) > 0.0
-    if not signal:
-        log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
-                    "weight decay only", step.name)
-    return mu, step, signal
+    return gradient, int(count), objective
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
@@ -394,6 +409,20 @@ class EntropyProbe:
             result = result.with_baseline(self._baseline(registry, E, step, lr))
             seconds["baseline"] = time.perf_counter() - t2
         return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts, seconds, signal)
+
+    def influence(self, E: RolloutBatch, U: RolloutBatch, *, groups: Mapping[str, Tensor] | None = None,
+                  matrix: bool = False) -> "EntropyInfluence":
+        """The prediction of ``predict(E, U)`` split over U's prompts, responses and tokens
+        (``funcprobe.influence.entropy_influence`` documents the arguments, cost and result)."""
+        from .influence import check_groups, influence  # the influence layer builds on this module
+
+        check_rollouts(E, "E")
+        check_rollouts(U, "U").require_advantages("U")
+        named = check_groups(groups, U)
+        registry = self.registry
+        registry.check_batch(E, "E")
+        registry.check_batch(U, "U")
+        return influence(registry, E, U, self.optimizer, self._current_lr(registry), self.settings, named, matrix)
 
     def _baseline(self, registry: ParamRegistry, E: RolloutBatch, step: StepMap,
                   lr: float) -> EntropyPrediction | None:

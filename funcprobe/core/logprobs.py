@@ -112,9 +112,38 @@ def response_sums(module: nn.Module, params: Params, batch: RolloutBatch, token_
     (``logprobs_and_entropies``, ``[B, G, 2]``); the logits are float32 or wider, in
     chunks of ``token_chunk`` response tokens where the head can be split.
     """
+    B, G, _ = batch.input_ids.shape
+    per_column, _ = _response_columns(module, params, batch, token_fn, token_chunk, full_logits)
+    return per_column.sum(1).reshape(B, G, *per_column.shape[2:])
+
+
+def response_token_values(module: nn.Module, params: Params, batch: RolloutBatch, token_fn: TokenFn | None = None, *,
+                          token_chunk: int | None = None, full_logits: bool = False) -> Tensor:
+    """``[B, G, T]`` ``token_fn(logits, target)`` per response token, in ``batch.input_ids``'s columns.
+
+    Entry ``[n, g, t]`` is the value for the token at column t (e.g. log π(y_t | x, y_<t)
+    with the default ``token_logprobs``); 0 at prompt and padding columns (set by
+    selection, never by multiplication). Summed over T it is ``response_sums``.
+    """
+    token_fn = token_fn or token_logprobs
+    B, G, T = batch.input_ids.shape
+    per_column, shift = _response_columns(module, params, batch, token_fn, token_chunk, full_logits)
+    N, L1 = per_column.shape[:2]
+    if per_column.ndim != 2:
+        raise ValueError("response_token_values: token_fn must return one value per token")
+    # aligned column j holds the target at aligned column j + 1, i.e. at column j + 1 + shift
+    cols = (torch.arange(1, L1 + 1, device=shift.device).unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
+    out = per_column.new_zeros((N, T)).scatter_add(1, cols, per_column)  # padding adds exact zeros
+    return out.reshape(B, G, T)
+
+
+def _response_columns(module: nn.Module, params: Params, batch: RolloutBatch, token_fn: TokenFn,
+                      token_chunk: int | None, full_logits: bool) -> tuple[Tensor, Tensor]:
+    """(``[N, L - 1, ...]`` token values in left-aligned columns, zeros off response
+    targets; ``[N]`` the left padding each row was shifted by)."""
     B, G, T = batch.input_ids.shape
     N = B * G
-    ids, mask, resp = _left_aligned(
+    ids, mask, resp, shift = _left_aligned(
         batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(), batch.response_mask.reshape(N, T)
     )
     owner = _forward_owner(module)
@@ -123,8 +152,7 @@ def response_sums(module: nn.Module, params: Params, batch: RolloutBatch, token_
     split = None if full_logits else head_split(module, owner, extra)
     if split is None:
         prompt_lens = _prompt_lengths(batch).reshape(N)
-        sums = _unsplit_token_sum(module, params, kwargs, resp, prompt_lens, token_fn)
-        return sums.reshape(B, G, *sums.shape[1:])
+        return _unsplit_token_values(module, params, kwargs, resp, prompt_lens, token_fn), shift
     merged = _merged(params)
     h = split.hidden(merged, kwargs)  # [N, L, D]
     L = ids.shape[1]
@@ -137,12 +165,13 @@ def response_sums(module: nn.Module, params: Params, batch: RolloutBatch, token_
     chunk = token_chunk or token_chunk_size(split.vocab_size)
     per_token = chunked_token_values(split.logits_fn(merged), h_sel, targets, chunk, token_fn)
     per_column = per_token.new_zeros((N * (L - 1), *per_token.shape[1:])).index_copy(0, flat, per_token)
-    return per_column.reshape(N, L - 1, *per_token.shape[1:]).sum(1).reshape(B, G, *per_token.shape[1:])
+    return per_column.reshape(N, L - 1, *per_token.shape[1:]), shift
 
 
-def _unsplit_token_sum(module: nn.Module, params: Params, kwargs: dict, resp: Tensor, prompt_lens: Tensor,
-                       token_fn: TokenFn) -> Tensor:
-    """``[N]`` sums from the model's own full ``[N, T', V]`` logits (models the head split cannot drive)."""
+def _unsplit_token_values(module: nn.Module, params: Params, kwargs: dict, resp: Tensor, prompt_lens: Tensor,
+                          token_fn: TokenFn) -> Tensor:
+    """``[N, L - 1, ...]`` values from the model's own full ``[N, T', V]`` logits (models the
+    head split cannot drive), in the aligned columns of ``_response_columns``."""
     ids = kwargs["input_ids"]
     N, T = ids.shape
     first = int(prompt_lens.min()) - 1  # earliest column whose logits predict a response token
@@ -160,18 +189,24 @@ def _unsplit_token_sum(module: nn.Module, params: Params, kwargs: dict, resp: Te
     per_token = token_fn(logits, ids[:, first + 1 :])  # [N, T'', ...]
     selected = resp[:, first + 1 :].reshape(*resp[:, first + 1 :].shape, *([1] * (per_token.ndim - 2)))
     per_token = torch.where(selected, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-    return per_token.sum(1)
+    if first == 0:
+        return per_token
+    return torch.cat([per_token.new_zeros((N, first, *per_token.shape[2:])), per_token], 1)
 
 
-def logprob_function(module: nn.Module, frozen: Mapping[str, Tensor]) -> Callable[[dict, RolloutBatch], Tensor]:
+def logprob_function(module: nn.Module, frozen: Mapping[str, Tensor], *,
+                     per_token: bool = False) -> Callable[[dict, RolloutBatch], Tensor]:
     """S as a pure function of the probed parameters: ``(theta, batch) ↦ [B, G]``.
 
     ``sequence_logprobs`` closed over ``module`` and the ``frozen`` parameters (passed to
     ``functional_call`` beside ``theta``); what the edge hands the core's transforms.
+    With ``per_token``: the token log-probs ``[B, G, T]`` of ``response_token_values``.
     """
     frozen = dict(frozen)
 
     def logprobs(theta: dict, batch: RolloutBatch) -> Tensor:
+        if per_token:
+            return response_token_values(module, (frozen, theta), batch, token_logprobs)
         return sequence_logprobs(module, (frozen, theta), batch)
 
     return logprobs
@@ -197,11 +232,12 @@ def _prompt_lengths(batch: RolloutBatch) -> Tensor:
     return batch.attention_mask[..., : batch.response_start].long().sum(-1)
 
 
-def _left_aligned(ids: Tensor, mask: Tensor, resp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _left_aligned(ids: Tensor, mask: Tensor, resp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Shift every row left by its amount of left padding and cut the all-padding tail.
 
     ``ids``/``mask``/``resp``: ``[N, T]``. Returns the same three, ``[N, L]`` with L the
-    longest real length; moved-in columns are padding (mask 0, ``resp`` False).
+    longest real length (moved-in columns are padding: mask 0, ``resp`` False), and the
+    shift ``[N]`` of each row.
     """
     N, T = mask.shape
     cols = torch.arange(T, device=mask.device)
@@ -214,7 +250,7 @@ def _left_aligned(ids: Tensor, mask: Tensor, resp: Tensor) -> tuple[Tensor, Tens
     ids = torch.where(inside, shifted, shifted[:, :1].expand(N, L))  # padding: the row's first real token
     mask = torch.where(inside, mask.gather(1, src), torch.zeros_like(mask[:, :L]))
     resp = inside & resp.gather(1, src)
-    return ids, mask, resp
+    return ids, mask, resp, shift
 
 
 def _logits(out: object) -> Tensor:

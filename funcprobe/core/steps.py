@@ -65,14 +65,34 @@ class StepMap:
         fn: gradient tree → step tree (same names).
         per_unit_lr: True when the step is per unit learning rate (θ ← θ + η·step);
             False when the learning rates are inside it (θ ← θ + step).
+        coordinatewise: True when coordinate k of the step depends on coordinate k of the
+            gradient only (Adam, AdamW, SGD, the learning rates); False for global-norm
+            clipping.
+        parts: the maps of a ``chain``, in order (empty for a single map).
+        max_norm: the clipping threshold of ``clip_by_global_norm`` (None otherwise).
     """
 
     name: str
     fn: Callable[[Mapping[str, Tensor]], ParamTree] = field(repr=False)
     per_unit_lr: bool = True
+    coordinatewise: bool = True
+    parts: tuple["StepMap", ...] = field(default=(), repr=False)
+    max_norm: float | None = None
 
     def __call__(self, gradient: Mapping[str, Tensor]) -> ParamTree:
         return self.fn(gradient)
+
+    def split_clipping(self) -> tuple[float | None, "StepMap"]:
+        """``(c, A)`` with this map = A ∘ clip_by_global_norm(c) and A coordinate-wise
+        (``c`` None: no clipping). Raises ``ValueError`` for a map of another shape."""
+        parts = self.parts or (self,)
+        max_norm = parts[0].max_norm
+        rest = parts[1:] if max_norm is not None else parts
+        if not all(m.coordinatewise for m in rest):
+            raise ValueError(f"step: {self.name!r} is not global-norm clipping followed by a coordinate-wise map")
+        if len(rest) == 1:
+            return max_norm, rest[0]
+        return max_norm, chain(self.name, *rest)
 
 
 def per_name(name: str, fn: Callable[[str, Tensor], Tensor], *, per_unit_lr: bool = True) -> StepMap:
@@ -89,7 +109,7 @@ def chain(name: str, *maps: StepMap) -> StepMap:
             tree = m(tree)
         return tree
 
-    return StepMap(name, fn, all(m.per_unit_lr for m in maps))
+    return StepMap(name, fn, all(m.per_unit_lr for m in maps), all(m.coordinatewise for m in maps), tuple(maps))
 
 
 def sgd() -> StepMap:
@@ -102,11 +122,17 @@ def clip_by_global_norm(max_norm: float) -> StepMap:
     ``torch.nn.utils.clip_grad_norm_`` (torch 2.13, ``norm_type=2``) as a pure map."""
 
     def fn(gradient: Mapping[str, Tensor]) -> ParamTree:
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradient.values()]))
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        coef = clip_coefficient(gradient, max_norm)
         return {n: g * coef.to(g.dtype) for n, g in gradient.items()}
 
-    return StepMap("clip_by_global_norm", fn)
+    return StepMap("clip_by_global_norm", fn, coordinatewise=False, max_norm=float(max_norm))
+
+
+def clip_coefficient(gradient: Mapping[str, Tensor], max_norm: float) -> Tensor:
+    """``min(1, c / (‖g‖ + 1e-6))``, the 0-d factor ``clip_grad_norm_`` multiplies every
+    gradient by (2-norm over all tensors of the tree)."""
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradient.values()]))
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 def scale_by_lr(lrs: Mapping[str, float]) -> StepMap:
@@ -187,8 +213,17 @@ def adam_step(g: Tensor, param: Tensor, state: AdamState) -> Tensor:
     if h.amsgrad:
         v_max_prev = torch.zeros_like(g) if state.max_exp_avg_sq is None else state.max_exp_avg_sq.to(dtype)
         v = torch.maximum(v_max_prev, v)
-    denom = v.sqrt() / (1.0 - h.beta2**t) ** 0.5 + h.eps
+    denom = _sqrt(v) / (1.0 - h.beta2**t) ** 0.5 + h.eps
     delta = -(m / (1.0 - h.beta1**t)) / denom
     if h.weight_decay != 0 and h.decoupled_weight_decay:
         delta = delta - h.weight_decay * p
     return delta
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` for v ≥ 0 (the same values), with derivative 0 where v = 0 instead of
+    ``inf·0 = NaN``: there Adam's step is ``N(g)/(sqrt(v(g))/√bc2 + ε)`` with N(0) = 0 and
+    v = O(g²), whose derivative N'(0)/ε this gives exactly (used by the secant of
+    ``funcprobe.core.influence``)."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))

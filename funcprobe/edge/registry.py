@@ -225,6 +225,11 @@ class ParamRegistry:
         the canonical module and the frozen parameters): what the edge hands the core."""
         return logprob_function(self.module, self.frozen)
 
+    def token_logprob_fn(self) -> Callable[[dict[str, Tensor], RolloutBatch], Tensor]:
+        """The pure per-token log-probs (θ, batch) ↦ ``[B, G, T]`` of this model, in the
+        batch's columns, 0 off response tokens (``response_token_values``)."""
+        return logprob_function(self.module, self.frozen, per_token=True)
+
     def live_parameters(self) -> dict[str, nn.Parameter]:
         """The module's live ``nn.Parameter`` objects for the trainable names.
 

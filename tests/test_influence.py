@@ -1,0 +1,233 @@
+"""Entropy influence: δH = δH_baseline + Σ_i δH_i exactly, each δH_i and token share
+against an independent per-sample autograd loop and the real optimizer's own step."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from funcprobe import EntropyProbe, SettingsError
+from funcprobe.core.influence import split_step
+from funcprobe.core.steps import AdamHyper, AdamState, frozen_adam, optimizer_step_map, sgd
+from funcprobe.influence import entropy_influence
+from funcprobe.validation.studies import SoftmaxBandit, bandit_rollouts
+from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
+
+MAX_LEN = 6.0
+
+
+def _grad(scalar, params, retain=False):
+    return [g.detach() for g in torch.autograd.grad(scalar, params, retain_graph=retain)]
+
+
+def _reference(model, E, U, opt, max_norm):
+    """Everything by plain autograd on the live parameters and the real optimizer:
+    ∇LX[n], ∇J_i per prompt, the real step Δ(g) (clip_grad_norm_ + step) and Δ(0), c, q."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = live_params(model, names)
+    model.eval()
+    grad_lx = []
+    for n in range(E.num_prompts):
+        sub = E.select(n, n + 1)
+        grad_lx.append(_grad(reference_LX(reference_S(model, sub), sub, "dr_grpo")[0], params))
+    grad_j = []
+    for i in range(U.num_prompts):
+        sub = U.select(i, i + 1)
+        S = reference_S(model, sub)
+        grad_j.append(_grad((sub.advantages * S / MAX_LEN).mean(1)[0], params))
+    g = [sum(gj[k] for gj in grad_j) / U.num_prompts for k in range(len(params))]
+
+    def real_step(grads):
+        before = [p.detach().clone() for p in params]
+        state = copy.deepcopy(opt.state_dict())
+        for p, gr in zip(params, grads):
+            p.grad = -gr.clone()
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
+        opt.step()
+        delta = [p.detach() - b for p, b in zip(params, before)]
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+                p.grad = None
+        opt.load_state_dict(state)
+        return delta, total
+
+    delta_g, total = real_step(g)
+    delta_0, _ = real_step([torch.zeros_like(t) for t in g])
+    c = 1.0 if max_norm is None else min(1.0, max_norm / (float(total) + 1e-6))
+    assert all(bool((t != 0).all()) for t in g)
+    q = [(dg - d0) / (c * gk) for dg, d0, gk in zip(delta_g, delta_0, g)]
+    return dict(names=names, params=params, grad_lx=grad_lx, grad_j=grad_j, delta_g=delta_g, delta_0=delta_0,
+                c=c, q=q)
+
+
+def _dot(a, b):
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """GPT-2 + LoRA (float64), AdamW with LoRA+ groups and weight decay, 3 steps of a LambdaLR."""
+    model = gpt2()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [dict(params=[p for n, p in named if "lora_B" not in n], lr=1e-3, weight_decay=0.1),
+              dict(params=[p for n, p in named if "lora_B" in n], lr=1.6e-2, weight_decay=0.1)]
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-2
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    E = random_rollouts(B=5, G=3, seed=21, max_len=MAX_LEN)
+    U = random_rollouts(B=4, G=3, seed=22, max_len=MAX_LEN)
+    return model, opt, E, U
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e-3])
+def test_influence_is_an_exact_split_and_matches_the_per_sample_reference(trained, max_norm):
+    model, opt, E, U = trained
+    probe = EntropyProbe(model, opt, max_grad_norm=max_norm, chunk_size=2)
+    pred = probe.predict(E, U)
+    inf = probe.influence(E, U)
+    # the split is exact: baseline + Σ_i δH_i = δH (float64)
+    assert abs(inf.delta_h_baseline + float(inf.per_prompt.sum()) - inf.delta_h) < 1e-10 * max(abs(inf.delta_h), 1e-3)
+    assert abs(inf.delta_h - pred.delta_h) < 1e-10 * abs(pred.delta_h)
+    assert abs(inf.se - pred.se) < 1e-10 * pred.se
+    assert torch.allclose(inf.per_response.sum(-1), inf.per_prompt, rtol=0, atol=1e-16)
+    assert torch.allclose(inf.per_token.sum(-1), inf.per_response, rtol=0, atol=1e-16)
+    assert bool((inf.per_token[~U.response_mask] == 0).all())
+    ref = _reference(model, E, U, opt, max_norm)
+    if max_norm is not None:
+        assert ref["c"] < 1 and abs(inf.clip - ref["c"]) < 1e-12  # clipping is active here
+    mu_x = [sum(gl[k] for gl in ref["grad_lx"]) / E.num_prompts for k in range(len(ref["params"]))]
+    # δH from the real step, and its baseline from the real step of a zero gradient
+    assert rel_err(inf.delta_h, _dot(mu_x, ref["delta_g"])) < 1e-8
+    assert rel_err(inf.delta_h_baseline, _dot(mu_x, ref["delta_0"])) < 1e-8
+    # every δH_i: per-sample gradient, preconditioned by the real optimizer's secant, dotted with μX
+    qmu = [q * m for q, m in zip(ref["q"], mu_x)]
+    dh_ref = torch.tensor([ref["c"] / U.num_prompts * _dot(qmu, gj) for gj in ref["grad_j"]], dtype=torch.float64)
+    assert float((inf.per_prompt - dh_ref).abs().max()) < 1e-8 * float(dh_ref.abs().max())
+    # token shares: each token's log-prob gradient by autograd on the unpadded sequence
+    i, g = 1, 2
+    row = U.attention_mask[i, g].bool()
+    seq = U.input_ids[i, g][row]
+    n_prompt = int(row[: U.response_start].sum())
+    logp = torch.log_softmax(model(input_ids=seq[None]).logits[0], -1)
+    a = float(U.advantages[i, g]) / (U.group_size * MAX_LEN)
+    token_ref = []
+    for t in range(n_prompt, len(seq)):
+        token_ref.append(a * ref["c"] / U.num_prompts * _dot(qmu, _grad(logp[t - 1, seq[t]], ref["params"], retain=True)))
+    cols = row.nonzero().flatten()[n_prompt:]
+    got = inf.per_token[i, g, cols]
+    assert rel_err(got, torch.tensor(token_ref, dtype=torch.float64)) < 1e-8
+    # the evaluation x update matrix, both ways round (rows over E, columns over U)
+    q_scale = ref["c"] / U.num_prompts
+    s_ref = torch.tensor([[q_scale * _dot([q * x for q, x in zip(ref["q"], gl)], gj) for gj in ref["grad_j"]]
+                          for gl in ref["grad_lx"]], dtype=torch.float64)
+    wide = probe.influence(E, U, matrix=True)  # B_E = 5 > B_U = 4: a JVP over E per update prompt
+    narrow = probe.influence(E.select(0, 3), U, matrix=True)  # B_E = 3 < 4: a JVP over U per evaluation prompt
+    assert rel_err(wide.matrix, s_ref) < 1e-8 and rel_err(narrow.matrix, s_ref[:3]) < 1e-8
+    assert float((wide.matrix.mean(0) - wide.per_prompt).abs().max()) < 1e-12
+    assert torch.allclose(wide.per_prompt_se, s_ref.std(0) / math.sqrt(5), rtol=1e-8, atol=0)
+
+
+def test_groups_carry_their_share_with_an_se(trained):
+    model, opt, E, U = trained
+    probe = EntropyProbe(model, opt, chunk_size=3)
+    first = torch.zeros(U.input_ids.shape, dtype=torch.bool)
+    first[..., U.response_start] = True  # the first response token of every response
+    inf = probe.influence(E, U, groups={"positive": U.advantages > 0, "negative": U.advantages < 0,
+                                        "first_tokens": first})
+    pos, neg, tok = inf.groups["positive"], inf.groups["negative"], inf.groups["first_tokens"]
+    assert abs(pos.delta_h + neg.delta_h - inf.delta_h_update) < 1e-12
+    for group in (pos, neg, tok):  # independent paths: token JVP over U = backward over U then JVP over E
+        assert abs(float(group.s.mean()) - group.delta_h) < 1e-10 * max(abs(group.delta_h), 1e-6)
+        assert group.se > 0
+    assert tok.num_tokens == int(U.response_mask[..., U.response_start].sum())
+    assert abs(tok.delta_h - float(inf.per_token[..., U.response_start].sum())) < 1e-14
+    d = inf.to_dict()
+    assert set(d["groups"]) == {"positive", "negative", "first_tokens"} and len(d["per_prompt"]) == 4
+    top = inf.top_tokens(3, by="negative")
+    assert len(top) == 3 and top[0][3] == float(inf.per_token.min())
+
+
+def test_split_step_is_exact_and_the_secant_is_the_preconditioner_for_linear_steps():
+    gen = torch.Generator().manual_seed(0)
+    g = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
+    g["w"][2] = 0.0  # a coordinate with no gradient: the derivative there
+    split = split_step(sgd(), g)
+    assert split.clip == 1.0 and bool((split.secant["w"] == 1).all()) and bool((split.baseline["w"] == 0).all())
+    v = torch.rand(6, generator=gen, dtype=torch.float64)
+    hyper = AdamHyper(0.9, 0.999, 1e-8, 0.0, True, False)
+    state = {"w": AdamState(hyper, step=3, exp_avg=torch.zeros(6, dtype=torch.float64), exp_avg_sq=v)}
+    split = split_step(frozen_adam(state), g)
+    assert torch.allclose(split.secant["w"], 1 / ((v / (1 - 0.999**3)).sqrt() + 1e-8), rtol=1e-14, atol=0)
+    # Adam at step 0 with weight decay and clipping: Δ(g) = Δ(0) + q ⊙ c·g, and at g_k = 0 q is A'(0),
+    # finite although sqrt(v) has no derivative there (v = 0)
+    theta = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
+    hyper = AdamHyper(0.9, 0.999, 1e-8, 0.01, True, False)
+    step = optimizer_step_map(theta, {"w": AdamState(hyper)}, {"w": 1e-3}, max_grad_norm=0.5)
+    split = split_step(step, g)
+    full = step(g)["w"]
+    assert split.clip < 1
+    assert torch.allclose(split.baseline["w"] + split.secant["w"] * split.clip * g["w"], full, rtol=1e-14, atol=0)
+    # Adam's first step is lr·g/(|g| + ε) (bias-corrected), whose derivative at g = 0 is lr/ε
+    assert rel_err(split.secant["w"][2], 1e-3 / 1e-8) < 1e-12
+
+
+def test_bandit_per_action_influence_is_the_closed_form():
+    """π = softmax(z), SGD: δH_{i,g} = η/|U| · A[i,g]/G · ⟨μX, e_a − π⟩ with μX in closed form."""
+    K, G = 5, 4
+    z = torch.tensor([0.5, -1.0, 1.5, 0.0, 0.3], dtype=torch.float64)
+    bandit = SoftmaxBandit(z)
+    p = torch.softmax(z, -1)
+    gen = torch.Generator().manual_seed(3)
+    e_actions = torch.multinomial(p.expand(6, K), G, replacement=True, generator=gen)
+    u_actions = torch.multinomial(p.expand(5, K), G, replacement=True, generator=gen)
+    adv = torch.randn(5, G, generator=gen, dtype=torch.float64)
+    E, U = bandit_rollouts(e_actions), bandit_rollouts(u_actions, adv)
+    lr = 0.3
+    inf = entropy_influence(bandit, E, U, lr=lr, step="sgd", weighting="per_token_avg", chunk_size=3)
+    # closed form: ∇z log π(a) = e_a − π; LX[n] = −(1/G) Σ_g c[n,g] log π(a), c = log π(a) − leave-one-out mean
+    logp = torch.log_softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(e_actions, K).double()
+    S = logp[e_actions]
+    c = S - (S.sum(1, keepdim=True) - S) / (G - 1)
+    mu_x = (-(c.unsqueeze(-1) * (onehot - p)).mean(1)).mean(0)
+    closed = lr / 5 * adv / G * ((mu_x[u_actions]) - (p * mu_x).sum())
+    assert float((inf.per_response - closed).abs().max()) < 1e-12 * float(closed.abs().max())
+    assert inf.delta_h_baseline == 0.0 and inf.se_baseline == 0.0
+
+
+def test_influence_arguments_are_checked_before_any_work(trained):
+    model, opt, E, U = trained
+    probe = EntropyProbe(model, opt)
+    with pytest.raises(SettingsError, match=r"groups\['x'\]: expected a bool tensor"):
+        probe.influence(E, U, groups={"x": U.advantages})
+    with pytest.raises(SettingsError, match=r"groups\['x'\]: expected shape \[4, 3\] or \[4, 3, \d+\]"):
+        probe.influence(E, U, groups={"x": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(SettingsError, match="groups: expected a dict"):
+        probe.influence(E, U, groups=[U.advantages > 0])
+    with pytest.raises(SettingsError, match="matrix: expected True or False"):
+        probe.influence(E, U, matrix="yes")
+    with pytest.raises(ValueError, match="U: the batch has no advantages"):
+        probe.influence(E, random_rollouts(B=2, G=3, advantages=False))
+
+
+def test_influence_leaves_model_grads_and_optimizer_alone(trained):
+    model, opt, E, U = trained
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    EntropyProbe(model, opt).influence(E, U, groups={"pos": U.advantages > 0})
+    assert model.training and all(p.grad is None for p in params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    after = opt.state_dict()
+    for k, v in state["state"].items():
+        assert all(torch.equal(v[kk], after["state"][k][kk]) for kk in v)
+    model.eval()
