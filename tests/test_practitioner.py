@@ -373,3 +373,31 @@ def test_text_responses_warn_and_mismatched_retokenization_is_counted(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_rollouts(h, max_len=LMAX)
+
+
+def test_cli_influence_matches_the_library_call(workspace, tmp_path, capsys):
+    """``funcprobe influence``: the library's split, top tokens decoded, JSON and plot; bad --top refused."""
+    from funcprobe.apps.cli import main
+
+    w = workspace
+    out, png = tmp_path / "influence.json", tmp_path / "influence.png"
+    args = ["influence", "--model", w / "model", "--adapter", w / "adapter", "--tokenizer", w / "tokenizer",
+            "--eval", w / "E.jsonl", "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt",
+            "--max-completion-length", LMAX, "--dtype", "float64", "--top", 4, "--json", out, "--plot", png,
+            "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    text = capsys.readouterr().out
+    assert "predicted dH" in text and "baseline" in text and "top 4 tokens" in text and "'w" in text
+    got = json.loads(out.read_text())
+    model = load_policy(w / "model", w / "adapter", dtype="float64")
+    opt = load_optimizer_state(w / "optimizer.pt", model)
+    E = read_rollouts(w / "E.jsonl", max_len=LMAX)
+    U = read_rollouts(w / "U.jsonl", max_len=LMAX)
+    ref = EntropyProbe(model, opt, step="adam_step").influence(E, U)  # the CLI's default step
+    assert got["step"] == "adam_step" and got["lr"] == 1e-3
+    assert rel_err(got["delta_h"], ref.delta_h) < 1e-9 and rel_err(torch.tensor(got["per_prompt"], dtype=torch.float64), ref.per_prompt) < 1e-9
+    assert abs(got["groups"]["positive_adv"]["delta_h"] + got["groups"]["negative_adv"]["delta_h"]
+               - ref.delta_h_update) < 1e-12
+    assert len(got["top_tokens"]) == 4 and png.stat().st_size > 5000
+    assert main([str(a) for a in args[:-7]] + ["--top", "0"]) == 2
+    assert "--top: expected an integer >= 1" in capsys.readouterr().err

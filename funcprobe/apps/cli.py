@@ -1,4 +1,5 @@
-"""Command line: ``funcprobe demo`` and ``funcprobe probe`` (also ``python -m funcprobe ...``).
+"""Command line: ``funcprobe demo``, ``funcprobe probe`` and ``funcprobe influence``
+(also ``python -m funcprobe ...``).
 
 The probe's flags are generated from ``funcprobe.settings.ProbeSettings``
 (``add_arguments``); every user error exits with status 2 and one line
@@ -57,6 +58,32 @@ def _probe_parser(sub: argparse._SubParsersAction) -> None:
         "and the update batch U from JSONL rollout files (schema: funcprobe.io.rollout_files), build the update "
         "direction muY, and print the predicted entropy change of the step with its standard error SE_E.",
     )
+    _input_arguments(p)
+    p.add_argument("--plot", metavar="FILE.png", help="save a figure of the s distribution and contributions")
+    _progress_flags(p)
+
+
+def _influence_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "influence",
+        help="which update responses and tokens drive the predicted entropy change",
+        description="As 'funcprobe probe', and split the predicted entropy change exactly into the part no "
+        "update sample drives (momentum, weight decay) and one share per update prompt, response and token, "
+        "with standard errors over E for the totals and for the responses of positive and negative advantage "
+        "(docs/derivations.md#entropy-influence). Prints the top responses and tokens (decoded with "
+        "--tokenizer).",
+    )
+    _input_arguments(p)
+    p.add_argument("--top", type=int, default=10, metavar="K", help="responses and tokens listed (default: 10)")
+    p.add_argument("--matrix", action="store_true",
+                   help="also compute s[n, i] for every E prompt x U prompt and a SE per update prompt "
+                   "(min(B_E, B_U) extra passes)")
+    p.add_argument("--plot", metavar="FILE.png", help="save the response shares and the token concentration")
+    _progress_flags(p)
+
+
+def _input_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the model, the rollout files, the optimizer and the probe's settings."""
     p.add_argument("--model", required=True, metavar="DIR", help="saved causal LM directory (config.json)")
     p.add_argument("--adapter", metavar="DIR", help="saved PEFT adapter directory (adapter_config.json)")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, needed for text rollouts")
@@ -72,8 +99,6 @@ def _probe_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "float64", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="save a figure of the s distribution and contributions")
-    _progress_flags(p)
 
 
 def _progress_flags(p: argparse.ArgumentParser) -> None:
@@ -84,8 +109,8 @@ def _progress_flags(p: argparse.ArgumentParser) -> None:
                      help="never show progress bars (nor transformers' loading bars)")
 
 
-def _run_probe(args: argparse.Namespace) -> int:
-    from ..api import EntropyProbe
+def _load_inputs(args: argparse.Namespace):
+    """Check every flag and output path, then load (settings, model, tokenizer, E, U, optimizer)."""
     from ..io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
     from ..io.rollout_files import read_rollouts
 
@@ -111,6 +136,39 @@ def _run_probe(args: argparse.Namespace) -> int:
     E = read_rollouts(args.eval, **kw)
     U = read_rollouts(args.update, **kw)
     optimizer = load_optimizer_state(args.optimizer_state, model) if args.optimizer_state else None
+    return settings, model, tokenizer, E, U, optimizer
+
+
+def _run_influence(args: argparse.Namespace) -> int:
+    from ..api import EntropyProbe
+    from .influence_report import format_influence, top_responses
+
+    if args.top < 1:
+        raise ValueError(f"--top: expected an integer >= 1, got {args.top}")
+    settings, model, tokenizer, E, U, optimizer = _load_inputs(args)
+    probe = EntropyProbe(model, optimizer, lr=args.lr, settings=settings)
+    groups = {"positive_adv": U.advantages > 0, "negative_adv": U.advantages < 0}
+    inf = probe.influence(E, U, groups=groups, matrix=args.matrix)
+    print(f"model             {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
+    print(format_influence(inf, U, tokenizer=tokenizer, top=args.top))
+    if args.json:
+        out = inf.to_dict()
+        out["top_responses"] = [dict(prompt=i, response=g, share=v) for i, g, v in top_responses(inf, args.top)]
+        out["top_tokens"] = [dict(prompt=i, response=g, column=t, token_id=int(U.input_ids[i, g, t]), share=v)
+                             for i, g, t, v in inf.top_tokens(args.top)]
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    if args.plot:
+        from .influence_report import plot_influence
+
+        plot_influence(inf, U, args.plot)
+    return 0
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from ..api import EntropyProbe
+
+    settings, model, tokenizer, E, U, optimizer = _load_inputs(args)
     probe = EntropyProbe(model, optimizer, lr=args.lr, settings=settings)
     pred = r = probe.predict(E, U)
     lo, hi = r.ci95
@@ -201,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _probe_parser(sub)
+    _influence_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    run = _run_demo if args.command == "demo" else _run_probe
+    run = {"demo": _run_demo, "probe": _run_probe, "influence": _run_influence}[args.command]
     try:
         return run(args)
     except (ValueError, KeyError, OSError, TypeError, NotImplementedError, RuntimeError, ImportError) as err:

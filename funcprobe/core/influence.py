@@ -58,22 +58,32 @@ def split_step(step: StepMap, gradient: Mapping[str, Tensor]) -> StepSplit:
     max_norm, coordinatewise = step.split_clipping()
     c = 1.0 if max_norm is None else float(clip_coefficient(gradient, max_norm))
     g = {n: t.detach().to(torch.float64) * c for n, t in gradient.items()}
-    zero = {n: torch.zeros_like(t) for n, t in g.items()}
-    at_zero = coordinatewise(zero)
+    if coordinatewise.secant_fn is not None:
+        at_zero, secant = coordinatewise.secant_fn(g)
+    else:
+        at_zero, secant = _difference_secant(coordinatewise, g)
+    secant = {n: q.to(torch.float64) for n, q in secant.items()}
+    bad = sorted(n for n, q in secant.items() if not bool(torch.isfinite(q).all()))
+    if bad:
+        raise ValueError(f"step: the step map has no finite secant at {bad[:8]}")
+    return StepSplit({n: t.to(torch.float64) for n, t in at_zero.items()}, c, secant)
+
+
+def _difference_secant(coordinatewise: StepMap, g: ParamTree) -> tuple[ParamTree, ParamTree]:
+    """(A(0), (A(g) − A(0)) / g) by difference, A'(0) by one JVP where g = 0: for maps
+    without ``secant_fn`` (loses digits where A(0) ≫ A(g) − A(0))."""
+    at_zero = coordinatewise({n: torch.zeros_like(t) for n, t in g.items()})
     at_g = coordinatewise(g)
     nonzero = {n: t != 0 for n, t in g.items()}
     derivative: dict[str, Tensor] = {}
-    if any(not bool(m.all()) for m in nonzero.values()):  # A'(0) where g_k = 0 (coordinate-wise: one JVP)
+    if any(not bool(m.all()) for m in nonzero.values()):  # coordinate-wise: one JVP gives every A_k'(g_k)
         _, derivative = jvp(coordinatewise, (g,), ({n: torch.ones_like(t) for n, t in g.items()},))
     secant = {}
     for n, t in g.items():
         safe = torch.where(nonzero[n], t, torch.ones_like(t))
         q = (at_g[n].to(torch.float64) - at_zero[n].to(torch.float64)) / safe
         secant[n] = torch.where(nonzero[n], q, derivative[n].to(torch.float64)) if n in derivative else q
-    bad = sorted(n for n, q in secant.items() if not bool(torch.isfinite(q).all()))
-    if bad:
-        raise ValueError(f"step: the step map has no finite secant at {bad[:8]}")
-    return StepSplit({n: t.to(torch.float64) for n, t in at_zero.items()}, c, secant)
+    return at_zero, secant
 
 
 def response_coefficients(objective: Objective, batch: RolloutBatch, dtype: torch.dtype) -> Tensor:

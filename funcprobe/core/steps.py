@@ -70,6 +70,12 @@ class StepMap:
             clipping.
         parts: the maps of a ``chain``, in order (empty for a single map).
         max_norm: the clipping threshold of ``clip_by_global_norm`` (None otherwise).
+        linear: True when the map is linear (SGD, the frozen-state preconditioner, the
+            learning rates): A(x) = q ⊙ x.
+        secant_fn: for a coordinate-wise map, gradient g ↦ (A(0), q) with
+            q = (A(g) − A(0)) / g computed without cancellation (A'(0) where g = 0);
+            None where the map does not provide it (``funcprobe.core.influence``
+            then takes the difference).
     """
 
     name: str
@@ -78,6 +84,8 @@ class StepMap:
     coordinatewise: bool = True
     parts: tuple["StepMap", ...] = field(default=(), repr=False)
     max_norm: float | None = None
+    linear: bool = False
+    secant_fn: Callable[[Mapping[str, Tensor]], tuple[ParamTree, ParamTree]] | None = field(default=None, repr=False)
 
     def __call__(self, gradient: Mapping[str, Tensor]) -> ParamTree:
         return self.fn(gradient)
@@ -95,13 +103,25 @@ class StepMap:
         return max_norm, chain(self.name, *rest)
 
 
-def per_name(name: str, fn: Callable[[str, Tensor], Tensor], *, per_unit_lr: bool = True) -> StepMap:
-    """A coordinate-wise step map from ``fn(parameter name, gradient tensor) → step tensor``."""
-    return StepMap(name, lambda gradient: {n: fn(n, g) for n, g in gradient.items()}, per_unit_lr)
+def per_name(name: str, fn: Callable[[str, Tensor], Tensor], *, per_unit_lr: bool = True,
+             secant: Callable[[str, Tensor], tuple[Tensor, Tensor]] | None = None, linear: bool = False) -> StepMap:
+    """A coordinate-wise step map from ``fn(parameter name, gradient tensor) → step tensor``
+    (and optionally ``secant(name, g) → (A(0), q)``, see ``StepMap.secant_fn``)."""
+
+    def secant_fn(gradient: Mapping[str, Tensor]) -> tuple[ParamTree, ParamTree]:
+        pairs = {n: secant(n, g) for n, g in gradient.items()}
+        return {n: a for n, (a, _) in pairs.items()}, {n: q for n, (_, q) in pairs.items()}
+
+    return StepMap(name, lambda gradient: {n: fn(n, g) for n, g in gradient.items()}, per_unit_lr,
+                   linear=linear, secant_fn=None if secant is None else secant_fn)
 
 
 def chain(name: str, *maps: StepMap) -> StepMap:
-    """The maps applied in order (optax's ``chain``); per unit lr only if all of them are."""
+    """The maps applied in order (optax's ``chain``); per unit lr only if all of them are.
+
+    The chain has a ``secant_fn`` when its first map has one and every later map is
+    linear (Adam followed by the learning rates): A(0) and q pass through the linear maps.
+    """
 
     def fn(gradient: Mapping[str, Tensor]) -> ParamTree:
         tree = dict(gradient)
@@ -109,12 +129,23 @@ def chain(name: str, *maps: StepMap) -> StepMap:
             tree = m(tree)
         return tree
 
-    return StepMap(name, fn, all(m.per_unit_lr for m in maps), all(m.coordinatewise for m in maps), tuple(maps))
+    secant_fn = None
+    if maps and maps[0].secant_fn is not None and all(m.linear and m.coordinatewise for m in maps[1:]):
+
+        def secant_fn(gradient: Mapping[str, Tensor]) -> tuple[ParamTree, ParamTree]:
+            at_zero, q = maps[0].secant_fn(gradient)
+            for m in maps[1:]:
+                at_zero, q = m(at_zero), m(q)
+            return at_zero, q
+
+    return StepMap(name, fn, all(m.per_unit_lr for m in maps), all(m.coordinatewise for m in maps), tuple(maps),
+                   linear=all(m.linear for m in maps), secant_fn=secant_fn)
 
 
 def sgd() -> StepMap:
     """P = identity."""
-    return per_name("sgd", lambda name, g: g)
+    return per_name("sgd", lambda name, g: g, secant=lambda name, g: (torch.zeros_like(g), torch.ones_like(g)),
+                    linear=True)
 
 
 def clip_by_global_norm(max_norm: float) -> StepMap:
@@ -138,7 +169,8 @@ def clip_coefficient(gradient: Mapping[str, Tensor], max_norm: float) -> Tensor:
 def scale_by_lr(lrs: Mapping[str, float]) -> StepMap:
     """Multiply each parameter's step by its param group's learning rate."""
     lrs = dict(lrs)
-    return per_name("scale_by_lr", lambda name, g: g * lrs[name], per_unit_lr=False)
+    return per_name("scale_by_lr", lambda name, g: g * lrs[name], per_unit_lr=False,
+                    secant=lambda name, g: (torch.zeros_like(g), torch.full_like(g, lrs[name])), linear=True)
 
 
 def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: bool = False) -> StepMap:
@@ -159,13 +191,15 @@ def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: boo
         st = states[name]
         return g if st.exp_avg_sq is None else adam_preconditioner(g, st)
 
-    return per_name("frozen_adam", fn)
+    return per_name("frozen_adam", fn, secant=lambda name, g: (torch.zeros_like(g), fn(name, torch.ones_like(g))),
+                    linear=True)
 
 
 def adam_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState]) -> StepMap:
     """The exact next Adam/AdamW step per unit learning rate for every name of ``states``."""
     params, states = dict(params), dict(states)
-    return per_name("adam_step", lambda name, g: adam_step(g, params[name], states[name]))
+    return per_name("adam_step", lambda name, g: adam_step(g, params[name], states[name]),
+                    secant=lambda name, g: adam_secant(g, params[name], states[name]))
 
 
 def optimizer_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState], lrs: Mapping[str, float],
@@ -218,6 +252,44 @@ def adam_step(g: Tensor, param: Tensor, state: AdamState) -> Tensor:
     if h.weight_decay != 0 and h.decoupled_weight_decay:
         delta = delta - h.weight_decay * p
     return delta
+
+
+def adam_secant(g: Tensor, param: Tensor, state: AdamState) -> tuple[Tensor, Tensor]:
+    """(f(0), q) for the next Adam/AdamW step f of ``adam_step``, with
+    q = (f(g) − f(0)) / g elementwise, computed without subtracting f(0) (the momentum and
+    weight-decay part, often far larger than the gradient's) from f(g).
+
+    With l the L2 term, m(g) = β1·m0 + (1−β1)(l − g), v(g) = β2·v0 + (1−β2)(l − g)²,
+    D = sqrt(v̂)/sqrt(bc2) + ε and f = −m/(bc1·D) (+ the decoupled decay, a constant):
+    q = −((m(g) − m(0))/g · D(0) − m(0)·(D(g) − D(0))/g) / (bc1·D(g)·D(0)), with
+    (m(g) − m(0))/g = −(1−β1) and (v(g) − v(0))/g = (1−β2)(g − 2l) exactly; where g = 0
+    this is f'(0) (docs/derivations.md#entropy-influence).
+    """
+    h = state.hyper
+    dtype = g.dtype
+    p = param.to(dtype)
+    l = h.weight_decay * p if (h.weight_decay != 0 and not h.decoupled_weight_decay) else torch.zeros_like(g)
+    m0_prev = torch.zeros_like(g) if state.exp_avg is None else state.exp_avg.to(dtype)
+    v0_prev = torch.zeros_like(g) if state.exp_avg_sq is None else state.exp_avg_sq.to(dtype)
+    t = state.step + 1
+    bc1, bc2 = 1.0 - h.beta1**t, (1.0 - h.beta2**t) ** 0.5
+    m0 = h.beta1 * m0_prev + (1.0 - h.beta1) * l
+    v0 = h.beta2 * v0_prev + (1.0 - h.beta2) * l * l
+    vg = h.beta2 * v0_prev + (1.0 - h.beta2) * (l - g) * (l - g)
+    dv = (1.0 - h.beta2) * (g - 2.0 * l)  # (v(g) − v(0)) / g
+    if h.amsgrad:
+        v_max = torch.zeros_like(g) if state.max_exp_avg_sq is None else state.max_exp_avg_sq.to(dtype)
+        w0, wg = torch.maximum(v_max, v0), torch.maximum(v_max, vg)
+        both_v = (vg >= v_max) & (v0 >= v_max)
+        safe_g = torch.where(g != 0, g, torch.ones_like(g))
+        dv = torch.where(both_v, dv, torch.where(g != 0, (wg - w0) / safe_g, torch.zeros_like(g)))
+        v0, vg = w0, wg
+    root0, rootg = _sqrt(v0), _sqrt(vg)
+    roots = root0 + rootg
+    dD = torch.where(roots > 0, dv / torch.where(roots > 0, roots, torch.ones_like(roots)), torch.zeros_like(g)) / bc2
+    D0, Dg = root0 / bc2 + h.eps, rootg / bc2 + h.eps
+    q = -(-(1.0 - h.beta1) * D0 - m0 * dD) / (bc1 * Dg * D0)
+    return adam_step(torch.zeros_like(g), param, state), q
 
 
 def _sqrt(v: Tensor) -> Tensor:
