@@ -284,3 +284,28 @@ def test_influence_leaves_model_grads_and_optimizer_alone(trained):
     for k, v in state["state"].items():
         assert all(torch.equal(v[kk], after["state"][k][kk]) for kk in v)
     model.eval()
+
+
+def test_token_covariance_is_verls_score_and_spearman_handles_ties():
+    from funcprobe.validation.token_covariance import spearman, token_covariance, top_fraction_mask
+
+    gen = torch.Generator().manual_seed(5)
+    logp = -torch.rand(2, 3, 5, generator=gen, dtype=torch.float64)
+    adv = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 3, 5, generator=gen) > 0.3
+    cov = token_covariance(logp, adv, mask)
+    tokens = [(i, g, t) for i in range(2) for g in range(3) for t in range(5) if mask[i, g, t]]
+    mean_a = sum(float(adv[i, g]) for i, g, t in tokens) / len(tokens)  # token-weighted, as verl's masked_mean
+    mean_l = sum(float(logp[i, g, t]) for i, g, t in tokens) / len(tokens)
+    for i, g, t in tokens:
+        assert abs(float(cov[i, g, t]) - (float(adv[i, g]) - mean_a) * (float(logp[i, g, t]) - mean_l)) < 1e-15
+    assert bool((cov[~mask] == 0).all())
+    a = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0], dtype=torch.float64)
+    assert abs(spearman(a, a ** 3) - 1.0) < 1e-15 and abs(spearman(a, -a) + 1.0) < 1e-15
+    b = torch.tensor([5.0, 3.0, 4.0, 1.0, 2.0], dtype=torch.float64)
+    # ranks of a with the tie averaged: 1, 2.5, 2.5, 4, 5; of b: 5, 3, 4, 1, 2 -> Pearson of the ranks
+    ra, rb = torch.tensor([1, 2.5, 2.5, 4, 5]), torch.tensor([5.0, 3, 4, 1, 2])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    assert abs(spearman(a, b) - float((ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt())) < 1e-7
+    assert top_fraction_mask(b, 0.4).tolist() == [True, False, True, False, False]
+    assert int(top_fraction_mask(b, 1e-9).sum()) == 1
