@@ -303,6 +303,7 @@ class EntropyProbe:
         probe = EntropyProbe(peft_model, optimizer)   # step="optimizer_step" by default
         pred = probe.predict(E, U)         # RolloutBatch each
         print(pred.delta_h, pred.se, pred.ci95)
+        inf = probe.influence(E, U)        # the same δH split over U's prompts, responses, tokens
 
     By default (no ``settings`` and no ``step``) the probe predicts ``step="optimizer_step"``:
     the Δθ that ``optimizer.step()`` will take now, with each param group's current

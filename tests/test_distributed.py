@@ -61,6 +61,13 @@ def _worker(rank, world, port, case, outdir):
         params = "trainable"
         if case == "mismatch" and rank == 1:
             params = [n for n, p in model.named_parameters() if p.requires_grad][:2]
+        if case == "influence":
+            from funcprobe import EntropyProbe
+
+            inf = EntropyProbe(probed, opt, max_grad_norm=1e-3).influence(
+                E_local, U_local, groups={"pos": U_local.advantages > 0})
+            result = {"inf": inf.to_dict(), "per_token": inf.per_token, "group": inf.groups["pos"].to_dict()}
+            return
         mu = update_direction(probed, U_local, optimizer=opt, step="adam_step", params=params)
         res = conditional_variance(probed, E_local, mu, lr=0.1, gather_s=True)
         local = conditional_variance(probed, E_local, mu, lr=0.1)
@@ -125,6 +132,28 @@ def test_sharded_equals_single_process(world, case, tmp_path, single_process):
         if hi > lo:
             assert rel_err(out["local_s"], ref.s[lo:hi]) < 1e-10
         assert out["grads_none"]
+
+
+def test_sharded_influence_equals_single_process(tmp_path):
+    """3 ranks (one holding no prompts), clipping active: totals, SEs, group and every local
+    update sample's share equal the single-process split."""
+    from funcprobe import EntropyProbe
+
+    model, opt, E, U = _setup()
+    ref = EntropyProbe(model, opt, max_grad_norm=1e-3).influence(E, U, groups={"pos": U.advantages > 0})
+    assert ref.clip < 1
+    for rank, out in enumerate(_run(3, "influence", tmp_path)):
+        assert "error" not in out, out.get("trace")
+        got = out["inf"]
+        for key in ("delta_h", "se", "delta_h_baseline", "se_baseline", "delta_h_update", "se_update", "clip"):
+            assert rel_err(got[key], getattr(ref, key)) < 1e-10, (rank, key)
+        assert got["num_update_prompts"] == 5 and got["num_eval_prompts"] == 7
+        lo, hi = SHARDS[3][1][rank]
+        assert out["per_token"].shape[0] == hi - lo
+        if hi > lo:
+            assert rel_err(out["per_token"], ref.per_token[lo:hi]) < 1e-10
+        assert rel_err(out["group"]["delta_h"], ref.groups["pos"].delta_h) < 1e-10
+        assert rel_err(out["group"]["se"], ref.groups["pos"].se) < 1e-10
 
 
 def test_ranks_probing_different_registries_fail_together(tmp_path):
