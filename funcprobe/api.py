@@ -30,8 +30,9 @@ from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
 from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
-from .core.transforms import directional_derivatives, summed_gradient
+from .core.transforms import chunk_count, directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
+from .edge.fsdp import full_tensor
 from .edge.memory import chunk_size_for
 from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.precision import compute_dtype, primal
@@ -122,7 +123,8 @@ def _mean_policy_gradient(registry: ParamRegistry, U: RolloutBatch, settings: Pr
     U = as_normal_batch(U, registry.device)
     objective = _policy_gradient(settings, U, comm)
     f = objective.on_logprobs(registry.logprob_fn())
-    gradient_sum = summed_gradient(f, chunk_size=chunk_size_for(settings, registry, U, "gradient"))
+    chunk = chunk_size_for(settings, registry, U, "gradient")
+    gradient_sum = summed_gradient(f, chunk_size=chunk, min_chunks=min_chunks(registry, comm, U, chunk))
     dtype = compute_dtype(registry, settings.precision)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
         total = gradient_sum(primal(registry, dtype), U)
@@ -162,6 +164,8 @@ def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, 
     if settings.step != "sgd":
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
+    if isinstance(gradient, Mapping):  # FSDP2: the trainer's DTensor .grad, in full
+        gradient = {n: full_tensor(g) if isinstance(g, Tensor) else g for n, g in gradient.items()}
     check_like(registry.trainable, gradient, "gradient")
     grad = {n: gradient[n].to(device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
             for n, t in registry.trainable.items()}
@@ -251,7 +255,7 @@ def _conditional_variance(registry: ParamRegistry, E: RolloutBatch, muY: Mapping
     if not comm.distributed and E.num_prompts < 2:
         raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
     comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
-    s = _local_scalars(registry, E, muY, settings)
+    s = _local_scalars(registry, E, muY, settings, comm)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
     check_scalars(s, totals[2:])
     if settings.gather_s:
@@ -260,9 +264,21 @@ def _conditional_variance(registry: ParamRegistry, E: RolloutBatch, muY: Mapping
                                        weighting=settings.weighting)
 
 
+def min_chunks(registry: ParamRegistry, comm: Communicator, batch: RolloutBatch, chunk_size: int) -> int:
+    """The forwards every rank must run over its shard of ``batch``: on FSDP2 each forward
+    is a collective, so the most chunks of any rank; 0 (no constraint) otherwise."""
+    if not registry.sharded:
+        return 0
+    return comm.max_int(chunk_count(batch, chunk_size))
+
+
 def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor],
-                   settings: ProbeSettings) -> Tensor:
+                   settings: ProbeSettings, comm: Communicator | None = None) -> Tensor:
     """s ``[B_local]`` float64 of this rank's E along μY (checked: names, shapes, finite, non-zero)."""
+    comm = comm or Communicator.for_group(settings.process_group)
+    if registry.sharded and settings.mode == "vjp":
+        raise SettingsError("mode: 'vjp' (reverse over reverse) does not run through FSDP2's hooks (torch.func's "
+                            "reverse transforms see the all-gathered parameters, not the probe's); use mode='jvp'")
     check_like(registry.trainable, muY, "muY")
     if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
         raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
@@ -273,7 +289,8 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
     f = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
     chunk_size = chunk_size_for(settings, registry, E, settings.mode)
     derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=chunk_size,
-                                          wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress))
+                                          wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress),
+                                          min_chunks=min_chunks(registry, comm, E, chunk_size))
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
         return derivatives(theta, tangent, E)
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .api import EntropyProbe, _local_scalars, _mean_policy_gradient, _policy_gradient
+from .api import EntropyProbe, _local_scalars, _mean_policy_gradient, min_chunks
 from .core.influence import (
     EntropyInfluence,
     GroupInfluence,
@@ -147,8 +147,9 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
 
     # μX = mean_n ∇LX[n] over E (all ranks)
     lx = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
+    chunk = chunk_size_for(settings, registry, E, "gradient")
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
-        mu_x = summed_gradient(lx, chunk_size=chunk_size_for(settings, registry, E, "gradient"))(theta, E)
+        mu_x = summed_gradient(lx, chunk_size=chunk, min_chunks=min_chunks(registry, comm, E, chunk))(theta, E)
     mu_x = comm.sum_tree(mu_x)
     (num_eval,) = comm.sum_floats([float(E.num_prompts)])
     mu_x = tree_map(lambda t: t / num_eval, mu_x)
@@ -156,14 +157,14 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
     # every token's share: one JVP of U's token log-probs along η·c/|U|·q ⊙ μX
     a = response_coefficients(objective, U, torch.float64)  # [B_U, G]
     shares = _token_derivatives(registry, U, _as_tangent(scaled_direction(split, mu_x, scale), theta), settings,
-                                dtype)
+                                dtype, comm)
     per_token = torch.where(U.response_mask, a.unsqueeze(-1) * shares, torch.zeros((), dtype=torch.float64))
     per_response = per_token.sum(-1)
     per_prompt = per_response.sum(-1)
 
     # the totals and their SEs over E
-    s_total = _local_scalars(registry, E, full, settings)
-    s_base = (_local_scalars(registry, E, split.baseline, settings) if tree_sq_norm(split.baseline) > 0
+    s_total = _local_scalars(registry, E, full, settings, comm)
+    s_base = (_local_scalars(registry, E, split.baseline, settings, comm) if tree_sq_norm(split.baseline) > 0
               else torch.zeros_like(s_total))
     check_scalars(s_total, comm.sum_floats(scalar_counts(s_total)))
     # the means of s are ⟨μX, Δ⟩ and ⟨μX, Δ(0)⟩ up to rounding (tested); the deltas come from μX
@@ -193,15 +194,18 @@ def _as_tangent(tree: Mapping[str, Tensor], theta: ParamTree) -> ParamTree:
 
 
 def _token_derivatives(registry: ParamRegistry, U: RolloutBatch, tangent: ParamTree, settings: ProbeSettings,
-                       dtype: torch.dtype) -> Tensor:
+                       dtype: torch.dtype, comm: Communicator) -> Tensor:
     """``[B_U, G, T]`` float64 d/dε log π(y_t) along ``tangent`` (one JVP pass over U)."""
+    chunk = chunk_size_for(settings, registry, U, "jvp")
+    derivatives = directional_derivatives(
+        registry.token_logprob_fn(), mode="jvp", chunk_size=chunk,
+        wrap=chunk_progress("funcprobe token shares (jvp)", settings.progress),
+        min_chunks=min_chunks(registry, comm, U, chunk))
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+        out = derivatives(primal(registry, dtype), tangent, U)
     if U.num_prompts == 0:
         return torch.zeros(U.input_ids.shape, dtype=torch.float64, device=U.input_ids.device)
-    derivatives = directional_derivatives(
-        registry.token_logprob_fn(), mode="jvp", chunk_size=chunk_size_for(settings, registry, U, "jvp"),
-        wrap=chunk_progress("funcprobe token shares (jvp)", settings.progress))
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
-        return derivatives(primal(registry, dtype), tangent, U)
+    return out
 
 
 def _mean_se(comm: Communicator, s: Tensor, lr: float) -> tuple[float, float]:
@@ -217,27 +221,30 @@ def _group(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: Par
            dtype: torch.dtype) -> GroupInfluence:
     """δH_S = Σ of the group's token shares; SE from s_S[n] = scale·⟨q ⊙ ∇LX[n], ∇J_S⟩ over E."""
     weights = torch.where(mask, a.unsqueeze(-1), torch.zeros((), dtype=torch.float64))
-    gradient = comm.sum_tree(_token_weighted_gradient(registry, U, theta, weights, settings, dtype))
+    gradient = comm.sum_tree(_token_weighted_gradient(registry, U, theta, weights, settings, dtype, comm))
     delta_h, num_tokens = comm.sum_floats([float(per_token[mask].sum()), float(mask.sum())])
     if tree_sq_norm(gradient) == 0.0:
         s = torch.zeros(E.num_prompts, dtype=torch.float64)
         return GroupInfluence(delta_h=delta_h, se=0.0, s=s, num_tokens=int(num_tokens))
-    s = _local_scalars(registry, E, scaled_direction(split, gradient, scale), settings)
+    s = _local_scalars(registry, E, scaled_direction(split, gradient, scale), settings, comm)
     _, se = _mean_se(comm, s, 1.0)
     return GroupInfluence(delta_h=delta_h, se=se, s=s, num_tokens=int(num_tokens))
 
 
 def _token_weighted_gradient(registry: ParamRegistry, U: RolloutBatch, theta: ParamTree, weights: Tensor,
-                             settings: ProbeSettings, dtype: torch.dtype) -> ParamTree:
-    """Σ_{n,g,t} weights[n,g,t]·∇ log π(y_{n,g,t}) over this rank's U (chunked backward)."""
+                             settings: ProbeSettings, dtype: torch.dtype, comm: Communicator) -> ParamTree:
+    """Σ_{n,g,t} weights[n,g,t]·∇ log π(y_{n,g,t}) over this rank's U (chunked backward;
+    on FSDP2 every rank runs the same number of chunks, placeholders included)."""
     token_fn = registry.token_logprob_fn()
     chunk = chunk_size_for(settings, registry, U, "gradient")
     total = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
+    starts = list(range(0, U.num_prompts, chunk))
+    pad = min_chunks(registry, comm, U, chunk) - len(starts)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
-        for start in range(0, U.num_prompts, chunk):
+        for start in starts:
             stop = min(start + chunk, U.num_prompts)
             w = weights[start:stop]
-            if not bool((w != 0).any()):
+            if not registry.sharded and not bool((w != 0).any()):
                 continue
 
             def f(t: ParamTree, batch: RolloutBatch, w: Tensor = w) -> Tensor:
@@ -246,6 +253,9 @@ def _token_weighted_gradient(registry: ParamRegistry, U: RolloutBatch, theta: Pa
 
             part = summed_gradient(f, chunk_size=chunk)(theta, U.select(start, stop))
             total = {n: total[n] + part[n] for n in total}
+        if pad > 0:  # placeholder forwards and backwards (exact zeros) so that FSDP2's collectives match
+            summed_gradient(lambda t, b: token_fn(t, b).sum((1, 2)), chunk_size=chunk, min_chunks=pad)(
+                theta, U.select(0, 0))
     return total
 
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from funcprobe import RolloutBatch, conditional_variance, update_direction
-from funcprobe.edge.registry import refuse_fsdp
+from funcprobe.edge.fsdp import refuse_unsupported_sharding
 from helpers import gpt2, random_rollouts, rel_err
 
 # seconds a collective waits for its peers (gloo's process-group timeout): generous, so that a
@@ -168,24 +168,32 @@ def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     assert "error" in results[0]
 
 
-def test_fsdp_models_are_refused_with_advice(tmp_path):
-    """A real FSDP2 model (``fully_shard`` on a 1-rank gloo group) is refused by type, with advice."""
-    from torch.distributed.fsdp import fully_shard
+def test_fsdp1_is_refused_with_the_reason_and_fsdp2_is_probed(tmp_path):
+    """A real FSDP1 model (1-rank gloo group) is refused by type, saying why and what to use;
+    a ``fully_shard`` (FSDP2) model on the same group is probed like the unsharded one."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     from funcprobe import UnsupportedModelError
     from helpers import qwen2
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = qwen2(dtype=torch.float32)
+        E = random_rollouts()
+        fsdp1 = FullyShardedDataParallel(qwen2(dtype=torch.float32), use_orig_params=True, device_id=torch.device("cpu"))
+        with pytest.raises(UnsupportedModelError, match="FSDP1 .*FlatParameter.* Use FSDP2"):
+            refuse_unsupported_sharding(fsdp1)
+        with pytest.raises(NotImplementedError, match="FSDP1"):
+            conditional_variance(fsdp1, E, {}, lr=1.0)
+        ref_model = qwen2()
+        mu = update_direction(ref_model, random_rollouts(seed=5), step="sgd")
+        ref = conditional_variance(ref_model, E, mu, lr=1.0)
+        model = qwen2()
         fully_shard(model)
-        with pytest.raises(UnsupportedModelError, match="full_state_dict=True"):
-            refuse_fsdp(model)
-        with pytest.raises(NotImplementedError, match="FSDP-sharded"):
-            conditional_variance(model, random_rollouts(), {}, lr=1.0)
+        got = conditional_variance(model, E, mu, lr=1.0)
+        assert rel_err(got.s, ref.s) < 1e-10
     finally:
         dist.destroy_process_group()
-    refuse_fsdp(gpt2())  # an ordinary model passes
+    refuse_unsupported_sharding(gpt2())  # an ordinary model passes
 
 
 def test_process_group_without_init_is_an_error():

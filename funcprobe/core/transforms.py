@@ -40,15 +40,25 @@ def _plain(starts: Iterable[int], total: int) -> Iterable[int]:
     return starts
 
 
-def _chunks(batch: RolloutBatch, chunk_size: int, wrap: ChunkWrapper) -> Iterator[RolloutBatch]:
-    """The batch in consecutive chunks of at most ``chunk_size`` prompts (the loop ``wrap``ped)."""
+def _chunks(batch: RolloutBatch, chunk_size: int, wrap: ChunkWrapper,
+            min_chunks: int = 0) -> Iterator[tuple[RolloutBatch, bool]]:
+    """``(chunk, real)``: the batch in consecutive chunks of at most ``chunk_size`` prompts
+    (the loop ``wrap``ped), then placeholder chunks (``real`` False) up to ``min_chunks``."""
     B = batch.num_prompts
-    for start in wrap(range(0, B, chunk_size), -(-B // chunk_size)):
-        yield batch.select(start, min(start + chunk_size, B))
+    count = -(-B // chunk_size)
+    for start in wrap(range(0, B, chunk_size), count):
+        yield batch.select(start, min(start + chunk_size, B)), True
+    for _ in range(count, min_chunks):
+        yield RolloutBatch.placeholder(batch.group_size).to(batch.input_ids.device), False
+
+
+def chunk_count(batch: RolloutBatch, chunk_size: int) -> int:
+    """How many calls of ``f`` the transforms make for ``batch`` (before ``min_chunks``)."""
+    return -(-batch.num_prompts // chunk_size)
 
 
 def directional_derivatives(
-    f: PromptFn, *, mode: str = "jvp", chunk_size: int = 8, wrap: ChunkWrapper = _plain
+    f: PromptFn, *, mode: str = "jvp", chunk_size: int = 8, wrap: ChunkWrapper = _plain, min_chunks: int = 0
 ) -> Callable[[ParamTree, Mapping[str, Tensor], RolloutBatch], Tensor]:
     """Return ``(theta, tangent, batch) ↦ [B]`` float64 directional derivatives of ``f``.
 
@@ -57,6 +67,8 @@ def directional_derivatives(
         mode: ``"jvp"`` (forward mode) or ``"vjp"`` (α-trick, reverse over reverse).
         chunk_size: prompts per call of ``f``.
         wrap: ``wrap(starts, total)`` wraps the chunk loop (progress bars).
+        min_chunks: call ``f`` at least this often, on a placeholder batch whose results
+            are discarded (ranks of a sharded model whose every forward is a collective).
 
     The returned function's ``tangent`` must have ``theta``'s names, shapes, dtypes and
     devices. An empty batch (B = 0, an empty data-parallel shard) gives an empty result.
@@ -67,7 +79,7 @@ def directional_derivatives(
 
     def derivatives(theta: ParamTree, tangent: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
         out = []
-        for chunk in _chunks(batch, chunk_size, wrap):
+        for chunk, real in _chunks(batch, chunk_size, wrap, min_chunks):
 
             def f_chunk(t: ParamTree, chunk: RolloutBatch = chunk) -> Tensor:
                 return f(t, chunk)
@@ -76,7 +88,8 @@ def directional_derivatives(
                 _, d = jvp(f_chunk, (theta,), (dict(tangent),))
             else:
                 d = _alpha_trick(f_chunk, theta, tangent, chunk.num_prompts)
-            out.append(d.detach().to(torch.float64))
+            if real:
+                out.append(d.detach().to(torch.float64))
         if not out:
             device = next(iter(theta.values())).device
             return torch.zeros(0, dtype=torch.float64, device=device)
@@ -86,7 +99,7 @@ def directional_derivatives(
 
 
 def summed_gradient(
-    f: PromptFn, *, chunk_size: int = 8, wrap: ChunkWrapper = _plain
+    f: PromptFn, *, chunk_size: int = 8, wrap: ChunkWrapper = _plain, min_chunks: int = 0
 ) -> Callable[[ParamTree, RolloutBatch], ParamTree]:
     """Return ``(theta, batch) ↦ Σ_n ∇θ f(theta, batch)[n]`` as name→tensor.
 
@@ -99,15 +112,17 @@ def summed_gradient(
     benchmarks/results/memory.md). Nothing outside is touched: the leaves are local and
     ``.grad`` is never written. A probed parameter the forward does not use raises
     ``UnreachableDirectionError`` naming it (never a silent zero gradient).
+    ``min_chunks``: as ``directional_derivatives`` (placeholder forwards and backwards
+    that add exact zeros).
     """
 
     def summed(theta: ParamTree, batch: RolloutBatch) -> ParamTree:
         acc = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
         names = list(theta)
-        for chunk in _chunks(batch, chunk_size, wrap):
+        for chunk, real in _chunks(batch, chunk_size, wrap, min_chunks):
             with torch.enable_grad():
                 leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
-                total = f(leaves, chunk).sum()
+                total = f(leaves, chunk).sum() * (1.0 if real else 0.0)
                 unused = _unreached(total, leaves)
                 if unused:  # no allow_unused (docs/failure-modes.md, failure 5): say which, by name
                     raise UnreachableDirectionError(

@@ -11,7 +11,8 @@ Each rank holds its own shard of E and U (uneven, possibly empty). Collectives:
 Every error that depends on data of several ranks is decided after a collective, so all
 ranks raise it together instead of some of them waiting forever. A handshake first
 checks that all ranks probe the same parameter registry (names and sizes) with the
-same settings. FSDP-sharded models are refused by the registry (``refuse_fsdp``).
+same settings. On FSDP2 every probe forward is a collective too: ``forwards`` gives every
+rank the same number of them (funcprobe.edge.fsdp).
 
 ``Communicator`` bundles these for one group, and is a no-op without one, so the
 library's orchestration (``funcprobe.api``) reads the same with and without ranks.
@@ -138,6 +139,15 @@ class Communicator:
 
     def sum_tree(self, tree: Mapping[str, Tensor]) -> ParamTree:
         return all_reduce_sum_tree(tree, self.group) if self.group is not None else dict(tree)
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over ranks."""
+        if self.group is None:
+            return int(value)
+        t = torch.tensor([float(value)], dtype=torch.float64,
+                         device=collective_device(self.group, torch.device("cpu")))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         return all_reduce_float64(values, self.group) if self.group is not None else [float(v) for v in values]

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..core.steps import AdamHyper, AdamState, StepMap, adam_step_map, frozen_adam, optimizer_step_map, sgd
 from ..settings import ProbeSettings
+from .fsdp import full_tensor
 from .registry import ParamRegistry
 
 ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
@@ -83,13 +84,13 @@ def read_adam_state(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -
             amsgrad=bool(group.get("amsgrad", False)),
         )
         st = optimizer.state.get(p, {})
-        if "exp_avg_sq" in st:
+        if "exp_avg_sq" in st:  # FSDP2 keeps the moments as DTensor shards: gathered in full (a collective)
             out[name] = AdamState(
                 hyper=hyper,
-                step=int(st["step"]),
-                exp_avg=st["exp_avg"].detach(),
-                exp_avg_sq=st["exp_avg_sq"].detach(),
-                max_exp_avg_sq=st["max_exp_avg_sq"].detach() if "max_exp_avg_sq" in st else None,
+                step=int(full_tensor(st["step"]) if torch.is_tensor(st["step"]) else st["step"]),
+                exp_avg=full_tensor(st["exp_avg"].detach()),
+                exp_avg_sq=full_tensor(st["exp_avg_sq"].detach()),
+                max_exp_avg_sq=full_tensor(st["max_exp_avg_sq"].detach()) if "max_exp_avg_sq" in st else None,
             )
         else:
             out[name] = AdamState(hyper=hyper)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.logprobs import logprob_function
+from .fsdp import full_parameters, is_fsdp2, refuse_unsupported_sharding, sharded_logprob_function
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError, UnsupportedModelError
 from ..settings import ParamSelection, ProbeSettings
@@ -38,45 +39,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        UnsupportedModelError: an FSDP-sharded model (``refuse_fsdp``).
+        UnsupportedModelError: an FSDP1 or DeepSpeed ZeRO-3 model
+            (``funcprobe.edge.fsdp.refuse_unsupported_sharding``; FSDP2 is supported).
     """
     from accelerate.utils import extract_model_from_parallel
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    refuse_fsdp(model)
+    refuse_unsupported_sharding(model)
     for _ in range(16):
         inner = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
         if inner is model:
             return model
         model = inner
     raise TypeError("model: wrapper nesting deeper than 16 levels")
-
-
-def refuse_fsdp(model: nn.Module) -> None:
-    """Raise ``UnsupportedModelError`` for FSDP1 (``FullyShardedDataParallel``) and FSDP2
-    (``fully_shard``: ``FSDPModule``, ``DTensor`` parameters) models.
-
-    Their parameters are shards (flat parameters or ``DTensor``s) that are all-gathered by
-    forward hooks into the module's parameter slots, over the tensors ``functional_call``
-    installs; forward-mode AD over such shards is not supported by torch. Probe an
-    unsharded replica instead (see the README).
-    """
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    sharded = any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
-    if not sharded:
-        from torch.distributed.tensor import DTensor
-
-        sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    if sharded:
-        raise UnsupportedModelError(
-            "model: FSDP-sharded models are not supported by the probe (forward-mode AD and functional_call "
-            "cannot run over FSDP's parameter shards). Gather a full state dict "
-            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-            "options=StateDictOptions(full_state_dict=True))) into an unsharded replica of the model (with its "
-            "PEFT adapter) and probe that, each rank with its own shard of E and U and the same process group"
-        )
 
 
 def is_peft_model(module: nn.Module) -> bool:
@@ -148,6 +124,7 @@ class ParamRegistry:
     adapter: str | None
     trainable: dict[str, Tensor]
     frozen: dict[str, Tensor]
+    sharded: bool = False
 
     @classmethod
     def from_model(
@@ -174,6 +151,9 @@ class ParamRegistry:
             named = dict(module.named_parameters())
             names = _select(module, named, params, adapter)
             _refuse_dora(module, named)
+        if is_fsdp2(module):  # θ gathered in full on every rank; the base stays sharded (funcprobe.edge.fsdp)
+            return cls(module=module, adapter=adapter, trainable=full_parameters(module, names), frozen={},
+                       sharded=True)
         trainable = {n: named[n].detach() for n in names}
         frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
         return cls(module=module, adapter=adapter, trainable=trainable, frozen=frozen)
@@ -222,12 +202,18 @@ class ParamRegistry:
 
     def logprob_fn(self) -> Callable[[dict[str, Tensor], RolloutBatch], Tensor]:
         """The pure S(θ, batch) ``[B, G]`` of this model (``sequence_logprobs`` closed over
-        the canonical module and the frozen parameters): what the edge hands the core."""
+        the canonical module and the frozen parameters): what the edge hands the core.
+        On FSDP2, θ is put in place by hooks around the model's own forward instead
+        (``funcprobe.edge.fsdp.installed``)."""
+        if self.sharded:
+            return sharded_logprob_function(self.module, per_token=False)
         return logprob_function(self.module, self.frozen)
 
     def token_logprob_fn(self) -> Callable[[dict[str, Tensor], RolloutBatch], Tensor]:
         """The pure per-token log-probs (θ, batch) ↦ ``[B, G, T]`` of this model, in the
         batch's columns, 0 off response tokens (``response_token_values``)."""
+        if self.sharded:
+            return sharded_logprob_function(self.module, per_token=True)
         return logprob_function(self.module, self.frozen, per_token=True)
 
     def live_parameters(self) -> dict[str, nn.Parameter]:

@@ -1,0 +1,140 @@
+"""FSDP2 (``fully_shard``): probe the sharded model itself, no unsharded replica.
+
+FSDP2 keeps PEFT's parameter names (they stay the registry's keys) but holds each
+parameter as a ``DTensor`` shard and all-gathers it into the module's parameter slot in a
+forward pre-hook of its FSDP unit (``FSDPParam.to_unsharded``), after anything
+``torch.func.functional_call`` installed before the forward; forward-mode AD over the
+shards themselves fails ("mixed torch.Tensor and DTensor", pytorch issue 182641). So:
+
+* θ (the probed LoRA tensors) is gathered once per call into full tensors on every rank
+  (``full_parameters``; LoRA-sized), the frozen base stays sharded and is gathered layer
+  by layer by FSDP itself, as in training;
+* ``installed(module, θ)`` puts θ into each probed parameter's slot with a forward
+  pre-hook on the module that owns it, registered after FSDP's own (so it runs after the
+  all-gather), and hands FSDP its own tensor back in a forward hook registered first
+  (``prepend=True``: before FSDP reshards). Forward-mode tangents and reverse-mode graphs
+  then flow through θ exactly as through ``functional_call``;
+* every probe forward is a collective: ``pad_chunks`` gives every rank the same number of
+  forwards (and backwards) whatever its shard of E or U, empty shards included.
+
+FSDP1 (``FullyShardedDataParallel``: flat parameters) and DeepSpeed ZeRO-3 (partitioned
+parameters gathered by its own autograd Functions) are refused with the reason
+(``refuse_unsupported_sharding``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..core.logprobs import response_token_values, sequence_logprobs, token_logprobs
+from ..core.rollouts import RolloutBatch
+from ..errors import UnsupportedModelError
+
+
+def is_fsdp2(module: nn.Module) -> bool:
+    """True when ``fully_shard`` was applied anywhere in ``module`` (or it holds DTensor parameters)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
+        isinstance(p, DTensor) for p in module.parameters())
+
+
+def refuse_unsupported_sharding(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` for FSDP1 and DeepSpeed ZeRO-3 models, with the reason.
+
+    FSDP1 flattens each unit's parameters into one ``FlatParameter`` and re-creates the
+    original parameters as views of it at every forward, so there is no per-name slot to
+    put θ in; ZeRO-3 gathers partitioned parameters inside its own autograd Functions,
+    which ``torch.func`` transforms cannot run through. ZeRO stages 1–2 keep full
+    parameters and are probed like DDP.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise UnsupportedModelError(
+            "model: FSDP1 (FullyShardedDataParallel) is not supported: it flattens each unit's parameters into one "
+            "FlatParameter and rebuilds them as views at every forward, so the probe has no parameter slot to put "
+            "its tensors in. Use FSDP2 (torch.distributed.fsdp.fully_shard; verl: actor strategy 'fsdp2', "
+            "accelerate: fsdp_version 2), which the probe supports, or gather a full state dict into an unsharded "
+            "replica and probe that"
+        )
+    if any(hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None for p in model.parameters()):
+        raise UnsupportedModelError(
+            "model: DeepSpeed ZeRO-3 is not supported: it gathers partitioned parameters inside its own autograd "
+            "Functions, which torch.func's forward-mode transforms cannot run through. ZeRO stages 1-2 hold full "
+            "parameters and work like DDP; for stage 3, gather a full state dict into an unsharded replica"
+        )
+
+
+def full_parameters(module: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """``{name: full tensor}`` of the named parameters on every rank (a DTensor is
+    all-gathered: a collective, called by every rank in the same order), detached."""
+    from torch.distributed.tensor import DTensor
+
+    named = dict(module.named_parameters())
+    out = {}
+    for n in names:
+        p = named[n].detach()
+        out[n] = p.full_tensor() if isinstance(p, DTensor) else p
+    return out
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """``t`` itself, or its full value when it is a DTensor (optimizer state, ``.grad``)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def installed(module: nn.Module, theta: Mapping[str, Tensor]) -> Iterator[None]:
+    """Within the body, every forward of ``module`` uses ``theta[name]`` for the named
+    parameters (cast to the dtype FSDP gathered the slot in, e.g. bf16 under a
+    ``MixedPrecisionPolicy``); hooks removed on exit, FSDP's own tensors back in place.
+
+    Raises ``KeyError`` for a name that is not a parameter of ``module``.
+    """
+    handles = []
+    owners = dict(module.named_modules())
+    try:
+        for name, value in theta.items():
+            owner_name, _, pname = name.rpartition(".")
+            owner = owners[owner_name]
+            if pname not in owner._parameters:
+                raise KeyError(f"{name}: not a parameter of the model")
+            saved: list[object] = []
+
+            def pre(mod: nn.Module, args: tuple, pname: str = pname, value: Tensor = value,
+                    saved: list = saved) -> None:
+                current = mod._parameters[pname]
+                saved.append(current)
+                mod._parameters[pname] = value.to(current.dtype) if current is not None else value
+
+            def post(mod: nn.Module, args: tuple, output: object, pname: str = pname, saved: list = saved) -> None:
+                mod._parameters[pname] = saved.pop()
+
+            handles.append(owner.register_forward_pre_hook(pre))  # after FSDP's all-gather (prepend=True)
+            handles.append(owner.register_forward_hook(post, prepend=True))  # before FSDP reshards
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sharded_logprob_function(module: nn.Module, *, per_token: bool = False):
+    """S(θ, batch) ``[B, G]`` (or the token log-probs ``[B, G, T]``) of an FSDP2 model: the
+    model's own forward with θ installed by ``installed``, full logits of the response
+    columns (the root unit's LM head is gathered by FSDP's root hooks)."""
+
+    def logprobs(theta: dict, batch: RolloutBatch) -> Tensor:
+        with installed(module, theta):
+            if per_token:
+                return response_token_values(module, {}, batch, token_logprobs, full_logits=True)
+            return sequence_logprobs(module, {}, batch, full_logits=True)
+
+    return logprobs

@@ -1,0 +1,184 @@
+"""FSDP2 (``fully_shard``): the sharded model probed in place, on 2 and 3 gloo ranks (uneven
+and empty shards), gives the single-process answer; the model and a following training step
+are untouched."""
+
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from funcprobe import EntropyProbe, RolloutBatch, conditional_variance, step_from_gradient, update_direction
+from funcprobe.core.objectives import policy_gradient_surrogate
+from funcprobe.core.logprobs import sequence_logprobs
+from funcprobe.edge.fsdp import full_tensor
+from helpers import gpt2, random_rollouts, rel_err
+from test_distributed import HANG, TIMEOUT, _free_port
+
+LAYOUTS = ("root", "layers", "lora_leaves", "lora_ignored")
+SHARDS = {  # prompt ranges of E (7 prompts) and U (5 prompts) per rank
+    2: ([(0, 5), (5, 7)], [(0, 1), (1, 5)]),
+    3: ([(0, 4), (4, 7), (7, 7)], [(0, 3), (3, 5), (5, 5)]),  # rank 2 holds nothing
+}
+W_SHARDS = {2: [(0, 1), (1, 4)], 3: [(0, 2), (2, 4), (4, 4)]}  # the warm-up batch W (4 prompts)
+LR = 0.1
+
+
+def _batches():
+    return random_rollouts(B=7, G=3, seed=41), random_rollouts(B=5, G=3, seed=42), random_rollouts(B=4, G=3, seed=43)
+
+
+def _shard(batch, lo, hi):
+    return batch.select(lo, hi) if hi > lo else RolloutBatch.empty(batch.group_size, max_len=batch.max_len)
+
+
+def _model():
+    """GPT-2 config + LoRA, float64 throughout (so 1e-10 is a meaningful tolerance); dropout off."""
+    return gpt2().eval()
+
+
+def _lora(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _wrap(model, layout):
+    from torch.distributed.fsdp import fully_shard
+
+    if layout == "layers":  # verl's FSDP2 actor: each decoder layer, then the root
+        for layer in model.base_model.model.transformer.h:
+            fully_shard(layer)
+    elif layout == "lora_leaves":
+        for name, m in model.named_modules():
+            if name.endswith(("lora_A.default", "lora_B.default")):
+                fully_shard(m)
+    fully_shard(model, ignored_params=set(_lora(model).values()) if layout == "lora_ignored" else None)
+    return model
+
+
+def _train_loss(model, U_local, num_prompts, world):
+    """The trainer's loss on this rank: FSDP averages gradients over ranks, so scale the
+    local sum to make the average the mean over all prompts."""
+    if U_local.num_prompts == 0:
+        U_local = RolloutBatch.placeholder(U_local.group_size)  # takes part, contributes 0
+    S = sequence_logprobs(model, {}, U_local, full_logits=True)  # the model's own forward, as a trainer
+    return -policy_gradient_surrogate(S, U_local, "dr_grpo").sum() * world / num_prompts
+
+
+def _worker(rank, world, port, outdir):
+    torch.set_num_threads(1)
+    result = {}
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=TIMEOUT))
+        E, U, W = _batches()
+        (elo, ehi), (ulo, uhi) = SHARDS[world][0][rank], SHARDS[world][1][rank]
+        E_local, U_local = _shard(E, elo, ehi), _shard(U, ulo, uhi)
+        for layout in LAYOUTS:
+            model = _wrap(_model(), layout)
+            before = {n: full_tensor(p).clone() for n, p in model.named_parameters()}
+            mu = update_direction(model, U_local, step="sgd")
+            pred = conditional_variance(model, E_local, mu, lr=LR, gather_s=True)
+            out = {"mu": mu, "pred": pred.to_dict(),
+                   "untouched": all(torch.equal(full_tensor(p), before[n]) for n, p in model.named_parameters())
+                   and all(p.grad is None for p in model.parameters())}
+            if layout == "layers":
+                inf = EntropyProbe(model, step="sgd", lr=LR).influence(E_local, U_local,
+                                                                       groups={"pos": U_local.advantages > 0})
+                out["inf"] = inf.to_dict()
+                out["per_token"] = inf.per_token
+                with pytest.raises(ValueError, match="mode: 'vjp'"):
+                    conditional_variance(model, E_local, mu, lr=LR, mode="vjp")
+            result[layout] = out
+        # a training step after the probe is bit-identical to one without it; the trainer's own
+        # reduced gradients give the single-process Adam step
+        W_local = _shard(W, *W_SHARDS[world][rank])
+        steps = {}
+        for probed in (False, True):
+            model = _wrap(_model(), "layers")
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+            _train_loss(model, W_local, 4, world).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if probed:
+                EntropyProbe(model, opt).predict(E_local, U_local)
+                steps["adam_step"] = update_direction(model, U_local, optimizer=opt, step="adam_step")
+            _train_loss(model, U_local, 5, world).backward()
+            grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+            if probed:
+                steps["from_trainer"] = step_from_gradient(model, {n: -p.grad for n, p in _lora(model).items()},
+                                                           optimizer=opt, step="adam_step")
+            opt.step()
+            steps[probed] = (grads, {n: full_tensor(p).clone() for n, p in model.named_parameters()})
+        result["train"] = {
+            "grads_equal": all(torch.equal(steps[True][0][n], g) for n, g in steps[False][0].items())
+            and steps[True][0].keys() == steps[False][0].keys(),
+            "params_equal": all(torch.equal(steps[True][1][n], t) for n, t in steps[False][1].items()),
+            "adam_step": steps["adam_step"], "from_trainer": steps["from_trainer"],
+        }
+    except Exception as err:  # reported to the parent, which asserts on it
+        result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+    finally:
+        torch.save(result, Path(outdir) / f"rank{rank}.pt")
+        os._exit(0)
+
+
+def _run(world, tmp_path):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=HANG)
+    alive = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not alive, f"hang: rank(s) {alive} of {world} still running {HANG} s after the start"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _reference():
+    """One process, no FSDP: the same model, μY, prediction, influence and Adam steps."""
+    E, U, W = _batches()
+    model = _model()
+    mu = update_direction(model, U, step="sgd")
+    pred = conditional_variance(model, E, mu, lr=LR)
+    inf = EntropyProbe(model, step="sgd", lr=LR).influence(E, U, groups={"pos": U.advantages > 0})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    _train_loss(model, W, 4, 1).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    adam = update_direction(model, U, optimizer=opt, step="adam_step")
+    return mu, pred, inf, adam
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
+    mu_ref, ref, inf_ref, adam_ref = _reference()
+    for rank, out in enumerate(_run(world, tmp_path)):
+        assert "error" not in out, out.get("trace")
+        for layout in LAYOUTS:
+            got = out[layout]
+            for k in mu_ref:
+                assert rel_err(got["mu"][k], mu_ref[k]) < 1e-10, (rank, layout, k)
+            for key in ("sum_s", "sum_s2", "delta_h", "se"):
+                assert rel_err(got["pred"][key], getattr(ref, key)) < 1e-10, (rank, layout, key)
+            assert rel_err(torch.tensor(got["pred"]["s"], dtype=torch.float64), ref.s) < 1e-10, (rank, layout)
+            assert got["untouched"], (rank, layout)
+        inf = out["layers"]["inf"]
+        for key in ("delta_h", "se", "delta_h_update", "se_update"):
+            assert rel_err(inf[key], getattr(inf_ref, key)) < 1e-10, (rank, key)
+        assert rel_err(inf["groups"]["pos"]["se"], inf_ref.groups["pos"].se) < 1e-10
+        lo, hi = SHARDS[world][1][rank]
+        if hi > lo:
+            assert rel_err(out["layers"]["per_token"], inf_ref.per_token[lo:hi]) < 1e-10
+        train = out["train"]
+        assert train["grads_equal"] and train["params_equal"], rank
+        for k in adam_ref:
+            assert rel_err(train["adam_step"][k], adam_ref[k]) < 1e-8, (rank, k)
+            assert rel_err(train["from_trainer"][k], adam_ref[k]) < 1e-8, (rank, k)
