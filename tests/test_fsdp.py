@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
 
 from funcprobe import EntropyProbe, RolloutBatch, conditional_variance, step_from_gradient, update_direction
 from funcprobe.core.objectives import policy_gradient_surrogate
@@ -46,8 +47,6 @@ def _lora(model):
 
 
 def _wrap(model, layout):
-    from torch.distributed.fsdp import fully_shard
-
     if layout == "layers":  # verl's FSDP2 actor: each decoder layer, then the root
         for layer in model.base_model.model.transformer.h:
             fully_shard(layer)
@@ -111,19 +110,44 @@ def _worker(rank, world, port, outdir):
             if probed:
                 steps["from_trainer"] = step_from_gradient(model, {n: -p.grad for n, p in _lora(model).items()},
                                                            optimizer=opt, step="adam_step")
+                steps["trl"] = _trl_callback_prediction(model, opt, E_local)
             opt.step()
             steps[probed] = (grads, {n: full_tensor(p).clone() for n, p in model.named_parameters()})
         result["train"] = {
             "grads_equal": all(torch.equal(steps[True][0][n], g) for n, g in steps[False][0].items())
             and steps[True][0].keys() == steps[False][0].keys(),
             "params_equal": all(torch.equal(steps[True][1][n], t) for n, t in steps[False][1].items()),
-            "adam_step": steps["adam_step"], "from_trainer": steps["from_trainer"],
+            "adam_step": steps["adam_step"], "from_trainer": steps["from_trainer"], "trl": steps["trl"],
         }
+        if world == 2:  # bf16 MixedPrecisionPolicy against the float32 FSDP model (= the unsharded one)
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            s = {}
+            for name, policy in (("float32", None), ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16))):
+                model = gpt2(dtype=torch.float32).eval()
+                kw = {} if policy is None else {"mp_policy": policy}
+                for layer in model.base_model.model.transformer.h:
+                    fully_shard(layer, **kw)
+                fully_shard(model, **kw)
+                mu = update_direction(model, U_local, step="sgd")
+                s[name] = conditional_variance(model, E_local, mu, lr=LR, gather_s=True).to_dict()
+            result["bf16"] = s
     except Exception as err:  # reported to the parent, which asserts on it
         result = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
     finally:
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
         os._exit(0)
+
+
+def _trl_callback_prediction(model, optimizer, E_local):
+    """What ``ProbedGRPOTrainer.run_probe`` does with ``probe_gradient="trainer"`` before the
+    optimizer step: the step of the live ``.grad`` (DTensors on FSDP2), probed on E."""
+    from funcprobe.integrations.trl import trainer_gradient
+
+    probe = EntropyProbe(model, optimizer)
+    registry = probe.registry
+    step = step_from_gradient(registry, trainer_gradient(registry), optimizer=optimizer, settings=probe.settings)
+    return probe.conditional_variance(E_local, step).to_dict()
 
 
 def _run(world, tmp_path):
@@ -154,12 +178,14 @@ def _reference():
     opt.step()
     opt.zero_grad(set_to_none=True)
     adam = update_direction(model, U, optimizer=opt, step="adam_step")
-    return mu, pred, inf, adam
+    _train_loss(model, U, 5, 1).backward()
+    trl = _trl_callback_prediction(model, opt, E)
+    return mu, pred, inf, adam, trl
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
-    mu_ref, ref, inf_ref, adam_ref = _reference()
+    mu_ref, ref, inf_ref, adam_ref, trl_ref = _reference()
     for rank, out in enumerate(_run(world, tmp_path)):
         assert "error" not in out, out.get("trace")
         for layout in LAYOUTS:
@@ -182,3 +208,41 @@ def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
         for k in adam_ref:
             assert rel_err(train["adam_step"][k], adam_ref[k]) < 1e-8, (rank, k)
             assert rel_err(train["from_trainer"][k], adam_ref[k]) < 1e-8, (rank, k)
+        for key in ("delta_h", "se"):  # the TRL callback's path on the FSDP2 model
+            assert rel_err(train["trl"][key], trl_ref[key]) < 1e-8, (rank, key)
+        if world == 2:  # bf16 all-gathers: runs, finite, and close to float32 (measured in the README)
+            s32, s16 = (torch.tensor(out["bf16"][k]["s"], dtype=torch.float64) for k in ("float32", "bf16"))
+            assert torch.isfinite(s16).all() and rel_err(s16, s32) < 0.1, rel_err(s16, s32)
+            print(f"bf16 MixedPrecisionPolicy vs float32: s {rel_err(s16, s32):.2e}, delta_h "
+                  f"{abs(out['bf16']['bf16']['delta_h'] / out['bf16']['float32']['delta_h'] - 1):.2e} relative")
+
+
+def test_deepspeed_zero3_is_refused_with_the_reason():
+    """ZeRO-3 marks its partitioned parameters (``ds_id``, ``ds_status``); no DeepSpeed needed to check."""
+    from funcprobe import UnsupportedModelError
+    from funcprobe.edge.fsdp import refuse_unsupported_sharding
+
+    model = gpt2()
+    for i, p in enumerate(model.parameters()):
+        p.ds_id, p.ds_status = i, "NOT_AVAILABLE"
+    with pytest.raises(UnsupportedModelError, match="ZeRO-3 .*autograd Functions.*stages 1-2"):
+        refuse_unsupported_sharding(model)
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        update_direction(model, random_rollouts(), step="sgd")
+
+
+def test_fsdp2_torchrun_example_gives_every_rank_the_same_answer():
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(root / "examples" / "probe_fsdp2_torchrun.py"), "--small", "--prompts-per-rank", "3",
+         "--train-steps", "1"],
+        capture_output=True, text=True, timeout=HANG,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = re.findall(r"rank (\d)/2 \(FSDP2\): .*global B = 6, (predicted dH = \S+ nats, SE_E = \S+)", proc.stdout)
+    assert sorted(r for r, _ in lines) == ["0", "1"] and lines[0][1] == lines[1][1], proc.stdout

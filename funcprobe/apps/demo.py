@@ -153,18 +153,20 @@ def sample_prompts(num: int, cfg: DemoConfig, gen: torch.Generator) -> list[list
 
 
 @torch.no_grad()
-def sample_rollouts(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig) -> RolloutBatch:
-    """G responses per prompt of the tiny model (temperature 1), scored and group-normalised."""
-    return _sample_tiny(model, prompts, cfg).batch
+def sample_rollouts(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig, **generate_kwargs) -> RolloutBatch:
+    """G responses per prompt of the tiny model (temperature 1), scored and group-normalised
+    (``generate_kwargs`` go to ``generate``, e.g. ``synced_gpus=True`` on a sharded model)."""
+    return _sample_tiny(model, prompts, cfg, **generate_kwargs).batch
 
 
-def _sample_tiny(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig) -> Rollouts:
+def _sample_tiny(model: nn.Module, prompts: list[list[int]], cfg: DemoConfig, **generate_kwargs) -> Rollouts:
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[PAD] * (P - len(p)) + p for p in prompts])
     mask = (torch.arange(P) >= torch.tensor([P - len(p) for p in prompts])[:, None]).long()
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
         max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.group_size, pad_token_id=PAD, eos_token_id=EOS,
+        **generate_kwargs,
     )
     responses: list[list[list[int]]] = []
     for i in range(len(prompts)):

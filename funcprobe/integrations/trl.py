@@ -126,7 +126,8 @@ class ProbedGRPOTrainer(GRPOTrainer):
             return None
         batch = generation_batch_to_rollouts(self._funcprobe_batch, self.num_generations,
                                              float(self.args.max_completion_length))
-        if batch.num_prompts < 2:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if batch.num_prompts < 2 and not distributed:  # with ranks, every rank must take part (collectives)
             log.warning("funcprobe: skipped, the step's batch has %d prompt(s); the SE needs 2", batch.num_prompts)
             return None
         try:
