@@ -31,7 +31,7 @@ from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
 from .core.transforms import chunk_count, directional_derivatives, summed_gradient
-from .edge.distributed import Communicator
+from .edge.distributed import Communicator, checked_together
 from .edge.fsdp import full_tensor
 from .edge.memory import chunk_size_for
 from .edge.optim import check_adam, optimizer_lr, step_map
@@ -80,11 +80,14 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
         RankMismatchError (``RuntimeError``): ranks that disagree on registry or settings.
     """
     settings = ProbeSettings.resolve(settings, options, caller="update_direction")
-    check_rollouts(U, "U").require_advantages("U")
-    if settings.step != "sgd":
-        check_adam(optimizer, settings)
+    comm = Communicator.for_group(settings.process_group)
+    with checked_together(comm):
+        check_rollouts(U, "U").require_advantages("U")
+        if settings.step != "sgd":
+            check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
-    registry.check_batch(U, "U")
+    with checked_together(comm):
+        registry.check_batch(U, "U")
     return _update_direction(registry, U, optimizer, settings)[0]
 
 
@@ -242,10 +245,13 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
             raised on every rank together.
     """
     settings = ProbeSettings.resolve(settings, options, caller="conditional_variance")
-    lr = check_lr(lr)
-    check_rollouts(E, "E")
+    comm = Communicator.for_group(settings.process_group)
+    with checked_together(comm):
+        lr = check_lr(lr)
+        check_rollouts(E, "E")
     registry = ParamRegistry.from_settings(model, settings)
-    registry.check_batch(E, "E")
+    with checked_together(comm):
+        registry.check_batch(E, "E")
     return _conditional_variance(registry, E, muY, lr, settings)
 
 
@@ -396,26 +402,18 @@ class EntropyProbe:
 
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
-        check_rollouts(U, "U").require_advantages("U")
-        registry = self.registry
-        registry.check_batch(U, "U")
+        registry = self._checked(U=U)
         return _update_direction(registry, U, self.optimizer, self.settings)[0]
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
-        check_rollouts(E, "E")
-        registry = self.registry
-        registry.check_batch(E, "E")
+        registry = self._checked(E=E)
         lr = self._current_lr(registry)
         return _conditional_variance(registry, E, muY, lr, self.settings)
 
     def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:
         """Predicted entropy change of the step the optimizer would take on U, measured on E."""
-        check_rollouts(E, "E")
-        check_rollouts(U, "U").require_advantages("U")
-        registry = self.registry
-        registry.check_batch(E, "E")
-        registry.check_batch(U, "U")
+        registry = self._checked(E=E, U=U)
         lr = self._current_lr(registry)
         t0 = time.perf_counter()
         mu, step, signal = _update_direction(registry, U, self.optimizer, self.settings)
@@ -434,13 +432,30 @@ class EntropyProbe:
         (``funcprobe.influence.entropy_influence`` documents the arguments, cost and result)."""
         from .influence import check_groups, influence  # the influence layer builds on this module
 
-        check_rollouts(E, "E")
-        check_rollouts(U, "U").require_advantages("U")
-        named = check_groups(groups, U)
-        registry = self.registry
-        registry.check_batch(E, "E")
-        registry.check_batch(U, "U")
+        named: dict[str, Tensor] = {}
+        registry = self._checked(E=E, U=U, extra=lambda: named.update(check_groups(groups, U)))
         return influence(registry, E, U, self.optimizer, self._current_lr(registry), self.settings, named, matrix)
+
+    def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
+                 extra=None) -> ParamRegistry:
+        """Check the batches (U needs advantages) and ``extra()``, then re-extract the
+        registry and check the batches against the model; with ranks, every rank passes
+        each round together or all raise (``checked_together``), before any collective
+        that would wait for a rank that stopped."""
+        comm = Communicator.for_group(self.settings.process_group)
+        with checked_together(comm):
+            if E is not None:
+                check_rollouts(E, "E")
+            if U is not None:
+                check_rollouts(U, "U").require_advantages("U")
+            if extra is not None:
+                extra()
+        registry = self.registry
+        with checked_together(comm):
+            for batch, name in ((E, "E"), (U, "U")):
+                if batch is not None:
+                    registry.check_batch(batch, name)
+        return registry
 
     def _baseline(self, registry: ParamRegistry, E: RolloutBatch, step: StepMap,
                   lr: float) -> EntropyPrediction | None:

@@ -61,6 +61,13 @@ def _worker(rank, world, port, case, outdir):
         params = "trainable"
         if case == "mismatch" and rank == 1:
             params = [n for n, p in model.named_parameters() if p.requires_grad][:2]
+        if case == "bad_input" and rank == 1:  # one rank's U has no advantages
+            U_local = RolloutBatch(U_local.input_ids, U_local.attention_mask, U_local.response_start, None,
+                                   U_local.max_len)
+        if case == "bad_input":
+            from funcprobe import EntropyProbe
+
+            EntropyProbe(probed, opt).predict(E_local, U_local)
         if case == "influence":
             from funcprobe import EntropyProbe
 
@@ -154,6 +161,14 @@ def test_sharded_influence_equals_single_process(tmp_path):
             assert rel_err(out["per_token"], ref.per_token[lo:hi]) < 1e-10
         assert rel_err(out["group"]["delta_h"], ref.groups["pos"].delta_h) < 1e-10
         assert rel_err(out["group"]["se"], ref.groups["pos"].se) < 1e-10
+
+
+def test_a_rank_with_bad_input_stops_every_rank_with_a_message(tmp_path):
+    """Rank 1 refuses its U (no advantages) before any collective; rank 0 is told at once
+    instead of waiting in an all-reduce until the process group's timeout."""
+    results = _run(2, "bad_input", tmp_path)
+    assert "U: the batch has no advantages" in results[1]["error"], results[1]
+    assert "RankMismatchError" in results[0]["error"] and "1 other rank(s) refused" in results[0]["error"], results[0]
 
 
 def test_ranks_probing_different_registries_fail_together(tmp_path):

@@ -20,9 +20,11 @@ library's orchestration (``funcprobe.api``) reads the same with and without rank
 
 from __future__ import annotations
 
+import contextlib
+
 import zlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -118,6 +120,17 @@ def all_gather_varlen(s: Tensor, group: object) -> Tensor:
     return torch.cat([p[: int(k)] for p, k in zip(parts, sizes)]).to(s.device)
 
 
+@contextlib.contextmanager
+def checked_together(comm: "Communicator") -> Iterator[None]:
+    """Run local checks; every rank passes together or every rank raises (``Communicator.agree``)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised by agree on this rank
+        comm.agree(err)
+        raise
+    comm.agree(None)
+
+
 @dataclass(frozen=True)
 class Communicator:
     """The collectives of one probe call over ``group``; identity operations when None."""
@@ -139,6 +152,29 @@ class Communicator:
 
     def sum_tree(self, tree: Mapping[str, Tensor]) -> ParamTree:
         return all_reduce_sum_tree(tree, self.group) if self.group is not None else dict(tree)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Tell the other ranks whether this rank's checks passed; raise if any rank's failed.
+
+        A rank with ``error`` re-raises it (after telling the others); a rank whose checks
+        passed raises ``RankMismatchError`` naming how many ranks failed. So a bad input on
+        one rank stops every rank with a message, before any collective that would
+        otherwise wait for it until the process group's timeout.
+        """
+        if self.group is None:
+            if error is not None:
+                raise error
+            return
+        t = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64,
+                         device=collective_device(self.group, torch.device("cpu")))
+        dist.all_reduce(t, group=self.group)
+        if error is not None:
+            raise error
+        if t.item() > 0:
+            raise RankMismatchError(
+                f"process_group: {int(t.item())} other rank(s) refused their inputs (see their error); this rank "
+                "stops too instead of waiting for them in a collective"
+            )
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over ranks."""
