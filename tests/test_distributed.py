@@ -121,7 +121,7 @@ def single_process():
     return mu, conditional_variance(model, E, mu, lr=0.1)
 
 
-@pytest.mark.parametrize("world, case", [(2, "plain"), (3, "plain"), (2, "ddp")])
+@pytest.mark.parametrize("world, case", [(2, "plain"), pytest.param(3, "plain", marks=pytest.mark.slow), (2, "ddp")])
 def test_sharded_equals_single_process(world, case, tmp_path, single_process):
     mu_ref, ref = single_process
     results = _run(world, case, tmp_path)

@@ -183,7 +183,7 @@ def _reference():
     return mu, pred, inf, adam, trl
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3 ranks: in the slow run
 def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
     mu_ref, ref, inf_ref, adam_ref, trl_ref = _reference()
     for rank, out in enumerate(_run(world, tmp_path)):
