@@ -40,7 +40,7 @@ from .core.influence import (
 )
 from .core.objectives import Objective, entropy_objective
 from .core.pytree import ParamTree, tree_map, tree_sq_norm
-from .core.rollouts import RolloutBatch, check_rollouts
+from .core.rollouts import RolloutBatch
 from .core.statistics import check_scalars, scalar_counts
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.distributed import Communicator

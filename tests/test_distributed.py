@@ -95,10 +95,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(world, case, tmp_path):
+def spawn_ranks(world, tmp_path, target, *args):
+    """Run ``target(rank, world, port, *args, outdir)`` in ``world`` spawned processes and load
+    each rank's ``rank{r}.pt`` (None where a rank wrote nothing); a hang fails by name."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, str(tmp_path))) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, str(tmp_path))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -107,11 +109,15 @@ def _run(world, case, tmp_path):
     for p in procs:
         if p.is_alive():
             p.kill()
-    assert not alive, (f"hang: rank(s) {alive} of {world} ({case}) still running {HANG} s after the start, "
-                       f"past gloo's {TIMEOUT} s collective timeout; results written by: "
+    assert not alive, (f"hang: rank(s) {alive} of {world} ({target.__name__} {args}) still running {HANG} s after "
+                       f"the start, past gloo's {TIMEOUT} s collective timeout; results written by: "
                        f"{sorted(f.name for f in tmp_path.glob('rank*.pt'))}")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) if (tmp_path / f"rank{r}.pt").exists()
             else None for r in range(world)]
+
+
+def _run(world, case, tmp_path):
+    return spawn_ranks(world, tmp_path, _worker, case)
 
 
 @pytest.fixture(scope="module")

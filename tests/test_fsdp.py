@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 
 from funcprobe import EntropyProbe, RolloutBatch, conditional_variance, step_from_gradient, update_direction
@@ -18,7 +17,7 @@ from funcprobe.core.objectives import policy_gradient_surrogate
 from funcprobe.core.logprobs import sequence_logprobs
 from funcprobe.edge.fsdp import full_tensor
 from helpers import gpt2, random_rollouts, rel_err
-from test_distributed import HANG, TIMEOUT, _free_port
+from test_distributed import HANG, TIMEOUT, _free_port, spawn_ranks
 
 LAYOUTS = ("root", "layers", "lora_leaves", "lora_ignored")
 SHARDS = {  # prompt ranges of E (7 prompts) and U (5 prompts) per rank
@@ -150,22 +149,6 @@ def _trl_callback_prediction(model, optimizer, E_local):
     return probe.conditional_variance(E_local, step).to_dict()
 
 
-def _run(world, tmp_path):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=HANG)
-    alive = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not alive, f"hang: rank(s) {alive} of {world} still running {HANG} s after the start"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 def _reference():
     """One process, no FSDP: the same model, μY, prediction, influence and Adam steps."""
     E, U, W = _batches()
@@ -186,7 +169,7 @@ def _reference():
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3 ranks: in the slow run
 def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
     mu_ref, ref, inf_ref, adam_ref, trl_ref = _reference()
-    for rank, out in enumerate(_run(world, tmp_path)):
+    for rank, out in enumerate(spawn_ranks(world, tmp_path, _worker)):
         assert "error" not in out, out.get("trace")
         for layout in LAYOUTS:
             got = out[layout]
