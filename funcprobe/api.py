@@ -129,7 +129,8 @@ def _mean_policy_gradient(registry: ParamRegistry, U: RolloutBatch, settings: Pr
     chunk = chunk_size_for(settings, registry, U, "gradient")
     gradient_sum = summed_gradient(f, chunk_size=chunk, min_chunks=min_chunks(registry, comm, U, chunk))
     dtype = compute_dtype(registry, settings.precision)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                       attention_block=settings.attention_block):
         total = gradient_sum(primal(registry, dtype), U)
     total = comm.sum_tree(total)
     (count,) = comm.sum_floats([float(U.num_prompts)])
@@ -297,7 +298,8 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
     derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=chunk_size,
                                           wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress),
                                           min_chunks=min_chunks(registry, comm, E, chunk_size))
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                       attention_block=settings.attention_block):
         return derivatives(theta, tangent, E)
 
 

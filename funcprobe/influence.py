@@ -148,7 +148,8 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
     # μX = mean_n ∇LX[n] over E (all ranks)
     lx = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
     chunk = chunk_size_for(settings, registry, E, "gradient")
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                       attention_block=settings.attention_block):
         mu_x = summed_gradient(lx, chunk_size=chunk, min_chunks=min_chunks(registry, comm, E, chunk))(theta, E)
     mu_x = comm.sum_tree(mu_x)
     (num_eval,) = comm.sum_floats([float(E.num_prompts)])
@@ -201,7 +202,8 @@ def _token_derivatives(registry: ParamRegistry, U: RolloutBatch, tangent: ParamT
         registry.token_logprob_fn(), mode="jvp", chunk_size=chunk,
         wrap=chunk_progress("funcprobe token shares (jvp)", settings.progress),
         min_chunks=min_chunks(registry, comm, U, chunk))
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                       attention_block=settings.attention_block):
         out = derivatives(primal(registry, dtype), tangent, U)
     if U.num_prompts == 0:
         return torch.zeros(U.input_ids.shape, dtype=torch.float64, device=U.input_ids.device)
@@ -240,7 +242,8 @@ def _token_weighted_gradient(registry: ParamRegistry, U: RolloutBatch, theta: Pa
     total = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
     starts = list(range(0, U.num_prompts, chunk))
     pad = min_chunks(registry, comm, U, chunk) - len(starts)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                       attention_block=settings.attention_block):
         for start in starts:
             stop = min(start + chunk, U.num_prompts)
             w = weights[start:stop]
@@ -271,7 +274,8 @@ def _matrix(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: Pa
     derivatives = directional_derivatives(fn_other, mode="jvp",
                                           chunk_size=chunk_size_for(settings, registry, other, "jvp"))
     single = summed_gradient(fn_one, chunk_size=1)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype):
+    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                       attention_block=settings.attention_block):
         for k in chunk_progress("funcprobe s[n, i] matrix", settings.progress)(range(one.num_prompts),
                                                                               one.num_prompts):
             gradient = single(theta, one.select(k, k + 1))

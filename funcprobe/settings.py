@@ -108,6 +108,12 @@ class ProbeSettings:
         "activation memory (GiB) the default chunk_size aims at (funcprobe.edge.memory); the model's own "
         "weights are not counted",
     )
+    attention_block: int | None = _opt(
+        None,
+        "keys per block of funcprobe's blockwise causal attention (online softmax in plain PyTorch, the "
+        "tangent carried block by block: no [T x T] scores, primal or tangent) for the probe's forwards; "
+        "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.core.attention)",
+    )
     params: ParamSelection = _opt(
         "trainable",
         "which parameters are probed: trainable (requires_grad), lora (LoRA weights of the adapter) or a "
@@ -149,6 +155,8 @@ class ProbeSettings:
             _choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.chunk_size is not None:
             object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
+        if self.attention_block is not None:
+            object.__setattr__(self, "attention_block", _positive_int("attention_block", self.attention_block))
         budget = self.memory_budget_gb
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
             raise SettingsError(f"memory_budget_gb: expected a finite number of GiB > 0, got {budget!r}")
@@ -225,6 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": helptext}
         if f.name == "chunk_size":
             kwargs.update(type=int, metavar="N", help=f"{f.metadata['help']} (default: auto)")
+        elif f.name == "attention_block":
+            kwargs.update(type=int, metavar="N")
         elif f.name == "memory_budget_gb":
             kwargs.update(type=float, metavar="GIB")
         elif f.name == "max_grad_norm":

@@ -68,3 +68,52 @@ def probe_attention(module: nn.Module) -> Iterator[str | None]:
     finally:
         if switched:
             target.set_attn_implementation(before)
+
+
+#: the name funcprobe's blockwise attention is registered under while a probe forward runs
+BLOCKWISE = "funcprobe_blockwise"
+
+
+@contextlib.contextmanager
+def blockwise_attention(module: nn.Module, block: int | None) -> Iterator[bool]:
+    """With ``block`` set, run the body's forwards with ``funcprobe.core.attention``'s
+    blockwise causal attention: registered in transformers' ``AttentionInterface`` (and a
+    mask function that builds no [T × T] mask) under ``BLOCKWISE``, set on the model, and
+    all of it removed afterwards, even on error. Yields whether it is in use: models
+    without ``set_attn_implementation``, with a sliding window, or already on a custom
+    implementation keep theirs (``probe_attention``).
+    """
+    before = attention_implementation(module)
+    target = _settable(module)
+    config = getattr(target, "config", None)
+    usable = (block is not None and target is not None and before in SAFE_IMPLEMENTATIONS
+              and getattr(config, "sliding_window", None) in (None, 0) or False)
+    usable = usable and not getattr(config, "use_sliding_window", False)
+    if not usable:
+        yield False
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from ..core.attention import blockwise_causal_attention
+
+    def attention(mod, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if dropout:
+            raise RuntimeError("attention: the blockwise attention runs without dropout (the probe's eval mode)")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return blockwise_causal_attention(query, key, value, scaling=scale, block=block), None
+
+    def no_mask(*args, **kwargs):  # causal only: the probe's sequences are left-aligned, padding trails
+        return None
+
+    AttentionInterface.register(BLOCKWISE, attention)
+    AttentionMaskInterface.register(BLOCKWISE, no_mask)
+    try:
+        target.set_attn_implementation(BLOCKWISE)
+        try:
+            yield True
+        finally:
+            target.set_attn_implementation(before)
+    finally:
+        AttentionInterface._global_mapping.pop(BLOCKWISE, None)
+        AttentionMaskInterface._global_mapping.pop(BLOCKWISE, None)

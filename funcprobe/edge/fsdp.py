@@ -51,7 +51,7 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
     original parameters as views of it at every forward, so there is no per-name slot to
     put θ in; ZeRO-3 gathers partitioned parameters inside its own autograd Functions,
     which ``torch.func`` transforms cannot run through. ZeRO stages 1–2 keep full
-    parameters and are probed like DDP.
+    parameters (an ordinary module, as under DDP; not tested here).
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 

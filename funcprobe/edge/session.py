@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .attention import probe_attention
+from .attention import blockwise_attention, probe_attention
 from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
 from ..core.rollouts import RolloutBatch
@@ -28,7 +28,7 @@ from ..errors import SettingsError
 
 @contextlib.contextmanager
 def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
-                  dtype: torch.dtype | None = None) -> Iterator[None]:
+                  dtype: torch.dtype | None = None, attention_block: int | None = None) -> Iterator[None]:
     """Context for probe forwards on ``registry.module``; see the module docstring.
 
     Args:
@@ -36,6 +36,8 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
             instead of switching to ``eval()`` for the probe's forwards.
         dtype: compute the forwards in this dtype, upcasting low-precision layers on the
             fly (``funcprobe.edge.precision.upcast_layerwise``); None: the model's dtypes.
+        attention_block: run attention blockwise with this many keys per block
+            (``funcprobe.edge.attention.blockwise_attention``); None: the model's own.
 
     Raises:
         RuntimeError: the model's parameters are inference tensors (created under
@@ -56,8 +58,8 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
     modes = [(m, m.training) for m in module.modules()]
     try:
         with torch.inference_mode(False), adapter_activated(module, registry.adapter), probe_attention(module), \
-                _input_require_grads_suspended(module), _mixed_precision_forward_suspended(module), \
-                upcast_layerwise(module, dtype):
+                blockwise_attention(module, attention_block), _input_require_grads_suspended(module), \
+                _mixed_precision_forward_suspended(module), upcast_layerwise(module, dtype):
             if not keep_dropout:
                 module.eval()
             yield
