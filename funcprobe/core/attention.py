@@ -42,8 +42,9 @@ def blockwise_causal_attention(query: Tensor, key: Tensor, value: Tensor, *, sca
     g = H // Hkv
     q = query.reshape(B, Hkv, g, T, D)
     Dv = value.shape[-1]
-    acc = q.new_zeros((B, Hkv, g, T, Dv))
-    total = q.new_zeros((B, Hkv, g, T, 1))
+    wide = torch.promote_types(q.dtype, torch.float64)  # running sums in float64: long rows lose no digits
+    acc = q.new_zeros((B, Hkv, g, T, Dv), dtype=wide)
+    total = q.new_zeros((B, Hkv, g, T, 1), dtype=wide)
     run_max = q.new_full((B, Hkv, g, T, 1), float("-inf"))
     rows = torch.arange(T, device=q.device)
     for start in range(0, T, block):
@@ -58,8 +59,10 @@ def blockwise_causal_attention(query: Tensor, key: Tensor, value: Tensor, *, sca
         m_new = torch.maximum(m_old, s.amax(-1, keepdim=True)).detach()
         p = torch.exp(s - m_new)
         corr = torch.exp(m_old - m_new)
-        acc = torch.cat([acc[..., :start, :], acc[..., start:, :] * corr + torch.matmul(p, vb)], -2)
-        total = torch.cat([total[..., :start, :], total[..., start:, :] * corr + p.sum(-1, keepdim=True)], -2)
+        corr = corr.to(wide)
+        acc = torch.cat([acc[..., :start, :], acc[..., start:, :] * corr + torch.matmul(p, vb).to(wide)], -2)
+        total = torch.cat([total[..., :start, :], total[..., start:, :] * corr + p.sum(-1, keepdim=True, dtype=wide)],
+                          -2)
         run_max = torch.cat([run_max[..., :start, :], m_new], -2)
-    out = acc / total  # every query sees key 0: total > 0
+    out = (acc / total).to(q.dtype)  # every query sees key 0: total > 0
     return out.reshape(B, H, T, Dv).transpose(1, 2)
