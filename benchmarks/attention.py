@@ -1,12 +1,12 @@
-"""Blockwise attention against the model's own eager attention in the probe's jvp, by sequence length.
+"""Blockwise attention against the model's own attention in the probe's jvp, by sequence length.
 
     python benchmarks/attention.py        # writes benchmarks/results/attention.{md,json}
 
 A random Qwen2 config (hidden 256, 2 layers, 8 query / 2 key-value heads, vocab 1000,
 float32, LoRA r = 8 on q/k/v/o); one prompt of 32 tokens with G = 2 responses filling the
 sequence to T tokens; ``probe_scalars(mode="jvp", chunk_size=1)`` along a random
-direction with ``attention_block=None`` (the model's eager attention: [T x T] scores for
-the primal and for the tangent) and ``attention_block=512``. Each measurement runs in its
+direction with ``attention_block=None`` (the model's own attention: SDPA restricted to its
+MATH backend by the probe, [T x T] scores for the primal and for the tangent) and ``attention_block=512``. Each measurement runs in its
 own process; peak is the growth of peak RSS (``VmHWM``, reset after the model and batch
 are built), time one call after a warm-up call; s of both runs is compared.
 """
@@ -79,12 +79,12 @@ def main() -> int:
         rows.append(pair)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
-    lines = ["# Blockwise attention vs the model's eager attention in the probe's jvp", "",
+    lines = ["# Blockwise attention vs the model's own attention (SDPA, MATH backend) in the probe's jvp", "",
              f"`{command}` ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}). "
              "Qwen2 config, hidden 256, 2 layers, 8/2 heads, float32, LoRA r=8 q/k/v/o; one prompt x G=2 "
              "sequences of T tokens; `probe_scalars(mode='jvp', chunk_size=1)`; peak = growth of peak RSS "
              "over the loaded model and batch, one process per cell.", "",
-             f"| T | eager: time | eager: peak | blockwise ({args.block}): time | blockwise: peak | "
+             f"| T | model's: time | model's: peak | blockwise ({args.block}): time | blockwise: peak | "
              "peak ratio | max rel. diff of s |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for pair in rows:
         e, b = pair[None], pair[args.block]
