@@ -147,6 +147,7 @@ def test_sharded_equals_single_process(world, case, tmp_path, single_process):
         assert out["grads_none"]
 
 
+@pytest.mark.slow  # 3 ranks; the default run checks the split on 2 FSDP2 ranks (tests/test_fsdp.py)
 def test_sharded_influence_equals_single_process(tmp_path):
     """3 ranks (one holding no prompts), clipping active: totals, SEs, group and every local
     update sample's share equal the single-process split."""

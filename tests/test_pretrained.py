@@ -18,6 +18,7 @@ def smollm2():
     return load_gguf(GGUF)
 
 
+@pytest.mark.slow  # 28 s of GGUF loading; the default run loads SmolLM2 in tests/test_demo.py
 def test_gguf_model_is_rebuilt_saveable_and_bit_identical(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
