@@ -76,7 +76,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
             (and those whose weights are non-finite).
         TypeError: a non-Adam optimizer for an Adam step; a keyword that is no setting.
         KeyError: probed parameters in no param group of the optimizer.
-        UnsupportedModelError (``NotImplementedError``): an FSDP-sharded model.
+        UnsupportedModelError (``NotImplementedError``): an FSDP1 or DeepSpeed ZeRO-3 model (FSDP2 is probed in place).
         RankMismatchError (``RuntimeError``): ranks that disagree on registry or settings.
     """
     settings = ProbeSettings.resolve(settings, options, caller="update_direction")
@@ -240,7 +240,7 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
         ValueError: μY shapes or non-finite values (listed), B < 2 (over all ranks).
         NoSignalError (``ValueError``): μY identically zero.
         TypeError: E is not a ``RolloutBatch``; a keyword that is no setting.
-        UnsupportedModelError (``NotImplementedError``): an FSDP-sharded model.
+        UnsupportedModelError (``NotImplementedError``): an FSDP1 or DeepSpeed ZeRO-3 model (FSDP2 is probed in place).
         NonFiniteError, UnreachableDirectionError, RankMismatchError (``RuntimeError``):
             non-finite s (prompts listed), every s exactly 0, ranks that disagree;
             raised on every rank together.

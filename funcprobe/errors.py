@@ -32,7 +32,7 @@ class RankMismatchError(RuntimeError):
 
 
 class UnsupportedModelError(NotImplementedError):
-    """A model layout the probe cannot differentiate (e.g. FSDP-sharded parameters)."""
+    """A model layout the probe cannot differentiate (FSDP1 flat parameters, DeepSpeed ZeRO-3 partitions)."""
 
 
 class StaleProbeError(RuntimeError):

@@ -144,7 +144,7 @@ class ParamRegistry:
             TypeError: ``model`` is not a module.
             ValueError: unknown selection, unknown adapter, or an empty selection.
             KeyError: explicit names that the model does not have (all listed).
-            UnsupportedModelError (a ``NotImplementedError``): an FSDP-sharded model.
+            UnsupportedModelError (a ``NotImplementedError``): an FSDP1 or DeepSpeed ZeRO-3 model.
         """
         module = unwrap_model(model)
         with adapter_activated(module, adapter):
