@@ -113,8 +113,12 @@ class ParamRegistry:
         adapter: the PEFT adapter the probe activates for its forwards (``None``: the
             active one, or no PEFT).
         trainable: ``{name: tensor}`` of the parameters the probe differentiates (θ);
-            detached views of the live parameters (shared storage, no copies).
-        frozen: ``{name: tensor}`` of every other parameter, also detached.
+            detached views of the live parameters (shared storage, no copies); on FSDP2,
+            full tensors gathered from the shards at extraction.
+        frozen: ``{name: tensor}`` of every other parameter, also detached (empty on
+            FSDP2: the base stays sharded and FSDP gathers it in each forward).
+        sharded: True for an FSDP2 model (``funcprobe.edge.fsdp``): S(θ) then runs the
+            model's own forward with θ installed by hooks.
 
     Names are those of ``module.named_parameters()`` (tied weights appear once; the tie
     is restored by ``functional_call(..., tie_weights=True)``).
