@@ -1,0 +1,94 @@
+"""Matrix products of one forward-mode step against the method's minimum (issue 15, part 1).
+
+    python benchmarks/op_counts.py        # writes benchmarks/results/op-counts.md
+
+One chunk (1 prompt x G = 4, prompt <= 64, response <= 192 tokens) of the ``small``
+preset (Qwen2 config, hidden 512, 4 layers, LoRA r = 8 on q/k/v/o, float32). torch.profiler
+counts the matrix-product operators (``aten::mm``, ``bmm``, ``addmm``, ``baddbmm``) of a
+no-grad forward of S and of ``torch.func.jvp`` of the probe's LX, and their CPU time.
+
+The minimum for forward mode, per decoder layer: the frozen base projections q/k/v/o and
+the MLP's gate/up/down need one extra product each (ẋ·W); each LoRA product x·A (and h·B),
+whose weight carries a tangent, needs two (ẋ·A + x·Ȧ); each attention product (Q·Kᵀ, P·V)
+needs two (Q̇·Kᵀ + Q·K̇ᵀ, Ṗ·V + P·V̇). The LM head needs one extra per chunk of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from presets import PRESETS, build_model, make_rollouts, random_direction  # noqa: E402
+
+from funcprobe import ParamRegistry  # noqa: E402
+from funcprobe.core.objectives import entropy_objective  # noqa: E402
+from funcprobe.edge.session import probe_session  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def counted(fn) -> tuple[Counter, float, int]:
+    """(calls per product operator, their self CPU seconds, all operator calls) of one ``fn()``."""
+    fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    calls, seconds, total = Counter(), 0.0, 0
+    for e in prof.key_averages():
+        total += e.count
+        if e.key in PRODUCTS:
+            calls[e.key] += e.count
+            seconds += e.self_cpu_time_total / 1e6
+    return calls, seconds, total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    p = PRESETS["small"].with_(prompts=1)
+    model = build_model(p)
+    E = make_rollouts(p)
+    reg = ParamRegistry.from_model(model)
+    mu = random_direction(reg.trainable)
+    f = entropy_objective("dr_grpo").on_logprobs(reg.logprob_fn())
+    with probe_session(reg):
+        with torch.no_grad():
+            fwd, fwd_s, fwd_all = counted(lambda: f(reg.trainable, E))
+        jvp, jvp_s, jvp_all = counted(lambda: torch.func.jvp(lambda t: f(t, E), (reg.trainable,), (mu,)))
+    layers, lora = p.layers, len(p.lora_targets)
+    head = sum(fwd.values()) - layers * (4 + 2 * lora + 2 + 3)  # the LM head's products (token chunks)
+    minimum = {"forward": layers * (4 + 2 * lora + 2 + 3) + head,
+               "jvp": layers * (2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3) + 2 * head}
+    rows = [("no-grad forward", fwd, fwd_s, fwd_all, minimum["forward"]),
+            ("torch.func.jvp", jvp, jvp_s, jvp_all, minimum["jvp"])]
+    command = "python benchmarks/op_counts.py " + " ".join(sys.argv[1:])
+    lines = ["# Matrix products of one jvp step: measured against the method's minimum", "",
+             f"`{command}` ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}); "
+             f"`small` preset, 1 prompt x G = {p.group_size}, {layers} layers, LoRA on {lora} projections, float32; "
+             "one profiled call after a warm-up.", "",
+             "| pass | mm | bmm | addmm | baddbmm | products | minimum | products CPU time | all operator calls |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c, sec, total, low in rows:
+        n = sum(c.values())
+        lines.append(f"| {name} | {c['aten::mm']} | {c['aten::bmm']} | {c['aten::addmm']} | {c['aten::baddbmm']} | "
+                     f"{n} | {low} | {sec:.3f} s | {total} |")
+    lines += ["", f"Minimum per layer: forward {4 + 2 * lora + 2 + 3} (q/k/v/o, {2 * lora} LoRA, 2 attention, 3 MLP); "
+              f"jvp {2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3} (x2 frozen, x3 LoRA, x3 attention, x2 MLP); LM head "
+              f"{head} product(s) in the forward (token chunks), x2 in the jvp."]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "op-counts.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
