@@ -41,7 +41,7 @@ from .core.influence import (
 from .core.objectives import Objective, entropy_objective
 from .core.pytree import ParamTree, tree_map, tree_sq_norm
 from .core.rollouts import RolloutBatch
-from .core.statistics import check_scalars, scalar_counts
+from .core.statistics import check_scalars, mean_and_sample_var, scalar_counts
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
 from .edge.memory import chunk_size_for
@@ -130,11 +130,12 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
     ``groups`` checked (``check_groups``)."""
     comm = Communicator.for_group(settings.process_group)
     check_matrix(matrix, comm)
-    if not comm.distributed and E.num_prompts < 2:
-        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
     group_key = float(zlib.crc32("\n".join(groups).encode()))  # every rank names the same groups
     comm.handshake(registry.names, registry.numel(),
                    [lr, *settings.direction_code(), *settings.probe_code(), group_key, float(len(groups))])
+    (num_eval,) = comm.sum_floats([float(E.num_prompts)])
+    if num_eval < 2:  # identical on every rank: decided after the all-reduce
+        raise ValueError(f"E: the conditional variance needs at least 2 prompts (over all ranks), got {int(num_eval)}")
     step = step_map(settings, optimizer, registry)
     gradient, count, objective = _mean_policy_gradient(registry, U, settings, comm)
     full = step(gradient)
@@ -152,7 +153,6 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
                        attention_block=settings.attention_block):
         mu_x = summed_gradient(lx, chunk_size=chunk, min_chunks=min_chunks(registry, comm, E, chunk))(theta, E)
     mu_x = comm.sum_tree(mu_x)
-    (num_eval,) = comm.sum_floats([float(E.num_prompts)])
     mu_x = tree_map(lambda t: t / num_eval, mu_x)
 
     # every token's share: one JVP of U's token log-probs along η·c/|U|·q ⊙ μX
@@ -169,9 +169,9 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
               else torch.zeros_like(s_total))
     check_scalars(s_total, comm.sum_floats(scalar_counts(s_total)))
     # the means of s are ⟨μX, Δ⟩ and ⟨μX, Δ(0)⟩ up to rounding (tested); the deltas come from μX
-    _, se = _mean_se(comm, s_total, lr)
-    _, se_baseline = _mean_se(comm, s_base, lr)
-    _, se_update = _mean_se(comm, s_total - s_base, lr)
+    se = _se(comm, s_total, lr)
+    se_baseline = _se(comm, s_base, lr)
+    se_update = _se(comm, s_total - s_base, lr)
     (update_sum,) = comm.sum_floats([float(per_prompt.sum())])
     delta_h = lr * vdot(mu_x, full)
     delta_h_baseline = lr * vdot(mu_x, split.baseline)
@@ -210,12 +210,11 @@ def _token_derivatives(registry: ParamRegistry, U: RolloutBatch, tangent: ParamT
     return out
 
 
-def _mean_se(comm: Communicator, s: Tensor, lr: float) -> tuple[float, float]:
-    """(η·mean s, η·sd(s)/sqrt(B)) over all ranks' s, float64."""
+def _se(comm: Communicator, s: Tensor, lr: float) -> float:
+    """η·sd(s)/sqrt(B) over all ranks' s (B ≥ 2: checked before), float64."""
     total, total_sq, num = comm.sum_floats([float(s.sum()), float((s * s).sum()), float(s.numel())])
-    mean = total / num
-    var = max((total_sq - num * mean * mean) / (num - 1), 0.0) if num > 1 else 0.0
-    return lr * mean, lr * (var / num) ** 0.5
+    _, sample_var = mean_and_sample_var(total, total_sq, int(num))
+    return lr * (sample_var / num) ** 0.5
 
 
 def _group(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: ParamTree, mask: Tensor, a: Tensor,
@@ -229,7 +228,7 @@ def _group(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: Par
         s = torch.zeros(E.num_prompts, dtype=torch.float64)
         return GroupInfluence(delta_h=delta_h, se=0.0, s=s, num_tokens=int(num_tokens))
     s = _local_scalars(registry, E, scaled_direction(split, gradient, scale), settings, comm)
-    _, se = _mean_se(comm, s, 1.0)
+    se = _se(comm, s, 1.0)
     return GroupInfluence(delta_h=delta_h, se=se, s=s, num_tokens=int(num_tokens))
 
 

@@ -177,6 +177,13 @@ def test_split_step_is_exact_and_the_secant_is_the_preconditioner_for_linear_ste
     assert torch.allclose(split.baseline["w"] + split.secant["w"] * split.clip * g["w"], full, rtol=1e-14, atol=0)
     # Adam's first step is lr·g/(|g| + ε) (bias-corrected), whose derivative at g = 0 is lr/ε
     assert rel_err(split.secant["w"][2], 1e-3 / 1e-8) < 1e-12
+    # a coordinate-wise map without a closed-form secant: the difference, and one JVP at g_k = 0
+    from funcprobe.core.steps import per_name
+
+    custom = per_name("tanh_step", lambda name, g: torch.tanh(g) + 0.5)
+    split = split_step(custom, g)
+    assert torch.allclose(split.baseline["w"] + split.secant["w"] * g["w"], custom(g)["w"], rtol=1e-14, atol=1e-15)
+    assert float(split.secant["w"][2]) == 1.0  # tanh'(0)
 
 
 def _adam_mp(g, p, m0, v0, vmax, step, hyper):

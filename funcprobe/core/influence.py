@@ -128,12 +128,6 @@ class GroupInfluence:
         return {"delta_h": self.delta_h, "se": self.se, "ci95": list(self.ci95), "num_tokens": self.num_tokens}
 
 
-def mean_and_se(s: Tensor) -> tuple[float, float]:
-    """(mean, SE = sample sd / sqrt(B)) of ``[B]`` scalars, float64; B ≥ 2."""
-    s = s.to(torch.float64)
-    return float(s.mean()), float(s.std(correction=1)) / float(s.numel()) ** 0.5
-
-
 @dataclass(frozen=True)
 class EntropyInfluence:
     """δH = ``delta_h_baseline`` + Σ_i ``per_prompt[i]``, split over U exactly.

@@ -90,8 +90,7 @@ class EntropyPrediction:
         B = int(num_prompts)
         if B < 2:
             raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {B}")
-        mean = sum_s / B
-        sample_var = max((sum_s2 - B * mean * mean) / (B - 1), 0.0)
+        mean, sample_var = mean_and_sample_var(sum_s, sum_s2, B)
         var = lr * lr * sample_var / B
         return cls(s=s, sum_s=float(sum_s), sum_s2=float(sum_s2), num_prompts=B, lr=float(lr), mean_s=mean,
                    delta_h=lr * mean, var=var, se=math.sqrt(var), mode=mode, weighting=weighting)
@@ -144,6 +143,13 @@ class EntropyPrediction:
                           DeprecationWarning, stacklevel=2)
             return self
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+
+def mean_and_sample_var(sum_s: float, sum_s2: float, num: int) -> tuple[float, float]:
+    """(Σs / B, sample variance (Σs² − B·mean²) / (B − 1), floored at 0) from the sums over
+    B ≥ 2 values (float64 arithmetic; ranks all-reduce the sums first)."""
+    mean = sum_s / num
+    return mean, max((sum_s2 - num * mean * mean) / (num - 1), 0.0)
 
 
 def scalar_counts(s: Tensor) -> list[float]:

@@ -45,7 +45,7 @@ def _chunks(batch: RolloutBatch, chunk_size: int, wrap: ChunkWrapper,
     """``(chunk, real)``: the batch in consecutive chunks of at most ``chunk_size`` prompts
     (the loop ``wrap``ped), then placeholder chunks (``real`` False) up to ``min_chunks``."""
     B = batch.num_prompts
-    count = -(-B // chunk_size)
+    count = chunk_count(batch, chunk_size)
     for start in wrap(range(0, B, chunk_size), count):
         yield batch.select(start, min(start + chunk_size, B)), True
     for _ in range(count, min_chunks):

@@ -86,10 +86,8 @@ def blockwise_attention(module: nn.Module, block: int | None) -> Iterator[bool]:
     before = attention_implementation(module)
     target = _settable(module)
     config = getattr(target, "config", None)
-    usable = (block is not None and target is not None and before in SAFE_IMPLEMENTATIONS
-              and getattr(config, "sliding_window", None) in (None, 0) or False)
-    usable = usable and not getattr(config, "use_sliding_window", False)
-    if not usable:
+    sliding = getattr(config, "sliding_window", None) not in (None, 0) or getattr(config, "use_sliding_window", False)
+    if block is None or target is None or before not in SAFE_IMPLEMENTATIONS or sliding:
         yield False
         return
     from transformers import AttentionInterface

@@ -11,8 +11,8 @@ Each rank holds its own shard of E and U (uneven, possibly empty). Collectives:
 Every error that depends on data of several ranks is decided after a collective, so all
 ranks raise it together instead of some of them waiting forever. A handshake first
 checks that all ranks probe the same parameter registry (names and sizes) with the
-same settings. On FSDP2 every probe forward is a collective too: ``forwards`` gives every
-rank the same number of them (funcprobe.edge.fsdp).
+same settings. On FSDP2 every probe forward is a collective too: ``Communicator.max_int``
+of the local chunk counts gives every rank the same number of them (``funcprobe.api.min_chunks``).
 
 ``Communicator`` bundles these for one group, and is a no-op without one, so the
 library's orchestration (``funcprobe.api``) reads the same with and without ranks.
@@ -21,7 +21,6 @@ library's orchestration (``funcprobe.api``) reads the same with and without rank
 from __future__ import annotations
 
 import contextlib
-
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -99,10 +98,10 @@ def all_reduce_sum_tree(tree: Mapping[str, Tensor], group: object) -> ParamTree:
     return out
 
 
-def all_reduce_float64(values: Sequence[float], group: object) -> list[float]:
-    """Σ over ranks of a few float64 scalars."""
+def all_reduce_float64(values: Sequence[float], group: object, op: object = None) -> list[float]:
+    """Σ (or ``op``, e.g. ``dist.ReduceOp.MAX``) over ranks of a few float64 scalars."""
     t = torch.tensor(list(values), dtype=torch.float64, device=collective_device(group, torch.device("cpu")))
-    dist.all_reduce(t, group=group)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return t.cpu().tolist()
 
 
@@ -161,18 +160,12 @@ class Communicator:
         one rank stops every rank with a message, before any collective that would
         otherwise wait for it until the process group's timeout.
         """
-        if self.group is None:
-            if error is not None:
-                raise error
-            return
-        t = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64,
-                         device=collective_device(self.group, torch.device("cpu")))
-        dist.all_reduce(t, group=self.group)
+        (failed,) = self.sum_floats([0.0 if error is None else 1.0])
         if error is not None:
             raise error
-        if t.item() > 0:
+        if failed > 0:
             raise RankMismatchError(
-                f"process_group: {int(t.item())} other rank(s) refused their inputs (see their error); this rank "
+                f"process_group: {int(failed)} other rank(s) refused their inputs (see their error); this rank "
                 "stops too instead of waiting for them in a collective"
             )
 
@@ -180,10 +173,7 @@ class Communicator:
         """The largest ``value`` over ranks."""
         if self.group is None:
             return int(value)
-        t = torch.tensor([float(value)], dtype=torch.float64,
-                         device=collective_device(self.group, torch.device("cpu")))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t.item())
+        return int(all_reduce_float64([float(value)], self.group, dist.ReduceOp.MAX)[0])
 
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         return all_reduce_float64(values, self.group) if self.group is not None else [float(v) for v in values]

@@ -54,6 +54,7 @@ from trl import GRPOTrainer
 
 from ..api import EntropyProbe, step_from_gradient
 from ..core.rollouts import RolloutBatch
+from ..edge.distributed import Communicator
 from ..edge.progress import log
 from ..errors import NoSignalError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
@@ -126,7 +127,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
             return None
         batch = generation_batch_to_rollouts(self._funcprobe_batch, self.num_generations,
                                              float(self.args.max_completion_length))
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = Communicator.for_group(self.probe_settings.process_group).distributed
         if batch.num_prompts < 2 and not distributed:  # with ranks, every rank must take part (collectives)
             log.warning("funcprobe: skipped, the step's batch has %d prompt(s); the SE needs 2", batch.num_prompts)
             return None
