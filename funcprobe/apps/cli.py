@@ -141,7 +141,7 @@ def _load_inputs(args: argparse.Namespace):
 
 def _run_influence(args: argparse.Namespace) -> int:
     from ..api import EntropyProbe
-    from .influence_report import format_influence, top_responses
+    from .influence_report import format_influence
 
     if args.top < 1:
         raise ValueError(f"--top: expected an integer >= 1, got {args.top}")
@@ -153,7 +153,7 @@ def _run_influence(args: argparse.Namespace) -> int:
     print(format_influence(inf, U, tokenizer=tokenizer, top=args.top))
     if args.json:
         out = inf.to_dict()
-        out["top_responses"] = [dict(prompt=i, response=g, share=v) for i, g, v in top_responses(inf, args.top)]
+        out["top_responses"] = [dict(prompt=i, response=g, share=v) for i, g, v in inf.top_responses(args.top)]
         out["top_tokens"] = [dict(prompt=i, response=g, column=t, token_id=int(U.input_ids[i, g, t]), share=v)
                              for i, g, t, v in inf.top_tokens(args.top)]
         with open(args.json, "w") as fh:

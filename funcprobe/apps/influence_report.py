@@ -24,14 +24,6 @@ def token_text(tokenizer, token_id: int) -> str:
     return repr(tokenizer.decode([token_id]))
 
 
-def top_responses(inf: EntropyInfluence, k: int) -> list[tuple[int, int, float]]:
-    """The k responses with the largest |share|: ``(prompt, response, δH share)``."""
-    flat = inf.per_response.flatten()
-    G = inf.per_response.shape[1]
-    top = torch.topk(flat.abs(), min(k, flat.numel())).indices.tolist()
-    return [(i // G, i % G, float(flat[i])) for i in top]
-
-
 def format_influence(inf: EntropyInfluence, U: RolloutBatch, *, tokenizer=None, top: int = 10) -> str:
     """A plain-text report (nats throughout). ``U`` is the update batch ``inf`` was made from."""
     lo, hi = inf.ci95
@@ -49,7 +41,7 @@ def format_influence(inf: EntropyInfluence, U: RolloutBatch, *, tokenizer=None, 
     lines.append("")
     lines.append(f"top {top} responses by |share|        share (nats)   advantage   tokens")
     lengths = U.response_lengths
-    for i, g, v in top_responses(inf, top):
+    for i, g, v in inf.top_responses(top):
         adv = float(U.advantages[i, g]) if U.advantages is not None else float("nan")
         se = f" +- {float(inf.per_prompt_se[i]):.1e} (prompt)" if inf.per_prompt_se is not None else ""
         lines.append(f"  prompt {i:>4} response {g:>2}       {v:+.3e}{se}   {adv:+.3f}   {int(lengths[i, g])}")
@@ -60,17 +52,6 @@ def format_influence(inf: EntropyInfluence, U: RolloutBatch, *, tokenizer=None, 
         token = token_text(tokenizer, int(U.input_ids[i, g, t]))
         lines.append(f"  prompt {i:>4} response {g:>2} position {t - start:>4}   {v:+.3e}   {token}")
     return "\n".join(lines)
-
-
-def concentration(shares: torch.Tensor, order: torch.Tensor, fractions: tuple[float, ...]) -> dict[float, float]:
-    """Fraction of Σ shares carried by the top ``fraction`` of tokens in ``order`` (at least
-    one token each): ``{fraction: Σ_top shares / Σ shares}``."""
-    total = float(shares.sum())
-    out = {}
-    for f in fractions:
-        k = max(1, int(f * shares.numel()))
-        out[f] = float(shares[order[:k]].sum()) / total if total != 0 else float("nan")
-    return out
 
 
 def plot_influence(inf: EntropyInfluence, U: RolloutBatch, path: str | Path, *, title: str | None = None) -> Path:

@@ -180,20 +180,12 @@ class EntropyInfluence:
         ``by``: ``"abs"`` (largest |share|), ``"negative"`` (most entropy-decreasing) or
         ``"positive"``. Raises ``ValueError`` for another ``by`` or k < 1.
         """
-        keys = {"abs": self.per_token.abs(), "negative": -self.per_token, "positive": self.per_token}
-        if by not in keys:
-            raise ValueError(f"by: expected 'abs', 'negative' or 'positive', got {by!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-        key = keys[by].flatten()
-        top = torch.topk(key, min(k, key.numel())).indices
-        B, G, T = self.per_token.shape
-        out = []
-        for idx in top.tolist():
-            i, rest = divmod(idx, G * T)
-            g, t = divmod(rest, T)
-            out.append((i, g, t, float(self.per_token[i, g, t])))
-        return out
+        return _top_entries(self.per_token, k, by)
+
+    def top_responses(self, k: int = 10, *, by: str = "abs") -> list[tuple[int, int, float]]:
+        """The k responses with the largest share: ``(prompt, response, δH share)``; ``by``
+        and errors as ``top_tokens``."""
+        return _top_entries(self.per_response, k, by)
 
     def to_dict(self) -> dict:
         """JSON-ready dict: the totals, ``per_prompt``, ``per_response``, ``groups``
@@ -210,6 +202,18 @@ class EntropyInfluence:
         if self.per_prompt_se is not None:
             out["per_prompt_se"] = self.per_prompt_se.tolist()
         return out
+
+
+def _top_entries(values: Tensor, k: int, by: str) -> list[tuple]:
+    """``(*index, value)`` of the k entries of ``values`` with the largest ``by`` key."""
+    keys = {"abs": values.abs(), "negative": -values, "positive": values}
+    if by not in keys:
+        raise ValueError(f"by: expected 'abs', 'negative' or 'positive', got {by!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    top = torch.topk(keys[by].flatten(), min(k, values.numel())).indices
+    coords = torch.stack(torch.unravel_index(top, values.shape), -1).tolist()
+    return [(*c, float(values[tuple(c)])) for c in coords]
 
 
 def vdot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
