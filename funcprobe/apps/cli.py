@@ -115,12 +115,7 @@ def _load_inputs(args: argparse.Namespace):
     from ..io.rollout_files import read_rollouts
 
     settings = from_arguments(args)
-    check_output(args.json, "--json")
-    check_output(args.plot, "--plot")
-    if args.plot:
-        from .plots import require_matplotlib
-
-        require_matplotlib()
+    check_outputs(args)
     check_device(args.device)
     if args.progress is False:
         _quiet_transformers()
@@ -200,6 +195,16 @@ _FLAGS = {"model_dir:": "--model:", "adapter_dir:": "--adapter:", "tokenizer:": 
           "optimizer_state:": "--optimizer-state:", "dtype:": "--dtype:"}
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """``--json`` and ``--plot`` writable, and matplotlib there for ``--plot``: before any work."""
+    check_output(args.json, "--json")
+    check_output(args.plot or None, "--plot")
+    if args.plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+
+
 def check_output(path: str | None, flag: str) -> None:
     """An output file the command can write: not a directory, in an existing writable folder.
 
@@ -273,12 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_report, run_demo
 
-    check_output(args.json, "--json")
-    check_output(args.plot or None, "--plot")
-    if args.plot:
-        from .plots import require_matplotlib
-
-        require_matplotlib()
+    check_outputs(args)
     if args.progress is False:
         _quiet_transformers()
     names = [f.name for f in dataclasses.fields(DemoConfig) if f.name != "probe"]

@@ -17,8 +17,9 @@ Each step k:
 3. **predict**: ``conditional_variance(model, E, Δθ)``: δH ± SE_E (sequence entropy, Dr. GRPO
    weighting: nats per Lmax tokens);
 4. take the step (``optimizer.step()``);
-5. **realize**: the importance-sampling (IS) estimate of the entropy change on H from its log-probs before and
-   after the step (``funcprobe.validation.entropy_change.is_change``: unbiased for every G; the self-normalised estimate is (G-1)/G too small), with its own SE,
+5. **realize**: the importance-sampling (IS) estimate of the entropy change on H from its
+   log-probs before and after the step (``funcprobe.validation.entropy_change.is_change``:
+   unbiased for every G; the self-normalised estimate is (G-1)/G too small), with its own SE,
    and z = (predicted − realized) / sqrt(SE_E² + SE_H²). Beside it, the same estimate for
    Σ_t H_t / Lmax, the next-token entropies that TRL logs as ``entropy`` (summed, not
    averaged): by the chain rule of entropy both have the same expectation.
