@@ -99,7 +99,8 @@ def chunked_token_values(logits: Callable[[Tensor], Tensor], h: Tensor, targets:
 _SPLITS: "weakref.WeakKeyDictionary[nn.Module, HeadSplit | None]" = weakref.WeakKeyDictionary()
 
 
-def head_split(module: nn.Module, owner: nn.Module, extra_kwargs: Mapping[str, object] = {}) -> HeadSplit | None:
+def head_split(module: nn.Module, owner: nn.Module,
+               extra_kwargs: Mapping[str, object] | None = None) -> HeadSplit | None:
     """The verified ``HeadSplit`` of ``module`` (whose causal LM is ``owner``), or None.
 
     ``extra_kwargs``: what S's forwards pass besides ids, mask and positions (e.g.
@@ -112,7 +113,7 @@ def head_split(module: nn.Module, owner: nn.Module, extra_kwargs: Mapping[str, o
     if module in _SPLITS:
         return _SPLITS[module]
     split = _find_split(module, owner)
-    if split is not None and not _reproduces_logits(module, split, dict(extra_kwargs)):
+    if split is not None and not _reproduces_logits(module, split, dict(extra_kwargs or {})):
         split = None
     _SPLITS[module] = split
     return split
