@@ -297,7 +297,8 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
     chunk_size = chunk_size_for(settings, registry, E, settings.mode)
     derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=chunk_size,
                                           wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress),
-                                          min_chunks=min_chunks(registry, comm, E, chunk_size))
+                                          min_chunks=min_chunks(registry, comm, E, chunk_size),
+                                          rules=not settings.generic_jvp)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
                        attention_block=settings.attention_block):
         return derivatives(theta, tangent, E)

@@ -201,7 +201,7 @@ def _token_derivatives(registry: ParamRegistry, U: RolloutBatch, tangent: ParamT
     derivatives = directional_derivatives(
         registry.token_logprob_fn(), mode="jvp", chunk_size=chunk,
         wrap=chunk_progress("funcprobe token shares (jvp)", settings.progress),
-        min_chunks=min_chunks(registry, comm, U, chunk))
+        min_chunks=min_chunks(registry, comm, U, chunk), rules=not settings.generic_jvp)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
                        attention_block=settings.attention_block):
         out = derivatives(primal(registry, dtype), tangent, U)
@@ -271,7 +271,8 @@ def _matrix(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: Pa
     else:  # a column per update prompt: ∇J_i, then a JVP over E
         rows, (one, other, fn_one, fn_other) = [], (U, E, j, lx)
     derivatives = directional_derivatives(fn_other, mode="jvp",
-                                          chunk_size=chunk_size_for(settings, registry, other, "jvp"))
+                                          chunk_size=chunk_size_for(settings, registry, other, "jvp"),
+                                          rules=not settings.generic_jvp)
     single = summed_gradient(fn_one, chunk_size=1)
     with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
                        attention_block=settings.attention_block):

@@ -114,6 +114,12 @@ class ProbeSettings:
         "tangent carried block by block: no [T x T] scores, primal or tangent) for the probe's forwards; "
         "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.core.attention)",
     )
+    generic_jvp: bool = _opt(
+        False,
+        "run forward mode with PyTorch's generic forward-AD formulas instead of funcprobe's rules "
+        "(funcprobe.core.jvp_rules: linear layers, matrix products, SiLU and the LM head's log-probs with "
+        "tangents that skip frozen weights); same values to rounding, slower; for checking",
+    )
     params: ParamSelection = _opt(
         "trainable",
         "which parameters are probed: trainable (requires_grad), lora (LoRA weights of the adapter) or a "
@@ -164,7 +170,7 @@ class ProbeSettings:
         object.__setattr__(self, "params", _param_selection(self.params))
         if self.adapter is not None and not isinstance(self.adapter, str):
             raise SettingsError(f"adapter: expected an adapter name (str) or None, got {self.adapter!r}")
-        for name in ("keep_dropout", "allow_identity_fallback", "gather_s", "split_baseline"):
+        for name in ("keep_dropout", "allow_identity_fallback", "gather_s", "split_baseline", "generic_jvp"):
             if not isinstance(getattr(self, name), bool):
                 raise SettingsError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):

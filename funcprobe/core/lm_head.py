@@ -74,26 +74,47 @@ class HeadSplit:
 
         return logits
 
+    def linear_weights(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None] | None:
+        """``(W [V, D], b [V] or None)`` of a head that is a plain ``nn.Linear`` with no hooks,
+        under ``params`` (full names; absent ones: the module's own); None for any other head
+        (a LoRA-wrapped or hooked head runs through ``logits_fn``)."""
+        head = self.head
+        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+            return None
+        local = {k: params[full] for k, full in self.head_params.items() if full in params}
+        return local.get("weight", head.weight), local.get("bias", head.bias)
+
 
 def token_chunk_size(vocab_size: int, budget_bytes: int = LOGITS_CHUNK_BYTES) -> int:
     """Tokens per head chunk so that one chunk's float32 logits take at most ``budget_bytes``."""
     return max(1, budget_bytes // (4 * vocab_size))
 
 
-def chunked_token_values(logits: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor, token_chunk: int,
-                         token_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """``token_fn(logits(h_m), target_m)`` for ``h [M, D]``, ``targets [M]`` → ``[M]`` (float32 or wider).
-
-    The head and ``token_fn`` (a log-prob or an entropy of the ``[m, V]`` logits) run on
+def chunked_token_values(values: Callable[[Tensor, Tensor], Tensor], h: Tensor, targets: Tensor,
+                         token_chunk: int) -> Tensor:
+    """``values(h_m, target_m)`` for ``h [M, D]``, ``targets [M]`` → ``[M]`` (float32 or wider),
     ``token_chunk`` rows at a time.
+
+    ``values`` applies the head and a token function (a log-prob or an entropy of the
+    ``[m, V]`` logits) to one chunk: ``head_values`` or ``funcprobe.core.jvp_rules.linear_logprobs``.
     """
     out = []
     for a in range(0, h.shape[0], token_chunk):
-        z = logits(h[a : a + token_chunk])
-        out.append(token_fn(z.to(torch.promote_types(z.dtype, torch.float32)), targets[a : a + token_chunk]))
+        out.append(values(h[a : a + token_chunk], targets[a : a + token_chunk]))
     if not out:
         return h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))
     return torch.cat(out)
+
+
+def head_values(logits: Callable[[Tensor], Tensor],
+                token_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(h [m, D], targets [m]) ↦ token_fn(logits(h) in float32 or wider, targets)``."""
+
+    def values(h: Tensor, targets: Tensor) -> Tensor:
+        z = logits(h)
+        return token_fn(z.to(torch.promote_types(z.dtype, torch.float32)), targets)
+
+    return values
 
 
 _SPLITS: "weakref.WeakKeyDictionary[nn.Module, HeadSplit | None]" = weakref.WeakKeyDictionary()

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .lm_head import chunked_token_values, head_split, token_chunk_size
+from .jvp_rules import linear_logprobs
+from .lm_head import chunked_token_values, head_split, head_values, token_chunk_size
 from .rollouts import RolloutBatch
 
 #: what ``functional_call`` takes: one name→tensor dict, or several with disjoint names
@@ -163,7 +164,15 @@ def _response_columns(module: nn.Module, params: Params, batch: RolloutBatch, to
     h_sel = h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat)
     targets = ids[:, 1:].reshape(-1).index_select(0, flat)
     chunk = token_chunk or token_chunk_size(split.vocab_size)
-    per_token = chunked_token_values(split.logits_fn(merged), h_sel, targets, chunk, token_fn)
+    linear = split.linear_weights(merged) if token_fn is token_logprobs else None
+    if linear is not None:  # one op, so that forward mode can use its own rule (funcprobe.core.jvp_rules)
+        weight, bias = linear
+
+        def values(hc: Tensor, tc: Tensor) -> Tensor:
+            return linear_logprobs(hc, weight, bias, tc)
+    else:
+        values = head_values(split.logits_fn(merged), token_fn)
+    per_token = chunked_token_values(values, h_sel, targets, chunk)
     per_column = per_token.new_zeros((N * (L - 1), *per_token.shape[1:])).index_copy(0, flat, per_token)
     return per_column.reshape(N, L - 1, *per_token.shape[1:]), shift
 
