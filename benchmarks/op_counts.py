@@ -5,12 +5,18 @@
 One chunk (1 prompt x G = 4, prompt <= 64, response <= 192 tokens) of the ``small``
 preset (Qwen2 config, hidden 512, 4 layers, LoRA r = 8 on q/k/v/o, float32). torch.profiler
 counts the matrix-product operators (``aten::mm``, ``bmm``, ``addmm``, ``baddbmm``) of a
-no-grad forward of S and of ``torch.func.jvp`` of the probe's LX, and their CPU time.
+no-grad forward of S and of ``torch.func.jvp`` of the probe's LX, with PyTorch's generic
+forward-AD formulas and with funcprobe's rules (``funcprobe.core.jvp_rules``), and their
+CPU time. The profiler counts an operator again at each functorch layer it passes, so the
+products are also counted where the kernels run (a ``TorchDispatchMode`` below the
+transforms: "products run").
 
 The minimum for forward mode, per decoder layer: the frozen base projections q/k/v/o and
 the MLP's gate/up/down need one extra product each (ẋ·W); each LoRA product x·A (and h·B),
 whose weight carries a tangent, needs two (ẋ·A + x·Ȧ); each attention product (Q·Kᵀ, P·V)
-needs two (Q̇·Kᵀ + Q·K̇ᵀ, Ṗ·V + P·V̇). The LM head needs one extra per chunk of tokens.
+needs two (Q̇·Kᵀ + Q·K̇ᵀ, Ṗ·V + P·V̇). The first layer's q/k/v read the embeddings, which
+carry no tangent: their base products and their LoRA x·A need no ẋ term (one product less
+each). The LM head needs one extra per chunk of tokens.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from presets import PRESETS, build_model, make_rollouts, random_direction  # noqa: E402
 
 from funcprobe import ParamRegistry  # noqa: E402
+from funcprobe.core.jvp_rules import jvp_rules  # noqa: E402
 from funcprobe.core.objectives import entropy_objective  # noqa: E402
 from funcprobe.edge.session import probe_session  # noqa: E402
 
@@ -36,8 +44,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 
-def counted(fn) -> tuple[Counter, float, int]:
-    """(calls per product operator, their self CPU seconds, all operator calls) of one ``fn()``."""
+class KernelCounter(TorchDispatchMode):
+    """Counts the matrix-product kernels that run (below torch.func's layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if f"aten::{func.__name__.split('.')[0]}" in PRODUCTS:
+            self.products += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted(fn) -> tuple[Counter, float, int, int]:
+    """(calls per product operator, their self CPU seconds, all operator calls, products
+    run) of one ``fn()``."""
     fn()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
@@ -47,7 +69,9 @@ def counted(fn) -> tuple[Counter, float, int]:
         if e.key in PRODUCTS:
             calls[e.key] += e.count
             seconds += e.self_cpu_time_total / 1e6
-    return calls, seconds, total
+    with KernelCounter() as kernels:
+        fn()
+    return calls, seconds, total, kernels.products
 
 
 def main() -> int:
@@ -62,27 +86,37 @@ def main() -> int:
     f = entropy_objective("dr_grpo").on_logprobs(reg.logprob_fn())
     with probe_session(reg):
         with torch.no_grad():
-            fwd, fwd_s, fwd_all = counted(lambda: f(reg.trainable, E))
-        jvp, jvp_s, jvp_all = counted(lambda: torch.func.jvp(lambda t: f(t, E), (reg.trainable,), (mu,)))
+            fwd = counted(lambda: f(reg.trainable, E))
+        generic = counted(lambda: torch.func.jvp(lambda t: f(t, E), (reg.trainable,), (mu,)))
+
+        def with_rules():
+            with jvp_rules():
+                return torch.func.jvp(lambda t: f(t, E), (reg.trainable,), (mu,))
+
+        rules = counted(with_rules)
     layers, lora = p.layers, len(p.lora_targets)
-    head = sum(fwd.values()) - layers * (4 + 2 * lora + 2 + 3)  # the LM head's products (token chunks)
+    first = len({"q_proj", "k_proj", "v_proj"} & set(p.lora_targets))  # layer 0's inputs have no tangent
+    head = sum(fwd[0].values()) - layers * (4 + 2 * lora + 2 + 3)  # the LM head's products (token chunks)
     minimum = {"forward": layers * (4 + 2 * lora + 2 + 3) + head,
-               "jvp": layers * (2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3) + 2 * head}
-    rows = [("no-grad forward", fwd, fwd_s, fwd_all, minimum["forward"]),
-            ("torch.func.jvp", jvp, jvp_s, jvp_all, minimum["jvp"])]
+               "jvp": layers * (2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3) + 2 * head - 2 * first}
+    rows = [("no-grad forward", *fwd, minimum["forward"]),
+            ("torch.func.jvp, generic formulas (before)", *generic, minimum["jvp"]),
+            ("torch.func.jvp, funcprobe.core.jvp_rules (after)", *rules, minimum["jvp"])]
     command = "python benchmarks/op_counts.py " + " ".join(sys.argv[1:])
     lines = ["# Matrix products of one jvp step: measured against the method's minimum", "",
              f"`{command}` ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}); "
              f"`small` preset, 1 prompt x G = {p.group_size}, {layers} layers, LoRA on {lora} projections, float32; "
              "one profiled call after a warm-up.", "",
-             "| pass | mm | bmm | addmm | baddbmm | products | minimum | products CPU time | all operator calls |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, c, sec, total, low in rows:
+             "| pass | mm | bmm | addmm | baddbmm | products (profiler) | products run | minimum | "
+             "products CPU time | all operator calls |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c, sec, total, run, low in rows:
         n = sum(c.values())
         lines.append(f"| {name} | {c['aten::mm']} | {c['aten::bmm']} | {c['aten::addmm']} | {c['aten::baddbmm']} | "
-                     f"{n} | {low} | {sec:.3f} s | {total} |")
+                     f"{n} | {run} | {low} | {sec:.3f} s | {total} |")
     lines += ["", f"Minimum per layer: forward {4 + 2 * lora + 2 + 3} (q/k/v/o, {2 * lora} LoRA, 2 attention, 3 MLP); "
-              f"jvp {2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3} (x2 frozen, x3 LoRA, x3 attention, x2 MLP); LM head "
+              f"jvp {2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3} (x2 frozen, x3 LoRA, x3 attention, x2 MLP), "
+              f"{2 * first} fewer in the first layer (q/k/v read the tangent-free embeddings); LM head "
               f"{head} product(s) in the forward (token chunks), x2 in the jvp."]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "op-counts.md").write_text("\n".join(lines) + "\n")

@@ -57,12 +57,15 @@ class _Linear(torch.autograd.Function):
         x, weight, _ = inputs
         ctx.set_materialize_grads(False)
         ctx.save_for_forward(x, weight)
+        ctx.shape = output.shape
 
     @staticmethod
     def jvp(ctx, dx: Optional[Tensor], dweight: Optional[Tensor], dbias: Optional[Tensor]) -> Optional[Tensor]:
         x, weight = ctx.saved_tensors
         out = None if dx is None else F.linear(dx, weight)
         out = _add(out, None if dweight is None else F.linear(x, dweight))
+        if dbias is not None and out is None:
+            return dbias.expand(ctx.shape).clone()
         return _add(out, dbias)
 
 
