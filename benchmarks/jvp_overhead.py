@@ -67,7 +67,10 @@ def setup(config: str):
     from funcprobe.io.pretrained import load_gguf, smollm2_gguf
 
     base, _ = load_gguf(smollm2_gguf())
-    p = PRESETS["small"].with_(name="smollm2", vocab=base.config.vocab_size, prompts=4)
+    c = base.config
+    p = PRESETS["small"].with_(name="smollm2", vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
+                               heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                               intermediate=c.intermediate_size, prompts=4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=list(p.lora_targets), init_lora_weights=False,

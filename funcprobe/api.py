@@ -38,7 +38,7 @@ from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.precision import compute_dtype, primal
 from .edge.progress import chunk_progress, log
 from .edge.registry import ParamRegistry
-from .edge.session import as_normal_batch, as_normal_tensor, probe_session
+from .edge.session import as_normal_batch, as_normal_tensor, session_for
 from .errors import NonFiniteError, NoSignalError, SettingsError, StaleProbeError
 from .settings import ProbeSettings
 
@@ -129,8 +129,7 @@ def _mean_policy_gradient(registry: ParamRegistry, U: RolloutBatch, settings: Pr
     chunk = chunk_size_for(settings, registry, U, "gradient")
     gradient_sum = summed_gradient(f, chunk_size=chunk, min_chunks=min_chunks(registry, comm, U, chunk))
     dtype = compute_dtype(registry, settings.precision)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                       attention_block=settings.attention_block):
+    with session_for(registry, settings, dtype, forward_mode=False):
         total = gradient_sum(primal(registry, dtype), U)
     total = comm.sum_tree(total)
     (count,) = comm.sum_floats([float(U.num_prompts)])
@@ -299,8 +298,7 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
                                           wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress),
                                           min_chunks=min_chunks(registry, comm, E, chunk_size),
                                           rules=not settings.generic_jvp)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                       attention_block=settings.attention_block):
+    with session_for(registry, settings, dtype, forward_mode=settings.mode == "jvp"):
         return derivatives(theta, tangent, E)
 
 

@@ -49,7 +49,7 @@ from .edge.optim import step_map
 from .edge.precision import compute_dtype, primal
 from .edge.progress import chunk_progress
 from .edge.registry import ParamRegistry
-from .edge.session import as_normal_batch, probe_session
+from .edge.session import as_normal_batch, session_for
 from .errors import SettingsError
 from .settings import ProbeSettings
 
@@ -149,8 +149,7 @@ def influence(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, optimiz
     # μX = mean_n ∇LX[n] over E (all ranks)
     lx = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
     chunk = chunk_size_for(settings, registry, E, "gradient")
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                       attention_block=settings.attention_block):
+    with session_for(registry, settings, dtype, forward_mode=False):
         mu_x = summed_gradient(lx, chunk_size=chunk, min_chunks=min_chunks(registry, comm, E, chunk))(theta, E)
     mu_x = comm.sum_tree(mu_x)
     mu_x = tree_map(lambda t: t / num_eval, mu_x)
@@ -202,8 +201,7 @@ def _token_derivatives(registry: ParamRegistry, U: RolloutBatch, tangent: ParamT
         registry.token_logprob_fn(), mode="jvp", chunk_size=chunk,
         wrap=chunk_progress("funcprobe token shares (jvp)", settings.progress),
         min_chunks=min_chunks(registry, comm, U, chunk), rules=not settings.generic_jvp)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                       attention_block=settings.attention_block):
+    with session_for(registry, settings, dtype, forward_mode=True):
         out = derivatives(primal(registry, dtype), tangent, U)
     if U.num_prompts == 0:
         return torch.zeros(U.input_ids.shape, dtype=torch.float64, device=U.input_ids.device)
@@ -241,8 +239,7 @@ def _token_weighted_gradient(registry: ParamRegistry, U: RolloutBatch, theta: Pa
     total = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
     starts = list(range(0, U.num_prompts, chunk))
     pad = min_chunks(registry, comm, U, chunk) - len(starts)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                       attention_block=settings.attention_block):
+    with session_for(registry, settings, dtype, forward_mode=False):
         for start in starts:
             stop = min(start + chunk, U.num_prompts)
             w = weights[start:stop]
@@ -274,8 +271,7 @@ def _matrix(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: Pa
                                           chunk_size=chunk_size_for(settings, registry, other, "jvp"),
                                           rules=not settings.generic_jvp)
     single = summed_gradient(fn_one, chunk_size=1)
-    with probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                       attention_block=settings.attention_block):
+    with session_for(registry, settings, dtype, forward_mode=True):
         for k in chunk_progress("funcprobe s[n, i] matrix", settings.progress)(range(one.num_prompts),
                                                                               one.num_prompts):
             gradient = single(theta, one.select(k, k + 1))

@@ -114,6 +114,12 @@ class ProbeSettings:
         "tangent carried block by block: no [T x T] scores, primal or tangent) for the probe's forwards; "
         "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.core.attention)",
     )
+    mlp_chunk: int | None = _opt(
+        2048,
+        "tokens per MLP call in the probe's forward-mode passes (funcprobe.edge.token_chunks): the MLP's "
+        "[tokens x intermediate] primal and tangent buffers, which set forward mode's peak memory, stay this "
+        "small; same values; None: all tokens at once",
+    )
     generic_jvp: bool = _opt(
         False,
         "run forward mode with PyTorch's generic forward-AD formulas instead of funcprobe's rules "
@@ -161,8 +167,9 @@ class ProbeSettings:
             _choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.chunk_size is not None:
             object.__setattr__(self, "chunk_size", _positive_int("chunk_size", self.chunk_size))
-        if self.attention_block is not None:
-            object.__setattr__(self, "attention_block", _positive_int("attention_block", self.attention_block))
+        for name in ("attention_block", "mlp_chunk"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
         budget = self.memory_budget_gb
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
             raise SettingsError(f"memory_budget_gb: expected a finite number of GiB > 0, got {budget!r}")
@@ -239,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": helptext}
         if f.name == "chunk_size":
             kwargs.update(type=int, metavar="N", help=f"{f.metadata['help']} (default: auto)")
-        elif f.name == "attention_block":
+        elif f.name in ("attention_block", "mlp_chunk"):
             kwargs.update(type=int, metavar="N")
         elif f.name == "memory_budget_gb":
             kwargs.update(type=float, metavar="GIB")

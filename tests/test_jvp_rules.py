@@ -129,3 +129,26 @@ def test_probe_with_rules_equals_the_generic_path(make, lora, attn):
         a = entropy_influence(model, E, U, optimizer=opt, step="optimizer_step", generic_jvp=True)
         b = entropy_influence(model, E, U, optimizer=opt, step="optimizer_step")
         assert rel_err(b.per_token, a.per_token) < 1e-10 and abs(b.delta_h - a.delta_h) < 1e-10 * abs(a.delta_h)
+
+
+@pytest.mark.parametrize("make", [gpt2, qwen2])
+def test_mlps_in_token_chunks_give_the_same_s_and_leave_no_trace(make):
+    """``mlp_chunk`` (funcprobe.edge.token_chunks): 3 tokens per MLP call vs all at once,
+    float64 < 1e-12; the MLPs' class forward is back afterwards; train-mode MLPs are not chunked."""
+    from funcprobe.edge.token_chunks import chunked_mlps
+
+    model = make()
+    E = random_rollouts(B=3, G=3, seed=3, resp_len=(1, 7), max_len=7.0)
+    mu = random_direction(ParamRegistry.from_model(model))
+    ref = probe_scalars(model, E, mu, chunk_size=3, mlp_chunk=None)
+    got = probe_scalars(model, E, mu, chunk_size=3, mlp_chunk=3)
+    assert rel_err(got, ref) < 1e-12
+    mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
+    assert mlps and all("forward" not in m.__dict__ for m in mlps)
+    model.eval()
+    with chunked_mlps(model, 3) as n:
+        assert n == len(mlps) and all("forward" in m.__dict__ for m in mlps)
+    model.train()
+    with chunked_mlps(model, 3) as n:
+        assert n == 0
+    assert all("forward" not in m.__dict__ for m in mlps)

@@ -132,7 +132,7 @@ class _Silu(torch.autograd.Function):
             return None
         (x,) = ctx.saved_tensors
         sig = torch.sigmoid(x)
-        return dx * (sig * (1 + x * (1 - sig)))
+        return torch.rsub(sig, 1).mul_(x).add_(1).mul_(sig).mul_(dx)  # two buffers of x's size
 
 
 class _Attention(torch.autograd.Function):
@@ -155,10 +155,13 @@ class _Attention(torch.autograd.Function):
         s = torch.matmul(q * factor, (k * factor).transpose(-2, -1))
         if is_causal:
             L, S = s.shape[-2:]
-            s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
-        if mask is not None:
+            s.masked_fill_(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+        if mask is not None and torch.broadcast_shapes(s.shape, mask.shape) != s.shape:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        elif mask is not None:
+            s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
         p = torch.ops.aten._safe_softmax(s, -1)
+        del s
         return torch.matmul(p, v), p
 
     @staticmethod
@@ -177,12 +180,16 @@ class _Attention(torch.autograd.Function):
         k, v = _repeat_kv(k, q, ctx.gqa), _repeat_kv(v, q, ctx.gqa)
         ds = None if dq is None else torch.matmul(dq, k.transpose(-2, -1))
         if dk is not None:
-            ds = _add(ds, torch.matmul(q, _repeat_kv(dk, q, ctx.gqa).transpose(-2, -1)))
+            term = torch.matmul(q, _repeat_kv(dk, q, ctx.gqa).transpose(-2, -1))
+            ds = term if ds is None else ds.add_(term)
+            del term
         out = None
-        if ds is not None:
-            ds = ds * f2
-            dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+        if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer
+            ds.mul_(f2)
+            rowsum = (p * ds).sum(-1, keepdim=True)
+            dp = ds.sub_(rowsum).mul_(p)
             out = torch.matmul(dp, v)
+            del ds, dp
         if dv is not None:
             out = _add(out, torch.matmul(p, _repeat_kv(dv, q, ctx.gqa)))
         return out, None

@@ -22,13 +22,16 @@ from torch import Tensor
 from .attention import blockwise_attention, probe_attention
 from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
+from .token_chunks import chunked_mlps
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError
+from ..settings import ProbeSettings
 
 
 @contextlib.contextmanager
 def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
-                  dtype: torch.dtype | None = None, attention_block: int | None = None) -> Iterator[None]:
+                  dtype: torch.dtype | None = None, attention_block: int | None = None,
+                  mlp_chunk: int | None = None) -> Iterator[None]:
     """Context for probe forwards on ``registry.module``; see the module docstring.
 
     Args:
@@ -38,6 +41,8 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
             fly (``funcprobe.edge.precision.upcast_layerwise``); None: the model's dtypes.
         attention_block: run attention blockwise with this many keys per block
             (``funcprobe.edge.attention.blockwise_attention``); None: the model's own.
+        mlp_chunk: run the model's MLP blocks on at most this many tokens per call
+            (``funcprobe.edge.token_chunks``; for forward-mode passes); None: all at once.
 
     Raises:
         RuntimeError: the model's parameters are inference tensors (created under
@@ -62,11 +67,21 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
                 _mixed_precision_forward_suspended(module), upcast_layerwise(module, dtype):
             if not keep_dropout:
                 module.eval()
-            yield
+            with chunked_mlps(module, mlp_chunk):
+                yield
     finally:
         for m, training in modes:
             if m.training != training:
                 m.train(training)
+
+
+def session_for(registry: ParamRegistry, settings: "ProbeSettings", dtype: torch.dtype | None, *,
+                forward_mode: bool):
+    """``probe_session`` with the settings' dropout, attention and (``forward_mode``: the
+    passes are ``torch.func.jvp``) MLP chunking; ``dtype`` as ``probe_session``."""
+    return probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
+                         attention_block=settings.attention_block,
+                         mlp_chunk=settings.mlp_chunk if forward_mode else None)
 
 
 @contextlib.contextmanager
