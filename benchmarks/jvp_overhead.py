@@ -24,7 +24,9 @@ peak memory is the growth of peak RSS over the loaded model and batch during the
 * ``jvp``: ``probe_scalars(mode="jvp")``: every s[n] by ``torch.func.jvp`` under
   ``funcprobe.core.jvp_rules`` (the default);
 * ``jvp_generic``: the same with ``generic_jvp=True`` (PyTorch's generic forward-AD
-  formulas: the state before the rules).
+  formulas: the state before the rules);
+* ``seeds_alpha``: the seeds' α-trick (``benchmarks/seed_methods.py``: autograd.grad with
+  ``create_graph``, reverse over reverse, full logits), the method forward mode replaces.
 
 Agreement: max |s_jvp − s_generic| / max |s_generic|.
 """
@@ -49,7 +51,7 @@ from presets import PRESETS, make_rollouts, random_direction, build_model  # noq
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ("small", "smollm2", "vocab152k")
-METHODS = ("nograd_forward", "model_forward", "jvp", "jvp_generic")
+METHODS = ("nograd_forward", "model_forward", "jvp", "jvp_generic", "seeds_alpha")
 UNIT = "nograd_forward"
 
 
@@ -99,6 +101,10 @@ def run_one(config: str, method: str, repeats: int) -> dict:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             return None
+        if method == "seeds_alpha":
+            import seed_methods
+
+            return seed_methods.seeds_alpha(model, reg.names, batch, mu, "dr_grpo", B)
         return probe_scalars(model, batch, mu, chunk_size=B, mode="jvp", generic_jvp=method == "jvp_generic")
 
     meter = MemoryMeter("cpu")

@@ -178,15 +178,17 @@ class _Attention(torch.autograd.Function):
         q, k, v, p = ctx.saved_tensors
         f2 = ctx.factor * ctx.factor
         k, v = _repeat_kv(k, q, ctx.gqa), _repeat_kv(v, q, ctx.gqa)
-        ds = None if dq is None else torch.matmul(dq, k.transpose(-2, -1))
-        if dk is not None:
-            term = torch.matmul(q, _repeat_kv(dk, q, ctx.gqa).transpose(-2, -1))
-            ds = term if ds is None else ds.add_(term)
-            del term
+        dk = None if dk is None else _repeat_kv(dk, q, ctx.gqa)
+        if dq is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ: one product, no [T × T] temporary
+            ds = torch.matmul(torch.cat([dq, q], -1), torch.cat([k, dk], -1).transpose(-2, -1))
+        elif dq is not None or dk is not None:
+            ds = torch.matmul(dq, k.transpose(-2, -1)) if dk is None else torch.matmul(q, dk.transpose(-2, -1))
+        else:
+            ds = None
         out = None
-        if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer
+        if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer; the row sums as batched dots
             ds.mul_(f2)
-            rowsum = (p * ds).sum(-1, keepdim=True)
+            rowsum = torch.matmul(p.unsqueeze(-2), ds.unsqueeze(-1)).squeeze(-1)
             dp = ds.sub_(rowsum).mul_(p)
             out = torch.matmul(dp, v)
             del ds, dp
