@@ -14,24 +14,17 @@ arrives as None, never as zeros):
 
 * ``linear(x, W, b)``: ``ẋ Wᵀ [+ x Ẇᵀ] [+ ḃ]``;
 * ``addmm(c, a, b, β, α)`` (GPT-2's ``Conv1D``): ``β ċ + α (ȧ b + a ḃ)`` over present terms;
-* ``matmul(a, b)``: ``ȧ b + a ḃ`` over present terms (eager attention's q·kᵀ and p·v);
-* ``silu(x)``: ``ẋ · σ(x)(1 + x(1 − σ(x)))`` in two buffers instead of the generic chain
-  of elementwise tangent kernels;
-* ``scaled_dot_product_attention`` without dropout (``_Attention``: softmax attention's
-  tangent in closed form);
-* ``linear_logprobs(h, W, b, y)``, the LM head and the target's log-prob in one op
-  (``funcprobe.core.logprobs`` calls it for a plain ``nn.Linear`` head): tangent
-  ``ḣ·(W_y − pᵀW)``, one ``[m, V] × [V, D]`` product and no ``[m, V]`` logits tangent.
+* ``matmul(a, b)``: ``ȧ b + a ḃ`` over present terms (attention's q·kᵀ and p·v);
+* ``silu(x)``: ``ẋ · σ(x)(1 + x(1 − σ(x)))`` in one expression instead of the generic
+  chain of elementwise tangent kernels.
 
-``jvp_rules()`` is a ``TorchFunctionMode`` that routes these calls to the Functions for
-the duration of a ``torch.func.jvp`` call
-(``funcprobe.core.transforms.directional_derivatives``); every other operator runs as
-before. The Functions have no backward: the mode is for forward mode only (a backward
-through them raises autograd's error, never a wrong value). Values are those of the
-plain operators (same kernels; attention as SDPA's MATH backend); tangents equal the
-generic path's to rounding (``tests/test_jvp_rules.py``: float64 < 1e-12 per rule, the
-probe's s < 1e-10). Measured effect: ``benchmarks/results/jvp-overhead.md`` and
-``benchmarks/results/op-counts.md``.
+``jvp_rules()`` is a ``TorchFunctionMode`` that routes ``F.linear``, ``torch.addmm``,
+``torch.matmul``/``@`` and ``F.silu`` to them for the duration of a ``torch.func.jvp``
+call (``funcprobe.core.transforms.directional_derivatives``); every other operator runs
+as before. The Functions have no backward: the mode is for forward mode only (reverse
+mode would raise ``RuntimeError`` from autograd, never a wrong value). Values are those
+of the plain operators (same kernels); tangents equal the generic path's to rounding
+(``tests/test_jvp_rules.py``: float64 < 1e-12 per rule, the probe's s < 1e-10).
 """
 
 from __future__ import annotations
@@ -149,10 +142,9 @@ class _Attention(torch.autograd.Function):
 
         Ṡ = q̇ kᵀ + q k̇ᵀ (scaled),  Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ),  Ȯ = Ṗ v + P v̇
 
-    over present tangents: three products (``q̇ kᵀ + q k̇ᵀ`` as one product of
-    concatenations ``[q̇, q]·[k, k̇]ᵀ``), the row sums of ``P ⊙ Ṡ`` as batched dots and Ṗ
-    formed in Ṡ's buffer, where the generic path differentiates every operator of the
-    composite (scaling, mask, the safe softmax's NaN guards) one by one.
+    over present tangents: four ``[T × T]`` products at most and four elementwise passes,
+    where the generic path differentiates every operator of the composite (scaling,
+    mask, the safe softmax's NaN guards) one by one.
     """
 
     @staticmethod
@@ -210,52 +202,6 @@ def _repeat_kv(x: Tensor, q: Tensor, gqa: bool) -> Tensor:
     if not gqa or x.shape[-3] == q.shape[-3]:
         return x
     return x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``weight · (x̂ r).to(x.dtype)`` with ``x̂ = x`` in float32 and ``r = 1/√(mean(x̂²) + eps)``
-    over the last dimension: Llama/Qwen2-style RMSNorm (``[..., D]``, ``weight [D]``),
-    computed as transformers' ``LlamaRMSNorm``/``Qwen2RMSNorm`` compute it (float32 inside,
-    also for float64 inputs). Plain operators here; under ``jvp_rules`` a Function whose
-    tangent ``ẋ r − x̂ r³ mean(x̂ ẋ)`` (times the weight) takes a few passes over
-    ``[..., D]`` instead of the generic chain's many, in the input's precision where it
-    is wider than float32 (the generic path's tangent is float32 there).
-    """
-    if torch.overrides.has_torch_function((x, weight)):
-        return torch.overrides.handle_torch_function(rms_norm, (x, weight), x, weight, eps)
-    xf = x.to(torch.float32)
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """``rms_norm`` with the tangent ``w ⊙ (ẋ r − x̂ r³ mean(x̂ ẋ)) + ẇ ⊙ x̂ r`` over present terms."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.to(torch.float32)
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, eps = inputs
-        ctx.set_materialize_grads(False)
-        ctx.save_for_forward(x, weight)
-        ctx.eps = eps
-
-    @staticmethod
-    def jvp(ctx, dx, dweight, _deps):
-        x, weight = ctx.saved_tensors
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # the tangent in float32 or wider
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
-        out = None
-        if dx is not None:
-            dxf = dx.to(xf.dtype)
-            m = torch.matmul(xf.unsqueeze(-2), dxf.unsqueeze(-1)).squeeze(-1) / xf.shape[-1]  # mean(x̂ ẋ)
-            u = torch.addcmul(dxf * r, xf, r.pow(3).mul_(m), value=-1)
-            out = weight * u.to(x.dtype)
-        if dweight is not None:
-            out = _add(out, dweight * (xf * r).to(x.dtype))
-        return out
 
 
 def linear_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
@@ -355,8 +301,6 @@ class jvp_rules(TorchFunctionMode):
             if call is not None:
                 out, _ = _Attention.apply(*call)
                 return out
-        elif func is rms_norm:
-            return _RMSNorm.apply(*args)
         elif func is linear_logprobs:
             value, _, _ = _LinearLogprobs.apply(*args)
             return value

@@ -22,7 +22,6 @@ from torch import Tensor
 from .attention import blockwise_attention, probe_attention
 from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
-from .norms import rms_norms_as_one_op
 from .token_chunks import chunked_mlps
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError
@@ -32,7 +31,7 @@ from ..settings import ProbeSettings
 @contextlib.contextmanager
 def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
                   dtype: torch.dtype | None = None, attention_block: int | None = None,
-                  mlp_chunk: int | None = None, norms_as_one_op: bool = False) -> Iterator[None]:
+                  mlp_chunk: int | None = None) -> Iterator[None]:
     """Context for probe forwards on ``registry.module``; see the module docstring.
 
     Args:
@@ -44,8 +43,6 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
             (``funcprobe.edge.attention.blockwise_attention``); None: the model's own.
         mlp_chunk: run the model's MLP blocks on at most this many tokens per call
             (``funcprobe.edge.token_chunks``; for forward-mode passes); None: all at once.
-        norms_as_one_op: RMSNorm blocks call ``funcprobe.core.jvp_rules.rms_norm``
-            (``funcprobe.edge.norms``; for forward-mode passes under the JVP rules).
 
     Raises:
         RuntimeError: the model's parameters are inference tensors (created under
@@ -70,7 +67,7 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
                 _mixed_precision_forward_suspended(module), upcast_layerwise(module, dtype):
             if not keep_dropout:
                 module.eval()
-            with chunked_mlps(module, mlp_chunk), rms_norms_as_one_op(module, norms_as_one_op):
+            with chunked_mlps(module, mlp_chunk):
                 yield
     finally:
         for m, training in modes:
@@ -81,12 +78,10 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
 def session_for(registry: ParamRegistry, settings: "ProbeSettings", dtype: torch.dtype | None, *,
                 forward_mode: bool):
     """``probe_session`` with the settings' dropout, attention and (``forward_mode``: the
-    passes are ``torch.func.jvp``) MLP chunking and one-op RMSNorms (unless
-    ``generic_jvp``); ``dtype`` as ``probe_session``."""
+    passes are ``torch.func.jvp``) MLP chunking; ``dtype`` as ``probe_session``."""
     return probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
                          attention_block=settings.attention_block,
-                         mlp_chunk=settings.mlp_chunk if forward_mode else None,
-                         norms_as_one_op=forward_mode and not settings.generic_jvp)
+                         mlp_chunk=settings.mlp_chunk if forward_mode else None)
 
 
 @contextlib.contextmanager
