@@ -14,17 +14,24 @@ arrives as None, never as zeros):
 
 * ``linear(x, W, b)``: ``ẋ Wᵀ [+ x Ẇᵀ] [+ ḃ]``;
 * ``addmm(c, a, b, β, α)`` (GPT-2's ``Conv1D``): ``β ċ + α (ȧ b + a ḃ)`` over present terms;
-* ``matmul(a, b)``: ``ȧ b + a ḃ`` over present terms (attention's q·kᵀ and p·v);
-* ``silu(x)``: ``ẋ · σ(x)(1 + x(1 − σ(x)))`` in one expression instead of the generic
-  chain of elementwise tangent kernels.
+* ``matmul(a, b)``: ``ȧ b + a ḃ`` over present terms (eager attention's q·kᵀ and p·v);
+* ``silu(x)``: ``ẋ · σ(x)(1 + x(1 − σ(x)))`` in two buffers instead of the generic chain
+  of elementwise tangent kernels;
+* ``scaled_dot_product_attention`` without dropout (``_Attention``: softmax attention's
+  tangent in closed form);
+* ``linear_logprobs(h, W, b, y)``, the LM head and the target's log-prob in one op
+  (``funcprobe.core.logprobs`` calls it for a plain ``nn.Linear`` head): tangent
+  ``ḣ·(W_y − pᵀW)``, one ``[m, V] × [V, D]`` product and no ``[m, V]`` logits tangent.
 
-``jvp_rules()`` is a ``TorchFunctionMode`` that routes ``F.linear``, ``torch.addmm``,
-``torch.matmul``/``@`` and ``F.silu`` to them for the duration of a ``torch.func.jvp``
-call (``funcprobe.core.transforms.directional_derivatives``); every other operator runs
-as before. The Functions have no backward: the mode is for forward mode only (reverse
-mode would raise ``RuntimeError`` from autograd, never a wrong value). Values are those
-of the plain operators (same kernels); tangents equal the generic path's to rounding
-(``tests/test_jvp_rules.py``: float64 < 1e-12 per rule, the probe's s < 1e-10).
+``jvp_rules()`` is a ``TorchFunctionMode`` that routes these calls to the Functions for
+the duration of a ``torch.func.jvp`` call
+(``funcprobe.core.transforms.directional_derivatives``); every other operator runs as
+before. The Functions have no backward: the mode is for forward mode only (a backward
+through them raises autograd's error, never a wrong value). Values are those of the
+plain operators (same kernels; attention as SDPA's MATH backend); tangents equal the
+generic path's to rounding (``tests/test_jvp_rules.py``: float64 < 1e-12 per rule, the
+probe's s < 1e-10). Measured effect: ``benchmarks/results/jvp-overhead.md`` and
+``benchmarks/results/op-counts.md``.
 """
 
 from __future__ import annotations
@@ -142,9 +149,10 @@ class _Attention(torch.autograd.Function):
 
         Ṡ = q̇ kᵀ + q k̇ᵀ (scaled),  Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ),  Ȯ = Ṗ v + P v̇
 
-    over present tangents: four ``[T × T]`` products at most and four elementwise passes,
-    where the generic path differentiates every operator of the composite (scaling,
-    mask, the safe softmax's NaN guards) one by one.
+    over present tangents: three products (``q̇ kᵀ + q k̇ᵀ`` as one product of
+    concatenations ``[q̇, q]·[k, k̇]ᵀ``), the row sums of ``P ⊙ Ṡ`` as batched dots and Ṗ
+    formed in Ṡ's buffer, where the generic path differentiates every operator of the
+    composite (scaling, mask, the safe softmax's NaN guards) one by one.
     """
 
     @staticmethod
