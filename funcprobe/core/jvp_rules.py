@@ -159,6 +159,8 @@ class _Attention(torch.autograd.Function):
     def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
                 gqa: bool):
         factor = (scale if scale is not None else q.shape[-1] ** -0.5) ** 0.5
+        dtype = q.dtype
+        q, k, v = (_accumulation(t) for t in (q, k, v))  # the MATH backend computes fp16/bf16 in float32
         k, v = _repeat_kv(k, q, gqa), _repeat_kv(v, q, gqa)
         s = torch.matmul(q * factor, (k * factor).transpose(-2, -1))
         if is_causal:
@@ -170,7 +172,7 @@ class _Attention(torch.autograd.Function):
             s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
         p = torch.ops.aten._safe_softmax(s, -1)
         del s
-        return torch.matmul(p, v), p
+        return torch.matmul(p, v).to(dtype), p
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -184,6 +186,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dq, dk, dv, *_):
         q, k, v, p = ctx.saved_tensors
+        dtype = q.dtype
+        q, k, v, dq, dk, dv = (None if t is None else _accumulation(t) for t in (q, k, v, dq, dk, dv))
         f2 = ctx.factor * ctx.factor
         k, v = _repeat_kv(k, q, ctx.gqa), _repeat_kv(v, q, ctx.gqa)
         dk = None if dk is None else _repeat_kv(dk, q, ctx.gqa)
@@ -202,7 +206,12 @@ class _Attention(torch.autograd.Function):
             del ds, dp
         if dv is not None:
             out = _add(out, torch.matmul(p, _repeat_kv(dv, q, ctx.gqa)))
-        return out, None
+        return (None if out is None else out.to(dtype)), None
+
+
+def _accumulation(t: Tensor) -> Tensor:
+    """fp16/bf16 in float32, as SDPA's MATH backend computes them; other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _repeat_kv(x: Tensor, q: Tensor, gqa: bool) -> Tensor:
