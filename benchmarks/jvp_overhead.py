@@ -14,8 +14,12 @@ chunk):
   8/2 heads, intermediate 1024), LoRA r = 8, 4 prompts x G = 4 (16 sequences), prompts
   <= 64, responses <= 192.
 
-Methods, each in its own process (one warm-up, then the median of ``--repeats`` timed runs;
-peak memory is the growth of peak RSS over the loaded model and batch during the first run):
+Methods, each in its own process: time is the median of ``--repeats`` runs after a
+warm-up; peak memory is measured in a second process, on one run, with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536``: every buffer of 64 KiB or more is then its own mapping,
+returned when freed, so the growth of peak RSS over the loaded model and batch is the
+peak of live tensor memory (deterministic: with the default allocator the same run's peak
+RSS varied by up to ±30% between runs, from memory the allocator keeps after a free):
 
 * ``nograd_forward``: S (``sequence_logprobs``: the body, then the LM head and log-softmax
   on response tokens in chunks) under ``torch.no_grad``: the unit of the ratios;
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -82,6 +87,7 @@ def setup(config: str):
 
 
 def run_one(config: str, method: str, repeats: int) -> dict:
+    """Time (``repeats`` > 0: median after a warm-up) or peak memory (``repeats`` = 0: one run)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from funcprobe import ParamRegistry, probe_scalars, sequence_logprobs
@@ -108,19 +114,32 @@ def run_one(config: str, method: str, repeats: int) -> dict:
         return probe_scalars(model, batch, mu, chunk_size=B, mode="jvp", generic_jvp=method == "jvp_generic")
 
     meter = MemoryMeter("cpu")
+    out = {"config": config, "method": method, "vocab": p.vocab, "hidden": p.hidden, "layers": p.layers,
+           "sequences": B * G, "columns": T, "response_tokens": int(batch.response_mask.sum())}
     with sdpa_kernel([SDPBackend.MATH]):
         meter.start()
         s = call()
-        peak = meter.peak()
+        if repeats == 0:
+            return {**out, "peak_bytes": meter.peak()}
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             call()
             times.append(time.perf_counter() - t)
-    return {"config": config, "method": method, "vocab": p.vocab, "hidden": p.hidden, "layers": p.layers,
-            "sequences": B * G, "columns": T, "response_tokens": int(batch.response_mask.sum()),
-            "peak_bytes": peak, "times": times, "median_s": statistics.median(times),
+    return {**out, "times": times, "median_s": statistics.median(times),
             "s": None if s is None else [float(x) for x in s]}
+
+
+def isolated(config: str, method: str, repeats: int) -> dict:
+    """``run_one`` in its own process (memory runs under MALLOC_MMAP_THRESHOLD_=65536)."""
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if repeats == 0 else {}))
+    cmd = [sys.executable, __file__, "--one", config, method, "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln][-1:]
+        why = "killed (SIGKILL: out of memory)" if proc.returncode == -9 else f"exit code {proc.returncode}"
+        return {"config": config, "method": method, "error": "; ".join([why, *errors])}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -137,21 +156,21 @@ def main(argv=None) -> int:
     rows = []
     for config in args.configs:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--one", config, method, "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                rows.append({"config": config, "method": method,
-                             "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-                print(f"{config:10} {method:15} {rows[-1]['error']}", flush=True)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{config:10} {method:15} {r['median_s']:8.3f} s  {r['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+            timed, memory = isolated(config, method, args.repeats), isolated(config, method, 0)
+            row = {**memory, **timed}
+            if "error" in timed or "error" in memory:
+                row["error"] = timed.get("error") or memory.get("error")
+                print(f"{config:10} {method:15} {row['error']}", flush=True)
+            else:
+                print(f"{config:10} {method:15} {row['median_s']:8.3f} s  {row['peak_bytes'] / 2**20:8.1f} MiB",
+                      flush=True)
+            rows.append(row)
     command = "python benchmarks/jvp_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Forward mode against a no-grad forward: funcprobe's JVP rules vs PyTorch's generic formulas", "",
              f"`{command.strip()}` ({platform.machine()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}); float32, LoRA r = 8 on q/k/v/o, all prompts in one chunk; median of "
-             f"{args.repeats} after a warm-up; peak RSS growth of the first run, each row in its own process. "
+             f"{args.repeats} after a warm-up; peak live memory (RSS growth under MALLOC_MMAP_THRESHOLD_=65536, one "
+             "run in a second process). "
              "Ratios against `nograd_forward` (S under no_grad, chunked LM head).", "",
              "| config | method | time (s) | × no-grad forward | peak (MiB) | × no-grad forward | "
              "max rel. diff of s vs generic |",
@@ -161,7 +180,7 @@ def main(argv=None) -> int:
         unit, ref = mine.get(UNIT, {}), mine.get("jvp_generic", {})
         for method in args.methods:
             r = mine.get(method, {})
-            if "median_s" not in r:
+            if "median_s" not in r or "peak_bytes" not in r:
                 lines.append(f"| {config} | {method} | {r.get('error', 'not run')} | | | | |")
                 continue
             if "median_s" in unit:
