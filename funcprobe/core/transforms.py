@@ -9,8 +9,9 @@ prompts and the results concatenated; results do not depend on the chunk size.
 
 * ``directional_derivatives(f)`` → ``(θ, tangent, batch) ↦ d/dε f(θ + ε·tangent)[n]``
   ``[B]`` float64: ``mode="jvp"``: one ``torch.func.jvp`` per chunk (one primal plus one
-  tangent pass), under ``funcprobe.core.jvp_rules`` unless ``rules=False``; ``mode="vjp"``: the seeds' α-trick, s = ∂/∂α ⟨∇θ Σ_n α_n f[n], tangent⟩
-  at α = 1, reverse over reverse (docs/definitions.md#alpha-trick).
+  tangent pass), under ``funcprobe.core.jvp_rules`` unless ``rules=False``;
+  ``mode="vjp"``: the seeds' α-trick, s = ∂/∂α ⟨∇θ Σ_n α_n f[n], tangent⟩ at α = 1,
+  reverse over reverse (docs/definitions.md#alpha-trick).
 * ``summed_gradient(f)`` → ``(θ, batch) ↦ Σ_n ∇θ f[n]`` (float32 or wider), one
   ``torch.autograd.grad`` on local leaves per chunk (a third of ``torch.func.grad``'s
   peak memory, same values).
@@ -73,8 +74,8 @@ def directional_derivatives(
         min_chunks: call ``f`` at least this often, on a placeholder batch whose results
             are discarded (ranks of a sharded model whose every forward is a collective).
         rules: in ``"jvp"`` mode, run ``torch.func.jvp`` under ``funcprobe.core.jvp_rules``
-            (linear layers, matrix products, SiLU and the LM head's log-probs with tangents
-            that skip frozen tensors: same values, fewer products); False: PyTorch's generic
+            (linear layers, matrix products, attention, SiLU and the LM head's log-probs with
+            tangents that skip frozen tensors: same values, fewer products); False: PyTorch's generic
             forward-AD formulas (the reference the rules are tested against).
 
     The returned function's ``tangent`` must have ``theta``'s names, shapes, dtypes and
