@@ -123,8 +123,8 @@ class ProbeSettings:
     generic_jvp: bool = _opt(
         False,
         "run forward mode with PyTorch's generic forward-AD formulas instead of funcprobe's rules "
-        "(funcprobe.core.jvp_rules: linear layers, matrix products, attention, SiLU and the LM head's log-probs with "
-        "tangents that skip frozen weights); same values to rounding, slower; for checking",
+        "(funcprobe.core.jvp_rules: linear layers, matrix products, attention, SiLU and the LM head's "
+        "log-probs with tangents that skip frozen weights); same values to rounding, slower; for checking",
     )
     params: ParamSelection = _opt(
         "trainable",
