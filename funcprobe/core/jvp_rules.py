@@ -191,7 +191,7 @@ class _Attention(torch.autograd.Function):
         f2 = ctx.factor * ctx.factor
         k, v = _repeat_kv(k, q, ctx.gqa), _repeat_kv(v, q, ctx.gqa)
         dk = None if dk is None else _repeat_kv(dk, q, ctx.gqa)
-        if dq is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ: one product, no [T × T] temporary
+        if dq is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ in one product
             ds = torch.matmul(torch.cat([dq, q], -1), torch.cat([k, dk], -1).transpose(-2, -1))
         elif dq is not None or dk is not None:
             ds = torch.matmul(dq, k.transpose(-2, -1)) if dk is None else torch.matmul(q, dk.transpose(-2, -1))
