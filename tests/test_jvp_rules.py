@@ -64,9 +64,16 @@ def test_linear_addmm_matmul_and_silu_rules_match_the_generic_formulas():
     _check(lambda x: F.silu(x), [_randn(3, 8, seed=9)])
 
 
+@pytest.mark.parametrize("block_bytes", [None, 500])
 @pytest.mark.parametrize("kwargs", [dict(is_causal=True), dict(is_causal=True, enable_gqa=True),
                                     dict(mask="bool", enable_gqa=True), dict(mask="float", scale=0.3, enable_gqa=True)])
-def test_attention_rule_matches_the_math_backend(kwargs):
+def test_attention_rule_matches_the_math_backend(kwargs, block_bytes, monkeypatch):
+    """``block_bytes=500``: query rows in blocks of 2 (7 queries: 4 blocks), P recomputed per block in the jvp."""
+    import funcprobe.core.jvp_rules as rules
+
+    if block_bytes is not None:
+        monkeypatch.setattr(rules, "ATTENTION_BLOCK_BYTES", block_bytes)
+        assert len(rules._row_blocks(torch.zeros(2, 4, 7, 5), torch.zeros(2, 4, 7, 5))) == 4
     kwargs = dict(kwargs)
     gqa = kwargs.get("enable_gqa", False)
     q, k, v = _randn(2, 4, 7, 5), _randn(2, 2 if gqa else 4, 7, 5, seed=1), _randn(2, 2 if gqa else 4, 7, 3, seed=2)

@@ -149,64 +149,100 @@ class _Attention(torch.autograd.Function):
 
         Ṡ = q̇ kᵀ + q k̇ᵀ (scaled),  Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ),  Ȯ = Ṗ v + P v̇
 
-    over present tangents: three products (``q̇ kᵀ + q k̇ᵀ`` as one product of
-    concatenations ``[q̇, q]·[k, k̇]ᵀ``), the row sums of ``P ⊙ Ṡ`` as batched dots and Ṗ
-    formed in Ṡ's buffer, where the generic path differentiates every operator of the
-    composite (scaling, mask, the safe softmax's NaN guards) one by one.
+    over present tangents: ``q̇ kᵀ + q k̇ᵀ`` as one product of concatenations
+    ``[q̇, q]·[k, k̇]ᵀ``, the row sums of ``P ⊙ Ṡ`` as batched dots and Ṗ formed in Ṡ's
+    buffer, where the generic path differentiates every operator of the composite
+    (scaling, mask, the safe softmax's NaN guards) one by one. Query rows run in blocks
+    whose scores take at most ``ATTENTION_BLOCK_BYTES`` (softmax rows are independent);
+    P is not kept between the forward and the jvp but recomputed per block (one more
+    ``q kᵀ`` product), so the rule never holds ``[T × T]`` buffers for all queries: less
+    than the MATH forward, which holds S and P whole.
     """
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                gqa: bool):
-        factor = (scale if scale is not None else q.shape[-1] ** -0.5) ** 0.5
+                gqa: bool) -> Tensor:
         dtype = q.dtype
         q, k, v = (_accumulation(t) for t in (q, k, v))  # the MATH backend computes fp16/bf16 in float32
         k, v = _repeat_kv(k, q, gqa), _repeat_kv(v, q, gqa)
-        s = torch.matmul(q * factor, (k * factor).transpose(-2, -1))
-        if is_causal:
-            L, S = s.shape[-2:]
-            s.masked_fill_(~torch.ones(L, S, dtype=torch.bool, device=s.device).tril(), float("-inf"))
-        if mask is not None and torch.broadcast_shapes(s.shape, mask.shape) != s.shape:
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-        elif mask is not None:
-            s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
-        p = torch.ops.aten._safe_softmax(s, -1)
-        del s
-        return torch.matmul(p, v).to(dtype), p
+        factor = _factor(q, scale)
+        qs, ks = q * factor, k * factor
+        out = [torch.matmul(_probabilities(qs, ks, mask, is_causal, rows), v) for rows in _row_blocks(q, k)]
+        return torch.cat(out, -2).to(dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, _, _, scale, gqa = inputs
+        q, k, v, mask, is_causal, scale, gqa = inputs
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_forward(q, k, v, output[1])
-        ctx.factor = (scale if scale is not None else q.shape[-1] ** -0.5) ** 0.5
-        ctx.gqa = gqa
+        ctx.save_for_forward(q, k, v)
+        ctx.mask, ctx.is_causal, ctx.scale, ctx.gqa = mask, is_causal, scale, gqa
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, *_):
-        q, k, v, p = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         dtype = q.dtype
         q, k, v, dq, dk, dv = (None if t is None else _accumulation(t) for t in (q, k, v, dq, dk, dv))
-        f2 = ctx.factor * ctx.factor
+        if dq is None and dk is None and dv is None:
+            return None
         k, v = _repeat_kv(k, q, ctx.gqa), _repeat_kv(v, q, ctx.gqa)
         dk = None if dk is None else _repeat_kv(dk, q, ctx.gqa)
-        if dq is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ in one product
-            ds = torch.matmul(torch.cat([dq, q], -1), torch.cat([k, dk], -1).transpose(-2, -1))
-        elif dq is not None or dk is not None:
-            ds = torch.matmul(dq, k.transpose(-2, -1)) if dk is None else torch.matmul(q, dk.transpose(-2, -1))
+        dv = None if dv is None else _repeat_kv(dv, q, ctx.gqa)
+        factor = _factor(q, ctx.scale)
+        qs, ks = q * factor, k * factor
+        out = []
+        for rows in _row_blocks(q, k):  # P of each block recomputed exactly as the forward did
+            p = _probabilities(qs, ks, ctx.mask, ctx.is_causal, rows)
+            qb, dqb = q[..., rows, :], None if dq is None else dq[..., rows, :]
+            if dqb is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ in one product
+                ds = torch.matmul(torch.cat([dqb, qb], -1), torch.cat([k, dk], -1).transpose(-2, -1))
+            elif dqb is not None or dk is not None:
+                ds = torch.matmul(dqb, k.transpose(-2, -1)) if dk is None else torch.matmul(qb, dk.transpose(-2, -1))
+            else:
+                ds = None
+            block = None
+            if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer; the row sums as batched dots
+                ds.mul_(factor * factor)
+                rowsum = torch.matmul(p.unsqueeze(-2), ds.unsqueeze(-1)).squeeze(-1)
+                block = torch.matmul(ds.sub_(rowsum).mul_(p), v)
+                del ds
+            if dv is not None:
+                block = _add(block, torch.matmul(p, dv))
+            out.append(block)
+        return torch.cat(out, -2).to(dtype)
+
+
+#: float32 bytes of one query block's [.., rows, keys] scores; the rule holds about three such buffers
+ATTENTION_BLOCK_BYTES = 16 * 2**20
+
+
+def _factor(q: Tensor, scale: Optional[float]) -> float:
+    """√scale: the MATH backend scales q and k by it before their product."""
+    return (scale if scale is not None else q.shape[-1] ** -0.5) ** 0.5
+
+
+def _row_blocks(q: Tensor, k: Tensor) -> list[slice]:
+    """Query rows in blocks whose scores take at most ``ATTENTION_BLOCK_BYTES`` (softmax
+    rows are independent, so blocks give each row the values of the whole)."""
+    L, S = q.shape[-2], k.shape[-2]
+    per_row = 4 * S * max(1, q[..., 0, 0].numel())
+    rows = max(1, min(L, ATTENTION_BLOCK_BYTES // per_row))
+    return [slice(a, min(a + rows, L)) for a in range(0, L, rows)]
+
+
+def _probabilities(qs: Tensor, ks: Tensor, mask: Optional[Tensor], is_causal: bool, rows: slice) -> Tensor:
+    """``_safe_softmax((q k)ᵀ + mask)`` for the query ``rows`` (q and k pre-scaled)."""
+    s = torch.matmul(qs[..., rows, :], ks.transpose(-2, -1))
+    if is_causal:  # MATH's ones(L, S).tril(): key j visible to query i when j <= i
+        i = torch.arange(rows.start, rows.stop, device=s.device).unsqueeze(-1)
+        s.masked_fill_(torch.arange(s.shape[-1], device=s.device) > i, float("-inf"))
+    if mask is not None:
+        if mask.ndim >= 2 and mask.shape[-2] != 1:
+            mask = mask[..., rows, :]
+        if torch.broadcast_shapes(s.shape, mask.shape) != s.shape:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
         else:
-            ds = None
-        out = None
-        if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer; the row sums as batched dots
-            ds.mul_(f2)
-            rowsum = torch.matmul(p.unsqueeze(-2), ds.unsqueeze(-1)).squeeze(-1)
-            dp = ds.sub_(rowsum).mul_(p)
-            out = torch.matmul(dp, v)
-            del ds, dp
-        if dv is not None:
-            out = _add(out, torch.matmul(p, _repeat_kv(dv, q, ctx.gqa)))
-        return (None if out is None else out.to(dtype)), None
+            s = s.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else s.add_(mask)
+    return torch.ops.aten._safe_softmax(s, -1)
 
 
 def _accumulation(t: Tensor) -> Tensor:
@@ -316,8 +352,7 @@ class jvp_rules(TorchFunctionMode):
         elif func is F.scaled_dot_product_attention:
             call = _sdpa_arguments(*args, **kwargs)
             if call is not None:
-                out, _ = _Attention.apply(*call)
-                return out
+                return _Attention.apply(*call)
         elif func is linear_logprobs:
             value, _, _ = _LinearLogprobs.apply(*args)
             return value
