@@ -268,9 +268,15 @@ def linear_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: 
     """
     if torch.overrides.has_torch_function((h, weight)):
         return torch.overrides.handle_torch_function(linear_logprobs, (h, weight), h, weight, bias, targets)
+    return _head_logprobs(h, weight, bias, targets)[0]
+
+
+def _head_logprobs(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
+    """(log-probs ``[m]``, logits ``[m, V]`` in float32 or wider, their logsumexp ``[m, 1]``)."""
     z = F.linear(h, weight, bias)
     z = z.to(torch.promote_types(z.dtype, torch.float32))
-    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1), z, lse
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -283,11 +289,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(h: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor):
-        z = F.linear(h, weight, bias)
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        value = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
-        return value, z, lse
+        return _head_logprobs(h, weight, bias, targets)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
