@@ -163,10 +163,7 @@ class _Attention(torch.autograd.Function):
     def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
                 gqa: bool) -> Tensor:
         dtype = q.dtype
-        q, k, v = (_accumulation(t) for t in (q, k, v))  # the MATH backend computes fp16/bf16 in float32
-        k, v = _repeat_kv(k, q, gqa), _repeat_kv(v, q, gqa)
-        factor = _factor(q, scale)
-        qs, ks = q * factor, k * factor
+        q, k, v, qs, ks, factor = _prepared(q, k, v, scale, gqa)
         out = [torch.matmul(_probabilities(qs, ks, mask, is_causal, rows), v) for rows in _row_blocks(q, k)]
         return torch.cat(out, -2).to(dtype)
 
@@ -179,16 +176,14 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, *_):
-        q, k, v = ctx.saved_tensors
-        dtype = q.dtype
-        q, k, v, dq, dk, dv = (None if t is None else _accumulation(t) for t in (q, k, v, dq, dk, dv))
         if dq is None and dk is None and dv is None:
             return None
-        k, v = _repeat_kv(k, q, ctx.gqa), _repeat_kv(v, q, ctx.gqa)
+        q, k, v = ctx.saved_tensors
+        dtype = q.dtype
+        q, k, v, qs, ks, factor = _prepared(q, k, v, ctx.scale, ctx.gqa)
+        dq, dk, dv = (None if t is None else _accumulation(t) for t in (dq, dk, dv))
         dk = None if dk is None else _repeat_kv(dk, q, ctx.gqa)
         dv = None if dv is None else _repeat_kv(dv, q, ctx.gqa)
-        factor = _factor(q, ctx.scale)
-        qs, ks = q * factor, k * factor
         out = []
         for rows in _row_blocks(q, k):  # P of each block recomputed exactly as the forward did
             p = _probabilities(qs, ks, ctx.mask, ctx.is_causal, rows)
@@ -215,9 +210,13 @@ class _Attention(torch.autograd.Function):
 ATTENTION_BLOCK_BYTES = 16 * 2**20
 
 
-def _factor(q: Tensor, scale: Optional[float]) -> float:
-    """√scale: the MATH backend scales q and k by it before their product."""
-    return (scale if scale is not None else q.shape[-1] ** -0.5) ** 0.5
+def _prepared(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], gqa: bool):
+    """``(q, k, v, q·c, k·c, c)`` as the MATH backend forms them: fp16/bf16 in float32, key
+    and value heads repeated for GQA, c = √scale applied to q and k before their product."""
+    q, k, v = (_accumulation(t) for t in (q, k, v))
+    k, v = _repeat_kv(k, q, gqa), _repeat_kv(v, q, gqa)
+    factor = (scale if scale is not None else q.shape[-1] ** -0.5) ** 0.5
+    return q, k, v, q * factor, k * factor, factor
 
 
 def _row_blocks(q: Tensor, k: Tensor) -> list[slice]:
@@ -332,11 +331,12 @@ def _is_tensor(*xs) -> bool:
 
 
 class jvp_rules(TorchFunctionMode):
-    """Route ``F.linear``, ``torch.addmm``, ``torch.matmul``/``@`` and ``F.silu`` to the
-    Functions above while active (a context manager; see the module docstring).
+    """Route ``F.linear``, ``torch.addmm``, ``torch.matmul``/``@``, ``F.silu``,
+    ``F.scaled_dot_product_attention`` and ``linear_logprobs`` to the Functions above while
+    active (a context manager; see the module docstring).
 
-    Calls with arguments the rules do not cover (``out=``, an ``inplace`` silu, non-tensor
-    operands) run as the plain operator.
+    Calls with arguments the rules do not cover (``out=``, an ``inplace`` silu, SDPA with
+    dropout, non-tensor operands) run as the plain operator.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
