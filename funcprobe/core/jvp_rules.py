@@ -18,7 +18,8 @@ arrives as None, never as zeros):
 * ``silu(x)``: ``ẋ · σ(x)(1 + x(1 − σ(x)))`` in two buffers instead of the generic chain
   of elementwise tangent kernels;
 * ``scaled_dot_product_attention`` without dropout (``_Attention``: softmax attention's
-  tangent in closed form);
+  tangent in closed form; on CUDA with Triton installed ``_FlashAttention``, the flash
+  kernels of ``funcprobe.core.triton_attention``, forward and jvp over key blocks);
 * ``linear_logprobs(h, W, b, y)``, the LM head and the target's log-prob in one op
   (``funcprobe.core.logprobs`` calls it for a plain ``nn.Linear`` head): tangent
   ``ḣ·(W_y − pᵀW)``, one ``[m, V] × [V, D]`` product and no ``[m, V]`` logits tangent.
@@ -42,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from funcprobe.core import triton_attention
 
 
 def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
@@ -206,6 +209,36 @@ class _Attention(torch.autograd.Function):
         return torch.cat(out, -2).to(dtype)
 
 
+class _FlashAttention(torch.autograd.Function):
+    """SDPA without dropout through the Triton kernels of ``funcprobe.core.triton_attention``
+    (CUDA tensors, ``triton_attention.enabled_for``): the forward keeps the float32 output
+    and the per-row log-sum-exp, and the jvp makes one pass over key blocks with them; no
+    ``[T × T]`` buffer in either. Outputs ``(out, out in float32, lse)``; the mode returns
+    ``out``.
+    """
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
+                gqa: bool):
+        wide, lse = triton_attention.attention_forward(q, k, v, mask, is_causal, scale)
+        return wide.to(q.dtype), wide, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, mask, is_causal, scale, _ = inputs
+        _, wide, lse = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(wide, lse)
+        ctx.save_for_forward(q, k, v, wide, lse)
+        ctx.mask, ctx.is_causal, ctx.scale = mask, is_causal, scale
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, *_):
+        q, k, v, wide, lse = ctx.saved_tensors
+        out = triton_attention.attention_jvp(q, k, v, wide, lse, dq, dk, dv, ctx.mask, ctx.is_causal, ctx.scale)
+        return None if out is None else out.to(q.dtype), None, None
+
+
 #: float32 bytes of one query block's [.., rows, keys] scores; the rule holds about three such buffers
 ATTENTION_BLOCK_BYTES = 16 * 2**20
 
@@ -354,6 +387,8 @@ class jvp_rules(TorchFunctionMode):
         elif func is F.scaled_dot_product_attention:
             call = _sdpa_arguments(*args, **kwargs)
             if call is not None:
+                if triton_attention.enabled_for(call[0], call[1], call[2], call[3], call[6]):
+                    return _FlashAttention.apply(*call)[0]
                 return _Attention.apply(*call)
         elif func is linear_logprobs:
             value, _, _ = _LinearLogprobs.apply(*args)

@@ -1,0 +1,407 @@
+"""Flash attention with a tangent, as two Triton kernels (issue 15, part 3).
+
+``attention_forward(q, k, v, ...)`` is FlashAttention's forward (Dao et al. 2022; online
+softmax over key blocks, Milakov & Gimelshein 2018): per query row the output and the
+log-sum-exp ``L_i = log Σ_j exp(s_ij)`` of the scaled, masked scores, never a ``[T × T]``
+buffer. ``attention_jvp(...)`` is its forward-mode derivative. With ``L`` from the
+forward, ``P_ij = exp(s_ij − L_i)`` needs no running max, so one pass over key blocks
+gives
+
+    Ṡ = (q̇ kᵀ + q k̇ᵀ)·scale,   μ_i = Σ_j P_ij Ṡ_ij,
+    Ȯ_i = Σ_j P_ij Ṡ_ij v_j + Σ_j P_ij v̇_j − μ_i O_i
+
+(``Ṗ = P ⊙ (Ṡ − μ)``; docs/derivations.md#forward-mode-rules), five block products where
+the forward has two, over present tangents only (a frozen q, k or v costs nothing).
+
+Semantics are those of ``F.scaled_dot_product_attention`` without dropout: ``is_causal``
+is the top-left ``ones(L, S).tril()``; a bool mask keeps True, a float mask is added to
+the scores; a query row with no visible key gives 0 (MATH's ``_safe_softmax``); GQA reads
+key/value head ``h // (H / H_kv)``. A bool mask that keeps nothing above the diagonal also
+lets the kernels skip key blocks past it (transformers' causal-plus-padding masks).
+
+Where they run: on CUDA tensors the compiled kernels; on CPU tensors Triton's interpreter
+(numpy, slow: for the tests, which check both kernels there against the blockwise PyTorch
+attention and the SDPA rule in float64). fp16/bf16 on CUDA multiply in their own dtype with
+float32 accumulation (tensor cores; P rounded to the input dtype before ``P·v``, as
+FlashAttention does); everything else, and every dtype in the interpreter, in float32 or
+float64 (``input_precision="ieee"``).
+
+``funcprobe.core.jvp_rules`` routes SDPA calls on CUDA here when Triton is installed
+(``enabled_for``); nothing else imports Triton, and without it this module only reports
+``available() == False``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:  # optional: Triton comes with CUDA builds of torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+#: query rows and keys per block (the compiled kernels; the tests pass smaller ones)
+BLOCK_M, BLOCK_N = 64, 64
+JVP_BLOCK_N = 32
+
+
+def available() -> bool:
+    """Whether Triton is importable (the kernels need it; CPU tensors run its interpreter)."""
+    return triton is not None
+
+
+def enabled_for(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: bool) -> bool:
+    """Whether ``jvp_rules`` sends this SDPA call to the kernels: CUDA tensors of one
+    floating dtype, ``[B, H, T, D]``, head dims ≤ 256, key/value heads dividing the query's
+    (equal unless ``gqa``), a bool or same-dtype float mask that broadcasts to the scores."""
+    if triton is None or not q.is_cuda:
+        return False
+    return _supported(q, k, v, mask, gqa)
+
+
+def _supported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: bool) -> bool:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    B, H, L, D = q.shape
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[-1] != D or max(D, v.shape[-1]) > 256:
+        return False
+    if H % k.shape[1] or (k.shape[1] != H and not gqa):
+        return False
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+            return False
+        try:
+            torch.broadcast_shapes(mask.shape, (B, H, L, k.shape[2]))
+        except RuntimeError:
+            return False
+    return True
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
+                      scale: Optional[float] = None, *, block_m: int = BLOCK_M,
+                      block_n: int = BLOCK_N) -> tuple[Tensor, Tensor]:
+    """Attention output and per-row log-sum-exp.
+
+    Args:
+        q: ``[B, H, L, D]``; k: ``[B, H_kv, S, D]``; v: ``[B, H_kv, S, Dv]`` (H a multiple
+            of H_kv), one floating dtype, on CUDA (compiled) or CPU (Triton's interpreter).
+        mask: None, bool (True = attend) or additive float, broadcastable to ``[B, H, L, S]``.
+        is_causal: key j visible to query i only when j ≤ i (not together with ``mask``).
+        scale: factor on q·kᵀ (default ``D**-0.5``).
+        block_m, block_n: query rows and keys per block (powers of two ≥ 16).
+
+    Returns ``(out, lse)``: ``out [B, H, L, Dv]`` in float32 (float64 for float64 inputs),
+    ``lse [B, H, L]`` in the same dtype, ``-inf`` for rows that see no key (their ``out`` is 0).
+
+    Raises ``RuntimeError`` without Triton, ``ValueError`` for shapes, dtypes or arguments
+    the kernels do not cover (``_supported``).
+    """
+    return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n))
+
+
+@torch.library.custom_op("funcprobe::flash_attention_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
+                block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+    # an operator, so that torch.func hands the kernel plain tensors (inside a Function's
+    # jvp the tensors are functorch wrappers, which have no storage a kernel can read)
+    call = _Call(q, k, v, mask, is_causal, scale, block_m, block_n)
+    out = torch.empty(call.B, call.H, call.L, call.Dv, dtype=call.acc, device=q.device)
+    lse = torch.empty(call.B, call.H, call.L, dtype=call.acc, device=q.device)
+    call.launch(_kernel("forward"), q, k, v, out, lse, *_strides(q, k, v, out), *_strides(lse.unsqueeze(-1)),
+                block_n=block_n)
+    return out, lse
+
+
+def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor],
+                  dk: Optional[Tensor], dv: Optional[Tensor], mask: Optional[Tensor] = None, is_causal: bool = False,
+                  scale: Optional[float] = None, *, block_m: int = BLOCK_M,
+                  block_n: int = JVP_BLOCK_N) -> Optional[Tensor]:
+    """Tangent of the attention output for tangents ``dq``, ``dk``, ``dv`` (None: none).
+
+    ``out`` and ``lse`` are ``attention_forward``'s for the same arguments; the tangents
+    have their primal's shape. Returns ``[B, H, L, Dv]`` in ``out``'s dtype (float32 or
+    float64), or None when all three tangents are None. Raises as ``attention_forward``.
+    """
+    if dq is None and dk is None and dv is None:
+        return None
+    return torch.ops.funcprobe.flash_attention_jvp(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m,
+                                                   block_n)
+
+
+@torch.library.custom_op("funcprobe::flash_attention_jvp", mutates_args=())
+def _jvp_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor], dk: Optional[Tensor],
+            dv: Optional[Tensor], mask: Optional[Tensor], is_causal: bool, scale: Optional[float], block_m: int,
+            block_n: int) -> Tensor:
+    call = _Call(q, k, v, mask, is_causal, scale, block_m, block_n)
+    for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if t is not None and t.shape != like.shape:
+            raise ValueError(f"{name}: expected the shape of its primal {tuple(like.shape)}, got {tuple(t.shape)}")
+    if out.shape != (call.B, call.H, call.L, call.Dv) or lse.shape != (call.B, call.H, call.L):
+        raise ValueError("out, lse: expected attention_forward's outputs for these q, k, v")
+    tangents = [q if t is None else t.to(q.dtype) for t in (dq, dk, dv)]  # q: a placeholder never read
+    strides = [(0, 0, 0, 0) if t is None else _strides(t) for t in (dq, dk, dv)]
+    result = torch.empty_like(out)
+    call.launch(_kernel("jvp"), q, k, v, *tangents, out, lse, result,
+                *_strides(q, k, v), *strides[0], *strides[1], *strides[2], *_strides(out, result),
+                *_strides(lse.unsqueeze(-1)), HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None,
+                block_n=block_n)
+    return result
+
+
+@_forward_op.register_fake
+def _forward_shapes(q, k, v, mask, is_causal, scale, block_m, block_n):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(*q.shape[:3], v.shape[-1], dtype=acc), q.new_empty(*q.shape[:3], dtype=acc)
+
+
+@_jvp_op.register_fake
+def _jvp_shapes(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m, block_n):
+    return torch.empty_like(out)
+
+
+class _Call:
+    """One kernel launch's checked shapes, mask, causal skip, scale and grid."""
+
+    def __init__(self, q, k, v, mask, is_causal, scale, block_m, block_n):
+        if triton is None:
+            raise RuntimeError("funcprobe.core.triton_attention needs Triton (pip install triton)")
+        if q.device != k.device or q.device != v.device or (mask is not None and mask.device != q.device):
+            raise ValueError("q, k, v, mask: expected one device")
+        if not _supported(q, k, v, mask, True):
+            raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask "
+                             f"{None if mask is None else (tuple(mask.shape), mask.dtype)}: expected [B, H, L, D], "
+                             f"[B, H_kv, S, D], [B, H_kv, S, Dv] of one float dtype, H a multiple of H_kv, "
+                             f"D, Dv <= 256, a bool or same-dtype mask broadcastable to [B, H, L, S]")
+        if is_causal and mask is not None:
+            raise ValueError("is_causal and mask: expected at most one of them")
+        for name, b in (("block_m", block_m), ("block_n", block_n)):
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"{name}: expected a power of two >= 16, got {b}")
+        self.B, self.H, self.L, self.D = q.shape
+        self.Hkv, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
+        self.acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.scale = float(scale if scale is not None else self.D ** -0.5)
+        self.block_m = block_m
+        self.skip_upper = bool(is_causal)
+        self.mask_kind = 0
+        self.mask = q.new_empty(0)
+        self.mask_strides = (0, 0, 0, 0)
+        if mask is not None:
+            full = mask.expand(self.B, self.H, self.L, self.S)
+            self.mask_kind = 1 if mask.dtype == torch.bool else 2
+            self.mask = full.view(torch.uint8) if mask.dtype == torch.bool else full
+            self.mask_strides = tuple(full.stride())
+            if mask.dtype == torch.bool:  # nothing kept above the diagonal: skip key blocks past it too
+                upper = torch.ones(self.L, self.S, dtype=torch.bool, device=mask.device).triu_(1)
+                self.skip_upper = not bool((mask & upper).any())
+        interpret = interpreted()
+        if not q.is_cuda and not interpret:
+            raise ValueError(f"q: on {q.device}, the compiled kernels need CUDA tensors (CPU tensors run only in "
+                             "Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported)")
+        self.low_precision = q.dtype in (torch.float16, torch.bfloat16) and not interpret
+
+    def launch(self, kernel, *args, block_n: int, **flags) -> None:
+        grid = (triton.cdiv(self.L, self.block_m), self.B * self.H)
+        kernel[grid](*args, self.mask, *self.mask_strides, self.H, self.H // self.Hkv, self.L, self.S, self.D,
+                     self.Dv, self.scale,
+                     BLOCK_M=self.block_m, BLOCK_N=block_n, BLOCK_D=_pow2(self.D), BLOCK_DV=_pow2(self.Dv),
+                     CAUSAL=self.skip_upper, IS_CAUSAL=self.skip_upper and self.mask_kind == 0,
+                     MASK_KIND=self.mask_kind, LOW=self.low_precision, WIDE=self.acc == torch.float64, **flags)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _strides(*ts: Tensor) -> tuple[int, ...]:
+    return tuple(s for t in ts for s in t.stride())
+
+
+def _kernel(name: str):
+    """The kernel, compiled or, where ``TRITON_INTERPRET=1`` was set before Triton's import,
+    interpreted (Triton decides that at decoration, its own library included)."""
+    if name not in _KERNELS:
+        _KERNELS[name] = triton.jit({"forward": _forward_kernel, "jvp": _jvp_kernel}[name])
+    return _KERNELS[name]
+
+
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (numpy, on CPU tensors)."""
+    return triton is not None and type(_kernel("forward")).__name__ == "InterpretedFunction"
+
+
+_KERNELS: dict[str, object] = {}
+
+
+# ---------------------------------------------------------------- kernels (Triton source)
+# Plain functions: ``_kernel`` makes them Triton kernels (compiled or interpreted). Each
+# program takes BLOCK_M query rows of one (batch, head) and walks the key blocks.
+
+def _forward_kernel(Q, K, V, O, LSE,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+                    slb, slh, slm, _sl1,
+                    M, smb, smh, smm, smn,
+                    H, GROUP, L, S, D, DV, scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    CAUSAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, LOW: tl.constexpr,
+                    WIDE: tl.constexpr):
+    acc_t = tl.float64 if WIDE else tl.float32
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    vdims = tl.arange(0, BLOCK_DV)
+    row_ok = rows < L
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd,
+                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    if not LOW:
+        q = q.to(acc_t)
+    m_i = tl.full([BLOCK_M], float("-inf"), acc_t)
+    l_i = tl.zeros([BLOCK_M], acc_t)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_t)
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < S
+        kt = tl.load(K + b * skb + hk * skh + keys[None, :] * skn + dims[:, None] * skd,
+                     mask=key_ok[None, :] & (dims[:, None] < D), other=0.0)
+        if not LOW:
+            kt = kt.to(acc_t)
+        if LOW:
+            s = tl.dot(q, kt, out_dtype=acc_t) * scale
+        else:
+            s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_t) * scale
+        visible = key_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            visible = visible & (keys[None, :] <= rows[:, None])
+        if MASK_KIND == 1:
+            keep = tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0)
+            visible = visible & (keep != 0)
+        if MASK_KIND == 2:
+            s = s + tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible,
+                            other=0.0).to(acc_t)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vb = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + vdims[None, :] * svd,
+                     mask=key_ok[:, None] & (vdims[None, :] < DV), other=0.0)
+        if LOW:
+            pv = tl.dot(p.to(vb.dtype), vb, out_dtype=acc_t)
+        else:
+            pv = tl.dot(p, vb.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    m_safe = tl.where(seen, m_i, 0.0)
+    lse = tl.where(seen, m_safe + tl.log(l_safe), float("-inf"))
+    tl.store(O + b * sob + h * soh + rows[:, None] * som + vdims[None, :] * sod, out,
+             mask=row_ok[:, None] & (vdims[None, :] < DV))
+    tl.store(LSE + b * slb + h * slh + rows * slm, lse, mask=row_ok)
+
+
+def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
+                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                dqb, dqh, dqm, dqd, dkb, dkh, dkn, dkd, dvb, dvh, dvn, dvd,
+                sob, soh, som, sod, rob, roh, rom, rod,
+                slb, slh, slm, _sl1,
+                M, smb, smh, smm, smn,
+                H, GROUP, L, S, D, DV, scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, LOW: tl.constexpr,
+                WIDE: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr):
+    acc_t = tl.float64 if WIDE else tl.float32
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    vdims = tl.arange(0, BLOCK_DV)
+    row_ok = rows < L
+    q_mask = row_ok[:, None] & (dims[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd, mask=q_mask, other=0.0)
+    if not LOW:
+        q = q.to(acc_t)
+    if HAS_DQ:
+        dq = tl.load(DQ + b * dqb + h * dqh + rows[:, None] * dqm + dims[None, :] * dqd, mask=q_mask, other=0.0)
+        if not LOW:
+            dq = dq.to(acc_t)
+    lse = tl.load(LSE + b * slb + h * slh + rows * slm, mask=row_ok, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = exp(-inf) = 0
+    mu = tl.zeros([BLOCK_M], acc_t)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_t)
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < S
+        k_mask = key_ok[None, :] & (dims[:, None] < D)
+        kt = tl.load(K + b * skb + hk * skh + keys[None, :] * skn + dims[:, None] * skd, mask=k_mask, other=0.0)
+        if not LOW:
+            kt = kt.to(acc_t)
+        if LOW:
+            s = tl.dot(q, kt, out_dtype=acc_t) * scale
+        else:
+            s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_t) * scale
+        visible = key_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            visible = visible & (keys[None, :] <= rows[:, None])
+        if MASK_KIND == 1:
+            keep = tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0)
+            visible = visible & (keep != 0)
+        if MASK_KIND == 2:
+            s = s + tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible,
+                            other=0.0).to(acc_t)
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        v_mask = key_ok[:, None] & (vdims[None, :] < DV)
+        if HAS_DQ or HAS_DK:
+            ds = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
+            if HAS_DQ:
+                if LOW:
+                    ds += tl.dot(dq, kt, out_dtype=acc_t)
+                else:
+                    ds += tl.dot(dq, kt, input_precision="ieee", out_dtype=acc_t)
+            if HAS_DK:
+                dkt = tl.load(DK + b * dkb + hk * dkh + keys[None, :] * dkn + dims[:, None] * dkd, mask=k_mask,
+                              other=0.0)
+                if not LOW:
+                    dkt = dkt.to(acc_t)
+                if LOW:
+                    ds += tl.dot(q, dkt, out_dtype=acc_t)
+                else:
+                    ds += tl.dot(q, dkt, input_precision="ieee", out_dtype=acc_t)
+            pds = p * (ds * scale)
+            mu += tl.sum(pds, 1)
+            vb = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + vdims[None, :] * svd, mask=v_mask, other=0.0)
+            if LOW:
+                acc += tl.dot(pds.to(vb.dtype), vb, out_dtype=acc_t)
+            else:
+                acc += tl.dot(pds, vb.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+        if HAS_DV:
+            dvb_ = tl.load(DV_ + b * dvb + hk * dvh + keys[:, None] * dvn + vdims[None, :] * dvd, mask=v_mask,
+                           other=0.0)
+            if LOW:
+                acc += tl.dot(p.to(dvb_.dtype), dvb_, out_dtype=acc_t)
+            else:
+                acc += tl.dot(p, dvb_.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+    o_mask = row_ok[:, None] & (vdims[None, :] < DV)
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * som + vdims[None, :] * sod, mask=o_mask, other=0.0)
+    tl.store(DO + b * rob + h * roh + rows[:, None] * rom + vdims[None, :] * rod, acc - mu[:, None] * o, mask=o_mask)

@@ -1,0 +1,146 @@
+"""The Triton flash-attention kernels with a tangent (funcprobe.core.triton_attention).
+
+Without CUDA they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+float64 throughout: value and tangent against SDPA's MATH backend under torch.func.jvp and
+against the blockwise PyTorch attention (funcprobe.core.attention), < 1e-10 relative, for
+every subset of q, k, v carrying a tangent; masks as transformers builds them (causal plus
+padding, with rows that see no key), float masks, GQA, non-square and odd head sizes. Then
+the probe's s with SDPA routed to the kernels against the generic path (< 1e-10).
+With CUDA the same tests run the compiled kernels.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from funcprobe.core import triton_attention as ta
+from funcprobe.core.attention import blockwise_causal_attention
+from helpers import qwen2, random_direction, random_rollouts, rel_err
+
+pytestmark = pytest.mark.skipif(not ta.available(), reason="Triton is not installed (pip install triton): the "
+                                "kernels of funcprobe.core.triton_attention cannot run")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+D = torch.float64
+BLOCKS = dict(block_m=16, block_n=16)  # several query and key blocks at these sizes
+
+
+def _randn(*shape, seed=0, dtype=D):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+
+
+def _math(q, k, v, tangents, **kw):
+    with sdpa_kernel([SDPBackend.MATH]):
+        return jvp(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kw), (q, k, v), tangents)
+
+
+def _padding_mask(B, L, pad):
+    """transformers' causal-plus-padding bool mask [B, 1, L, L]: sequence b's first pad[b]
+    keys hidden (left padding), so its first pad[b] query rows see no key at all."""
+    mask = torch.ones(L, L, dtype=torch.bool).tril().repeat(B, 1, 1, 1)
+    for b, n in enumerate(pad):
+        mask[b, ..., :n] = False
+    return mask.to(DEVICE)
+
+
+CASES = {
+    "causal-gqa": dict(shape=(2, 4, 2, 37, 37, 24, 24), kw=dict(is_causal=True, enable_gqa=True)),
+    "padding-mask": dict(shape=(2, 2, 2, 33, 33, 16, 16), kw=dict(attn_mask=_padding_mask(2, 33, [0, 5]))),
+    "bool-mask-dense": dict(shape=(1, 2, 2, 21, 21, 16, 16), kw=dict()),
+    "float-mask-scale": dict(shape=(1, 2, 1, 19, 19, 32, 32), kw=dict(scale=0.3, enable_gqa=True)),
+    "cross-uneven": dict(shape=(1, 2, 2, 20, 45, 12, 8), kw=dict()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_equal_the_math_backend_in_value_and_tangent(case):
+    B, H, Hkv, L, S, Dqk, Dv = CASES[case]["shape"]
+    kw = dict(CASES[case]["kw"])
+    if case == "bool-mask-dense":  # keys above the diagonal too: no blocks skipped
+        kw["attn_mask"] = (torch.rand(B, 1, L, S, generator=torch.Generator().manual_seed(8)) > 0.4).to(DEVICE)
+        kw["attn_mask"][..., 3, :] = False  # a row that sees no key
+    if case == "float-mask-scale":
+        kw["attn_mask"] = _randn(B, 1, L, S, seed=9)
+        kw["attn_mask"][..., 2, :] = float("-inf")  # a row that sees no key
+    q, k, v = _randn(B, H, L, Dqk), _randn(B, Hkv, S, Dqk, seed=1), _randn(B, Hkv, S, Dv, seed=2)
+    tangents = (_randn(B, H, L, Dqk, seed=3), _randn(B, Hkv, S, Dqk, seed=4), _randn(B, Hkv, S, Dv, seed=5))
+    mask, causal, scale = kw.get("attn_mask"), kw.get("is_causal", False), kw.get("scale")
+    out, lse = ta.attention_forward(q, k, v, mask, causal, scale, **BLOCKS)
+    assert out.dtype == lse.dtype == D and lse.shape == (B, H, L)
+    assert (mask is None or mask.dtype != torch.bool) or ta._Call(q, k, v, mask, False, None, 16, 16).skip_upper \
+        == (case == "padding-mask")
+    for which in [c for n in (1, 2, 3) for c in itertools.combinations(range(3), n)]:
+        given = [t if i in which else None for i, t in enumerate(tangents)]
+        ref, ref_tangent = _math(q, k, v, tuple(t if t is not None else torch.zeros_like(p)
+                                                for t, p in zip(given, (q, k, v))), **kw)
+        tangent = ta.attention_jvp(q, k, v, out, lse, *given, mask, causal, scale, **BLOCKS)
+        assert rel_err(out, ref) < 1e-10 and rel_err(tangent, ref_tangent) < 1e-10, which
+    if mask is not None:
+        keep = mask if mask.dtype == torch.bool else mask > float("-inf")
+        hidden = ~(keep.expand(B, H, L, S).any(-1))
+        assert hidden.any() and (out[hidden] == 0).all() and (lse[hidden] == float("-inf")).all()
+    assert ta.attention_jvp(q, k, v, out, lse, None, None, None, mask, causal, scale) is None
+
+
+def test_kernels_equal_the_blockwise_pytorch_attention():
+    """The part-2 blockwise attention (online softmax in PyTorch, tangent by torch.func.jvp):
+    causal, GQA, float64, < 1e-10."""
+    B, H, Hkv, T, Dh = 2, 4, 2, 29, 8
+    q, k, v = _randn(B, H, T, Dh), _randn(B, Hkv, T, Dh, seed=1), _randn(B, Hkv, T, Dh, seed=2)
+    dq, dk, dv = _randn(B, H, T, Dh, seed=3), _randn(B, Hkv, T, Dh, seed=4), _randn(B, Hkv, T, Dh, seed=5)
+    ref, ref_tangent = jvp(lambda a, b, c: blockwise_causal_attention(a, b, c, scaling=0.4, block=8),
+                           (q, k, v), (dq, dk, dv))
+    out, lse = ta.attention_forward(q, k, v, None, True, 0.4, **BLOCKS)
+    tangent = ta.attention_jvp(q, k, v, out, lse, dq, dk, dv, None, True, 0.4, **BLOCKS)
+    assert rel_err(out.transpose(1, 2), ref) < 1e-10 and rel_err(tangent.transpose(1, 2), ref_tangent) < 1e-10
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_kernels_in_float32_and_bf16(dtype, tol):
+    """Accumulation in float32; against the MATH backend on the same inputs in float64."""
+    q, k, v, dq, dk, dv = (_randn(2, 2, 40, 16, seed=s, dtype=dtype) for s in range(6))
+    out, lse = ta.attention_forward(q, k, v, None, True, **BLOCKS)
+    tangent = ta.attention_jvp(q, k, v, out, lse, dq, dk, dv, None, True, **BLOCKS)
+    assert out.dtype == tangent.dtype == torch.float32
+    ref, ref_tangent = _math(*(t.double() for t in (q, k, v)), tuple(t.double() for t in (dq, dk, dv)),
+                             is_causal=True)
+    assert rel_err(out.double(), ref) < tol and rel_err(tangent.double(), ref_tangent) < tol
+
+
+def test_kernels_name_what_they_do_not_cover():
+    q = _randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="is_causal and mask"):
+        ta.attention_forward(q, q, q, torch.ones(8, 8, dtype=torch.bool, device=DEVICE), True)
+    with pytest.raises(ValueError, match="H a multiple of H_kv"):
+        ta.attention_forward(q, _randn(1, 3, 8, 16), _randn(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="block_n: expected a power of two >= 16, got 24"):
+        ta.attention_forward(q, q, q, block_n=24)
+    out, lse = ta.attention_forward(q, q, q, **BLOCKS)
+    with pytest.raises(ValueError, match=r"dk: expected the shape of its primal \(1, 2, 8, 16\)"):
+        ta.attention_jvp(q, q, q, out, lse, None, _randn(1, 2, 7, 16), None)
+
+
+def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
+    """Qwen2 (GQA, SDPA, LoRA, float64): jvp_rules sends every SDPA call to the kernels
+    (here on any device: ``enabled_for`` is widened to CPU tensors), s vs generic < 1e-10."""
+    from funcprobe import probe_scalars
+    from funcprobe.edge.registry import ParamRegistry
+
+    calls = []
+    forward = ta.attention_forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(ta, "enabled_for", lambda q, k, v, mask, gqa: ta._supported(q, k, v, mask, gqa))
+    monkeypatch.setattr(ta, "attention_forward", counted)
+    model = qwen2(attn="sdpa")
+    E = random_rollouts(B=2, G=2, seed=3, resp_len=(1, 7), max_len=7.0)
+    mu = random_direction(ParamRegistry.from_model(model))
+    ref = probe_scalars(model, E, mu, chunk_size=2, generic_jvp=True)
+    got = probe_scalars(model, E, mu, chunk_size=2)
+    assert len(calls) == 2 and rel_err(got, ref) < 1e-10  # 2 layers, one chunk
