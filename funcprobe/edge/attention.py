@@ -10,8 +10,11 @@ aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented".
 ``probe_attention(module)`` makes every probe forward use a composite implementation:
 models on ``"sdpa"`` keep it but with only the MATH backend allowed (plain matmul /
 softmax, differentiable in every mode); any other non-eager implementation
-(``flash_attention_2/3``, ``flex_attention``, hub kernels) is switched to ``"eager"``
-and switched back afterwards, even on error.
+(``flash_attention_2/3``, ``flex_attention``, hub kernels) is switched to ``"sdpa"``
+(``"eager"`` where the model does not offer SDPA) and switched back afterwards, even on
+error. SDPA rather than eager: in forward mode ``funcprobe.core.jvp_rules`` takes every
+SDPA call (the closed-form rule, on CUDA the Triton flash kernels), never a ``[T × T]``
+score tensor for all queries.
 """
 
 from __future__ import annotations
@@ -60,14 +63,25 @@ def probe_attention(module: nn.Module) -> Iterator[str | None]:
             f"model: attention implementation {before!r} supports neither forward-mode AD nor double "
             "backward, and the model has no set_attn_implementation(); load it with attn_implementation='eager'"
         )
+    used = before
     try:
         if switched:
-            target.set_attn_implementation("eager")
+            used = _switch(target)
         with sdpa_kernel([SDPBackend.MATH]):
-            yield "eager" if switched else before
+            yield used
     finally:
         if switched:
             target.set_attn_implementation(before)
+
+
+def _switch(target: nn.Module) -> str:
+    """Set ``"sdpa"``, or ``"eager"`` where the model refuses SDPA; returns the one set."""
+    try:
+        target.set_attn_implementation("sdpa")
+        return "sdpa"
+    except (ValueError, ImportError):  # transformers' "does not support SDPA" errors
+        target.set_attn_implementation("eager")
+        return "eager"
 
 
 #: the name funcprobe's blockwise attention is registered under while a probe forward runs
