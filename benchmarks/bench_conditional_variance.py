@@ -8,7 +8,12 @@ Methods (one run each on the same model, batch and μY):
   seeds_alpha        seed 001's autograd.grad α-trick (benchmarks/seed_methods.py)
   seeds_s_boundary   seed 000's VJP at the S boundary (grad_outputs = dL/dS)
   per_prompt_loop    one backward per prompt: the naive reference
-  nograd_forward     unit: S once under no_grad
+  funcprobe_jvp_no_kernel  funcprobe_jvp with the Triton attention kernels off (the
+                     closed-form SDPA rule instead; differs from funcprobe_jvp on CUDA only)
+  nograd_forward     unit: S once under no_grad (SDPA's MATH backend, as the probe's own passes)
+  nograd_forward_flash  S once under no_grad, SDPA choosing its backend (flash on CUDA
+                     bf16/fp16): what a trainer's forward costs; ratios to it get own columns
+  nograd_forward_eager  S once under no_grad with eager attention ([T × T] scores)
   forward_backward   unit: one forward + backward of Σ LX
 
 Wall time: one warm-up, then the median of --repeats runs. Peak memory: on CPU each
@@ -41,11 +46,12 @@ import seed_methods  # noqa: E402
 
 from funcprobe import ParamRegistry, probe_scalars  # noqa: E402
 
-METHODS = ["nograd_forward", "forward_backward", "funcprobe_jvp", "funcprobe_vjp", "seeds_alpha",
-           "seeds_s_boundary", "per_prompt_loop"]
+METHODS = ["nograd_forward", "nograd_forward_flash", "nograd_forward_eager", "forward_backward", "funcprobe_jvp",
+           "funcprobe_jvp_no_kernel", "funcprobe_vjp", "seeds_alpha", "seeds_s_boundary", "per_prompt_loop"]
 SWEEP_METHODS = ["nograd_forward", "forward_backward", "funcprobe_jvp", "funcprobe_vjp", "seeds_alpha"]
 REFERENCE = "per_prompt_loop"
 UNIT = "nograd_forward"
+FLASH = "nograd_forward_flash"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -57,8 +63,22 @@ def _funcprobe(mode):
     return run
 
 
+def _without_kernels(model, names, batch, mu, weighting, group_size):
+    from funcprobe.core import triton_attention
+
+    enabled_for = triton_attention.enabled_for
+    triton_attention.enabled_for = lambda *args: False
+    try:
+        return _funcprobe("jvp")(model, names, batch, mu, weighting, group_size)
+    finally:
+        triton_attention.enabled_for = enabled_for
+
+
 RUNNERS = {
     "funcprobe_jvp": _funcprobe("jvp"),
+    "funcprobe_jvp_no_kernel": _without_kernels,
+    "nograd_forward_flash": seed_methods.nograd_forward,
+    "nograd_forward_eager": seed_methods.nograd_forward,
     "funcprobe_vjp": _funcprobe("vjp"),
     "seeds_alpha": seed_methods.seeds_alpha,
     "seeds_s_boundary": seed_methods.seeds_s_boundary,
@@ -115,11 +135,15 @@ def measure(spec: dict) -> dict:
     args = (model, names, batch, mu, spec["weighting"], spec["group_size"])
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if spec["method"] == "nograd_forward_eager":
+        model.get_base_model().set_attn_implementation("eager")
+    backends = [SDPBackend.MATH] if spec["method"] != FLASH else \
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
     meter = MemoryMeter(device)
     result: dict = {"method": spec["method"], "group_size": spec["group_size"],
                     "seq_len": preset.prompt_len + preset.response_len, "prompts": preset.prompts}
     try:
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel(backends, set_priority=True):
             meter.start()
             s = run(*args)
             result["peak_bytes"] = meter.peak()
@@ -162,33 +186,41 @@ def measure_isolated(spec: dict, isolate: bool) -> dict:
 def run_methods(base: dict, methods: list[str], isolate: bool, log) -> list[dict]:
     rows = [measure_isolated({**base, "method": m}, isolate) for m in methods]
     unit = next((r for r in rows if r["method"] == UNIT and "median_s" in r), None)
+    flash = next((r for r in rows if r["method"] == FLASH and "median_s" in r), None)
     ref = next((r for r in rows if r["method"] == REFERENCE and r.get("s")), None)
     for r in rows:
         if "median_s" not in r:
-            log(f"  {r['method']:<18} {r.get('error', 'failed')}")
+            log(f"  {r['method']:<24} {r.get('error', 'failed')}")
             continue
         if unit:
             r["time_ratio"] = r["median_s"] / unit["median_s"]
             r["memory_ratio"] = r["peak_bytes"] / max(unit["peak_bytes"], 1)
+        if flash:
+            r["flash_time_ratio"] = r["median_s"] / flash["median_s"]
+            r["flash_memory_ratio"] = r["peak_bytes"] / max(flash["peak_bytes"], 1)
         if ref and r.get("s"):
             diff = max(abs(a - b) for a, b in zip(r["s"], ref["s"]))
             r["max_rel_diff"] = diff / max(abs(b) for b in ref["s"])
-        log(f"  {r['method']:<18} {r['median_s']:9.3f} s  x{r.get('time_ratio', float('nan')):6.2f}   "
+        log(f"  {r['method']:<24} {r['median_s']:9.3f} s  x{r.get('time_ratio', float('nan')):6.2f}   "
             f"{r['peak_bytes'] / 2**20:9.1f} MiB  x{r.get('memory_ratio', float('nan')):6.2f}   "
             f"rel diff {r.get('max_rel_diff', float('nan')):.1e}")
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    out = ["| method | time (s) | × no-grad forward | peak memory (MiB) | × no-grad forward | max rel. diff of s vs per-prompt loop |",
-           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    flash = any("flash_time_ratio" in r for r in rows)
+    extra = " × flash forward (time) | × flash forward (memory) |" if flash else ""
+    out = ["| method | time (s) | × no-grad forward | peak memory (MiB) | × no-grad forward |" + extra
+           + " max rel. diff of s vs per-prompt loop |", "| --- |" + " ---: |" * (7 if flash else 5)]
     for r in rows:
         if "median_s" not in r:
-            out.append(f"| {r['method']} | {r.get('error', 'failed')} | | | | |")
+            out.append(f"| {r['method']} | {r.get('error', 'failed')} |" + " |" * (6 if flash else 4))
             continue
         rel = r.get("max_rel_diff")
+        ratios = (f" {r.get('flash_time_ratio', float('nan')):.2f} | {r.get('flash_memory_ratio', float('nan')):.2f} |"
+                  if flash else "")
         out.append(f"| {r['method']} | {r['median_s']:.3f} | {r.get('time_ratio', float('nan')):.2f} | "
-                   f"{r['peak_bytes'] / 2**20:.1f} | {r.get('memory_ratio', float('nan')):.2f} | "
+                   f"{r['peak_bytes'] / 2**20:.1f} | {r.get('memory_ratio', float('nan')):.2f} |{ratios} "
                    f"{'—' if rel is None else f'{rel:.1e}'} |")
     return "\n".join(out)
 

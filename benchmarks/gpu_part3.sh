@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 15, part 3: every GPU measurement in one device run (never part of CI).
+#
+# The lent machine (device tool, nvidia-h200 image) has torch, Triton, transformers and
+# peft but not optree, and older transformers/peft than CI tests; carry wheels. Once, in
+# the repo root on the development machine:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl optree==0.20.0 transformers==5.24.0 peft==0.21.2
+# then the device tool's run: command "bash benchmarks/gpu_part3.sh", carry [".whl"], timeout_s 580.
+# Writes under $OUT: device.txt, tests.log, <preset>.log and the benchmarks' .md/.json;
+# copy the .md/.json into benchmarks/results/.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/funcprobe-gpu}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, transformers, peft, optree; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+# 1. the kernels compiled, against MATH / the blockwise attention / the generic path (CUDA tensors)
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_attention.py tests/test_jvp_rules.py 2>&1 \
+  | tee "$OUT/tests.log"
+# 2. attention alone: kernels vs SDPA's flash forward, T = 1k..8k
+timeout 90 python3 benchmarks/flash_jvp.py --out "$OUT" 2>&1 | tee "$OUT/flash-jvp.log"
+# 3. the issue's presets: jvp, the seeds' α-trick, flash and eager no-grad forwards, in one run each
+for preset in qwen2.5-0.5b qwen2.5-1.5b; do
+  timeout 130 python3 benchmarks/bench_conditional_variance.py --preset "$preset" --repeats 3 --no-plots --out "$OUT" \
+    --methods nograd_forward_flash,nograd_forward_eager,nograd_forward,funcprobe_jvp,funcprobe_jvp_no_kernel,seeds_alpha \
+    2>&1 | tee "$OUT/$preset.log"
+done
