@@ -37,3 +37,20 @@ def test_tiny_preset_all_methods(bench, tmp_path):
     assert "| funcprobe_jvp |" in (tmp_path / "cpu-tiny.md").read_text()
     for png in ("cpu-tiny-groups.png", "cpu-tiny-seqlen.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_flash_jvp_benchmark_harness(bench, tmp_path):
+    """benchmarks/flash_jvp.py on CPU (the kernels in Triton's interpreter): every row timed,
+    the kernels' value and tangent against the closed-form rule's to bf16 rounding."""
+    pytest.importorskip("triton", reason="Triton is not installed: the flash kernels cannot run")
+    import flash_jvp
+
+    assert flash_jvp.main(["--device", "cpu", "--lengths", "40", "--repeats", "1", "--heads", "2", "--kv-heads", "1",
+                           "--head-dim", "16", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu-flash-jvp.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sdpa_flash_forward", "sdpa_math_forward", "kernel_forward",
+                                           "kernel_forward_jvp", "rule_forward_jvp", "generic_forward_jvp"]
+    assert all(r["median_s"] > 0 for r in rows)
+    agree = rows[3]["vs_rule"]
+    assert agree["value"] < 1e-2 and agree["tangent"] < 1e-2
+    assert "| 40 | kernel_forward_jvp |" in (tmp_path / "cpu-flash-jvp.md").read_text()

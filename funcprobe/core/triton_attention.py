@@ -44,9 +44,17 @@ try:  # optional: Triton comes with CUDA builds of torch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-#: query rows and keys per block (the compiled kernels; the tests pass smaller ones)
-BLOCK_M, BLOCK_N = 64, 64
-JVP_BLOCK_N = 32
+#: query rows per block, and keys per block of the forward and the jvp kernel, by head
+#: dimension (the jvp holds up to six tiles: q, q̇, k, k̇, v, v̇); the tests pass smaller ones
+BLOCK_M = 64
+
+
+def _key_blocks(head_dim: int) -> tuple[int, int]:
+    if head_dim <= 64:
+        return 64, 32
+    if head_dim <= 128:
+        return 32, 32
+    return 32, 16
 
 
 def available() -> bool:
@@ -85,7 +93,7 @@ def _supported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: boo
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
                       scale: Optional[float] = None, *, block_m: int = BLOCK_M,
-                      block_n: int = BLOCK_N) -> tuple[Tensor, Tensor]:
+                      block_n: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Attention output and per-row log-sum-exp.
 
     Args:
@@ -94,7 +102,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
         mask: None, bool (True = attend) or additive float, broadcastable to ``[B, H, L, S]``.
         is_causal: key j visible to query i only when j ≤ i (not together with ``mask``).
         scale: factor on q·kᵀ (default ``D**-0.5``).
-        block_m, block_n: query rows and keys per block (powers of two ≥ 16).
+        block_m, block_n: query rows and keys per block (powers of two ≥ 16; ``block_n``
+            None: by head dimension, ``_key_blocks``).
 
     Returns ``(out, lse)``: ``out [B, H, L, Dv]`` in float32 (float64 for float64 inputs),
     ``lse [B, H, L]`` in the same dtype, ``-inf`` for rows that see no key (their ``out`` is 0).
@@ -102,6 +111,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
     Raises ``RuntimeError`` without Triton, ``ValueError`` for shapes, dtypes or arguments
     the kernels do not cover (``_supported``).
     """
+    block_n = block_n or _key_blocks(q.shape[-1])[0]
     return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n))
 
 
@@ -121,7 +131,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_caus
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor],
                   dk: Optional[Tensor], dv: Optional[Tensor], mask: Optional[Tensor] = None, is_causal: bool = False,
                   scale: Optional[float] = None, *, block_m: int = BLOCK_M,
-                  block_n: int = JVP_BLOCK_N) -> Optional[Tensor]:
+                  block_n: Optional[int] = None) -> Optional[Tensor]:
     """Tangent of the attention output for tangents ``dq``, ``dk``, ``dv`` (None: none).
 
     ``out`` and ``lse`` are ``attention_forward``'s for the same arguments; the tangents
@@ -130,6 +140,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq:
     """
     if dq is None and dk is None and dv is None:
         return None
+    block_n = block_n or _key_blocks(q.shape[-1])[1]
     return torch.ops.funcprobe.flash_attention_jvp(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m,
                                                    block_n)
 
@@ -212,7 +223,8 @@ class _Call:
                      self.Dv, self.scale,
                      BLOCK_M=self.block_m, BLOCK_N=block_n, BLOCK_D=_pow2(self.D), BLOCK_DV=_pow2(self.Dv),
                      CAUSAL=self.skip_upper, IS_CAUSAL=self.skip_upper and self.mask_kind == 0,
-                     MASK_KIND=self.mask_kind, LOW=self.low_precision, WIDE=self.acc == torch.float64, **flags)
+                     MASK_KIND=self.mask_kind, LOW=self.low_precision, WIDE=self.acc == torch.float64,
+                     num_warps=4, num_stages=2, **flags)
 
 
 def _pow2(n: int) -> int:
