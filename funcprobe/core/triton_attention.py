@@ -44,17 +44,18 @@ try:  # optional: Triton comes with CUDA builds of torch
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-#: query rows per block, and keys per block of the forward and the jvp kernel, by head
-#: dimension (the jvp holds up to six tiles: q, q̇, k, k̇, v, v̇); the tests pass smaller ones
-BLOCK_M = 64
-
-
-def _key_blocks(head_dim: int) -> tuple[int, int]:
+def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(query rows, keys in the forward, keys in the jvp, pipeline stages)`` per block.
+    The jvp holds up to six tiles (q, q̇, k, k̇, v, v̇); float64 tiles take twice float32's
+    shared memory, which sm_90's 227 KiB cannot hold at float32's sizes (cross-compiled for
+    sm_90: float64 jvp at head dim 128 with 64 × 32 blocks, 2 stages, needs 295 KB)."""
+    if dtype == torch.float64:
+        return 32, 16, 16, 1
     if head_dim <= 64:
-        return 64, 32
+        return 64, 64, 32, 2
     if head_dim <= 128:
-        return 32, 32
-    return 32, 16
+        return 64, 32, 32, 2
+    return 64, 32, 16, 2
 
 
 def available() -> bool:
@@ -92,7 +93,7 @@ def _supported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: boo
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
-                      scale: Optional[float] = None, *, block_m: int = BLOCK_M,
+                      scale: Optional[float] = None, *, block_m: Optional[int] = None,
                       block_n: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Attention output and per-row log-sum-exp.
 
@@ -102,8 +103,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
         mask: None, bool (True = attend) or additive float, broadcastable to ``[B, H, L, S]``.
         is_causal: key j visible to query i only when j ≤ i (not together with ``mask``).
         scale: factor on q·kᵀ (default ``D**-0.5``).
-        block_m, block_n: query rows and keys per block (powers of two ≥ 16; ``block_n``
-            None: by head dimension, ``_key_blocks``).
+        block_m, block_n: query rows and keys per block (powers of two ≥ 16; None: by
+            head dimension and dtype, ``_blocks``).
 
     Returns ``(out, lse)``: ``out [B, H, L, Dv]`` in float32 (float64 for float64 inputs),
     ``lse [B, H, L]`` in the same dtype, ``-inf`` for rows that see no key (their ``out`` is 0).
@@ -111,7 +112,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
     Raises ``RuntimeError`` without Triton, ``ValueError`` for shapes, dtypes or arguments
     the kernels do not cover (``_supported``).
     """
-    block_n = block_n or _key_blocks(q.shape[-1])[0]
+    rows, keys, _, _ = _blocks(q.shape[-1], q.dtype)
+    block_m, block_n = block_m or rows, block_n or keys
     return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n))
 
 
@@ -130,7 +132,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_caus
 
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor],
                   dk: Optional[Tensor], dv: Optional[Tensor], mask: Optional[Tensor] = None, is_causal: bool = False,
-                  scale: Optional[float] = None, *, block_m: int = BLOCK_M,
+                  scale: Optional[float] = None, *, block_m: Optional[int] = None,
                   block_n: Optional[int] = None) -> Optional[Tensor]:
     """Tangent of the attention output for tangents ``dq``, ``dk``, ``dv`` (None: none).
 
@@ -140,7 +142,8 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq:
     """
     if dq is None and dk is None and dv is None:
         return None
-    block_n = block_n or _key_blocks(q.shape[-1])[1]
+    rows, _, keys, _ = _blocks(q.shape[-1], q.dtype)
+    block_m, block_n = block_m or rows, block_n or keys
     return torch.ops.funcprobe.flash_attention_jvp(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m,
                                                    block_n)
 
@@ -196,6 +199,7 @@ class _Call:
                 raise ValueError(f"{name}: expected a power of two >= 16, got {b}")
         self.B, self.H, self.L, self.D = q.shape
         self.Hkv, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
+        self.dtype = q.dtype
         self.acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.scale = float(scale if scale is not None else self.D ** -0.5)
         self.block_m = block_m
@@ -224,7 +228,7 @@ class _Call:
                      BLOCK_M=self.block_m, BLOCK_N=block_n, BLOCK_D=_pow2(self.D), BLOCK_DV=_pow2(self.Dv),
                      CAUSAL=self.skip_upper, IS_CAUSAL=self.skip_upper and self.mask_kind == 0,
                      MASK_KIND=self.mask_kind, LOW=self.low_precision, WIDE=self.acc == torch.float64,
-                     num_warps=4, num_stages=2, **flags)
+                     num_warps=4, num_stages=_blocks(self.D, self.dtype)[3], **flags)
 
 
 def _pow2(n: int) -> int:
@@ -259,17 +263,18 @@ def _forward_kernel(Q, K, V, O, LSE,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                     slb, slh, slm, _sl1,
                     M, smb, smh, smm, smn,
-                    H, GROUP, L, S, D, DV, scale,
+                    H, GROUP, L, S, D, DV, scale: tl.float64,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     CAUSAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, LOW: tl.constexpr,
                     WIDE: tl.constexpr):
     acc_t = tl.float64 if WIDE else tl.float32
+    scale = tl.full([], scale, acc_t)  # a Python float arrives as fp32 unless annotated; in float64 exactly
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # int64 offsets: b·stride overflows int32 past 2³¹ elements
+    h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     row_ok = rows < L
@@ -333,17 +338,18 @@ def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
                 sob, soh, som, sod, rob, roh, rom, rod,
                 slb, slh, slm, _sl1,
                 M, smb, smh, smm, smn,
-                H, GROUP, L, S, D, DV, scale,
+                H, GROUP, L, S, D, DV, scale: tl.float64,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, LOW: tl.constexpr,
                 WIDE: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr):
     acc_t = tl.float64 if WIDE else tl.float32
+    scale = tl.full([], scale, acc_t)  # a Python float arrives as fp32 unless annotated; in float64 exactly
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # int64 offsets: b·stride overflows int32 past 2³¹ elements
+    h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
     row_ok = rows < L
