@@ -144,3 +144,20 @@ def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
     ref = probe_scalars(model, E, mu, chunk_size=2, generic_jvp=True)
     got = probe_scalars(model, E, mu, chunk_size=2)
     assert len(calls) == 2 and rel_err(got, ref) < 1e-10  # 2 layers, one chunk
+
+
+def test_kernels_compile_for_sm90_within_its_shared_memory(tmp_path):
+    """What the interpreter cannot show: Triton compiles both kernels for an H100/H200
+    (sm_90, with its bundled ptxas; no GPU needed) at ``_blocks``' sizes, within 227 KiB of
+    shared memory (``benchmarks/compile_sm90.py --quick``: bf16 jvp, fp32 forward, fp64 jvp)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_sm90.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "3 of 3 variants compile and fit" in proc.stdout
