@@ -23,8 +23,9 @@ Where they run: on CUDA tensors the compiled kernels; on CPU tensors Triton's in
 (numpy, slow: for the tests, which check both kernels there against the blockwise PyTorch
 attention and the SDPA rule in float64). fp16/bf16 on CUDA multiply in their own dtype with
 float32 accumulation (tensor cores; P rounded to the input dtype before ``P·v``, as
-FlashAttention does); everything else, and every dtype in the interpreter, in float32 or
-float64 (``input_precision="ieee"``).
+FlashAttention does; fp16 also in the interpreter, so the tests run that path); bf16 in
+the interpreter (whose bf16 products are wrong) and everything else in float32 or float64
+(``input_precision="ieee"``).
 
 ``funcprobe.core.jvp_rules`` routes SDPA calls on CUDA here when Triton is installed
 (``enabled_for``); nothing else imports Triton, and without it this module only reports
@@ -219,7 +220,8 @@ class _Call:
         if not q.is_cuda and not interpret:
             raise ValueError(f"q: on {q.device}, the compiled kernels need CUDA tensors (CPU tensors run only in "
                              "Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported)")
-        self.low_precision = q.dtype in (torch.float16, torch.bfloat16) and not interpret
+        # the interpreter's bf16 products are wrong (numpy has no bf16): there bf16 runs upcast
+        self.low_precision = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpret)
 
     def launch(self, kernel, *args, block_n: int, **flags) -> None:
         grid = (triton.cdiv(self.L, self.block_m), self.B * self.H)
