@@ -37,7 +37,7 @@ def compile_one(name: str, dt: str, head_dim: int, mask_kind: int):
 
     from funcprobe.core import triton_attention as ta
 
-    fn = triton.runtime.jit.JITFunction({"forward": ta._forward_kernel, "jvp": ta._jvp_kernel}[name])
+    fn = ta._kernel(name)  # a JITFunction: TRITON_INTERPRET is unset above
     acc = "fp64" if dt == "fp64" else "fp32"
     pointers = {"Q": dt, "K": dt, "V": dt, "O": acc, "LSE": acc, "DQ": dt, "DK": dt, "DV_": dt, "DO": acc,
                 "M": {0: dt, 1: "u8", 2: dt}[mask_kind]}

@@ -241,26 +241,57 @@ def _strides(*ts: Tensor) -> tuple[int, ...]:
     return tuple(s for t in ts for s in t.stride())
 
 
+def _jit(fn):
+    """``triton.jit`` (compiled, or interpreted where ``TRITON_INTERPRET=1`` was set before
+    Triton's import: Triton decides that at decoration, its own library included)."""
+    return triton.jit(fn) if triton is not None else fn
+
+
 def _kernel(name: str):
-    """The kernel, compiled or, where ``TRITON_INTERPRET=1`` was set before Triton's import,
-    interpreted (Triton decides that at decoration, its own library included)."""
-    if name not in _KERNELS:
-        _KERNELS[name] = triton.jit({"forward": _forward_kernel, "jvp": _jvp_kernel}[name])
-    return _KERNELS[name]
+    return {"forward": _forward_kernel, "jvp": _jvp_kernel}[name]
 
 
 def interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (numpy, on CPU tensors)."""
-    return triton is not None and type(_kernel("forward")).__name__ == "InterpretedFunction"
-
-
-_KERNELS: dict[str, object] = {}
+    return triton is not None and type(_forward_kernel).__name__ == "InterpretedFunction"
 
 
 # ---------------------------------------------------------------- kernels (Triton source)
-# Plain functions: ``_kernel`` makes them Triton kernels (compiled or interpreted). Each
-# program takes BLOCK_M query rows of one (batch, head) and walks the key blocks.
+# Each program takes BLOCK_M query rows of one (batch, head) and walks the key blocks.
 
+@_jit
+def _dot(a, b, LOW: tl.constexpr, WIDE: tl.constexpr):
+    """a·b accumulated in float32 (float64 if WIDE): on tensor cores in b's dtype (LOW:
+    fp16/bf16 inputs, a rounded to it), else IEEE products in the accumulation dtype."""
+    acc_t = tl.float64 if WIDE else tl.float32
+    if LOW:
+        out = tl.dot(a.to(b.dtype), b, out_dtype=acc_t)
+    else:
+        out = tl.dot(a.to(acc_t), b.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+    return out
+
+
+@_jit
+def _scores(q, K, k_base, skn, skd, keys, dims, D, S, M, m_base, smm, smn, rows, row_ok, scale,
+            IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, LOW: tl.constexpr, WIDE: tl.constexpr):
+    """One key block: the kᵀ tile, the scores ``scale·q kᵀ`` (+ a float mask) and which of
+    them a query may see (in range, causal, bool mask)."""
+    key_ok = keys < S
+    kt = tl.load(K + k_base + keys[None, :] * skn + dims[:, None] * skd, mask=key_ok[None, :] & (dims[:, None] < D),
+                 other=0.0)
+    s = _dot(q, kt, LOW, WIDE) * scale
+    visible = key_ok[None, :] & row_ok[:, None]
+    if IS_CAUSAL:
+        visible = visible & (keys[None, :] <= rows[:, None])
+    if MASK_KIND == 1:
+        keep = tl.load(M + m_base + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0)
+        visible = visible & (keep != 0)
+    if MASK_KIND == 2:
+        s = s + tl.load(M + m_base + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0.0).to(s.dtype)
+    return kt, s, visible
+
+
+@_jit
 def _forward_kernel(Q, K, V, O, LSE,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                     slb, slh, slm, _sl1,
@@ -282,8 +313,6 @@ def _forward_kernel(Q, K, V, O, LSE,
     row_ok = rows < L
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd,
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-    if not LOW:
-        q = q.to(acc_t)
     m_i = tl.full([BLOCK_M], float("-inf"), acc_t)
     l_i = tl.zeros([BLOCK_M], acc_t)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_t)
@@ -292,24 +321,8 @@ def _forward_kernel(Q, K, V, O, LSE,
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < S
-        kt = tl.load(K + b * skb + hk * skh + keys[None, :] * skn + dims[:, None] * skd,
-                     mask=key_ok[None, :] & (dims[:, None] < D), other=0.0)
-        if not LOW:
-            kt = kt.to(acc_t)
-        if LOW:
-            s = tl.dot(q, kt, out_dtype=acc_t) * scale
-        else:
-            s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_t) * scale
-        visible = key_ok[None, :] & row_ok[:, None]
-        if IS_CAUSAL:
-            visible = visible & (keys[None, :] <= rows[:, None])
-        if MASK_KIND == 1:
-            keep = tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0)
-            visible = visible & (keep != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible,
-                            other=0.0).to(acc_t)
+        _, s, visible = _scores(q, K, b * skb + hk * skh, skn, skd, keys, dims, D, S, M, b * smb + h * smh, smm, smn,
+                                rows, row_ok, scale, IS_CAUSAL, MASK_KIND, LOW, WIDE)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -317,12 +330,8 @@ def _forward_kernel(Q, K, V, O, LSE,
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         vb = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + vdims[None, :] * svd,
-                     mask=key_ok[:, None] & (vdims[None, :] < DV), other=0.0)
-        if LOW:
-            pv = tl.dot(p.to(vb.dtype), vb, out_dtype=acc_t)
-        else:
-            pv = tl.dot(p, vb.to(acc_t), input_precision="ieee", out_dtype=acc_t)
-        acc = acc * alpha[:, None] + pv
+                     mask=(keys < S)[:, None] & (vdims[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p, vb, LOW, WIDE)
         m_i = m_new
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -334,6 +343,7 @@ def _forward_kernel(Q, K, V, O, LSE,
     tl.store(LSE + b * slb + h * slh + rows * slm, lse, mask=row_ok)
 
 
+@_jit
 def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                 dqb, dqh, dqm, dqd, dkb, dkh, dkn, dkd, dvb, dvh, dvn, dvd,
@@ -357,12 +367,8 @@ def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
     row_ok = rows < L
     q_mask = row_ok[:, None] & (dims[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd, mask=q_mask, other=0.0)
-    if not LOW:
-        q = q.to(acc_t)
     if HAS_DQ:
         dq = tl.load(DQ + b * dqb + h * dqh + rows[:, None] * dqm + dims[None, :] * dqd, mask=q_mask, other=0.0)
-        if not LOW:
-            dq = dq.to(acc_t)
     lse = tl.load(LSE + b * slb + h * slh + rows * slm, mask=row_ok, other=float("-inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = exp(-inf) = 0
     mu = tl.zeros([BLOCK_M], acc_t)
@@ -372,56 +378,26 @@ def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < S
-        k_mask = key_ok[None, :] & (dims[:, None] < D)
-        kt = tl.load(K + b * skb + hk * skh + keys[None, :] * skn + dims[:, None] * skd, mask=k_mask, other=0.0)
-        if not LOW:
-            kt = kt.to(acc_t)
-        if LOW:
-            s = tl.dot(q, kt, out_dtype=acc_t) * scale
-        else:
-            s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_t) * scale
-        visible = key_ok[None, :] & row_ok[:, None]
-        if IS_CAUSAL:
-            visible = visible & (keys[None, :] <= rows[:, None])
-        if MASK_KIND == 1:
-            keep = tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0)
-            visible = visible & (keep != 0)
-        if MASK_KIND == 2:
-            s = s + tl.load(M + b * smb + h * smh + rows[:, None] * smm + keys[None, :] * smn, mask=visible,
-                            other=0.0).to(acc_t)
+        kt, s, visible = _scores(q, K, b * skb + hk * skh, skn, skd, keys, dims, D, S, M, b * smb + h * smh, smm, smn,
+                                 rows, row_ok, scale, IS_CAUSAL, MASK_KIND, LOW, WIDE)
         p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-        v_mask = key_ok[:, None] & (vdims[None, :] < DV)
+        v_mask = (keys < S)[:, None] & (vdims[None, :] < DV)
         if HAS_DQ or HAS_DK:
             ds = tl.zeros([BLOCK_M, BLOCK_N], acc_t)
             if HAS_DQ:
-                if LOW:
-                    ds += tl.dot(dq, kt, out_dtype=acc_t)
-                else:
-                    ds += tl.dot(dq, kt, input_precision="ieee", out_dtype=acc_t)
+                ds += _dot(dq, kt, LOW, WIDE)
             if HAS_DK:
-                dkt = tl.load(DK + b * dkb + hk * dkh + keys[None, :] * dkn + dims[:, None] * dkd, mask=k_mask,
-                              other=0.0)
-                if not LOW:
-                    dkt = dkt.to(acc_t)
-                if LOW:
-                    ds += tl.dot(q, dkt, out_dtype=acc_t)
-                else:
-                    ds += tl.dot(q, dkt, input_precision="ieee", out_dtype=acc_t)
+                dkt = tl.load(DK + b * dkb + hk * dkh + keys[None, :] * dkn + dims[:, None] * dkd,
+                              mask=(keys < S)[None, :] & (dims[:, None] < D), other=0.0)
+                ds += _dot(q, dkt, LOW, WIDE)
             pds = p * (ds * scale)
             mu += tl.sum(pds, 1)
             vb = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + vdims[None, :] * svd, mask=v_mask, other=0.0)
-            if LOW:
-                acc += tl.dot(pds.to(vb.dtype), vb, out_dtype=acc_t)
-            else:
-                acc += tl.dot(pds, vb.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+            acc += _dot(pds, vb, LOW, WIDE)
         if HAS_DV:
             dvb_ = tl.load(DV_ + b * dvb + hk * dvh + keys[:, None] * dvn + vdims[None, :] * dvd, mask=v_mask,
                            other=0.0)
-            if LOW:
-                acc += tl.dot(p.to(dvb_.dtype), dvb_, out_dtype=acc_t)
-            else:
-                acc += tl.dot(p, dvb_.to(acc_t), input_precision="ieee", out_dtype=acc_t)
+            acc += _dot(p, dvb_, LOW, WIDE)
     o_mask = row_ok[:, None] & (vdims[None, :] < DV)
     o = tl.load(O + b * sob + h * soh + rows[:, None] * som + vdims[None, :] * sod, mask=o_mask, other=0.0)
     tl.store(DO + b * rob + h * roh + rows[:, None] * rom + vdims[None, :] * rod, acc - mu[:, None] * o, mask=o_mask)
