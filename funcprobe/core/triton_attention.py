@@ -272,6 +272,22 @@ def _dot(a, b, LOW: tl.constexpr, WIDE: tl.constexpr):
 
 
 @_jit
+def _program(H, GROUP, L, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's batch, query head, key/value head, query rows (int64: b·stride
+    overflows int32 past 2³¹ elements), which rows exist, and the end of its key range
+    (keys past the block's last row are hidden when CAUSAL)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
+    return b, h, h // GROUP, rows, rows < L, hi
+
+
+@_jit
 def _scores(q, K, k_base, skn, skd, keys, dims, D, S, M, m_base, smm, smn, rows, row_ok, scale,
             IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, LOW: tl.constexpr, WIDE: tl.constexpr):
     """One key block: the kᵀ tile, the scores ``scale·q kᵀ`` (+ a float mask) and which of
@@ -302,23 +318,14 @@ def _forward_kernel(Q, K, V, O, LSE,
                     WIDE: tl.constexpr):
     acc_t = tl.float64 if WIDE else tl.float32
     scale = tl.full([], scale, acc_t)  # a Python float arrives as fp32 unless annotated; in float64 exactly
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # int64 offsets: b·stride overflows int32 past 2³¹ elements
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    b, h, hk, rows, row_ok, hi = _program(H, GROUP, L, S, BLOCK_M, CAUSAL)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
-    row_ok = rows < L
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd,
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), acc_t)
     l_i = tl.zeros([BLOCK_M], acc_t)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_t)
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         _, s, visible = _scores(q, K, b * skb + hk * skh, skn, skd, keys, dims, D, S, M, b * smb + h * smh, smm, smn,
@@ -356,15 +363,9 @@ def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
                 WIDE: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr):
     acc_t = tl.float64 if WIDE else tl.float32
     scale = tl.full([], scale, acc_t)  # a Python float arrives as fp32 unless annotated; in float64 exactly
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # int64 offsets: b·stride overflows int32 past 2³¹ elements
-    h = (bh % H).to(tl.int64)
-    hk = h // GROUP
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    b, h, hk, rows, row_ok, hi = _program(H, GROUP, L, S, BLOCK_M, CAUSAL)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
-    row_ok = rows < L
     q_mask = row_ok[:, None] & (dims[None, :] < D)
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd, mask=q_mask, other=0.0)
     if HAS_DQ:
@@ -373,9 +374,6 @@ def _jvp_kernel(Q, K, V, DQ, DK, DV_, O, LSE, DO,
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that see no key: P = exp(-inf) = 0
     mu = tl.zeros([BLOCK_M], acc_t)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], acc_t)
-    hi = S
-    if CAUSAL:
-        hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
     for start in range(0, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         kt, s, visible = _scores(q, K, b * skb + hk * skh, skn, skd, keys, dims, D, S, M, b * smb + h * smh, smm, smn,
