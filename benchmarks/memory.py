@@ -86,7 +86,7 @@ def run_one(model_name: str, method: str, prompts: int, group: int, response_len
     if "full logits" in method:
         import funcprobe.core.logprobs as logprobs
 
-        logprobs.head_split = lambda module, owner: None
+        logprobs.head_split = lambda module, owner, extra_kwargs=None: None
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     mu = {n: torch.randn_like(p) * 1e-3 for n, p in trainable.items()}
     B, G, T = batch.input_ids.shape
