@@ -87,6 +87,15 @@ def test_attention_rule_matches_the_math_backend(kwargs, block_bytes, monkeypatc
         _check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs), [q, k, v])
 
 
+def test_attention_rule_carries_the_tangent_of_a_float_mask():
+    """A float mask built from θ (a learned bias) carries a tangent: it adds to Ṡ, not dropped."""
+    q, k, v = _randn(2, 4, 7, 5), _randn(2, 4, 7, 5, seed=1), _randn(2, 4, 7, 3, seed=2)
+    mask = _randn(2, 1, 7, 7, seed=4)
+    mask[..., 3, 5] = float("-inf")
+    with sdpa_kernel([SDPBackend.MATH]):
+        _check(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [q, k, v, mask])
+
+
 def test_attention_rule_computes_bf16_as_the_math_backend():
     """bf16 q/k/v: the MATH backend computes in float32 and rounds the output; so does the
     rule (value bit for bit); the tangent agrees with the generic one to bf16 rounding."""

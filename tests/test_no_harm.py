@@ -83,6 +83,27 @@ def test_fused_attention_is_switched_for_the_probe_and_restored():
     assert rel_err(pred.s, ref.s) < 1e-6
 
 
+def test_fused_attention_falls_back_to_eager_and_refuses_what_does_not_switch(monkeypatch):
+    model = qwen2(attn="flex_attention")
+    base = model.get_base_model()
+    setter = type(base).set_attn_implementation
+
+    def no_sdpa(self, implementation):
+        if implementation == "sdpa":
+            raise ValueError("this model does not support SDPA")
+        return setter(self, implementation)
+
+    monkeypatch.setattr(type(base), "set_attn_implementation", no_sdpa)
+    with probe_attention(model) as used:
+        assert used == "eager" == base.config._attn_implementation
+    assert base.config._attn_implementation == "flex_attention"
+    monkeypatch.setattr(type(base), "set_attn_implementation", lambda self, implementation: None)  # warns, no-op
+    with pytest.raises(RuntimeError, match="did not take effect"):
+        with probe_attention(model):
+            pass
+    assert base.config._attn_implementation == "flex_attention"
+
+
 def test_dropout_off_by_default_and_switchable():
     model = gpt2()  # dropout 0.1 in every GPT-2 block
     model.train()

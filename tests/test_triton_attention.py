@@ -70,8 +70,7 @@ def test_kernels_equal_the_math_backend_in_value_and_tangent(case):
     mask, causal, scale = kw.get("attn_mask"), kw.get("is_causal", False), kw.get("scale")
     out, lse = ta.attention_forward(q, k, v, mask, causal, scale, **BLOCKS)
     assert out.dtype == lse.dtype == D and lse.shape == (B, H, L)
-    assert (mask is None or mask.dtype != torch.bool) or ta._Call(q, k, v, mask, False, None, 16, 16).skip_upper \
-        == (case == "padding-mask")
+    assert ta.keeps_lower_triangle(mask) == (case == "padding-mask")  # the only case whose key blocks are skipped
     for which in [c for n in (1, 2, 3) for c in itertools.combinations(range(3), n)]:
         given = [t if i in which else None for i, t in enumerate(tangents)]
         ref, ref_tangent = _math(q, k, v, tuple(t if t is not None else torch.zeros_like(p)
@@ -98,11 +97,13 @@ def test_kernels_equal_the_blockwise_pytorch_attention():
     assert rel_err(out.transpose(1, 2), ref) < 1e-10 and rel_err(tangent.transpose(1, 2), ref_tangent) < 1e-10
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3),
+                                        (torch.bfloat16, 1e-5 if ta.interpreted() else 2e-2)])
 def test_kernels_in_float32_fp16_and_bf16(dtype, tol):
     """Accumulation in float32; against the MATH backend on the same inputs in float64.
     fp16 runs the tensor-core path (products in fp16, P rounded to fp16 before P·v) in the
-    interpreter too; bf16 only on CUDA (the interpreter's bf16 products are wrong)."""
+    interpreter too; bf16 only on CUDA (the interpreter's bf16 products are wrong, so there
+    bf16 inputs are multiplied in float32: float32's tolerance)."""
     q, k, v, dq, dk, dv = (_randn(2, 2, 40, 16, seed=s, dtype=dtype) for s in range(6))
     out, lse = ta.attention_forward(q, k, v, None, True, **BLOCKS)
     tangent = ta.attention_jvp(q, k, v, out, lse, dq, dk, dv, None, True, **BLOCKS)
@@ -120,9 +121,53 @@ def test_kernels_name_what_they_do_not_cover():
         ta.attention_forward(q, _randn(1, 3, 8, 16), _randn(1, 3, 8, 16))
     with pytest.raises(ValueError, match="block_n: expected a power of two >= 16, got 24"):
         ta.attention_forward(q, q, q, block_n=24)
+    with pytest.raises(ValueError, match="block_m: expected a power of two >= 16, got 0"):
+        ta.attention_forward(q, q, q, block_m=0)
+    with pytest.raises(ValueError, match=r"mask broadcastable to \[B, H, L, S\]"):  # broadcasts with, not to
+        ta.attention_forward(q, q, q, torch.ones(3, 1, 8, 8, dtype=torch.bool, device=DEVICE))
     out, lse = ta.attention_forward(q, q, q, **BLOCKS)
     with pytest.raises(ValueError, match=r"dk: expected the shape of its primal \(1, 2, 8, 16\)"):
         ta.attention_jvp(q, q, q, out, lse, None, _randn(1, 2, 7, 16), None)
+
+
+def test_which_sdpa_calls_go_to_the_kernels():
+    """``enabled_for``: CUDA tensors only; ``_supported``: 4-D, one dtype, heads dividing
+    (equal without GQA), bool or same-dtype masks that broadcast *to* the scores."""
+    q, kv = _randn(2, 4, 8, 16), _randn(2, 2, 8, 16)
+    assert ta.enabled_for(q, kv, kv, None, True) == q.is_cuda
+    assert ta._supported(q, kv, kv, None, True) and not ta._supported(q, kv, kv, None, False)
+    assert not ta._supported(q[0], kv[0], kv[0], None, True)  # 3-D
+    assert not ta._supported(q, kv.float(), kv.float(), None, True)
+    assert ta._supported(q, kv, kv, torch.zeros(8, 8, dtype=D, device=DEVICE), True)
+    assert not ta._supported(q, kv, kv, torch.zeros(8, 8, device=DEVICE), True)  # float32 mask, float64 q
+    assert not ta._supported(q, kv, kv, torch.ones(3, 1, 8, 8, dtype=torch.bool, device=DEVICE), True)
+    assert not ta._supported(q, kv, kv, torch.ones(1, 2, 1, 8, 8, dtype=torch.bool, device=DEVICE), True)
+
+
+def test_a_float_mask_with_a_tangent_takes_the_rule_s_tangent(monkeypatch):
+    """The kernels treat the mask as constant; a float mask built from θ carries a tangent,
+    which ``_FlashAttention`` hands to the closed-form rule: vs MATH's generic jvp < 1e-10."""
+    from funcprobe.core.jvp_rules import jvp_rules
+
+    monkeypatch.setattr(ta, "enabled_for", lambda q, k, v, mask, gqa: ta._supported(q, k, v, mask, gqa))
+    calls = []
+    for name in ("attention_forward", "attention_jvp"):
+        monkeypatch.setattr(ta, name, lambda *a, _f=getattr(ta, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    q, k, v, bias = _randn(1, 2, 20, 16), _randn(1, 2, 20, 16, seed=1), _randn(1, 2, 20, 16, seed=2), _randn(20, 20)
+    dq, dbias = _randn(1, 2, 20, 16, seed=3), _randn(20, 20, seed=4)
+
+    def f(q, bias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias * 0.5)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref, ref_tangent = jvp(f, (q, bias), (dq, dbias))
+        with jvp_rules():
+            out, tangent = jvp(f, (q, bias), (dq, dbias))
+            out_q, tangent_q = jvp(lambda q: f(q, bias), (q,), (dq,))  # mask without a tangent: the kernel
+        ref_q = jvp(lambda q: f(q, bias), (q,), (dq,))[1]
+    assert calls == ["attention_forward", "attention_forward", "attention_jvp"]  # the kernels ran, bar one jvp
+    assert rel_err(out, ref) < 1e-10 and rel_err(tangent, ref_tangent) < 1e-10
+    assert rel_err(tangent_q, ref_q) < 1e-10
 
 
 def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):

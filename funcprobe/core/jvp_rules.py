@@ -29,7 +29,9 @@ the duration of a ``torch.func.jvp`` call
 (``funcprobe.core.transforms.directional_derivatives``); every other operator runs as
 before. The Functions have no backward: the mode is for forward mode only (a backward
 through them raises autograd's error, never a wrong value). Values are those of the
-plain operators (same kernels; attention as SDPA's MATH backend); tangents equal the
+plain operators (same kernels; attention as SDPA's MATH backend, except on CUDA with
+Triton, where the flash kernels compute it: fp16/bf16 products there round P to the input
+dtype, as FlashAttention does); tangents equal the
 generic path's to rounding (``tests/test_jvp_rules.py``: float64 < 1e-12 per rule, the
 probe's s < 1e-10). Measured effect: ``benchmarks/results/jvp-overhead.md`` and
 ``benchmarks/results/op-counts.md``.
@@ -178,64 +180,81 @@ class _Attention(torch.autograd.Function):
         ctx.mask, ctx.is_causal, ctx.scale, ctx.gqa = mask, is_causal, scale, gqa
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, *_):
-        if dq is None and dk is None and dv is None:
-            return None
+    def jvp(ctx, dq, dk, dv, dmask, *_):
         q, k, v = ctx.saved_tensors
-        dtype = q.dtype
-        q, k, v, qs, ks, factor = _prepared(q, k, v, ctx.scale, ctx.gqa)
-        dq, dk, dv = (None if t is None else _accumulation(t) for t in (dq, dk, dv))
-        dk = None if dk is None else _repeat_kv(dk, q, ctx.gqa)
-        dv = None if dv is None else _repeat_kv(dv, q, ctx.gqa)
-        out = []
-        for rows in _row_blocks(q, k):  # P of each block recomputed exactly as the forward did
-            p = _probabilities(qs, ks, ctx.mask, ctx.is_causal, rows)
-            qb, dqb = q[..., rows, :], None if dq is None else dq[..., rows, :]
-            if dqb is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ in one product
-                ds = torch.matmul(torch.cat([dqb, qb], -1), torch.cat([k, dk], -1).transpose(-2, -1))
-            elif dqb is not None or dk is not None:
-                ds = torch.matmul(dqb, k.transpose(-2, -1)) if dk is None else torch.matmul(qb, dk.transpose(-2, -1))
-            else:
-                ds = None
-            block = None
-            if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer; the row sums as batched dots
-                ds.mul_(factor * factor)
-                rowsum = torch.matmul(p.unsqueeze(-2), ds.unsqueeze(-1)).squeeze(-1)
-                block = torch.matmul(ds.sub_(rowsum).mul_(p), v)
-                del ds
-            if dv is not None:
-                block = _add(block, torch.matmul(p, dv))
-            out.append(block)
-        return torch.cat(out, -2).to(dtype)
+        return _attention_tangent(q, k, v, ctx.mask, ctx.is_causal, ctx.scale, ctx.gqa, dq, dk, dv, dmask)
+
+
+def _attention_tangent(q, k, v, mask, is_causal, scale, gqa, dq, dk, dv, dmask) -> Optional[Tensor]:
+    """``_Attention``'s tangent: Ȯ = Ṗ v + P v̇ with Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ) and Ṡ =
+    scale·(q̇ kᵀ + q k̇ᵀ) + ṁ (the tangent of an additive float mask), over present tangents."""
+    if dq is None and dk is None and dv is None and dmask is None:
+        return None
+    dtype = q.dtype
+    q, k, v, qs, ks, factor = _prepared(q, k, v, scale, gqa)
+    dq, dk, dv = (None if t is None else _accumulation(t) for t in (dq, dk, dv))
+    dk = None if dk is None else _repeat_kv(dk, q, gqa)
+    dv = None if dv is None else _repeat_kv(dv, q, gqa)
+    out = []
+    for rows in _row_blocks(q, k):  # P of each block recomputed exactly as the forward did
+        p = _probabilities(qs, ks, mask, is_causal, rows)
+        qb, dqb = q[..., rows, :], None if dq is None else dq[..., rows, :]
+        if dqb is not None and dk is not None:  # [q̇, q]·[k, k̇]ᵀ = q̇ kᵀ + q k̇ᵀ in one product
+            ds = torch.matmul(torch.cat([dqb, qb], -1), torch.cat([k, dk], -1).transpose(-2, -1))
+        elif dqb is not None or dk is not None:
+            ds = torch.matmul(dqb, k.transpose(-2, -1)) if dk is None else torch.matmul(qb, dk.transpose(-2, -1))
+        else:
+            ds = None
+        if ds is not None:
+            ds.mul_(factor * factor)
+        if dmask is not None:  # an additive float mask's tangent adds to the scores' (a mask built from θ)
+            dm = dmask[..., rows, :] if dmask.ndim >= 2 and dmask.shape[-2] != 1 else dmask
+            dm = _accumulation(dm).expand_as(p)
+            ds = dm.clone() if ds is None else ds.add_(dm)
+        block = None
+        if ds is not None:  # Ṗ = P ⊙ (Ṡ − Σ_j P ⊙ Ṡ), formed in Ṡ's buffer; the row sums as batched dots
+            rowsum = torch.matmul(p.unsqueeze(-2), ds.unsqueeze(-1)).squeeze(-1)
+            block = torch.matmul(ds.sub_(rowsum).mul_(p), v)
+            del ds
+        if dv is not None:
+            block = _add(block, torch.matmul(p, dv))
+        out.append(block)
+    return torch.cat(out, -2).to(dtype)
 
 
 class _FlashAttention(torch.autograd.Function):
     """SDPA without dropout through the Triton kernels of ``funcprobe.core.triton_attention``
     (CUDA tensors, ``triton_attention.enabled_for``): the forward keeps the float32 output
     and the per-row log-sum-exp, and the jvp makes one pass over key blocks with them; no
-    ``[T × T]`` buffer in either. Outputs ``(out, out in float32, lse)``; the mode returns
-    ``out``.
+    ``[T × T]`` score buffer in either. Outputs ``(out, out in float32, lse)``; the mode
+    returns ``out``. ``lower`` (whether a bool mask hides every later key) is found once, by
+    the mode. A float mask that carries a tangent (one built from θ) takes the closed-form
+    rule's tangent instead (the kernels treat the mask as constant).
     """
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                gqa: bool):
-        wide, lse = triton_attention.attention_forward(q, k, v, mask, is_causal, scale)
+                gqa: bool, lower: bool):
+        wide, lse = triton_attention.attention_forward(q, k, v, mask, is_causal, scale, lower_triangle=lower)
         return wide.to(q.dtype), wide, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, mask, is_causal, scale, _ = inputs
+        q, k, v, mask, is_causal, scale, gqa, lower = inputs
         _, wide, lse = output
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(wide, lse)
         ctx.save_for_forward(q, k, v, wide, lse)
-        ctx.mask, ctx.is_causal, ctx.scale = mask, is_causal, scale
+        ctx.mask, ctx.is_causal, ctx.scale, ctx.gqa, ctx.lower = mask, is_causal, scale, gqa, lower
 
     @staticmethod
-    def jvp(ctx, dq, dk, dv, *_):
+    def jvp(ctx, dq, dk, dv, dmask, *_):
         q, k, v, wide, lse = ctx.saved_tensors
-        out = triton_attention.attention_jvp(q, k, v, wide, lse, dq, dk, dv, ctx.mask, ctx.is_causal, ctx.scale)
+        if dmask is not None:
+            out = _attention_tangent(q, k, v, ctx.mask, ctx.is_causal, ctx.scale, ctx.gqa, dq, dk, dv, dmask)
+        else:
+            out = triton_attention.attention_jvp(q, k, v, wide, lse, dq, dk, dv, ctx.mask, ctx.is_causal, ctx.scale,
+                                                 lower_triangle=ctx.lower)
         return None if out is None else out.to(q.dtype), None, None
 
 
@@ -388,7 +407,7 @@ class jvp_rules(TorchFunctionMode):
             call = _sdpa_arguments(*args, **kwargs)
             if call is not None:
                 if triton_attention.enabled_for(call[0], call[1], call[2], call[3], call[6]):
-                    return _FlashAttention.apply(*call)[0]
+                    return _FlashAttention.apply(*call, triton_attention.keeps_lower_triangle(call[3]))[0]
                 return _Attention.apply(*call)
         elif func is linear_logprobs:
             value, _, _ = _LinearLogprobs.apply(*args)

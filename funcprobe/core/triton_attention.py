@@ -84,18 +84,30 @@ def _supported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: boo
     if H % k.shape[1] or (k.shape[1] != H and not gqa):
         return False
     if mask is not None:
-        if mask.dtype != torch.bool and mask.dtype != q.dtype:
+        if mask.dtype != torch.bool and mask.dtype != q.dtype or mask.ndim > 4:
             return False
-        try:
-            torch.broadcast_shapes(mask.shape, (B, H, L, k.shape[2]))
+        try:  # broadcastable *to* the scores, not merely with them
+            return torch.broadcast_shapes(mask.shape, (B, H, L, k.shape[2])) == (B, H, L, k.shape[2])
         except RuntimeError:
             return False
     return True
 
 
+def keeps_lower_triangle(mask: Optional[Tensor]) -> bool:
+    """Whether a bool ``mask`` hides every key after its query (j > i), as transformers'
+    causal-plus-padding masks do, so the kernels may skip key blocks past the diagonal.
+    One pass over the mask (a bool buffer of its size); False for None and float masks."""
+    if mask is None or mask.dtype != torch.bool:
+        return False
+    L, S = mask.shape[-2:]
+    upper = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu_(1)
+    return not bool((mask & upper).any())
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
                       scale: Optional[float] = None, *, block_m: Optional[int] = None,
-                      block_n: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                      block_n: Optional[int] = None,
+                      lower_triangle: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """Attention output and per-row log-sum-exp.
 
     Args:
@@ -110,20 +122,28 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
     Returns ``(out, lse)``: ``out [B, H, L, Dv]`` in float32 (float64 for float64 inputs),
     ``lse [B, H, L]`` in the same dtype, ``-inf`` for rows that see no key (their ``out`` is 0).
 
+        lower_triangle: whether ``mask`` hides every key after its query (None: found by
+            ``keeps_lower_triangle``; callers that run both kernels find it once).
+
     Raises ``RuntimeError`` without Triton, ``ValueError`` for shapes, dtypes or arguments
-    the kernels do not cover (``_supported``).
+    the kernels do not cover (``_supported``), before any work.
     """
     rows, keys, _, _ = _blocks(q.shape[-1], q.dtype)
-    block_m, block_n = block_m or rows, block_n or keys
-    return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n))
+    block_m = rows if block_m is None else block_m
+    block_n = keys if block_n is None else block_n
+    _check(q, k, v, mask, is_causal, block_m, block_n)
+    skip = is_causal or (mask is not None and (keeps_lower_triangle(mask) if lower_triangle is None
+                                               else lower_triangle))
+    return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n,
+                                                             skip))
 
 
 @torch.library.custom_op("funcprobe::flash_attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                block_m: int, block_n: int) -> tuple[Tensor, Tensor]:
+                block_m: int, block_n: int, skip_upper: bool) -> tuple[Tensor, Tensor]:
     # an operator, so that torch.func hands the kernel plain tensors (inside a Function's
     # jvp the tensors are functorch wrappers, which have no storage a kernel can read)
-    call = _Call(q, k, v, mask, is_causal, scale, block_m, block_n)
+    call = _Call(q, k, v, mask, is_causal, scale, block_m, skip_upper)
     out = torch.empty(call.B, call.H, call.L, call.Dv, dtype=call.acc, device=q.device)
     lse = torch.empty(call.B, call.H, call.L, dtype=call.acc, device=q.device)
     call.launch(_kernel("forward"), q, k, v, out, lse, *_strides(q, k, v, out), *_strides(lse.unsqueeze(-1)),
@@ -134,7 +154,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_caus
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor],
                   dk: Optional[Tensor], dv: Optional[Tensor], mask: Optional[Tensor] = None, is_causal: bool = False,
                   scale: Optional[float] = None, *, block_m: Optional[int] = None,
-                  block_n: Optional[int] = None) -> Optional[Tensor]:
+                  block_n: Optional[int] = None, lower_triangle: Optional[bool] = None) -> Optional[Tensor]:
     """Tangent of the attention output for tangents ``dq``, ``dk``, ``dv`` (None: none).
 
     ``out`` and ``lse`` are ``attention_forward``'s for the same arguments; the tangents
@@ -144,21 +164,26 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq:
     if dq is None and dk is None and dv is None:
         return None
     rows, _, keys, _ = _blocks(q.shape[-1], q.dtype)
-    block_m, block_n = block_m or rows, block_n or keys
+    block_m = rows if block_m is None else block_m
+    block_n = keys if block_n is None else block_n
+    _check(q, k, v, mask, is_causal, block_m, block_n)
+    B, H, L, _ = q.shape
+    for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if t is not None and t.shape != like.shape:
+            raise ValueError(f"{name}: expected the shape of its primal {tuple(like.shape)}, got {tuple(t.shape)}")
+    if out.shape != (B, H, L, v.shape[-1]) or lse.shape != (B, H, L):
+        raise ValueError("out, lse: expected attention_forward's outputs for these q, k, v")
+    skip = is_causal or (mask is not None and (keeps_lower_triangle(mask) if lower_triangle is None
+                                               else lower_triangle))
     return torch.ops.funcprobe.flash_attention_jvp(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m,
-                                                   block_n)
+                                                   block_n, skip)
 
 
 @torch.library.custom_op("funcprobe::flash_attention_jvp", mutates_args=())
 def _jvp_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor], dk: Optional[Tensor],
             dv: Optional[Tensor], mask: Optional[Tensor], is_causal: bool, scale: Optional[float], block_m: int,
-            block_n: int) -> Tensor:
-    call = _Call(q, k, v, mask, is_causal, scale, block_m, block_n)
-    for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        if t is not None and t.shape != like.shape:
-            raise ValueError(f"{name}: expected the shape of its primal {tuple(like.shape)}, got {tuple(t.shape)}")
-    if out.shape != (call.B, call.H, call.L, call.Dv) or lse.shape != (call.B, call.H, call.L):
-        raise ValueError("out, lse: expected attention_forward's outputs for these q, k, v")
+            block_n: int, skip_upper: bool) -> Tensor:
+    call = _Call(q, k, v, mask, is_causal, scale, block_m, skip_upper)
     tangents = [q if t is None else t.to(q.dtype) for t in (dq, dk, dv)]  # q: a placeholder never read
     strides = [(0, 0, 0, 0) if t is None else _strides(t) for t in (dq, dk, dv)]
     result = torch.empty_like(out)
@@ -170,41 +195,49 @@ def _jvp_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optio
 
 
 @_forward_op.register_fake
-def _forward_shapes(q, k, v, mask, is_causal, scale, block_m, block_n):
+def _forward_shapes(q, k, v, mask, is_causal, scale, block_m, block_n, skip_upper):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(*q.shape[:3], v.shape[-1], dtype=acc), q.new_empty(*q.shape[:3], dtype=acc)
 
 
 @_jvp_op.register_fake
-def _jvp_shapes(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m, block_n):
+def _jvp_shapes(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m, block_n, skip_upper):
     return torch.empty_like(out)
 
 
-class _Call:
-    """One kernel launch's checked shapes, mask, causal skip, scale and grid."""
+def _check(q, k, v, mask, is_causal, block_m, block_n) -> None:
+    """The arguments' errors, named, before any work."""
+    if triton is None:
+        raise RuntimeError("funcprobe.core.triton_attention needs Triton (pip install triton)")
+    if q.device != k.device or q.device != v.device or (mask is not None and mask.device != q.device):
+        raise ValueError("q, k, v, mask: expected one device")
+    if not q.is_cuda and not interpreted():
+        raise ValueError(f"q: on {q.device}, the compiled kernels need CUDA tensors (CPU tensors run only in "
+                         "Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported)")
+    if not _supported(q, k, v, mask, True):
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask "
+                         f"{None if mask is None else (tuple(mask.shape), mask.dtype)}: expected [B, H, L, D], "
+                         f"[B, H_kv, S, D], [B, H_kv, S, Dv] of one float dtype, H a multiple of H_kv, "
+                         f"D, Dv <= 256, a bool or same-dtype mask broadcastable to [B, H, L, S]")
+    if is_causal and mask is not None:
+        raise ValueError("is_causal and mask: expected at most one of them")
+    for name, b in (("block_m", block_m), ("block_n", block_n)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name}: expected a power of two >= 16, got {b}")
 
-    def __init__(self, q, k, v, mask, is_causal, scale, block_m, block_n):
-        if triton is None:
-            raise RuntimeError("funcprobe.core.triton_attention needs Triton (pip install triton)")
-        if q.device != k.device or q.device != v.device or (mask is not None and mask.device != q.device):
-            raise ValueError("q, k, v, mask: expected one device")
-        if not _supported(q, k, v, mask, True):
-            raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask "
-                             f"{None if mask is None else (tuple(mask.shape), mask.dtype)}: expected [B, H, L, D], "
-                             f"[B, H_kv, S, D], [B, H_kv, S, Dv] of one float dtype, H a multiple of H_kv, "
-                             f"D, Dv <= 256, a bool or same-dtype mask broadcastable to [B, H, L, S]")
-        if is_causal and mask is not None:
-            raise ValueError("is_causal and mask: expected at most one of them")
-        for name, b in (("block_m", block_m), ("block_n", block_n)):
-            if b < 16 or b & (b - 1):
-                raise ValueError(f"{name}: expected a power of two >= 16, got {b}")
+
+class _Call:
+    """One kernel launch's shapes, mask, causal skip, scale and grid (arguments checked
+    by ``_check`` in the public functions)."""
+
+    def __init__(self, q, k, v, mask, is_causal, scale, block_m, skip_upper):
         self.B, self.H, self.L, self.D = q.shape
         self.Hkv, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.dtype = q.dtype
         self.acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.scale = float(scale if scale is not None else self.D ** -0.5)
         self.block_m = block_m
-        self.skip_upper = bool(is_causal)
+        self.skip_upper = bool(skip_upper)
         self.mask_kind = 0
         self.mask = q.new_empty(0)
         self.mask_strides = (0, 0, 0, 0)
@@ -213,15 +246,8 @@ class _Call:
             self.mask_kind = 1 if mask.dtype == torch.bool else 2
             self.mask = full.view(torch.uint8) if mask.dtype == torch.bool else full
             self.mask_strides = tuple(full.stride())
-            if mask.dtype == torch.bool:  # nothing kept above the diagonal: skip key blocks past it too
-                upper = torch.ones(self.L, self.S, dtype=torch.bool, device=mask.device).triu_(1)
-                self.skip_upper = not bool((mask & upper).any())
-        interpret = interpreted()
-        if not q.is_cuda and not interpret:
-            raise ValueError(f"q: on {q.device}, the compiled kernels need CUDA tensors (CPU tensors run only in "
-                             "Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported)")
         # the interpreter's bf16 products are wrong (numpy has no bf16): there bf16 runs upcast
-        self.low_precision = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpret)
+        self.low_precision = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreted())
 
     def launch(self, kernel, *args, block_n: int, **flags) -> None:
         grid = (triton.cdiv(self.L, self.block_m), self.B * self.H)

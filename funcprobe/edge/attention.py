@@ -53,7 +53,7 @@ def probe_attention(module: nn.Module) -> Iterator[str | None]:
 
     Yields the implementation in use during the body. Restores the caller's setting on
     exit. Raises ``RuntimeError`` if a fused implementation is set and the model offers
-    no ``set_attn_implementation`` to leave it.
+    no ``set_attn_implementation`` to leave it, or switching takes no effect.
     """
     before = attention_implementation(module)
     target = _settable(module)
@@ -75,13 +75,22 @@ def probe_attention(module: nn.Module) -> Iterator[str | None]:
 
 
 def _switch(target: nn.Module) -> str:
-    """Set ``"sdpa"``, or ``"eager"`` where the model refuses SDPA; returns the one set."""
-    try:
-        target.set_attn_implementation("sdpa")
-        return "sdpa"
-    except (ValueError, ImportError):  # transformers' "does not support SDPA" errors
-        target.set_attn_implementation("eager")
-        return "eager"
+    """Set ``"sdpa"``, or ``"eager"`` where the model refuses SDPA; returns the one in
+    effect, read back (transformers only warns where a model cannot switch at all).
+
+    Raises ``RuntimeError`` if neither took effect.
+    """
+    for implementation in SAFE_IMPLEMENTATIONS[::-1]:  # "sdpa", then "eager"
+        try:
+            target.set_attn_implementation(implementation)
+        except (ValueError, ImportError):  # transformers' "does not support SDPA" errors
+            continue
+        if attention_implementation(target) == implementation:
+            return implementation
+    raise RuntimeError(
+        f"model: attention implementation {attention_implementation(target)!r} supports neither forward-mode AD "
+        "nor double backward, and set_attn_implementation('sdpa' or 'eager') did not take effect; load it with "
+        "attn_implementation='sdpa' or 'eager'")
 
 
 #: the name funcprobe's blockwise attention is registered under while a probe forward runs
