@@ -11,8 +11,10 @@ Methods (one run each on the same model, batch and μY):
   funcprobe_jvp_no_kernel  funcprobe_jvp with the Triton attention kernels off (the
                      closed-form SDPA rule instead; differs from funcprobe_jvp on CUDA only)
   nograd_forward     unit: S once under no_grad (SDPA's MATH backend, as the probe's own passes)
-  nograd_forward_flash  S once under no_grad, SDPA choosing its backend (flash on CUDA
-                     bf16/fp16): what a trainer's forward costs; ratios to it get own columns
+  nograd_forward_flash  S once under no_grad, SDPA choosing among its fused backends
+                     (flash where it applies; with a padding mask, as here, CUDA's SDPA
+                     takes memory-efficient or cuDNN): what a trainer's forward costs;
+                     ratios to it get their own columns
   nograd_forward_eager  S once under no_grad with eager attention ([T × T] scores)
   forward_backward   unit: one forward + backward of Σ LX
 

@@ -3,7 +3,8 @@
 ``attention_forward(q, k, v, ...)`` is FlashAttention's forward (Dao et al. 2022; online
 softmax over key blocks, Milakov & Gimelshein 2018): per query row the output and the
 log-sum-exp ``L_i = log Σ_j exp(s_ij)`` of the scaled, masked scores, never a ``[T × T]``
-buffer. ``attention_jvp(...)`` is its forward-mode derivative. With ``L`` from the
+score buffer (a bool mask, itself ``[T × T]``, is read once per call by
+``keeps_lower_triangle``). ``attention_jvp(...)`` is its forward-mode derivative. With ``L`` from the
 forward, ``P_ij = exp(s_ij − L_i)`` needs no running max, so one pass over key blocks
 gives
 
@@ -48,8 +49,8 @@ except ImportError:  # pragma: no cover - depends on the install
 def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(query rows, keys in the forward, keys in the jvp, pipeline stages)`` per block.
     The jvp holds up to six tiles (q, q̇, k, k̇, v, v̇); float64 tiles take twice float32's
-    shared memory, which sm_90's 227 KiB cannot hold at float32's sizes (cross-compiled for
-    sm_90: float64 jvp at head dim 128 with 64 × 32 blocks, 2 stages, needs 295 KB)."""
+    shared memory, which sm_90's 227 KiB cannot hold at float32's block sizes; these fit
+    (``benchmarks/compile_sm90.py``, ``benchmarks/results/compile-sm90.md``)."""
     if dtype == torch.float64:
         return 32, 16, 16, 1
     if head_dim <= 64:
