@@ -132,7 +132,8 @@ def reference_policy_gradient(model, batch, names, weighting="dr_grpo"):
 def random_direction(registry, seed=2):
     gen = torch.Generator().manual_seed(seed)
     return {
-        k: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.dtype) for k, v in registry.trainable.items()
+        k: torch.randn(v.shape, generator=gen, dtype=torch.float64).to(device=v.device, dtype=v.dtype)
+        for k, v in registry.trainable.items()
     }
 
 

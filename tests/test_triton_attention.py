@@ -172,7 +172,8 @@ def test_a_float_mask_with_a_tangent_takes_the_rule_s_tangent(monkeypatch):
 
 def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
     """Qwen2 (GQA, SDPA, LoRA, float64): jvp_rules sends every SDPA call to the kernels
-    (here on any device: ``enabled_for`` is widened to CPU tensors), s vs generic < 1e-10."""
+    (``enabled_for`` widened to CPU tensors, which run in the interpreter; on CUDA as it
+    is), s vs generic < 1e-10."""
     from funcprobe import probe_scalars
     from funcprobe.edge.registry import ParamRegistry
 
@@ -185,8 +186,8 @@ def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
 
     monkeypatch.setattr(ta, "enabled_for", lambda q, k, v, mask, gqa: ta._supported(q, k, v, mask, gqa))
     monkeypatch.setattr(ta, "attention_forward", counted)
-    model = qwen2(attn="sdpa")
-    E = random_rollouts(B=2, G=2, seed=3, resp_len=(1, 7), max_len=7.0)
+    model = qwen2(attn="sdpa").to(DEVICE)
+    E = random_rollouts(B=2, G=2, seed=3, resp_len=(1, 7), max_len=7.0).to(DEVICE)
     mu = random_direction(ParamRegistry.from_model(model))
     ref = probe_scalars(model, E, mu, chunk_size=2, generic_jvp=True)
     got = probe_scalars(model, E, mu, chunk_size=2)
