@@ -40,17 +40,21 @@ def test_tiny_preset_all_methods(bench, tmp_path):
 
 
 def test_flash_jvp_benchmark_harness(bench, tmp_path):
-    """benchmarks/flash_jvp.py on CPU (the kernels in Triton's interpreter): every row timed,
+    """benchmarks/flash_jvp.py (on CPU the kernels in Triton's interpreter): every row timed,
     the kernels' value and tangent against the closed-form rule's to bf16 rounding."""
     pytest.importorskip("triton", reason="Triton is not installed: the flash kernels cannot run")
     import flash_jvp
 
-    assert flash_jvp.main(["--device", "cpu", "--lengths", "40", "--repeats", "1", "--heads", "2", "--kv-heads", "1",
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert flash_jvp.main(["--device", device, "--lengths", "40", "--repeats", "1", "--heads", "2", "--kv-heads", "1",
                            "--head-dim", "16", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "cpu-flash-jvp.json").read_text())["rows"]
+    (report,) = tmp_path.glob("*-flash-jvp.json")
+    rows = json.loads(report.read_text())["rows"]
     assert [r["method"] for r in rows] == ["sdpa_flash_forward", "sdpa_math_forward", "kernel_forward",
                                            "kernel_forward_jvp", "rule_forward_jvp", "generic_forward_jvp"]
     assert all(r["median_s"] > 0 for r in rows)
     agree = rows[3]["vs_rule"]
     assert agree["value"] < 1e-2 and agree["tangent"] < 1e-2
-    assert "| 40 | kernel_forward_jvp |" in (tmp_path / "cpu-flash-jvp.md").read_text()
+    assert "| 40 | kernel_forward_jvp |" in report.with_suffix(".md").read_text()
