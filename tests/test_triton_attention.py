@@ -144,6 +144,18 @@ def test_which_sdpa_calls_go_to_the_kernels():
     assert not ta._supported(q, kv, kv, torch.ones(1, 2, 1, 8, 8, dtype=torch.bool, device=DEVICE), True)
 
 
+def test_the_lower_triangle_check_in_pieces(monkeypatch):
+    """``keeps_lower_triangle`` over 3 sequences' masks at a time (one at the end alone),
+    broadcast dimensions read once: one key after its query anywhere makes it False."""
+    monkeypatch.setattr(ta, "MASK_CHECK_ELEMENTS", 3 * 64)
+    mask = _padding_mask(7, 8, [0, 1, 2, 0, 3, 0, 1])
+    assert ta.keeps_lower_triangle(mask) and ta.keeps_lower_triangle(mask.expand(7, 4, 8, 8))
+    assert ta.keeps_lower_triangle(mask[0, 0]) and not ta.keeps_lower_triangle(None)
+    assert not ta.keeps_lower_triangle(torch.zeros(8, 8, dtype=D, device=DEVICE))  # float masks: no skip
+    mask[6, 0, 2, 5] = True
+    assert not ta.keeps_lower_triangle(mask) and not ta.keeps_lower_triangle(mask.expand(7, 4, 8, 8))
+
+
 def test_a_float_mask_with_a_tangent_takes_the_rule_s_tangent(monkeypatch):
     """The kernels treat the mask as constant; a float mask built from θ carries a tangent,
     which ``_FlashAttention`` hands to the closed-form rule: vs MATH's generic jvp < 1e-10."""

@@ -94,15 +94,26 @@ def _supported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: boo
     return True
 
 
+#: mask elements tested at a time by ``keeps_lower_triangle`` (its transient bool buffer)
+MASK_CHECK_ELEMENTS = 2**26
+
+
 def keeps_lower_triangle(mask: Optional[Tensor]) -> bool:
     """Whether a bool ``mask`` hides every key after its query (j > i), as transformers'
     causal-plus-padding masks do, so the kernels may skip key blocks past the diagonal.
-    One pass over the mask (a bool buffer of its size); False for None and float masks."""
+    One pass over the mask, a few ``[L, S]`` at a time (one host sync); False for None and
+    float masks."""
     if mask is None or mask.dtype != torch.bool:
         return False
     L, S = mask.shape[-2:]
     upper = torch.ones(L, S, dtype=torch.bool, device=mask.device).triu_(1)
-    return not bool((mask & upper).any())
+    own = tuple(0 if stride == 0 else slice(None) for stride in mask.stride()[:-2])  # broadcast dims: once
+    flat = mask[own].reshape(-1, L, S)
+    step = max(1, MASK_CHECK_ELEMENTS // max(L * S, 1))
+    seen = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for start in range(0, flat.shape[0], step):
+        seen |= (flat[start:start + step] & upper).any()
+    return not bool(seen)
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
