@@ -23,6 +23,7 @@ set here): a smoke run of the harness, times meaningless.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -75,7 +76,7 @@ def _rows(args):
             elif not p[0].is_cuda:  # the interpreter on CPU (smoke runs)
                 triton_attention.enabled_for = lambda q, k, v, m, g: triton_attention._supported(q, k, v, m, g)
             try:
-                with sdpa_kernel([SDPBackend.MATH]), (jvp_rules() if rules else _null()):
+                with sdpa_kernel([SDPBackend.MATH]), (jvp_rules() if rules else contextlib.nullcontext()):
                     return torch.func.jvp(sdpa, p, t)
             finally:
                 triton_attention.enabled_for = enabled_for
@@ -84,14 +85,6 @@ def _rows(args):
     return {"sdpa_flash_forward": forward(SDPBackend.FLASH_ATTENTION), "sdpa_math_forward": forward(SDPBackend.MATH),
             "kernel_forward": kernel_forward, "kernel_forward_jvp": jvp(True, True),
             "rule_forward_jvp": jvp(True, False), "generic_forward_jvp": jvp(False, False)}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def measure(name, run, primals, tangents, repeats, device):

@@ -131,21 +131,16 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
         block_m, block_n: query rows and keys per block (powers of two ≥ 16; None: by
             head dimension and dtype, ``_blocks``).
 
-    Returns ``(out, lse)``: ``out [B, H, L, Dv]`` in float32 (float64 for float64 inputs),
-    ``lse [B, H, L]`` in the same dtype, ``-inf`` for rows that see no key (their ``out`` is 0).
-
         lower_triangle: whether ``mask`` hides every key after its query (None: found by
             ``keeps_lower_triangle``; callers that run both kernels find it once).
+
+    Returns ``(out, lse)``: ``out [B, H, L, Dv]`` in float32 (float64 for float64 inputs),
+    ``lse [B, H, L]`` in the same dtype, ``-inf`` for rows that see no key (their ``out`` is 0).
 
     Raises ``RuntimeError`` without Triton, ``ValueError`` for shapes, dtypes or arguments
     the kernels do not cover (``_supported``), before any work.
     """
-    rows, keys, _, _ = _blocks(q.shape[-1], q.dtype)
-    block_m = rows if block_m is None else block_m
-    block_n = keys if block_n is None else block_n
-    _check(q, k, v, mask, is_causal, block_m, block_n)
-    skip = is_causal or (mask is not None and (keeps_lower_triangle(mask) if lower_triangle is None
-                                               else lower_triangle))
+    block_m, block_n, skip = _arguments(q, k, v, mask, is_causal, block_m, block_n, lower_triangle, "forward")
     return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n,
                                                              skip))
 
@@ -155,7 +150,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_caus
                 block_m: int, block_n: int, skip_upper: bool) -> tuple[Tensor, Tensor]:
     # an operator, so that torch.func hands the kernel plain tensors (inside a Function's
     # jvp the tensors are functorch wrappers, which have no storage a kernel can read)
-    call = _Call(q, k, v, mask, is_causal, scale, block_m, skip_upper)
+    call = _Call(q, k, v, mask, scale, block_m, skip_upper)
     out = torch.empty(call.B, call.H, call.L, call.Dv, dtype=call.acc, device=q.device)
     lse = torch.empty(call.B, call.H, call.L, dtype=call.acc, device=q.device)
     call.launch(_kernel("forward"), q, k, v, out, lse, *_strides(q, k, v, out), *_strides(lse.unsqueeze(-1)),
@@ -175,18 +170,13 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq:
     """
     if dq is None and dk is None and dv is None:
         return None
-    rows, _, keys, _ = _blocks(q.shape[-1], q.dtype)
-    block_m = rows if block_m is None else block_m
-    block_n = keys if block_n is None else block_n
-    _check(q, k, v, mask, is_causal, block_m, block_n)
+    block_m, block_n, skip = _arguments(q, k, v, mask, is_causal, block_m, block_n, lower_triangle, "jvp")
     B, H, L, _ = q.shape
     for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if t is not None and t.shape != like.shape:
             raise ValueError(f"{name}: expected the shape of its primal {tuple(like.shape)}, got {tuple(t.shape)}")
     if out.shape != (B, H, L, v.shape[-1]) or lse.shape != (B, H, L):
         raise ValueError("out, lse: expected attention_forward's outputs for these q, k, v")
-    skip = is_causal or (mask is not None and (keeps_lower_triangle(mask) if lower_triangle is None
-                                               else lower_triangle))
     return torch.ops.funcprobe.flash_attention_jvp(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m,
                                                    block_n, skip)
 
@@ -195,7 +185,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq:
 def _jvp_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor], dk: Optional[Tensor],
             dv: Optional[Tensor], mask: Optional[Tensor], is_causal: bool, scale: Optional[float], block_m: int,
             block_n: int, skip_upper: bool) -> Tensor:
-    call = _Call(q, k, v, mask, is_causal, scale, block_m, skip_upper)
+    call = _Call(q, k, v, mask, scale, block_m, skip_upper)
     tangents = [q if t is None else t.to(q.dtype) for t in (dq, dk, dv)]  # q: a placeholder never read
     strides = [(0, 0, 0, 0) if t is None else _strides(t) for t in (dq, dk, dv)]
     result = torch.empty_like(out)
@@ -215,6 +205,18 @@ def _forward_shapes(q, k, v, mask, is_causal, scale, block_m, block_n, skip_uppe
 @_jvp_op.register_fake
 def _jvp_shapes(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m, block_n, skip_upper):
     return torch.empty_like(out)
+
+
+def _arguments(q, k, v, mask, is_causal, block_m, block_n, lower_triangle, kernel: str) -> tuple[int, int, bool]:
+    """``(block_m, block_n, skip_upper)`` for ``kernel`` ("forward" or "jvp"): block sizes
+    by ``_blocks`` where None, the arguments checked (``_check``), then whether key blocks
+    past the diagonal may be skipped (``is_causal``, or a mask that keeps the lower triangle)."""
+    rows, forward_keys, jvp_keys, _ = _blocks(q.shape[-1], q.dtype)
+    block_m = rows if block_m is None else block_m
+    block_n = (forward_keys if kernel == "forward" else jvp_keys) if block_n is None else block_n
+    _check(q, k, v, mask, is_causal, block_m, block_n)
+    lower = mask is not None and (keeps_lower_triangle(mask) if lower_triangle is None else lower_triangle)
+    return block_m, block_n, is_causal or lower
 
 
 def _check(q, k, v, mask, is_causal, block_m, block_n) -> None:
@@ -242,7 +244,7 @@ class _Call:
     """One kernel launch's shapes, mask, causal skip, scale and grid (arguments checked
     by ``_check`` in the public functions)."""
 
-    def __init__(self, q, k, v, mask, is_causal, scale, block_m, skip_upper):
+    def __init__(self, q, k, v, mask, scale, block_m, skip_upper):
         self.B, self.H, self.L, self.D = q.shape
         self.Hkv, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.dtype = q.dtype
