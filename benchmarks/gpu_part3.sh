@@ -9,6 +9,8 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl optree==0.20.0 transformers==5.24.0 peft==0.21.2
 # then the device tool's run: command "bash benchmarks/gpu_part3.sh", carry [".whl"], timeout_s 580.
+# The image's Triton 3.6 compiles all 72 kernel variants for sm_90
+# (benchmarks/results/compile-sm90-triton3.6.md); its interpreter is not used there.
 # Writes under $OUT: device.txt, tests.log, <preset>.log and the benchmarks' .md/.json;
 # copy the .md/.json into benchmarks/results/.
 set -uo pipefail

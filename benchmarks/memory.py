@@ -143,9 +143,9 @@ def main() -> None:
     lines = [
         "# Peak memory at real vocabularies (CPU, float32)",
         "",
-        "``(full logits)``: the LM-head split off (the model's own [N, T, V] logits). Before this commit's",
-        "change of the gradient transform, ``update_direction`` used ``torch.func.grad`` and peaked at",
-        "16166 MiB (split head) / 16819 MiB (full logits) on smollm2 with the same command (2.2x forward+backward).",
+        "``(full logits)``: the LM-head split off (the model's own [N, T, V] logits). Before commit bed26e7,",
+        "``update_direction`` used ``torch.func.grad`` and peaked at 16166 MiB (split head) / 16819 MiB",
+        "(full logits) on smollm2 with the same command (2.2x forward+backward).",
         "",
         f"Command: `python benchmarks/memory.py --prompts {args.prompts} --group-size {args.group_size} "
         f"--response-len {args.response_len}`; torch {torch.__version__}, {torch.get_num_threads()} threads.",
