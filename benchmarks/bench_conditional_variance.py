@@ -31,6 +31,7 @@ and memory ratios (to nograd_forward) against prompts per group and sequence len
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -186,7 +187,12 @@ def measure_isolated(spec: dict, isolate: bool) -> dict:
 
 # ------------------------------------------------------------------ a table of methods
 def run_methods(base: dict, methods: list[str], isolate: bool, log) -> list[dict]:
-    rows = [measure_isolated({**base, "method": m}, isolate) for m in methods]
+    rows = []
+    for m in methods:  # each row logged as it comes: a run cut short still leaves them
+        rows.append(measure_isolated({**base, "method": m}, isolate))
+        r = rows[-1]
+        log(f"  measured {m}: " + (f"{r['median_s']:.3f} s, {r['peak_bytes'] / 2**20:.1f} MiB" if "median_s" in r
+                                   else r.get("error", "failed")))
     unit = next((r for r in rows if r["method"] == UNIT and "median_s" in r), None)
     flash = next((r for r in rows if r["method"] == FLASH and "median_s" in r), None)
     ref = next((r for r in rows if r["method"] == REFERENCE and r.get("s")), None)
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     isolate = not args.inline
     base = {"preset": args.preset, "overrides": overrides, "device": args.device, "weighting": args.weighting,
             "repeats": args.repeats, "group_size": group}
-    log = print
+    log = functools.partial(print, flush=True)
     log(f"preset {preset.name}: {preset}")
     log(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, group size {group}")
     methods = [m for m in args.methods.split(",") if m]

@@ -31,9 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__" and "--device" in sys.argv and "cpu" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -129,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if args.device == "cpu" and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when imported (next line)
     from funcprobe.core import triton_attention
 
     if not triton_attention.available():
