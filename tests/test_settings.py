@@ -21,7 +21,7 @@ from funcprobe import (
     update_direction,
 )
 from funcprobe.settings import add_arguments, from_arguments
-from helpers import gpt2, random_direction, random_rollouts, rel_err
+from helpers import VOCAB, gpt2, random_direction, random_rollouts, rel_err
 
 PACKAGE = pathlib.Path(funcprobe.__file__).parent
 
@@ -169,20 +169,51 @@ def test_imports_point_one_way_core_edge_api_apps():
                     assert target == "core", f"the core must stay pure: {rel} imports {target}"
 
 
-def test_library_leaves_global_state_alone(tmp_path):
+def test_seeded_block_is_reproducible_restores_the_generator_and_checks_its_arguments():
+    from funcprobe.edge.rng import seeded
+
+    rng = torch.get_rng_state()
+    with seeded(3):
+        a = torch.rand(4)
+    with pytest.raises(RuntimeError, match="inside"), seeded(3):
+        b = torch.rand(4)
+        raise RuntimeError("inside")
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), rng)
+    assert not torch.equal(torch.rand(4), a)  # the caller's stream goes on from its own state
+    with pytest.raises(ValueError, match="seed: expected an int"):
+        with seeded(1.5):
+            pass
+    with pytest.raises(ValueError, match="device: expected a cpu or cuda device"):
+        with seeded(1, "meta"):
+            pass
+
+
+def test_library_leaves_global_state_alone(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib
 
     from funcprobe.apps.plots import plot_probe
     from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
+    from funcprobe.validation.studies import sample_fixed_length
 
+    model = gpt2()  # the test helper seeds the global RNG; the library must not
+    # torch.manual_seed would seed every CUDA generator too (or queue it, over the caller's
+    # own queued seed, before CUDA starts): nothing here may touch a CUDA generator
+    cuda_seeding = []
+    for name in ("manual_seed", "manual_seed_all", "seed", "seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name: cuda_seeding.append(_n))
     backend = matplotlib.get_backend()
     rng = torch.get_rng_state()
-    qwen2_lora_policy(PolicySpec(vocab_size=16, hidden=16, layers=1), seed=123)
+    policy = qwen2_lora_policy(PolicySpec(vocab_size=VOCAB, hidden=16, layers=1, eos_token_id=None), seed=123)
     assert torch.equal(torch.get_rng_state(), rng)
-    model = gpt2()
+    sample_fixed_length(policy, [[1, 2], [3, 4]], group_size=2, response_len=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), rng)
+    pred = conditional_variance(policy, random_rollouts(B=2, G=2, seed=4),
+                                random_direction(ParamRegistry.from_model(policy)), lr=0.1)
     E = random_rollouts(B=3, G=2, seed=5)
     pred = conditional_variance(model, E, random_direction(ParamRegistry.from_model(model)), lr=0.1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert cuda_seeding == []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plot_probe(pred, tmp_path / "p.png")

@@ -45,6 +45,7 @@ from ..core.rollouts import RolloutBatch
 from ..core.statistics import EntropyPrediction
 from ..edge.progress import progress_bar
 from ..edge.registry import ParamRegistry
+from ..edge.rng import seeded
 from ..edge.session import probe_session
 from ..errors import SettingsError
 from ..io.rollout_files import group_advantages
@@ -250,8 +251,7 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
     The caller's global RNG is left as it was (sampling runs under a forked RNG).
     """
     cfg = cfg or DemoConfig()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         return _run(cfg)
 
 

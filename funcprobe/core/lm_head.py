@@ -175,12 +175,12 @@ def _reproduces_logits(module: nn.Module, split: HeadSplit, extra_kwargs: dict) 
     devices = [ref.device] if ref.device.type == "cuda" else []
     try:
         with torch.no_grad():
+            # both passes start from the same generator state (forked, so restored after
+            # each): equal random streams for a module that draws any, without seeding
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(0)
                 out = module(**kwargs)
                 full = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(0)
                 own = {}
                 h = split.hidden(own, kwargs)
                 mine = split.logits_fn(own)(h.reshape(-1, h.shape[-1])).reshape(full.shape)

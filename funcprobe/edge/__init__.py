@@ -8,4 +8,5 @@
 | ``optim`` | reads a live ``torch.optim.Adam``/``AdamW`` by name into the core's step maps |
 | ``distributed`` | ``Communicator``: handshake, all-reduce, gather over ``torch.distributed`` |
 | ``progress`` | tqdm bars and the ``funcprobe`` logger |
+| ``rng`` | ``seeded``: a seeded block that restores the CPU's and its CUDA device's generators |
 """

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ..edge.rng import seeded
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -42,8 +45,9 @@ def qwen2_lora_policy(
 ) -> nn.Module:
     """A Qwen2-architecture causal LM of shape ``spec`` wrapped in a PEFT LoRA adapter ("default").
 
-    ``seed``: initialise under a forked RNG seeded with it (the caller's global RNG is
-    left as it was); None draws from the global RNG.
+    ``seed``: initialise with the CPU generator and, on CUDA, ``device``'s generator seeded
+    with it, both restored afterwards (``funcprobe.edge.rng.seeded``); None draws from the
+    global RNG. Raises ValueError naming ``device`` for a seeded build off cpu/cuda.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -56,9 +60,7 @@ def qwen2_lora_policy(
     )
     lora = LoraConfig(r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0,
                       target_modules=list(spec.lora_targets), init_lora_weights=spec.init_lora_weights)
-    with torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed, device) if seed is not None else contextlib.nullcontext():
         with torch.device(device):
             base = Qwen2ForCausalLM(config)
         base.generation_config.eos_token_id = spec.eos_token_id

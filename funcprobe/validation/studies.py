@@ -30,6 +30,7 @@ from ..core.rollouts import RolloutBatch
 from ..core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_counts
 from ..core.transforms import directional_derivatives
 from ..edge.registry import ParamRegistry
+from ..edge.rng import seeded
 from ..edge.session import probe_session
 from ..errors import SettingsError
 from ..settings import ProbeSettings
@@ -132,8 +133,7 @@ def sample_fixed_length(model: nn.Module, prompts: Sequence[Sequence[int]], *, g
     ids = torch.tensor([list(p) for p in prompts], device=next(model.parameters()).device)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=response_len,
                               num_return_sequences=group_size, pad_token_id=0, eos_token_id=None)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(seed, ids.device), torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     P = ids.shape[1]
     if out.shape != (len(prompts) * group_size, P + response_len):
