@@ -8,16 +8,19 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl optree==0.20.0 transformers==5.24.0 peft==0.21.2
-# then the device tool's run: command "bash benchmarks/gpu_part3.sh", carry [".whl"], timeout_s 580.
+# then the device tool's run: command "bash benchmarks/gpu_part3.sh", carry [".whl"], timeout_s 600.
 # The image's Triton 3.6 compiles all 72 kernel variants for sm_90
 # (benchmarks/results/compile-sm90-triton3.6.md); its interpreter is not used there.
-# Writes device.txt, tests.log, <preset>.log and the benchmarks' .md/.json, then packs them into
-# $OUT/gpu-part3.tar.gz (the device tool brings back at most 8 files); unpack it and copy the
-# .md/.json into benchmarks/results/. The steps' timeouts add up to 530 s.
+# Writes device.txt, tests.log, <preset>.log and the benchmarks' .md/.json into a staging folder
+# and, after every step, packs it into $OUT/gpu-part3.tar.gz (the device tool brings back at most
+# 8 files; a run cut short keeps what its finished steps wrote); unpack it and copy the .md/.json
+# into benchmarks/results/. The steps' timeouts add up to 520 s (560 s without pytest-xdist).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/funcprobe-gpu}
+STAGE=$(mktemp -d)
 mkdir -p "$OUT"
+pack() { tar -C "$STAGE" -czf "$STAGE.tar.gz" . && mv "$STAGE.tar.gz" "$OUT/gpu-part3.tar.gz"; }
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -26,19 +29,19 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton, transformers, peft, optree; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-} 2>&1 | tee "$OUT/device.txt"
+} 2>&1 | tee "$STAGE/device.txt"; pack
 # 1. the kernels compiled, against MATH / the blockwise attention / the generic path (CUDA tensors);
 #    compiling the tests' kernel variants is CPU work: 8 pytest-xdist workers (in the image)
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 110 python3 -m pytest -q -p no:cacheprovider $XDIST tests/test_triton_attention.py tests/test_jvp_rules.py 2>&1 \
-  | tee "$OUT/tests.log"
+timeout -k 5 "$([ -n "$XDIST" ] && echo 110 || echo 150)" python3 -m pytest -q -p no:cacheprovider $XDIST \
+  tests/test_triton_attention.py tests/test_jvp_rules.py 2>&1 | tee "$STAGE/tests.log"; pack
 # 2. attention alone: kernels vs SDPA's flash forward, T = 1k..8k
-timeout 90 python3 benchmarks/flash_jvp.py --out "$OUT" 2>&1 | tee "$OUT/flash-jvp.log"
+timeout -k 5 90 python3 benchmarks/flash_jvp.py --out "$STAGE" 2>&1 | tee "$STAGE/flash-jvp.log"; pack
 # 3. the issue's presets: jvp, the seeds' α-trick, flash and eager no-grad forwards, in one run each
 #    (each method in its own process; each row is logged as it is measured, the tables at the end)
 for preset in qwen2.5-0.5b qwen2.5-1.5b; do
-  timeout 165 python3 benchmarks/bench_conditional_variance.py --preset "$preset" --repeats 3 --no-plots --out "$OUT" \
+  timeout -k 5 160 python3 benchmarks/bench_conditional_variance.py --preset "$preset" --repeats 3 --no-plots \
+    --out "$STAGE" \
     --methods nograd_forward_flash,nograd_forward_eager,nograd_forward,funcprobe_jvp,funcprobe_jvp_no_kernel,seeds_alpha \
-    2>&1 | tee "$OUT/$preset.log"
+    2>&1 | tee "$STAGE/$preset.log"; pack
 done
-tar -C "$OUT" -czf /tmp/gpu-part3.tar.gz . && find "$OUT" -mindepth 1 -delete && mv /tmp/gpu-part3.tar.gz "$OUT/"

@@ -183,9 +183,21 @@ def test_seeded_block_is_reproducible_restores_the_generator_and_checks_its_argu
     with pytest.raises(ValueError, match="seed: expected an int"):
         with seeded(1.5):
             pass
-    with pytest.raises(ValueError, match="device: expected a cpu or cuda device"):
-        with seeded(1, "meta"):
+    with pytest.raises(ValueError, match="seed: expected an int in"):
+        with seeded(2**64):
             pass
+    with pytest.raises(ValueError, match="seed: expected an int, got True"):
+        with seeded(True):
+            pass
+    with pytest.raises(ValueError, match="device: expected a cpu, meta or cuda device"):
+        with seeded(1, "xpu"):
+            pass
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ValueError, match="device: cuda:7 is not an available CUDA device"):
+            with seeded(1, "cuda:7"):
+                pass
+    with seeded(torch.tensor(3), "meta"):  # an integer tensor is an int; meta draws nothing
+        assert torch.equal(torch.rand(4), a)
 
 
 def test_library_leaves_global_state_alone(tmp_path, monkeypatch):
@@ -208,7 +220,7 @@ def test_library_leaves_global_state_alone(tmp_path, monkeypatch):
     assert torch.equal(torch.get_rng_state(), rng)
     sample_fixed_length(policy, [[1, 2], [3, 4]], group_size=2, response_len=3, seed=7)
     assert torch.equal(torch.get_rng_state(), rng)
-    pred = conditional_variance(policy, random_rollouts(B=2, G=2, seed=4),
+    conditional_variance(policy, random_rollouts(B=2, G=2, seed=4),
                                 random_direction(ParamRegistry.from_model(policy)), lr=0.1)
     E = random_rollouts(B=3, G=2, seed=5)
     pred = conditional_variance(model, E, random_direction(ParamRegistry.from_model(model)), lr=0.1)

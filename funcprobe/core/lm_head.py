@@ -172,15 +172,16 @@ def _reproduces_logits(module: nn.Module, split: HeadSplit, extra_kwargs: dict) 
     mask = torch.ones_like(ids)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(4, device=ref.device).unsqueeze(0),
               **extra_kwargs}
-    devices = [ref.device] if ref.device.type == "cuda" else []
+    # every CUDA device the module's parameters are on (a model split over GPUs draws on each)
+    devices = sorted({p.device.index for p in module.parameters() if p.is_cuda})
     try:
         with torch.no_grad():
             # both passes start from the same generator state (forked, so restored after
             # each): equal random streams for a module that draws any, without seeding
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices, device_type="cuda"):
                 out = module(**kwargs)
                 full = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices, device_type="cuda"):
                 own = {}
                 h = split.hidden(own, kwargs)
                 mine = split.logits_fn(own)(h.reshape(-1, h.shape[-1])).reshape(full.shape)

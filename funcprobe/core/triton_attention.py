@@ -343,7 +343,8 @@ def _scores(q, K, k_base, skn, skd, keys, dims, D, S, M, m_base, smm, smn, rows,
         keep = tl.load(M + m_base + rows[:, None] * smm + keys[None, :] * smn, mask=visible, other=0)
         # a reduction over a size-1 axis hides the 8-bit load from Triton's operand-width
         # heuristic: Triton 3.6 otherwise gives float64 P·v a k-width of 4, which its fp64 MMA
-        # lowering rejects ("fp64 don't support largeK MMA"); bf16/fp32 compile the same
+        # lowering rejects ("fp64 don't support largeK MMA"); bf16/fp16/fp32 still compile
+        # (Triton 3.9: the forward at head dim 64 with less shared memory, compile-sm90.md)
         keep = tl.max(keep.to(tl.int32)[:, :, None], axis=2)
         visible = visible & (keep != 0)
     if MASK_KIND == 2:

@@ -20,22 +20,32 @@ import torch
 def seeded(seed: int, device: Union[torch.device, str] = "cpu") -> Iterator[None]:
     """Run the block with the CPU generator seeded with ``seed`` and, where ``device`` is a
     CUDA device, that device's generator too (CUDA is initialised first, so nothing is
-    queued); all of them are restored on exit, also when the block raises.
+    queued); all of them are restored on exit, also when the block raises. A ``meta``
+    device draws nothing: only the CPU generator is seeded.
 
-    Raises ValueError naming ``seed`` (an int expected) or ``device`` (cpu or cuda expected:
-    other accelerators' generators are not forked here).
+    Raises ValueError naming ``seed`` (an int in [-2⁶³, 2⁶⁴) expected, as
+    ``torch.manual_seed`` takes) or ``device`` (cpu, meta or an available cuda device
+    expected: other accelerators' generators are not forked here).
     """
-    if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
-    seed = operator.index(seed)
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed: expected an int, got {seed!r}") from None
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed}")
     dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected a cpu or cuda device for a seeded block, got {dev}")
+    if dev.type not in ("cpu", "meta", "cuda"):
+        raise ValueError(f"device: expected a cpu, meta or cuda device for a seeded block, got {dev}")
     cuda = []
     if dev.type == "cuda":
+        if not torch.cuda.is_available() or (dev.index is not None and dev.index >= torch.cuda.device_count()):
+            raise ValueError(f"device: {dev} is not an available CUDA device "
+                             f"({torch.cuda.device_count()} visible)")
         torch.cuda.init()
         cuda = [dev.index if dev.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         torch.random.default_generator.manual_seed(seed)
         for index in cuda:
             torch.cuda.default_generators[index].manual_seed(seed)
