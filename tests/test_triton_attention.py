@@ -189,8 +189,8 @@ def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
     from funcprobe import probe_scalars
     from funcprobe.edge.registry import ParamRegistry
 
-    calls = []
-    forward = ta.attention_forward
+    calls, scans = [], []
+    forward, scan = ta.attention_forward, ta.keeps_lower_triangle
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
@@ -198,12 +198,14 @@ def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
 
     monkeypatch.setattr(ta, "enabled_for", lambda q, k, v, mask, gqa: ta._supported(q, k, v, mask, gqa))
     monkeypatch.setattr(ta, "attention_forward", counted)
+    monkeypatch.setattr(ta, "keeps_lower_triangle", lambda mask: scans.append(mask.shape) or scan(mask))
     model = qwen2(attn="sdpa").to(DEVICE)
     E = random_rollouts(B=2, G=2, seed=3, resp_len=(1, 7), max_len=7.0).to(DEVICE)
     mu = random_direction(ParamRegistry.from_model(model))
     ref = probe_scalars(model, E, mu, chunk_size=2, generic_jvp=True)
     got = probe_scalars(model, E, mu, chunk_size=2)
     assert len(calls) == 2 and rel_err(got, ref) < 1e-10  # 2 layers, one chunk
+    assert len(scans) == 1  # the padded batch's one mask, read once for both layers
 
 
 def test_kernels_compile_for_sm90_within_its_shared_memory(tmp_path):

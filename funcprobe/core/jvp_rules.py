@@ -391,6 +391,20 @@ class jvp_rules(TorchFunctionMode):
     dropout, non-tensor operands) run as the plain operator.
     """
 
+    def __init__(self):
+        super().__init__()
+        self._lower: Optional[tuple[Tensor, int, bool]] = None  # (mask, its version, keeps_lower_triangle)
+
+    def _keeps_lower_triangle(self, mask: Optional[Tensor]) -> bool:
+        """``triton_attention.keeps_lower_triangle``, once per mask while the mode is
+        active: a model hands every layer the same mask, and each check reads all of it
+        and syncs with the host."""
+        if mask is None:
+            return False
+        if self._lower is None or self._lower[0] is not mask or self._lower[1] != mask._version:
+            self._lower = (mask, mask._version, triton_attention.keeps_lower_triangle(mask))
+        return self._lower[2]
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear and not kwargs.keys() - {"bias"}:
@@ -407,7 +421,7 @@ class jvp_rules(TorchFunctionMode):
             call = _sdpa_arguments(*args, **kwargs)
             if call is not None:
                 if triton_attention.enabled_for(call[0], call[1], call[2], call[3], call[6]):
-                    return _FlashAttention.apply(*call, triton_attention.keeps_lower_triangle(call[3]))[0]
+                    return _FlashAttention.apply(*call, self._keeps_lower_triangle(call[3]))[0]
                 return _Attention.apply(*call)
         elif func is linear_logprobs:
             value, _, _ = _LinearLogprobs.apply(*args)
