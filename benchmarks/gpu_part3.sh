@@ -14,7 +14,7 @@
 # Writes device.txt, tests.log, <preset>.log and the benchmarks' .md/.json into a staging folder
 # and, after every step, packs it into $OUT/gpu-part3.tar.gz (the device tool brings back at most
 # 8 files; a run cut short keeps what its finished steps wrote); unpack it and copy the .md/.json
-# into benchmarks/results/. The steps' timeouts add up to 520 s (560 s without pytest-xdist).
+# into benchmarks/results/. The steps' timeouts add up to 550 s (590 s without pytest-xdist).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/funcprobe-gpu}
@@ -37,11 +37,12 @@ timeout -k 5 "$([ -n "$XDIST" ] && echo 110 || echo 150)" python3 -m pytest -q -
   tests/test_triton_attention.py tests/test_jvp_rules.py 2>&1 | tee "$STAGE/tests.log"; pack
 # 2. attention alone: kernels vs SDPA's flash forward, T = 1k..8k
 timeout -k 5 90 python3 benchmarks/flash_jvp.py --out "$STAGE" 2>&1 | tee "$STAGE/flash-jvp.log"; pack
-# 3. the issue's presets: jvp, the seeds' α-trick, flash and eager no-grad forwards, in one run each
-#    (each method in its own process; each row is logged as it is measured, the tables at the end)
-for preset in qwen2.5-0.5b qwen2.5-1.5b; do
-  timeout -k 5 160 python3 benchmarks/bench_conditional_variance.py --preset "$preset" --repeats 3 --no-plots \
-    --out "$STAGE" \
-    --methods nograd_forward_flash,nograd_forward_eager,nograd_forward,funcprobe_jvp,funcprobe_jvp_no_kernel,seeds_alpha \
-    2>&1 | tee "$STAGE/$preset.log"; pack
-done
+# 3. where the jvp's time goes on the 0.5B shape at T = 1280: the probe's float32 compute (the
+#    default for bf16 weights) against precision=model, then the kernels off (benchmarks/gpu_diag.py)
+timeout -k 5 190 python3 benchmarks/gpu_diag.py --preset qwen2.5-0.5b --precision auto,model --no-kernel \
+  2>&1 | tee "$STAGE/diag-qwen2.5-0.5b.log"; pack
+# 4. the issue's table on the 0.5B preset, one repeat: on 2026-12-04 (H200) one funcprobe jvp took 25 s
+#    there (31 s with Triton's compile; no-grad MATH forward 1.7 s), so three repeats of six methods on
+#    two presets (the former step) cannot finish in one call (benchmarks/results/gpu-h200-2026-12-04/)
+timeout -k 5 140 python3 benchmarks/bench_conditional_variance.py --preset qwen2.5-0.5b --repeats 1 --no-plots \
+  --out "$STAGE" --methods nograd_forward_flash,nograd_forward,funcprobe_jvp 2>&1 | tee "$STAGE/qwen2.5-0.5b.log"; pack
