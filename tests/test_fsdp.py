@@ -145,7 +145,7 @@ def _trl_callback_prediction(model, optimizer, E_local):
 
     probe = EntropyProbe(model, optimizer)
     registry = probe.registry
-    step = step_from_gradient(registry, trainer_gradient(registry), optimizer=optimizer, settings=probe.settings)
+    step = step_from_gradient(registry, trainer_gradient(registry), optimizer=optimizer, **probe.settings.options())
     return probe.conditional_variance(E_local, step).to_dict()
 
 

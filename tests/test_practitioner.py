@@ -183,8 +183,8 @@ def test_demo_bad_options_are_user_errors(capsys):
 def test_cli_help_is_complete():
     proc = _cli("probe", "--help")
     assert proc.returncode == 0
-    for flag in ("--model", "--adapter", "--eval", "--update", "--optimizer-state", "--lr", "--direction",
-                 "--weighting", "--json", "--plot", "--tokenizer", "--max-completion-length"):
+    for flag in ("--model", "--adapter", "--eval", "--update", "--optimizer-state", "--lr", "--step", "--weighting",
+                 "--json", "--plot", "--tokenizer", "--max-completion-length", "--keep-dropout", "--no-progress"):
         assert flag in proc.stdout, flag
 
 

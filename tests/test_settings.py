@@ -1,9 +1,11 @@
-"""Settings checked once, deprecated spellings, the import direction, no global side effects."""
+"""Settings typed, grouped and checked once, one way in, the import direction, no global side effects."""
 
 import argparse
 import ast
+import dataclasses
 import math
 import pathlib
+import typing
 import warnings
 
 import pytest
@@ -40,7 +42,15 @@ PACKAGE = pathlib.Path(funcprobe.__file__).parent
         (dict(params=["a", "a"]), "duplicates"),
         (dict(adapter=3), "adapter: expected an adapter name"),
         (dict(keep_dropout="yes"), "keep_dropout: expected True or False"),
-        (dict(progress=1), "progress: expected True, False or None"),
+        (dict(progress=1), r"progress: expected True or False, got 1 \(or None"),
+        # the removed spellings are ordinary bad choices, and a wrong type names the Literal's values
+        (dict(step="adam"), "step: expected one of 'sgd', 'frozen_adam', 'adam_step', 'optimizer_step', got 'adam'"),
+        (dict(step=3), r"step: expected one of 'sgd', .*'optimizer_step', got 3 \(int\)"),
+        (dict(loss_type=["grpo"]), r"loss_type: expected one of 'grpo', 'dr_grpo', 'dapo', 'bnpo' or None, got \['grpo'\]"),
+        (dict(precision=None), "precision: expected one of 'auto', 'float32', 'model', got None"),
+        (dict(params=3), "params: expected 'trainable', 'lora' or a sequence of parameter names, got int"),
+        (dict(params=["a", 1]), "sequence of str parameter names"),
+        (dict(max_grad_norm=1.0), "max_grad_norm: clipping is part of step='optimizer_step' only"),
     ],
 )
 def test_bad_settings_are_named(change, message):
@@ -81,17 +91,20 @@ def test_lr_accepts_real_numbers_of_any_kind():
             conditional_variance(model, E, mu, lr=bad)
 
 
-def test_settings_object_and_keywords_agree_and_deprecated_spellings_warn():
+def test_one_way_in_keywords_and_a_settings_value_agree():
     model = gpt2()
     U = random_rollouts(B=3, G=2, seed=6)
-    new = update_direction(model, U, settings=ProbeSettings(step="sgd", chunk_size=2))
-    with pytest.warns(DeprecationWarning, match="'direction=' is deprecated"):
-        old = update_direction(model, U, direction="sgd", batch_size=2)
-    assert all(torch.equal(new[k], old[k]) for k in new)
-    with pytest.warns(DeprecationWarning, match="step 'adam' is deprecated"):
-        assert ProbeSettings.resolve(None, {"step": "adam"}, caller="x").step == "frozen_adam"
-    with pytest.raises(TypeError, match="twice"):
-        ProbeSettings.resolve(None, {"step": "sgd", "direction": "sgd"}, caller="x")
+    settings = ProbeSettings(step="sgd", chunk_size=2)
+    assert settings.options() == {"step": "sgd", "chunk_size": 2}
+    new = update_direction(model, U, **settings.options())
+    same = update_direction(model, U, step="sgd", chunk_size=2)
+    assert all(torch.equal(new[k], same[k]) for k in new)
+    # the removed spellings are ordinary errors, raised before any work
+    for old in (dict(direction="sgd"), dict(batch_size=2)):
+        with pytest.raises(TypeError, match=f"update_direction\\(\\) got an unexpected keyword argument '{next(iter(old))}'"):
+            update_direction(model, U, **old)
+    with pytest.raises(SettingsError, match="step: expected one of .*got 'adam'"):
+        update_direction(model, U, step="adam")
     E = random_rollouts(B=3, G=2, seed=7)
     pred = conditional_variance(model, E, new, lr=0.1)
     with pytest.warns(DeprecationWarning, match="se_e is deprecated"):
@@ -103,16 +116,97 @@ def test_settings_object_and_keywords_agree_and_deprecated_spellings_warn():
     assert torch.allclose(pred.per_prompt.mean(), torch.tensor(pred.delta_h, dtype=torch.float64))
 
 
+def test_from_options_and_options_round_trip():
+    with pytest.raises(TypeError, match=r"EntropyProbe\(\) got an unexpected keyword argument 'batch_size'"):
+        ProbeSettings.from_options({"batch_size": 2}, caller="EntropyProbe")
+    assert ProbeSettings.from_options({}, caller="f") == ProbeSettings()
+    assert ProbeSettings().options() == {"step": "adam_step"}  # step always: EntropyProbe's default differs
+    full = ProbeSettings(step="optimizer_step", max_grad_norm=1, weighting="per_token_avg", loss_type="dapo",
+                         params=["a", "b"], adapter="x", keep_dropout=True, allow_identity_fallback=True,
+                         split_baseline=True, mode="vjp", precision="float32", chunk_size=3, memory_budget_gb=1,
+                         attention_block=16, mlp_chunk=None, generic_jvp=True, progress=False, gather_s=True)
+    assert set(full.options()) == {f.name for f in dataclasses.fields(ProbeSettings)} - {"process_group"}
+    assert full.options()["params"] == ("a", "b") and full.options()["max_grad_norm"] == 1.0
+    for s in (ProbeSettings(), ProbeSettings(step="sgd", chunk_size=2), full):
+        assert ProbeSettings.from_options(s.options(), caller="f") == s
+    with pytest.raises(TypeError, match="positional"):
+        ProbeSettings("sgd")  # keyword-only: one way in
+    # resolve (kept for the entry points that still take settings=) applies keywords on top
+    assert ProbeSettings.resolve(ProbeSettings(step="sgd"), {"mode": "vjp"}, caller="f") == ProbeSettings(
+        step="sgd", mode="vjp")
+    with pytest.raises(TypeError, match=r"f\(\) got an unexpected keyword argument 'direction'"):
+        ProbeSettings.resolve(ProbeSettings(), {"direction": "sgd"}, caller="f")
+
+
+def test_entropy_probe_built_from_options_has_exactly_those_settings():
+    model = gpt2()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for s in (ProbeSettings(), ProbeSettings(step="sgd", mode="vjp", chunk_size=2),
+              ProbeSettings(step="optimizer_step", max_grad_norm=0.5, progress=False)):
+        assert EntropyProbe(model, opt, **s.options()).settings == s
+
+
+def test_fields_are_typed_and_grouped_in_one_place():
+    """Every field: a group, a type and a check in its metadata; the choice tuples are the
+    Literals' values; the class is ordered by group and its docstring lists each group."""
+    from funcprobe import settings as mod
+
+    for tup, kind in ((mod.STEPS, mod.Step), (mod.WEIGHTINGS, mod.Weighting), (mod.LOSS_TYPES, mod.LossType),
+                      (mod.MODES, mod.Mode), (mod.PRECISIONS, mod.Precision),
+                      (mod.PARAM_SELECTIONS, mod.ParamSelectionName)):
+        assert tup == typing.get_args(kind) and len(tup) > 1
+    assert funcprobe.STEPS is mod.STEPS
+    fields = dataclasses.fields(ProbeSettings)
+    order = [f.metadata["group"] for f in fields]
+    assert order == sorted(order, key=list(mod.GROUPS).index), "fields ordered by group"
+    groups = mod.fields_by_group()
+    assert list(groups) == list(mod.GROUPS) and all(groups.values())
+    lines = ProbeSettings.__doc__.splitlines()
+    for group, names in groups.items():
+        at = next(i for i, line in enumerate(lines) if f'(group ``"{group}"``' in line)
+        indent = len(lines[at]) - len(lines[at].lstrip())
+        body = []
+        for line in lines[at + 1:]:
+            if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+                break
+            body.append(line.strip())
+        listed = [n.strip() for n in " ".join(body).split(",")]
+        assert listed == list(names), (group, listed)
+    for f in fields:
+        assert f.metadata["help"] and callable(f.metadata["check"]) and f.metadata["type"] is not None, f.name
+        choices = f.metadata["choices"]
+        if choices:
+            assert f.metadata["type"] is str and f.default in choices + (None,), f.name
+
+
 def test_command_line_flags_are_generated_from_the_settings():
     parser = argparse.ArgumentParser()
     add_arguments(parser, exclude=("adapter",))
     args = parser.parse_args(["--step", "sgd", "--chunk-size", "3", "--mode", "vjp", "--keep-dropout"])
     assert from_arguments(args) == ProbeSettings(step="sgd", chunk_size=3, mode="vjp", keep_dropout=True)
-    old = parser.parse_args(["--direction", "adam", "--batch-size", "2"])
-    assert from_arguments(old) == ProbeSettings(step="frozen_adam", chunk_size=2)
+    args = parser.parse_args(["--no-keep-dropout", "--no-progress", "--memory-budget-gb", "0.5", "--mlp-chunk", "64",
+                              "--loss-type", "grpo", "--step", "optimizer_step", "--max-grad-norm", "1"])
+    assert from_arguments(args) == ProbeSettings(step="optimizer_step", max_grad_norm=1.0, loss_type="grpo",
+                                                 memory_budget_gb=0.5, mlp_chunk=64, progress=False)
+    assert from_arguments(parser.parse_args([])) == ProbeSettings()
+    assert from_arguments(parser.parse_args(["--progress"])).progress is True
+    # the removed spellings and values are refused by argparse (exit status 2)
+    for argv in (["--direction", "sgd"], ["--batch-size", "2"], ["--step", "adam"], ["--chunk-size", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2, argv
     helptext = parser.format_help()
-    for field in ("--step", "--weighting", "--mode", "--chunk-size", "--params", "--allow-identity-fallback"):
-        assert field in helptext
+    for flag in ("--step", "--weighting", "--mode", "--chunk-size N", "--params", "--allow-identity-fallback",
+                 "--no-allow-identity-fallback", "--memory-budget-gb GIB", "--max-grad-norm C", "--progress",
+                 "--no-progress"):
+        assert flag in helptext, flag
+    assert "--adapter" not in helptext and "--gather-s" not in helptext and "--process-group" not in helptext
+    # one argument group per settings group, in order, each flag under its own
+    titles = [f"probe settings: {title}:" for title, _ in funcprobe.settings.GROUPS.values()]
+    at = [helptext.index(t) for t in titles]
+    assert at == sorted(at)
+    flags = [helptext.index(f"\n  {flag}") for flag in ("--step {", "--mode {", "--progress, --no-progress")]
+    assert at[0] < flags[0] < at[1] < flags[1] < at[2] < flags[2]
 
 
 def test_no_signal_is_a_named_value_error():

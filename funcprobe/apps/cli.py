@@ -1,8 +1,9 @@
 """Command line: ``funcprobe demo``, ``funcprobe probe`` and ``funcprobe influence``
 (also ``python -m funcprobe ...``).
 
-The probe's flags are generated from ``funcprobe.settings.ProbeSettings``
-(``add_arguments``); every user error exits with status 2 and one line
+The probe's flags (``--progress/--no-progress`` among them) are generated from
+``funcprobe.settings.ProbeSettings`` (``add_arguments``), in one argument group per
+settings group; every user error exits with status 2 and one line
 ``funcprobe <command>: error: ...``.
 """
 
@@ -47,7 +48,6 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, exclude=("params", "adapter", "allow_identity_fallback", "step", "max_grad_norm", "loss_type",
                               "split_baseline"))
     p.add_argument("--json", metavar="FILE", help="also write the per-step numbers as JSON to FILE")
-    _progress_flags(p)
 
 
 def _probe_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,6 @@ def _probe_parser(sub: argparse._SubParsersAction) -> None:
     )
     _input_arguments(p)
     p.add_argument("--plot", metavar="FILE.png", help="save a figure of the s distribution and contributions")
-    _progress_flags(p)
 
 
 def _influence_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,7 +78,6 @@ def _influence_parser(sub: argparse._SubParsersAction) -> None:
                    help="also compute s[n, i] for every E prompt x U prompt and a SE per update prompt "
                    "(min(B_E, B_U) extra passes)")
     p.add_argument("--plot", metavar="FILE.png", help="save the response shares and the token concentration")
-    _progress_flags(p)
 
 
 def _input_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,14 +97,6 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "float64", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", metavar="FILE", help="write the result as JSON")
-
-
-def _progress_flags(p: argparse.ArgumentParser) -> None:
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="always show progress bars (default: only on a terminal)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false",
-                     help="never show progress bars (nor transformers' loading bars)")
 
 
 def _load_inputs(args: argparse.Namespace):
@@ -141,7 +131,7 @@ def _run_influence(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top: expected an integer >= 1, got {args.top}")
     settings, model, tokenizer, E, U, optimizer = _load_inputs(args)
-    probe = EntropyProbe(model, optimizer, lr=args.lr, settings=settings)
+    probe = EntropyProbe(model, optimizer, lr=args.lr, **settings.options())
     groups = {"positive_adv": U.advantages > 0, "negative_adv": U.advantages < 0}
     inf = probe.influence(E, U, groups=groups, matrix=args.matrix)
     print(f"model             {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
@@ -164,7 +154,7 @@ def _run_probe(args: argparse.Namespace) -> int:
     from ..api import EntropyProbe
 
     settings, model, tokenizer, E, U, optimizer = _load_inputs(args)
-    probe = EntropyProbe(model, optimizer, lr=args.lr, settings=settings)
+    probe = EntropyProbe(model, optimizer, lr=args.lr, **settings.options())
     pred = r = probe.predict(E, U)
     lo, hi = r.ci95
     rows = [

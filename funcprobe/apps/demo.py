@@ -334,8 +334,8 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     phases["gradient"] = time.perf_counter() - t0 - sum(phases.values())
     registry = ParamRegistry.from_model(model)
     gradient = {n: -p.grad for n, p in model.named_parameters() if p.requires_grad and n in registry.trainable}
-    delta = step_from_gradient(registry, gradient, optimizer=optimizer, settings=settings)
-    prediction = conditional_variance(registry, E, delta, lr=1.0, settings=settings)
+    delta = step_from_gradient(registry, gradient, optimizer=optimizer, **settings.options())
+    prediction = conditional_variance(registry, E, delta, lr=1.0, **settings.options())
     phases["predict"] = time.perf_counter() - t0 - sum(phases.values())
     prediction = prediction.with_step(settings.step, math.sqrt(tree_sq_norm(delta)), U.num_prompts,
                                       {"probe": phases["predict"]}, tree_sq_norm(gradient) > 0.0)

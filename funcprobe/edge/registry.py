@@ -22,7 +22,7 @@ from ..core.logprobs import logprob_function
 from .fsdp import full_parameters, is_fsdp2, refuse_unsupported_sharding, sharded_logprob_function
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError, UnsupportedModelError
-from ..settings import ParamSelection, ProbeSettings
+from ..settings import ParamSelection, ProbeSettings, check_params
 
 #: substrings that mark PEFT LoRA-family adapter weights in parameter names
 LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -244,11 +244,14 @@ class ParamRegistry:
 
 
 def _select(module: nn.Module, named: dict[str, nn.Parameter], params: ParamSelection, adapter: str | None) -> list[str]:
+    """The probed names: the format of ``params`` is checked by ``funcprobe.settings.check_params``;
+    here, what needs the model (names it lacks: ``KeyError``; an empty selection: ``ValueError``)."""
+    params = check_params(params)
     if isinstance(params, str):
         if params == "trainable":
             names = [n for n, p in named.items() if p.requires_grad]
             what = "no parameter has requires_grad=True"
-        elif params == "lora":
+        else:  # "lora"
             wanted = [adapter] if adapter is not None else active_adapters(module)
             names = [
                 n
@@ -256,22 +259,13 @@ def _select(module: nn.Module, named: dict[str, nn.Parameter], params: ParamSele
                 if any(f".{m}." in n for m in LORA_MARKERS) and any(f".{a}." in n or n.endswith(f".{a}") for a in wanted)
             ]
             what = f"no LoRA weights found for adapter(s) {wanted} (is this a peft LoRA model?)"
-        else:
-            raise SettingsError(f"params: expected 'trainable', 'lora' or a list of parameter names, got {params!r}")
         if not names:
             raise ValueError(f"params={params!r}: {what}")
         return names
-    names = list(params)
-    if not names:
-        raise ValueError("params: the explicit list of parameter names is empty")
-    if not all(isinstance(n, str) for n in names):
-        raise ValueError("params: an explicit selection must be a sequence of str parameter names")
-    unknown = [n for n in names if n not in named]
+    unknown = [n for n in params if n not in named]
     if unknown:
         raise KeyError(f"params: {len(unknown)} name(s) are not parameters of the model: {unknown[:8]}")
-    if len(set(names)) != len(names):
-        raise ValueError("params: the explicit list of parameter names has duplicates")
-    return names
+    return list(params)
 
 
 def _vocab_size(module: nn.Module) -> int | None:

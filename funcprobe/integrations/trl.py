@@ -86,13 +86,17 @@ class ProbedGRPOTrainer(GRPOTrainer):
     Args (besides ``GRPOTrainer``'s):
         probe_every: probe every N optimizer steps (1: every step).
         probe_settings: ``ProbeSettings`` of the probe (``step``, ``mode``,
-            ``chunk_size``, ...); ``weighting`` is taken from the trainer's ``loss_type``.
+            ``chunk_size``, ...; default ``ProbeSettings(step="optimizer_step")``);
+            ``weighting`` is taken from the trainer's ``loss_type``; ``progress`` is off.
         probe_raise: raise the probe's errors instead of logging them and training on.
         probe_gradient: ``"trainer"`` (the ``.grad`` the optimizer will use) or
             ``"recompute"`` (funcprobe's gradient of the modelled loss); see the module
             docstring.
-        probe_direction, probe_batch_size, probe_mode: deprecated spellings of
-            ``probe_settings`` fields.
+
+    Raises:
+        ValueError: a bad ``probe_every``; ``SettingsError`` (a ``ValueError``): a bad
+            ``probe_gradient`` or ``probe_settings`` (not a ``ProbeSettings``), and the
+            errors of ``trainer_settings``.
     """
 
     def __init__(self, *args, probe_every: int = 1, probe_settings: ProbeSettings | None = None,
@@ -101,10 +105,10 @@ class ProbedGRPOTrainer(GRPOTrainer):
             raise ValueError(f"probe_every: expected an int >= 1, got {probe_every!r}")
         if probe_gradient not in PROBE_GRADIENTS:
             raise SettingsError(f"probe_gradient: expected one of {PROBE_GRADIENTS}, got {probe_gradient!r}")
-        old = {k[len("probe_"):]: kwargs.pop(k) for k in ("probe_direction", "probe_batch_size", "probe_mode")
-               if k in kwargs}
+        if probe_settings is not None and not isinstance(probe_settings, ProbeSettings):
+            raise SettingsError(f"probe_settings: expected a ProbeSettings, got {type(probe_settings).__name__}")
         base = probe_settings if probe_settings is not None else ProbeSettings(step="optimizer_step")
-        base = ProbeSettings.resolve(base, {"progress": False, **old}, caller="ProbedGRPOTrainer")
+        base = replace(base, progress=False)
         super().__init__(*args, **kwargs)
         self.probe_gradient = probe_gradient
         self.probe_settings = trainer_settings(self, base, recompute=probe_gradient == "recompute")
@@ -132,11 +136,11 @@ class ProbedGRPOTrainer(GRPOTrainer):
             log.warning("funcprobe: skipped, the step's batch has %d prompt(s); the SE needs 2", batch.num_prompts)
             return None
         try:
-            probe = EntropyProbe(self.model, self.optimizer, settings=self.probe_settings)
+            probe = EntropyProbe(self.model, self.optimizer, **self.probe_settings.options())
             if self.probe_gradient == "trainer":
                 registry = probe.registry
                 step = step_from_gradient(registry, trainer_gradient(registry), optimizer=self.optimizer,
-                                          settings=self.probe_settings)
+                                          **self.probe_settings.options())
             else:
                 step = probe.update_direction(batch)
             r = probe.conditional_variance(batch, step)
