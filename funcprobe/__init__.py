@@ -26,7 +26,14 @@ from __future__ import annotations
 import warnings
 
 from . import errors
-from .api import EntropyProbe, conditional_variance, probe_scalars, step_from_gradient, update_direction
+from .api import (
+    EntropyProbe,
+    conditional_variance,
+    entropy_influence,
+    probe_scalars,
+    step_from_gradient,
+    update_direction,
+)
 from .core.influence import EntropyInfluence, GroupInfluence
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
@@ -42,7 +49,7 @@ from .core.statistics import EntropyPrediction
 from .core.steps import AdamState, StepMap, adam_preconditioner, adam_step, frozen_adam, sgd
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.optim import read_adam_state
-from .influence import entropy_influence
+
 from .edge.registry import ParamRegistry, unwrap_model
 from .errors import (
     NoSignalError,

@@ -10,7 +10,7 @@ import torch
 from funcprobe import EntropyProbe, SettingsError
 from funcprobe.core.influence import split_step
 from funcprobe.core.steps import AdamHyper, AdamState, frozen_adam, optimizer_step_map, sgd
-from funcprobe.influence import entropy_influence
+from funcprobe.api import entropy_influence
 from funcprobe.validation.studies import SoftmaxBandit, bandit_rollouts
 from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
 

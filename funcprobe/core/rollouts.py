@@ -134,14 +134,6 @@ class RolloutBatch:
         return cls(ids, torch.zeros_like(ids), 1, adv, max_len)
 
     @classmethod
-    def placeholder(cls, group_size: int) -> "RolloutBatch":
-        """One prompt of token id 0 with G one-token responses of id 0, zero advantages,
-        Lmax 1: the input of the forwards a rank runs only to take part in collectives
-        (FSDP2's all-gathers) when its own shard has fewer chunks; results discarded."""
-        ids = torch.zeros((1, group_size, 2), dtype=torch.long)
-        return cls(ids, torch.ones_like(ids), 1, torch.zeros((1, group_size), dtype=torch.float64), 1.0)
-
-    @classmethod
     def from_lists(
         cls,
         prompts: Sequence[Sequence[int]],

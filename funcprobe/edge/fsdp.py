@@ -14,8 +14,9 @@ shards themselves fails ("mixed torch.Tensor and DTensor", pytorch issue 182641)
   all-gather), and hands FSDP its own tensor back in a forward hook registered first
   (``prepend=True``: before FSDP reshards). Forward-mode tangents and reverse-mode graphs
   then flow through θ exactly as through ``functional_call``;
-* every probe forward is a collective: ``pad_chunks`` gives every rank the same number of
-  forwards (and backwards) whatever its shard of E or U, empty shards included.
+* every probe forward is a collective: the ``FSDP2`` strategy of ``funcprobe.edge.sharding``
+  gives every rank the same number of forwards (and backwards) whatever its shard of E or U,
+  empty shards included.
 
 FSDP1 (``FullyShardedDataParallel``: flat parameters) and DeepSpeed ZeRO-3 (partitioned
 parameters gathered by its own autograd Functions) are refused with the reason

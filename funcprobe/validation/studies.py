@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -28,7 +30,8 @@ from ..core.exact import enumeration_batch, exact_entropy_objective
 from ..core.objectives import Objective, entropy_objective, weighted_logprobs
 from ..core.rollouts import RolloutBatch
 from ..core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_counts
-from ..core.transforms import directional_derivatives
+from ..core.jvp_rules import jvp_rules
+from ..core.transforms import chunked, directional_derivatives
 from ..edge.registry import ParamRegistry
 from ..edge.rng import seeded
 from ..edge.session import probe_session
@@ -92,8 +95,8 @@ def exact_directional_derivative(
     objective = exact_entropy_objective(weighting, max_len)
     f = objective.on_logprobs(registry.logprob_fn())
     tangent = {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
-    with probe_session(registry):
-        dh = directional_derivatives(f, chunk_size=max(1, batch.num_prompts))(registry.trainable, tangent, batch)
+    with probe_session(registry), jvp_rules():
+        dh = directional_derivatives(f)(registry.trainable, tangent, chunked(batch, max(1, batch.num_prompts)))
         with torch.no_grad():
             h = f(registry.trainable, batch)
     return h.detach().double(), dh
@@ -105,9 +108,9 @@ def objective_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str
     finite and not all zero). With ``entropy_objective`` this is ``probe_scalars``."""
     tangent = {k: muY[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
     f = objective.on_logprobs(registry.logprob_fn())
-    with probe_session(registry):
-        s = directional_derivatives(f, mode=mode, chunk_size=chunk_size)(registry.trainable, tangent,
-                                                                         E.to(registry.device))
+    with probe_session(registry), jvp_rules() if mode == "jvp" else contextlib.nullcontext():
+        s = directional_derivatives(f, mode=mode)(registry.trainable, tangent, chunked(E.to(registry.device),
+                                                                                       chunk_size))
     check_scalars(s, scalar_counts(s))
     return s
 

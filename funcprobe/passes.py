@@ -1,0 +1,120 @@
+"""The probe's passes over a ``ProbeRun``: the policy gradient of U, the step, s over E, δH ± SE.
+
+Each pass is a short composition of the run's two core calls with an objective of
+``funcprobe.core.objectives`` and the statistics of ``funcprobe.core.statistics``, reduced
+over the run's ranks. The entry points (``funcprobe.api``) and the influence split
+(``funcprobe.influence``) are built from these; none of them checks settings (done once by
+the entry points) or re-extracts the registry.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .core.objectives import Objective, entropy_objective, policy_gradient_objective, token_sum_objective
+from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
+from .core.rollouts import RolloutBatch
+from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
+from .core.steps import StepMap
+from .edge.optim import step_map
+from .edge.progress import log
+from .errors import NonFiniteError, NoSignalError, SettingsError
+from .run import ProbeRun
+
+
+def policy_gradient(run: ProbeRun, U: RolloutBatch) -> tuple[ParamTree, int, Objective]:
+    """(g = mean_{n∈U} ∇θ J[n] over all ranks, the global prompt count |U|, the objective J).
+
+    Raises ``ValueError`` when no rank has a prompt and ``NonFiniteError`` for a NaN/inf
+    gradient (naming the parameters), identically on every rank.
+    """
+    objective = policy_gradient_of(run, U)
+    total = run.comm.sum_tree(run.gradient(objective.on_logprobs(run.registry.logprob_fn()), U))
+    (count,) = run.comm.sum_floats([float(U.num_prompts)])
+    if count == 0:
+        raise ValueError("U: there are no update prompts (on any rank)")
+    gradient = tree_map(lambda t: t / count, total)
+    bad = sorted(n for n, g in gradient.items() if not bool(torch.isfinite(g).all()))
+    if bad:  # identical on every rank: decided after the all-reduce
+        weights = sorted(n for n in bad if not bool(torch.isfinite(run.registry.trainable[n]).all()))
+        raise NonFiniteError(
+            f"U: the policy gradient is NaN or inf at {len(bad)} parameter(s): {bad[:8]}"
+            + (f"; the weights themselves are non-finite at {weights[:8]}" if weights else
+               " (check U's advantages and the model's dtype)")
+        )
+    return gradient, int(count), objective
+
+
+def policy_gradient_of(run: ProbeRun, U: RolloutBatch) -> Objective:
+    """J of ``settings.loss_type`` (docs/definitions.md#trl-loss-types), or of the weighting.
+
+    ``dapo``/``bnpo`` need the completion-token count T and sequence count N of the whole
+    U: all-reduced here for ``dapo``; ``bnpo`` (TRL normalises each rank's micro-batch by
+    its own tokens) is refused across ranks.
+    """
+    loss_type = run.settings.loss_type
+    if loss_type is None:
+        return policy_gradient_objective(run.settings.weighting)
+    if loss_type in ("grpo", "dr_grpo"):
+        return policy_gradient_objective("per_token_avg" if loss_type == "grpo" else "dr_grpo")
+    if loss_type == "bnpo" and run.comm.distributed:
+        raise SettingsError("loss_type: 'bnpo' normalises each rank's micro-batch by its own token count, which "
+                            "is not modelled across ranks; use 'dapo' (TRL's default) or one process")
+    tokens, sequences = run.comm.sum_floats([float(U.response_lengths.sum()), float(U.num_prompts * U.group_size)])
+    if tokens == 0:
+        raise ValueError("U: there are no completion tokens (on any rank)")
+    return token_sum_objective(sequences / tokens)
+
+
+def update_direction(run: ProbeRun, U: RolloutBatch,
+                     optimizer: torch.optim.Optimizer | None) -> tuple[ParamTree, StepMap, bool]:
+    """(μY, the step map that made it, whether U's policy gradient was non-zero).
+
+    A zero policy gradient with a non-zero step (Adam's momentum or weight decay under
+    ``adam_step``/``optimizer_step``) is not an error: it is logged, and ``predict`` says
+    so in ``EntropyPrediction.policy_gradient_signal``. Raises ``NoSignalError`` when μY is
+    zero everywhere.
+    """
+    registry = run.registry
+    run.comm.handshake(registry.names, registry.numel(), run.settings.direction_code())
+    step = step_map(run.settings, optimizer, registry)
+    gradient, _, _ = policy_gradient(run, U)
+    mu = step(gradient)
+    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
+        raise NoSignalError(
+            f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
+            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
+        )
+    signal = tree_sq_norm(gradient) > 0.0
+    if not signal:
+        log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
+                    "weight decay only", step.name)
+    return mu, step, signal
+
+
+def scalars(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor]) -> Tensor:
+    """s ``[B_local]`` float64 = ⟨∇θ LX[n], μY⟩ of this rank's E (μY checked: names, shapes,
+    finite, non-zero)."""
+    check_like(run.registry.trainable, muY, "muY")
+    if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
+        raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
+    f = entropy_objective(run.settings.weighting).on_logprobs(run.registry.logprob_fn())
+    return run.derivatives(f, muY, E, f"funcprobe s[n] ({run.settings.mode})")
+
+
+def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: float) -> EntropyPrediction:
+    """δH = η·mean s over E (all ranks) with its E-conditional SE (``conditional_variance``)."""
+    registry, settings, comm = run.registry, run.settings, run.comm
+    if not comm.distributed and E.num_prompts < 2:
+        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
+    comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
+    s = scalars(run, E, muY)
+    totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
+    check_scalars(s, totals[2:])
+    if settings.gather_s:
+        s = comm.gather(s)
+    return EntropyPrediction.from_sums(s, totals[0], totals[1], int(totals[2]), lr=lr, mode=settings.mode,
+                                       weighting=settings.weighting)
