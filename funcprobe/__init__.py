@@ -51,6 +51,7 @@ from .core.transforms import directional_derivatives, summed_gradient
 from .edge.optim import read_adam_state
 
 from .edge.registry import ParamRegistry, unwrap_model
+from .influence import InfluenceRequest
 from .errors import (
     NoSignalError,
     NonFiniteError,
@@ -70,6 +71,7 @@ __all__ = [
     "EntropyPrediction",
     "EntropyProbe",
     "GroupInfluence",
+    "InfluenceRequest",
     "MODES",
     "NoSignalError",
     "NonFiniteError",

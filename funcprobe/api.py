@@ -333,8 +333,8 @@ class EntropyProbe:
 
 def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
                       optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
-                      groups: Mapping[str, Tensor] | None = None, matrix: bool = False,
-                      settings: ProbeSettings | None = None, **options: Any) -> EntropyInfluence:
+                      request: InfluenceRequest | None = None, settings: ProbeSettings | None = None,
+                      **options: Any) -> EntropyInfluence:
     """The predicted entropy change of the step on U, split over U's prompts, responses
     and tokens, with E-conditional standard errors.
 
@@ -344,12 +344,13 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
         U: update rollouts with ``advantages`` ``[B_U, G]``.
         optimizer, lr, settings, **options: as ``EntropyProbe`` (default
             ``step="optimizer_step"``: the Δθ ``optimizer.step()`` takes now).
-        groups: name → bool mask over this rank's U, ``[B_U, G]`` (responses) or
+        request: ``InfluenceRequest(groups=..., matrix=...)``, what is split besides the
+            prompts, responses and tokens (default: nothing):
+            ``groups``: name → bool mask over this rank's U, ``[B_U, G]`` (responses) or
             ``[B_U, G, T]`` (tokens; only response tokens count), e.g.
             ``{"correct": rewards > 0}``: each gets δH_S (the sum of its tokens' shares)
-            and SE_E.
-        matrix: also compute s[n, i] ``[B_E, B_U]`` and a SE per update prompt (one process
-            only; cost in the module docstring).
+            and SE_E; ``matrix``: also compute s[n, i] ``[B_E, B_U]`` and a SE per update
+            prompt (one process only; cost in ``funcprobe.influence``).
 
     Returns:
         ``EntropyInfluence``: ``delta_h`` = ``delta_h_baseline`` + ``per_prompt.sum()``
@@ -360,8 +361,9 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
         SettingsError (``ValueError``): a bad ``groups`` or ``matrix`` (named), and the
             errors of ``EntropyProbe`` and ``EntropyProbe.predict``.
     """
+    request = request or InfluenceRequest()
     probe = EntropyProbe(model, optimizer, lr=lr, settings=settings, **options)
-    return probe.influence(E, U, groups=groups, matrix=matrix)
+    return probe.influence(E, U, groups=request.groups or None, matrix=request.matrix)
 
 
 def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> EntropyPrediction | None:

@@ -23,7 +23,7 @@ with δH_baseline = η⟨μX, Δ(0)⟩ (Adam's momentum and weight decay) and
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -94,7 +94,7 @@ class InfluenceRequest:
     ``groups`` (name → ``[B_U, G, T]`` bool mask, ``check_groups``) and the ``matrix``
     s[n, i] (``check_matrix``)."""
 
-    groups: Mapping[str, Tensor]
+    groups: Mapping[str, Tensor] = field(default_factory=dict)
     matrix: bool = False
 
 

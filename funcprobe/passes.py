@@ -116,5 +116,5 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
     check_scalars(s, totals[2:])
     if settings.gather_s:
         s = comm.gather(s)
-    return EntropyPrediction.from_sums(s, totals[0], totals[1], int(totals[2]), lr=lr, mode=settings.mode,
+    return EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode,
                                        weighting=settings.weighting)

@@ -84,9 +84,11 @@ class EntropyPrediction:
     se_baseline: float | None = None
 
     @classmethod
-    def from_sums(cls, s: Tensor, sum_s: float, sum_s2: float, num_prompts: int, *, lr: float, mode: str,
+    def from_sums(cls, s: Tensor, totals: Sequence[float], *, lr: float, mode: str,
                   weighting: str) -> "EntropyPrediction":
-        """Assemble the statistics from Σs, Σs², B. Raises ``ValueError`` if B < 2."""
+        """Assemble the statistics from ``totals`` = (Σs, Σs², B) over all ranks (``s``: this
+        rank's scalars, kept as they are). Raises ``ValueError`` if B < 2."""
+        sum_s, sum_s2, num_prompts = totals[:3]
         B = int(num_prompts)
         if B < 2:
             raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {B}")

@@ -25,7 +25,6 @@ from .registry import ParamRegistry, adapter_activated
 from .token_chunks import chunked_mlps
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError
-from ..settings import ProbeSettings
 
 
 @contextlib.contextmanager
@@ -73,15 +72,6 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
         for m, training in modes:
             if m.training != training:
                 m.train(training)
-
-
-def session_for(registry: ParamRegistry, settings: "ProbeSettings", dtype: torch.dtype | None, *,
-                forward_mode: bool):
-    """``probe_session`` with the settings' dropout, attention and (``forward_mode``: the
-    passes are ``torch.func.jvp``) MLP chunking; ``dtype`` as ``probe_session``."""
-    return probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                         attention_block=settings.attention_block,
-                         mlp_chunk=settings.mlp_chunk if forward_mode else None)
 
 
 @contextlib.contextmanager

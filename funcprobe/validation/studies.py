@@ -268,7 +268,7 @@ def calibration_study(
         E = sample_fixed_length(model, [prompt_pool[i] for i in idx], group_size=d.group_size,
                                 response_len=d.response_len, seed=d.seed * 1_000_003 + r, max_len=d.max_len)
         s = objective_scalars(registry, E, muY, objective, mode=d.mode, chunk_size=d.prompts_per_batch)
-        res = EntropyPrediction.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=d.mode,
+        res = EntropyPrediction.from_sums(s, (float(s.sum()), float((s * s).sum()), len(s)), lr=lr, mode=d.mode,
                                           weighting=d.weighting)
         predicted.append(res.delta_h)
         ses.append(res.se)
