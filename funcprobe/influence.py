@@ -115,7 +115,7 @@ def influence(run: ProbeRun, E: RolloutBatch, U: RolloutBatch, step: StepMap, lr
     scale = lr * split.clip / count
 
     # μX = mean_n ∇LX[n] over E (all ranks)
-    lx = entropy_objective(run.settings.weighting).on_logprobs(registry.logprob_fn())
+    lx = entropy_objective(run.settings.weighting).on_logprobs(run.logprob_fn())
     mu_x = tree_map(lambda t: t / num_eval, comm.sum_tree(run.gradient(lx, E)))
 
     # every token's share: one JVP of U's token log-probs along η·c/|U|·q ⊙ μX
@@ -182,7 +182,7 @@ class _Shares:
 def _token_weighted_gradient(run: ProbeRun, U: RolloutBatch, weights: Tensor) -> ParamTree:
     """Σ_{n,g,t} weights[n,g,t]·∇ log π(y_{n,g,t}) over this rank's U (chunked backward; a
     chunk of zero weights is skipped where forwards are not collective)."""
-    token_fn = run.registry.token_logprob_fn()
+    token_fn = run.logprob_fn(per_token=True)
     total = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), run.theta)
     start = 0
     with run.session(forward_mode=False):
@@ -204,8 +204,8 @@ def _token_weighted_gradient(run: ProbeRun, U: RolloutBatch, weights: Tensor) ->
 
 def _matrix(run: ProbeRun, E: RolloutBatch, U: RolloutBatch, objective: Objective, shares: _Shares) -> Tensor:
     """``[B_E, B_U]`` s[n, i] = scale·⟨q ⊙ ∇LX[n], ∇J_i⟩ by min(B_E, B_U) passes (one process)."""
-    lx = entropy_objective(run.settings.weighting).on_logprobs(run.registry.logprob_fn())
-    j = objective.on_logprobs(run.registry.logprob_fn())
+    lx = entropy_objective(run.settings.weighting).on_logprobs(run.logprob_fn())
+    j = objective.on_logprobs(run.logprob_fn())
     E, U = run.batch(E), run.batch(U)
     one, other, fn_one, fn_other = (E, U, lx, j) if E.num_prompts <= U.num_prompts else (U, E, j, lx)
     rows = []

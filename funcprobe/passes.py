@@ -32,7 +32,7 @@ def policy_gradient(run: ProbeRun, U: RolloutBatch) -> tuple[ParamTree, int, Obj
     gradient (naming the parameters), identically on every rank.
     """
     objective = policy_gradient_of(run, U)
-    total = run.comm.sum_tree(run.gradient(objective.on_logprobs(run.registry.logprob_fn()), U))
+    total = run.comm.sum_tree(run.gradient(objective.on_logprobs(run.logprob_fn()), U))
     (count,) = run.comm.sum_floats([float(U.num_prompts)])
     if count == 0:
         raise ValueError("U: there are no update prompts (on any rank)")
@@ -101,7 +101,7 @@ def scalars(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor]) -> Tensor
     check_like(run.registry.trainable, muY, "muY")
     if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
         raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
-    f = entropy_objective(run.settings.weighting).on_logprobs(run.registry.logprob_fn())
+    f = entropy_objective(run.settings.weighting).on_logprobs(run.logprob_fn())
     return run.derivatives(f, muY, E, f"funcprobe s[n] ({run.settings.mode})")
 
 

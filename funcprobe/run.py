@@ -75,10 +75,15 @@ class ProbeRun:
     def sharding(self) -> Sharding:
         return self.registry.sharding
 
+    def logprob_fn(self, *, per_token: bool = False):
+        """S(θ, batch) ``[B, G]`` (or token log-probs ``[B, G, T]``) of the model, by its
+        sharding strategy (``ParamRegistry.logprob_fn``)."""
+        return self.sharding.logprob_fn(self.registry.module, self.registry.frozen, per_token=per_token)
+
     # ------------------------------------------------------------ inputs
     def batch(self, batch: RolloutBatch) -> RolloutBatch:
         """``batch`` on the model's device, inference tensors copied to normal ones."""
-        return as_normal_batch(batch, self.registry.device)
+        return as_normal_batch(batch, next(iter(self.theta.values())).device)
 
     def tangent(self, tree: Mapping[str, Tensor]) -> ParamTree:
         """``tree`` cast to θ's devices and dtypes (names and shapes checked by the caller)."""
@@ -109,9 +114,9 @@ class ProbeRun:
     def gradient(self, f: PromptFn, batch: RolloutBatch, label: str | None = None) -> ParamTree:
         """Σ_n ∇θ f(θ, batch)[n] over this rank's prompts of ``batch`` (float32 or wider; not
         all-reduced: ``comm.sum_tree`` does that)."""
-        batch = self.batch(batch)
+        chunks = self.chunks(self.batch(batch), "gradient", label)
         with self.session(forward_mode=False):
-            return summed_gradient(f)(self.theta, self.chunks(batch, "gradient", label))
+            return summed_gradient(f)(self.theta, chunks)
 
     def derivatives(self, f: PromptFn, tangent: Mapping[str, Tensor], batch: RolloutBatch,
                     label: str | None = None) -> Tensor:
@@ -119,10 +124,9 @@ class ProbeRun:
         ``settings.mode`` (``tangent`` cast by ``tangent()``)."""
         mode = self.settings.mode
         self.sharding.check_mode(mode)
-        batch = self.batch(batch)
+        tangent, chunks = self.tangent(tangent), self.chunks(self.batch(batch), mode, label)
         with self.session(forward_mode=mode == "jvp"):
-            return directional_derivatives(f, mode=mode)(self.theta, self.tangent(tangent),
-                                                         self.chunks(batch, mode, label))
+            return directional_derivatives(f, mode=mode)(self.theta, tangent, chunks)
 
     def token_derivatives(self, tangent: Mapping[str, Tensor], batch: RolloutBatch,
                           label: str | None = None) -> Tensor:
@@ -131,9 +135,9 @@ class ProbeRun:
         batch = self.batch(batch)
         if batch.num_prompts == 0 and not self.sharding.collective_forwards:
             return torch.zeros(batch.input_ids.shape, dtype=torch.float64, device=batch.input_ids.device)
+        tangent, chunks = self.tangent(tangent), self.chunks(batch, "jvp", label)
         with self.session(forward_mode=True):
-            out = directional_derivatives(self.registry.token_logprob_fn(), mode="jvp")(
-                self.theta, self.tangent(tangent), self.chunks(batch, "jvp", label))
+            out = directional_derivatives(self.logprob_fn(per_token=True), mode="jvp")(self.theta, tangent, chunks)
         if batch.num_prompts == 0:
             return torch.zeros(batch.input_ids.shape, dtype=torch.float64, device=batch.input_ids.device)
         return out

@@ -204,7 +204,7 @@ def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
 def test_deepspeed_zero3_is_refused_with_the_reason():
     """ZeRO-3 marks its partitioned parameters (``ds_id``, ``ds_status``); no DeepSpeed needed to check."""
     from funcprobe import UnsupportedModelError
-    from funcprobe.edge.fsdp import refuse_unsupported_sharding
+    from funcprobe.edge.sharding import refuse_unsupported_sharding
 
     model = gpt2()
     for i, p in enumerate(model.parameters()):

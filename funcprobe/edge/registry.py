@@ -18,8 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .fsdp import refuse_unsupported_sharding
-from .sharding import Replica, Sharding, sharding_of
+from .sharding import Replica, Sharding, refuse_unsupported_sharding, sharding_of
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError, UnsupportedModelError
 from ..settings import ParamSelection, ProbeSettings
@@ -40,7 +39,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         UnsupportedModelError: an FSDP1 or DeepSpeed ZeRO-3 model
-            (``funcprobe.edge.fsdp.refuse_unsupported_sharding``; FSDP2 is supported).
+            (``funcprobe.edge.sharding.refuse_unsupported_sharding``; FSDP2 is supported).
     """
     from accelerate.utils import extract_model_from_parallel
 

@@ -30,8 +30,8 @@ from ..core.logprobs import logprob_function
 from ..core.rollouts import RolloutBatch
 from ..core.transforms import chunk_count, chunked
 from .distributed import Communicator
-from ..errors import SettingsError
-from .fsdp import full_parameters, full_tensor, is_fsdp2, sharded_logprob_function
+from ..errors import SettingsError, UnsupportedModelError
+from .fsdp import full_parameters, full_tensor, sharded_logprob_function
 
 #: (θ, batch) ↦ [B, G] (or [B, G, T] per token)
 LogprobFn = Callable[[dict[str, Tensor], RolloutBatch], Tensor]
@@ -126,5 +126,44 @@ Sharding = Replica | FSDP2
 
 
 def sharding_of(module: nn.Module) -> Sharding:
-    """``FSDP2()`` when ``fully_shard`` was applied anywhere in ``module``, else ``Replica()``."""
+    """``FSDP2()`` when ``fully_shard`` was applied anywhere in ``module``, else ``Replica()``
+    (FSDP1 and DeepSpeed ZeRO-3 are refused before, by ``refuse_unsupported_sharding`` in
+    ``funcprobe.edge.registry.unwrap_model``)."""
     return FSDP2() if is_fsdp2(module) else Replica()
+
+
+def is_fsdp2(module: nn.Module) -> bool:
+    """True when ``fully_shard`` was applied anywhere in ``module`` (or it holds DTensor parameters)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
+        isinstance(p, DTensor) for p in module.parameters())
+
+
+def refuse_unsupported_sharding(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` for FSDP1 and DeepSpeed ZeRO-3 models, with the reason.
+
+    FSDP1 flattens each unit's parameters into one ``FlatParameter`` and re-creates the
+    original parameters as views of it at every forward, so there is no per-name slot to
+    put θ in; ZeRO-3 gathers partitioned parameters inside its own autograd Functions,
+    which ``torch.func`` transforms cannot run through. ZeRO stages 1–2 keep full
+    parameters (an ordinary module, as under DDP; not tested here).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise UnsupportedModelError(
+            "model: FSDP1 (FullyShardedDataParallel) is not supported: it flattens each unit's parameters into one "
+            "FlatParameter and rebuilds them as views at every forward, so the probe has no parameter slot to put "
+            "its tensors in. Use FSDP2 (torch.distributed.fsdp.fully_shard; verl: actor strategy 'fsdp2', "
+            "accelerate: fsdp_version 2), which the probe supports, or gather a full state dict into an unsharded "
+            "replica and probe that"
+        )
+    if any(hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None for p in model.parameters()):
+        raise UnsupportedModelError(
+            "model: DeepSpeed ZeRO-3 is not supported: it gathers partitioned parameters inside its own autograd "
+            "Functions, which torch.func's forward-mode transforms cannot run through. ZeRO stages 1-2 hold full "
+            "parameters and work like DDP; for stage 3, gather a full state dict into an unsharded replica"
+        )
+
