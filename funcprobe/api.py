@@ -81,7 +81,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
     registry = ParamRegistry.from_settings(model, settings)
     with checked_together(comm):
         registry.check_batch(U, "U")
-    return passes.update_direction(ProbeRun.of(registry, settings), U, optimizer)[0]
+    return passes.update_direction(ProbeRun.of(registry, settings), U, optimizer).mu
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
@@ -273,7 +273,7 @@ class EntropyProbe:
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
         registry = self._checked(U=U)
-        return passes.update_direction(ProbeRun.of(registry, self.settings), U, self.optimizer)[0]
+        return passes.update_direction(ProbeRun.of(registry, self.settings), U, self.optimizer).mu
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
@@ -281,19 +281,30 @@ class EntropyProbe:
         return passes.prediction(ProbeRun.of(registry, self.settings), E, muY, self._current_lr(registry))
 
     def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:
-        """Predicted entropy change of the step the optimizer would take on U, measured on E."""
+        """Predicted entropy change of the step the optimizer would take on U, measured on E.
+
+        When E is the update batch itself (the same object, or equal token ids and masks, as
+        in a trainer that probes its own batch), the estimate is the leave-one-out one
+        (``funcprobe.passes.leave_one_out``; ``estimator="leave_one_out"``), unbiased where
+        the plain mean over E = U counts each prompt's own contribution to the step; that
+        value stays in ``delta_h_same_batch``.
+        """
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         lr = self._current_lr(run.registry)
         t0 = time.perf_counter()
-        mu, step, signal = passes.update_direction(run, U, self.optimizer)
+        direction = passes.update_direction(run, U, self.optimizer)
         t1 = time.perf_counter()
-        result = passes.prediction(run, E, mu, lr)
+        if same_batch(E, U):  # the trainer's own batch: no prompt may score its own contribution
+            result = passes.leave_one_out(run, U, direction, lr)
+        else:
+            result = passes.prediction(run, E, direction.mu, lr)
         t2 = time.perf_counter()
         seconds = {"step": t1 - t0, "probe": t2 - t1}
         if self.settings.split_baseline:
-            result = result.with_baseline(_baseline(run, E, step, lr))
+            result = result.with_baseline(_baseline(run, E, direction.step, lr))
             seconds["baseline"] = time.perf_counter() - t2
-        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts, seconds, signal)
+        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(direction.mu)), U.num_prompts, seconds,
+                                direction.signal)
 
     def influence(self, E: RolloutBatch, U: RolloutBatch, *, groups: Mapping[str, Tensor] | None = None,
                   matrix: bool = False) -> "EntropyInfluence":
@@ -373,6 +384,15 @@ def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> Entro
     if tree_sq_norm(zero) == 0.0:
         return None
     return passes.prediction(run, E, zero, lr)
+
+
+def same_batch(E: RolloutBatch, U: RolloutBatch) -> bool:
+    """Whether E is the update batch U: the same object, or the same token ids and masks
+    (advantages are not compared: E's may be absent)."""
+    if E is U:
+        return True
+    return (E.input_ids.shape == U.input_ids.shape and torch.equal(E.input_ids.cpu(), U.input_ids.cpu())
+            and torch.equal(E.attention_mask.cpu(), U.attention_mask.cpu()))
 
 
 def _layout(registry: ParamRegistry) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,7 @@ the entry points) or re-extracts the registry.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -69,9 +70,29 @@ def policy_gradient_of(run: ProbeRun, U: RolloutBatch) -> Objective:
     return token_sum_objective(sequences / tokens)
 
 
-def update_direction(run: ProbeRun, U: RolloutBatch,
-                     optimizer: torch.optim.Optimizer | None) -> tuple[ParamTree, StepMap, bool]:
-    """(μY, the step map that made it, whether U's policy gradient was non-zero).
+@dataclass(frozen=True)
+class Direction:
+    """The step of an update batch and what it was made from.
+
+    Attributes:
+        mu: μY = step(gradient), name → tensor.
+        step: the ``StepMap`` (read from the optimizer).
+        gradient: g = mean_{i∈U} ∇J_i over all ranks.
+        count: |U|, the prompts over all ranks.
+        objective: J, the policy-gradient objective of the settings.
+        signal: whether g is non-zero.
+    """
+
+    mu: ParamTree
+    step: StepMap
+    gradient: ParamTree
+    count: int
+    objective: Objective
+    signal: bool
+
+
+def update_direction(run: ProbeRun, U: RolloutBatch, optimizer: torch.optim.Optimizer | None) -> Direction:
+    """μY of U under the settings' step map, with what made it (``Direction``).
 
     A zero policy gradient with a non-zero step (Adam's momentum or weight decay under
     ``adam_step``/``optimizer_step``) is not an error: it is logged, and ``predict`` says
@@ -81,7 +102,7 @@ def update_direction(run: ProbeRun, U: RolloutBatch,
     registry = run.registry
     run.comm.handshake(registry.names, registry.numel(), run.settings.direction_code())
     step = step_map(run.settings, optimizer, registry)
-    gradient, _, _ = policy_gradient(run, U)
+    gradient, count, objective = policy_gradient(run, U)
     mu = step(gradient)
     if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
         raise NoSignalError(
@@ -92,7 +113,7 @@ def update_direction(run: ProbeRun, U: RolloutBatch,
     if not signal:
         log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
                     "weight decay only", step.name)
-    return mu, step, signal
+    return Direction(mu=mu, step=step, gradient=gradient, count=count, objective=objective, signal=signal)
 
 
 def scalars(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor]) -> Tensor:
@@ -118,3 +139,42 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
         s = comm.gather(s)
     return EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode,
                                        weighting=settings.weighting)
+
+
+def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float) -> EntropyPrediction:
+    """δH of ``direction``'s step estimated on its own update batch U without self-influence.
+
+    For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step the optimizer
+    would take without it, Δ_{-n} = step((|U|·g − ∇J_n)/(|U| − 1)) (exactly through the step
+    map: clipping, Adam's moments and learning rates included), and t[n] = ⟨∇LX[n], Δ_{-n}⟩
+    (a one-prompt JVP). No t[n] contains prompt n's own contribution to the step, so for a
+    step linear in g (SGD, frozen Adam) mean t is unbiased for the expected change of the step,
+    E[⟨∇H, Δ⟩] (a U-statistic); s over U along the full step, which is not, is kept as
+    ``delta_h_same_batch`` (docs/derivations.md#leave-one-out). SE: sd(t)/sqrt(|U|), the
+    spread over the evaluation side as for SE_E. Cost: one JVP pass over U (the same-batch
+    value) plus |U| one-prompt backward and JVP passes.
+
+    Raises ``ValueError`` for |U| < 2 (over all ranks) and the errors of ``prediction``.
+    """
+    registry, settings, comm = run.registry, run.settings, run.comm
+    count = direction.count
+    if count < 2:
+        raise ValueError(f"U: the leave-one-out estimate needs at least 2 update prompts, got {count}")
+    same = prediction(run, U, direction.mu, lr)
+    lx = entropy_objective(settings.weighting).on_logprobs(run.logprob_fn())
+    j = direction.objective.on_logprobs(run.logprob_fn())
+    g = direction.gradient
+    t = []
+    for chunk, keep in run.prompts(U):
+        own = run.gradient_over(j, [(chunk, keep)])
+        without = direction.step({n: (count * g[n] - own[n].to(g[n].dtype)) / (count - 1) for n in g})
+        d = run.derivatives_over(lx, without, [(chunk, keep)])
+        if keep:
+            t.append(d)
+    t = torch.cat(t) if t else torch.zeros(0, dtype=torch.float64)
+    totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
+    check_scalars(t, totals[2:])
+    if settings.gather_s:
+        t = comm.gather(t)
+    result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
+    return replace(result, estimator="leave_one_out", delta_h_same_batch=same.delta_h, se_same_batch=same.se)

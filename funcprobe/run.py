@@ -111,10 +111,18 @@ class ProbeRun:
             yield
 
     # ------------------------------------------------------------ the two core calls
+    def prompts(self, batch: RolloutBatch) -> Chunks:
+        """This rank's prompts of ``batch`` one at a time, as ``(one-prompt batch, keep)`` pairs
+        (equal counts on every rank where forwards are collective)."""
+        return self.sharding.chunks(self.batch(batch), 1, self.comm)
+
     def gradient(self, f: PromptFn, batch: RolloutBatch, label: str | None = None) -> ParamTree:
         """Σ_n ∇θ f(θ, batch)[n] over this rank's prompts of ``batch`` (float32 or wider; not
         all-reduced: ``comm.sum_tree`` does that)."""
-        chunks = self.chunks(self.batch(batch), "gradient", label)
+        return self.gradient_over(f, self.chunks(self.batch(batch), "gradient", label))
+
+    def gradient_over(self, f: PromptFn, chunks: Chunks) -> ParamTree:
+        """``gradient`` over given ``(chunk, keep)`` pairs (``chunks``, ``prompts``)."""
         with self.session(forward_mode=False):
             return summed_gradient(f)(self.theta, chunks)
 
@@ -122,9 +130,13 @@ class ProbeRun:
                     label: str | None = None) -> Tensor:
         """``[B_local]`` float64 d/dε f(θ + ε·tangent)[n] over this rank's prompts, by
         ``settings.mode`` (``tangent`` cast by ``tangent()``)."""
+        return self.derivatives_over(f, tangent, self.chunks(self.batch(batch), self.settings.mode, label))
+
+    def derivatives_over(self, f: PromptFn, tangent: Mapping[str, Tensor], chunks: Chunks) -> Tensor:
+        """``derivatives`` over given ``(chunk, keep)`` pairs (``chunks``, ``prompts``)."""
         mode = self.settings.mode
         self.sharding.check_mode(mode)
-        tangent, chunks = self.tangent(tangent), self.chunks(self.batch(batch), mode, label)
+        tangent = self.tangent(tangent)
         with self.session(forward_mode=mode == "jvp"):
             return directional_derivatives(f, mode=mode)(self.theta, tangent, chunks)
 

@@ -59,6 +59,13 @@ class EntropyPrediction:
             gradient: Adam's momentum and weight decay) and its SE; ``delta_h −
             delta_h_baseline`` is the part the update batch drives
             (docs/derivations.md#baseline-split).
+        estimator: how δH was estimated from E: ``"independent"`` (E is not the update
+            batch: mean of s over E, SE conditional on U) or ``"leave_one_out"`` (E is the
+            update batch U itself: each prompt's s against the step without its own
+            gradient, so no prompt scores its own contribution; docs/derivations.md#leave-one-out).
+        delta_h_same_batch, se_same_batch: with ``"leave_one_out"``, the value E = U gives
+            without it (mean of s over U along the full step; biased upwards in magnitude by
+            each prompt's own contribution) and its spread-based SE, for comparison.
 
     Deprecated attribute names (``bars_dot``, ``var_e``, ``se_e``, ``mu_y_norm``,
     ``direction``, ``result``) still read, with a ``DeprecationWarning``.
@@ -78,6 +85,9 @@ class EntropyPrediction:
     step: str | None = None
     step_norm: float | None = None
     num_update_prompts: int | None = None
+    estimator: str = "independent"
+    delta_h_same_batch: float | None = None
+    se_same_batch: float | None = None
     policy_gradient_signal: bool | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     delta_h_baseline: float | None = None
@@ -128,6 +138,9 @@ class EntropyPrediction:
             "sum_s": self.sum_s, "sum_s2": self.sum_s2, "mode": self.mode, "weighting": self.weighting,
             "s": [float(x) for x in self.s.tolist()],
         }
+        out["estimator"] = self.estimator
+        if self.delta_h_same_batch is not None:
+            out.update(delta_h_same_batch=self.delta_h_same_batch, se_same_batch=self.se_same_batch)
         if self.delta_h_baseline is not None:
             out.update(delta_h_baseline=self.delta_h_baseline, se_baseline=self.se_baseline)
         if self.step is not None:
