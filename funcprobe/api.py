@@ -297,7 +297,7 @@ def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, T
     derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=chunk_size,
                                           wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress),
                                           min_chunks=min_chunks(registry, comm, E, chunk_size),
-                                          rules=not settings.generic_jvp)
+                                          rules=False if settings.generic_jvp else settings.kernels)
     with session_for(registry, settings, dtype, forward_mode=settings.mode == "jvp"):
         return derivatives(theta, tangent, E)
 

@@ -200,7 +200,8 @@ def _token_derivatives(registry: ParamRegistry, U: RolloutBatch, tangent: ParamT
     derivatives = directional_derivatives(
         registry.token_logprob_fn(), mode="jvp", chunk_size=chunk,
         wrap=chunk_progress("funcprobe token shares (jvp)", settings.progress),
-        min_chunks=min_chunks(registry, comm, U, chunk), rules=not settings.generic_jvp)
+        min_chunks=min_chunks(registry, comm, U, chunk),
+        rules=False if settings.generic_jvp else settings.kernels)
     with session_for(registry, settings, dtype, forward_mode=True):
         out = derivatives(primal(registry, dtype), tangent, U)
     if U.num_prompts == 0:
@@ -269,7 +270,7 @@ def _matrix(registry: ParamRegistry, E: RolloutBatch, U: RolloutBatch, theta: Pa
         rows, (one, other, fn_one, fn_other) = [], (U, E, j, lx)
     derivatives = directional_derivatives(fn_other, mode="jvp",
                                           chunk_size=chunk_size_for(settings, registry, other, "jvp"),
-                                          rules=not settings.generic_jvp)
+                                          rules=False if settings.generic_jvp else settings.kernels)
     single = summed_gradient(fn_one, chunk_size=1)
     with session_for(registry, settings, dtype, forward_mode=True):
         for k in chunk_progress("funcprobe s[n, i] matrix", settings.progress)(range(one.num_prompts),

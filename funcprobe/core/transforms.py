@@ -9,7 +9,7 @@ prompts and the results concatenated; results do not depend on the chunk size.
 
 * ``directional_derivatives(f)`` → ``(θ, tangent, batch) ↦ d/dε f(θ + ε·tangent)[n]``
   ``[B]`` float64: ``mode="jvp"``: one ``torch.func.jvp`` per chunk (one primal plus one
-  tangent pass), under ``funcprobe.core.jvp_rules`` unless ``rules=False``;
+  tangent pass), under ``funcprobe.forward.rules.jvp_rules`` unless ``rules=False``;
   ``mode="vjp"``: the seeds' α-trick, s = ∂/∂α ⟨∇θ Σ_n α_n f[n], tangent⟩ at α = 1,
   reverse over reverse (docs/definitions.md#alpha-trick).
 * ``summed_gradient(f)`` → ``(θ, batch) ↦ Σ_n ∇θ f[n]`` (float32 or wider), one
@@ -30,10 +30,10 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .objectives import PromptFn
-from .jvp_rules import jvp_rules
 from .pytree import ParamTree, tree_map, tree_vdot
 from .rollouts import RolloutBatch
 from ..errors import UnreachableDirectionError
+from ..forward.rules import jvp_rules, kernel_module
 
 #: wraps the iterable of chunk start indices (e.g. a tqdm bar); identity by default
 ChunkWrapper = Callable[[Iterable[int], int], Iterable[int]]
@@ -62,7 +62,7 @@ def chunk_count(batch: RolloutBatch, chunk_size: int) -> int:
 
 def directional_derivatives(
     f: PromptFn, *, mode: str = "jvp", chunk_size: int = 8, wrap: ChunkWrapper = _plain, min_chunks: int = 0,
-    rules: bool = True,
+    rules: bool | str = True,
 ) -> Callable[[ParamTree, Mapping[str, Tensor], RolloutBatch], Tensor]:
     """Return ``(theta, tangent, batch) ↦ [B]`` float64 directional derivatives of ``f``.
 
@@ -73,17 +73,22 @@ def directional_derivatives(
         wrap: ``wrap(starts, total)`` wraps the chunk loop (progress bars).
         min_chunks: call ``f`` at least this often, on a placeholder batch whose results
             are discarded (ranks of a sharded model whose every forward is a collective).
-        rules: in ``"jvp"`` mode, run ``torch.func.jvp`` under ``funcprobe.core.jvp_rules``
+        rules: in ``"jvp"`` mode, run ``torch.func.jvp`` under ``funcprobe.forward.rules.jvp_rules``
             (linear layers, matrix products, attention, SiLU and the LM head's log-probs with
-            tangents that skip frozen tensors: same values, fewer products); False: PyTorch's generic
-            forward-AD formulas (the reference the rules are tested against).
+            tangents that skip frozen tensors: same values, fewer products): True or ``"off"``
+            without attention kernels, ``"triton"`` with the Triton attention kernels where they
+            apply (the ``kernels`` setting); False: PyTorch's generic forward-AD formulas (the
+            reference the rules are tested against).
 
     The returned function's ``tangent`` must have ``theta``'s names, shapes, dtypes and
     devices. An empty batch (B = 0, an empty data-parallel shard) gives an empty result.
-    Raises ``ValueError`` for an unknown ``mode``.
+    Raises ``ValueError`` for an unknown ``mode``, ``SettingsError`` naming ``kernels`` for an
+    unknown string ``rules`` or ``"triton"`` without Triton, before any work.
     """
     if mode not in ("jvp", "vjp"):
         raise ValueError(f"mode: expected 'jvp' or 'vjp', got {mode!r}")
+    kernels = rules if isinstance(rules, str) else "off"
+    kernel_module(kernels)
 
     def derivatives(theta: ParamTree, tangent: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
         out = []
@@ -93,7 +98,7 @@ def directional_derivatives(
                 return f(t, chunk)
 
             if mode == "jvp":
-                with jvp_rules() if rules else contextlib.nullcontext():
+                with jvp_rules(kernels) if rules else contextlib.nullcontext():
                     _, d = jvp(f_chunk, (theta,), (dict(tangent),))
             else:
                 d = _alpha_trick(f_chunk, theta, tangent, chunk.num_prompts)
