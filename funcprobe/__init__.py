@@ -15,8 +15,9 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
   ``policy_gradient_surrogate`` (J), the step maps and the transforms
   (``funcprobe.core``).
 
-Layout (imports point one way, core ← edge ← api ← apps): ``funcprobe.core`` (pure
-maths), ``funcprobe.edge`` (side effects), ``funcprobe.api`` (entry points),
+Layout (imports point one way, forward ← core ← edge ← api ← apps): ``funcprobe.forward``
+(forward-mode operators: the rules mode, LM head, attention, Triton kernels),
+``funcprobe.core`` (pure maths), ``funcprobe.edge`` (side effects), ``funcprobe.api`` (entry points),
 ``funcprobe.io`` (files), ``funcprobe.validation`` (ground-truth studies),
 ``funcprobe.integrations`` (TRL), ``funcprobe.apps`` (demo, command line, plots).
 """

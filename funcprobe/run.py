@@ -11,7 +11,7 @@ per call; the run then owns
   (``funcprobe.edge.sharding``: own chunks, or equal counts on FSDP2) and wrapped in a
   progress bar;
 * the session (``funcprobe.edge.session``): modes, adapter, attention, precision and, for
-  forward-mode passes, the rules mode of ``funcprobe.core.jvp_rules``;
+  forward-mode passes, the rules mode of ``funcprobe.forward.rules`` (Triton kernels per ``settings.kernels``);
 * the two core calls (``funcprobe.core.transforms``): ``gradient`` (Σ_n ∇θ f[n] over this
   rank's prompts) and ``derivatives`` (d/dε f(θ + ε·tangent)[n] per prompt).
 
@@ -27,7 +27,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from .core.jvp_rules import jvp_rules
+from .forward.rules import jvp_rules
 from .core.objectives import PromptFn
 from .core.pytree import ParamTree, tree_map
 from .core.rollouts import RolloutBatch
@@ -102,9 +102,9 @@ class ProbeRun:
     @contextlib.contextmanager
     def session(self, *, forward_mode: bool) -> Iterator[None]:
         """``probe_session`` with the settings' dropout, attention, precision and (forward-mode
-        passes) MLP chunking and the rules mode (unless ``generic_jvp``)."""
+        passes) MLP chunking and the rules mode (unless ``generic_jvp``; kernels per ``kernels``)."""
         settings = self.settings
-        rules = jvp_rules() if forward_mode and not settings.generic_jvp else contextlib.nullcontext()
+        rules = jvp_rules(settings.kernels) if forward_mode and not settings.generic_jvp else contextlib.nullcontext()
         with probe_session(self.registry, keep_dropout=settings.keep_dropout, dtype=self.dtype,
                            attention_block=settings.attention_block,
                            mlp_chunk=settings.mlp_chunk if forward_mode else None), rules:

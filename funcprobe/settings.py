@@ -35,6 +35,8 @@ MODES = ("jvp", "vjp")
 PRECISIONS = ("auto", "float32", "model")
 #: parameter selections besides an explicit list of names
 PARAM_SELECTIONS = ("trainable", "lora")
+#: attention kernels inside the forward-mode rules (funcprobe.forward.rules.KERNELS)
+KERNELS = ("off", "triton")
 
 ParamSelection = Union[str, Sequence[str]]
 
@@ -112,7 +114,7 @@ class ProbeSettings:
         None,
         "keys per block of funcprobe's blockwise causal attention (online softmax in plain PyTorch, the "
         "tangent carried block by block: no [T x T] scores, primal or tangent) for the probe's forwards; "
-        "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.core.attention)",
+        "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.forward.attention)",
     )
     mlp_chunk: int | None = _opt(
         2048,
@@ -123,8 +125,15 @@ class ProbeSettings:
     generic_jvp: bool = _opt(
         False,
         "run forward mode with PyTorch's generic forward-AD formulas instead of funcprobe's rules "
-        "(funcprobe.core.jvp_rules: linear layers, matrix products, attention, SiLU and the LM head's "
+        "(funcprobe.forward.rules: linear layers, matrix products, attention, SiLU and the LM head's "
         "log-probs with tangents that skip frozen weights); same values to rounding, slower; for checking",
+    )
+    kernels: str = _opt(
+        "off",
+        "attention kernels in forward mode (mode jvp, funcprobe.forward.rules): off (SDPA calls take the "
+        "closed-form rule) or triton (the Triton flash kernels for the SDPA calls they cover on CUDA, the rule "
+        "for the others; needs Triton; same values to rounding, not faster at batch scale on an H200)",
+        choices=KERNELS,
     )
     params: ParamSelection = _opt(
         "trainable",
@@ -163,6 +172,14 @@ class ProbeSettings:
         _choice("weighting", self.weighting, WEIGHTINGS)
         _choice("mode", self.mode, MODES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("kernels", self.kernels, KERNELS)
+        if self.kernels != "off":
+            if self.mode != "jvp" or self.generic_jvp:
+                raise SettingsError(f"kernels: {self.kernels!r} runs inside the forward-mode rules, which mode="
+                                    f"{self.mode!r} / generic_jvp={self.generic_jvp!r} do not use; set kernels='off'")
+            from .forward.rules import kernel_module  # imports Triton: only when it is chosen
+
+            kernel_module(self.kernels)  # SettingsError naming kernels where Triton cannot be imported
         if self.loss_type is not None:
             _choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.chunk_size is not None:

@@ -1,4 +1,4 @@
-"""Test-session setup: without CUDA, Triton's kernels (funcprobe.core.triton_attention) can
+"""Test-session setup: without CUDA, Triton's kernels (funcprobe.forward.triton) can
 run only in Triton's interpreter, which Triton chooses when its modules are imported; so
 ``TRITON_INTERPRET=1`` is set here, before anything imports Triton (no other code reads it)."""
 

@@ -3,8 +3,7 @@
 | module | concept |
 | --- | --- |
 | ``registry`` | ``ParamRegistry``: the canonical module (accelerate's unwrapping, FSDP refusal), the adapter, name→tensor pytrees, the pure S(θ, batch) handed to the core |
-| ``session`` | ``probe_session``: modes, adapter, attention, inference mode, input-require-grads hooks, all restored |
-| ``attention`` | a differentiable attention implementation for the probe's forwards |
+| ``session`` | ``probe_session``: modes, adapter, attention (``funcprobe.forward.attention_impl``), inference mode, input-require-grads hooks, all restored |
 | ``optim`` | reads a live ``torch.optim.Adam``/``AdamW`` by name into the core's step maps |
 | ``distributed`` | ``Communicator``: handshake, all-reduce, gather over ``torch.distributed`` |
 | ``progress`` | tqdm bars and the ``funcprobe`` logger |

@@ -19,11 +19,11 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .attention import blockwise_attention, probe_attention
 from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
 from .token_chunks import chunked_mlps
 from ..core.rollouts import RolloutBatch
+from ..forward.attention_impl import blockwise_attention, probe_attention
 from ..errors import SettingsError
 
 
@@ -39,7 +39,7 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
         dtype: compute the forwards in this dtype, upcasting low-precision layers on the
             fly (``funcprobe.edge.precision.upcast_layerwise``); None: the model's dtypes.
         attention_block: run attention blockwise with this many keys per block
-            (``funcprobe.edge.attention.blockwise_attention``); None: the model's own.
+            (``funcprobe.forward.attention_impl.blockwise_attention``); None: the model's own.
         mlp_chunk: run the model's MLP blocks on at most this many tokens per call
             (``funcprobe.edge.token_chunks``; for forward-mode passes); None: all at once.
 

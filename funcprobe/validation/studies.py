@@ -30,7 +30,7 @@ from ..core.exact import enumeration_batch, exact_entropy_objective
 from ..core.objectives import Objective, entropy_objective, weighted_logprobs
 from ..core.rollouts import RolloutBatch
 from ..core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_counts
-from ..core.jvp_rules import jvp_rules
+from ..forward.rules import jvp_rules
 from ..core.transforms import chunked, directional_derivatives
 from ..edge.registry import ParamRegistry
 from ..edge.rng import seeded
