@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -177,9 +178,9 @@ class ProbeSettings:
             if self.mode != "jvp" or self.generic_jvp:
                 raise SettingsError(f"kernels: {self.kernels!r} runs inside the forward-mode rules, which mode="
                                     f"{self.mode!r} / generic_jvp={self.generic_jvp!r} do not use; set kernels='off'")
-            from .forward.rules import kernel_module  # imports Triton: only when it is chosen
-
-            kernel_module(self.kernels)  # SettingsError naming kernels where Triton cannot be imported
+            if importlib.util.find_spec("triton") is None:  # the rules mode imports it (funcprobe.forward.rules)
+                raise SettingsError("kernels: 'triton' needs Triton, which is not installed here (pip install "
+                                    "triton, or kernels='off')")
         if self.loss_type is not None:
             _choice("loss_type", self.loss_type, LOSS_TYPES)
         if self.chunk_size is not None:

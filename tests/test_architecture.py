@@ -38,7 +38,7 @@ LAYERS = [
 #: kernels (an op schema takes flat tensors), torch.autograd.Function methods (autograd
 #: tracks tangents of tensor arguments only), and callables whose signature mirrors the API
 #: they stand in for
-EXEMPT_DECORATORS = {"jit", "custom_op", "register_fake"}
+EXEMPT_DECORATORS = {"jit", "_jit", "custom_op", "register_fake"}  # _jit: funcprobe.forward.triton's triton.jit
 EXEMPT_FUNCTIONS = {
     "_sdpa_arguments": "mirrors torch.nn.functional.scaled_dot_product_attention's signature",
     "attention": "transformers' attention-interface signature (module, q, k, v, mask, scaling, dropout, **kw)",
