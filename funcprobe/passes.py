@@ -144,15 +144,17 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
 def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float) -> EntropyPrediction:
     """δH of ``direction``'s step estimated on its own update batch U without self-influence.
 
-    For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step the optimizer
-    would take without it, Δ_{-n} = step((|U|·g − ∇J_n)/(|U| − 1)) (exactly through the step
-    map: clipping, Adam's moments and learning rates included), and t[n] = ⟨∇LX[n], Δ_{-n}⟩
-    (a one-prompt JVP). No t[n] contains prompt n's own contribution to the step, so for a
-    step linear in g (SGD, frozen Adam) mean t is unbiased for the expected change of the step,
-    E[⟨∇H, Δ⟩] (a U-statistic); s over U along the full step, which is not, is kept as
-    ``delta_h_same_batch`` (docs/derivations.md#leave-one-out). SE: sd(t)/sqrt(|U|), the
-    spread over the evaluation side as for SE_E. Cost: one JVP pass over U (the same-batch
-    value) plus |U| one-prompt backward and JVP passes.
+    For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step with n's own
+    gradient replaced by the mean of the others' g_{-n} = (|U|·g − ∇J_n)/(|U| − 1),
+    Δ_n = Δ(g) − JΔ(g)·(∇J_n − g_{-n})/|U| (``_without_own``: first order through the exact
+    step map, exactly Δ(g_{-n}) for a step linear in g), and t[n] = ⟨∇LX[n], Δ_n⟩ (a
+    one-prompt JVP). No t[n] scores prompt n's own contribution to the step: for a step
+    linear in g (SGD, frozen Adam) mean t is unbiased for the expected change of the step,
+    E[⟨∇H, Δ⟩] (a U-statistic); for the real Adam step to first order in one prompt's share.
+    s over U along the full step, which counts it, is kept as ``delta_h_same_batch``
+    (docs/derivations.md#leave-one-out). SE: sd(t)/sqrt(|U|), the spread over the evaluation
+    side as for SE_E. Cost: one JVP pass over U (the same-batch value) plus |U| one-prompt
+    backward and JVP passes.
 
     Raises ``ValueError`` for |U| < 2 (over all ranks) and the errors of ``prediction``.
     """
@@ -167,14 +169,25 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     t = []
     for chunk, keep in run.prompts(U):
         own = run.gradient_over(j, [(chunk, keep)])
-        without = direction.step({n: (count * g[n] - own[n].to(g[n].dtype)) / (count - 1) for n in g})
-        d = run.derivatives_over(lx, without, [(chunk, keep)])
+        d = run.derivatives_over(lx, _without_own(direction, own), [(chunk, keep)])
         if keep:
             t.append(d)
     t = torch.cat(t) if t else torch.zeros(0, dtype=torch.float64)
     totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
-    check_scalars(t, totals[2:])
+    if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
+        check_scalars(t, totals[2:])
     if settings.gather_s:
         t = comm.gather(t)
     result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
     return replace(result, estimator="leave_one_out", delta_h_same_batch=same.delta_h, se_same_batch=same.se)
+
+
+def _without_own(direction: Direction, own: ParamTree) -> ParamTree:
+    """Δ(g) − JΔ(g)·(own − g_{-n})/|U|: the step with prompt n's gradient replaced by the mean
+    of the others' (independent of prompt n), to first order through the exact step map (one
+    JVP of the step map: clipping, Adam's moments and learning rates included); for a step
+    linear in g this is exactly Δ(g_{-n}), the step on U without prompt n."""
+    g, count = direction.gradient, direction.count
+    v = {n: (own[n].to(g[n].dtype) - (count * g[n] - own[n].to(g[n].dtype)) / (count - 1)) / count for n in g}
+    mu, dmu = torch.func.jvp(direction.step, (dict(g),), (v,))
+    return {n: mu[n] - dmu[n] for n in mu}

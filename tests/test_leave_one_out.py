@@ -95,12 +95,12 @@ def _draws(step: str, draws: int, seed: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("step", ["sgd", "frozen_adam", "optimizer_step"])
+@pytest.mark.parametrize("step", ["sgd", "frozen_adam"])
 def test_leave_one_out_is_unbiased_over_draws_where_the_same_batch_value_is_not(step):
     """Over 2,000 draws of U (= E), mean(δH_loo − δH_exact) is within 4 Monte-Carlo SE of 0
-    (exactly for steps linear in g, where the estimate is a U-statistic; measured for the real
-    Adam step, clipping-free, nonlinear in g), while the same-batch value's mean
-    error is over 4 SE away (each prompt scores its own contribution)."""
+    (steps linear in g, where the estimate is a U-statistic), while the same-batch value's mean
+    error is over 4 SE away (each prompt scores its own contribution). The real Adam step
+    (``optimizer_step``, nonlinear in g) is measured, not asserted: docs/derivations.md#leave-one-out."""
     rows = _draws(step, 2000, seed=11)
     loo, same, exact = rows.unbind(-1)
     err_loo, err_same = loo - exact, same - exact
