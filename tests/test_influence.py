@@ -11,7 +11,7 @@ from funcprobe import EntropyProbe, SettingsError
 from funcprobe.core.influence import split_step
 from funcprobe import AdamHyper, AdamState, StepMap, frozen_adam, optimizer_step_map, sgd
 from funcprobe.influence import entropy_influence
-from funcprobe.validation.studies import SoftmaxBandit, bandit_rollouts
+from bandit import SoftmaxBandit, bandit_rollouts
 from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
 
 MAX_LEN = 6.0
@@ -292,7 +292,7 @@ def test_influence_leaves_model_grads_and_optimizer_alone(trained):
 
 
 def test_token_covariance_is_verls_score_and_spearman_handles_ties():
-    from funcprobe.validation.token_covariance import spearman, token_covariance, top_fraction_mask
+    from token_covariance import spearman, token_covariance, top_fraction_mask
 
     gen = torch.Generator().manual_seed(5)
     logp = -torch.rand(2, 3, 5, generator=gen, dtype=torch.float64)
