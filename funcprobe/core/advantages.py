@@ -12,7 +12,6 @@ not recompute them.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 #: the values of ``scale_rewards`` (TRL's names)
