@@ -12,8 +12,10 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
 * ``entropy_influence(model, E, U, optimizer=...)`` / ``EntropyProbe.influence``: δH
   split exactly over U's prompts, responses and tokens, with SEs (``funcprobe.influence``);
 * the pure core: ``sequence_logprobs`` (S), ``entropy_surrogate`` (LX),
-  ``policy_gradient_surrogate`` (J), the step maps and the transforms
-  (``funcprobe.core``).
+  ``policy_gradient_surrogate`` (J), the transforms (``funcprobe.core``);
+* the step maps as optax-style ``StepMap`` values: ``sgd``, ``frozen_adam``,
+  ``adam_next_step``, ``clip_by_global_norm``, ``scale_by_lr``, ``chain``,
+  ``optimizer_step_map`` (``funcprobe.core.steps``).
 
 Layout (imports point one way, forward ← core ← edge ← api ← apps): ``funcprobe.forward``
 (forward-mode operators: the rules mode, LM head, attention, Triton kernels),
@@ -47,7 +49,20 @@ from .core.objectives import (
 )
 from .core.rollouts import RolloutBatch
 from .core.statistics import EntropyPrediction
-from .core.steps import AdamState, StepMap, adam_preconditioner, adam_step, frozen_adam, sgd
+from .core.steps import (
+    AdamHyper,
+    AdamState,
+    ClipByGlobalNorm,
+    StepMap,
+    adam_next_step,
+    adam_preconditioner,
+    chain,
+    clip_by_global_norm,
+    frozen_adam,
+    optimizer_step_map,
+    scale_by_lr,
+    sgd,
+)
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.optim import read_adam_state
 
@@ -67,7 +82,9 @@ from .settings import MODES, STEPS, WEIGHTINGS, ProbeSettings
 __version__ = "0.2.0"
 
 __all__ = [
+    "AdamHyper",
     "AdamState",
+    "ClipByGlobalNorm",
     "EntropyInfluence",
     "EntropyPrediction",
     "EntropyProbe",
@@ -88,8 +105,10 @@ __all__ = [
     "UnreachableDirectionError",
     "UnsupportedModelError",
     "WEIGHTINGS",
+    "adam_next_step",
     "adam_preconditioner",
-    "adam_step",
+    "chain",
+    "clip_by_global_norm",
     "conditional_variance",
     "directional_derivatives",
     "entropy_influence",
@@ -97,10 +116,12 @@ __all__ = [
     "entropy_surrogate",
     "errors",
     "frozen_adam",
+    "optimizer_step_map",
     "policy_gradient_objective",
     "policy_gradient_surrogate",
     "probe_scalars",
     "read_adam_state",
+    "scale_by_lr",
     "sequence_logprobs",
     "sgd",
     "step_from_gradient",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from funcprobe import EntropyProbe
-from funcprobe.validation.studies import SoftmaxBandit, bandit_rollouts, covariance_entropy_derivative
+from bandit import SoftmaxBandit, bandit_rollouts, covariance_entropy_derivative
 from helpers import live_params, random_rollouts, reference_LX, reference_S
 from test_influence import MAX_LEN, _dot, _grad, _reference, trained  # noqa: F401  (fixture)
 

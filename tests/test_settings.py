@@ -207,7 +207,7 @@ def test_library_leaves_global_state_alone(tmp_path, monkeypatch):
 
     from funcprobe.apps.plots import plot_probe
     from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
-    from funcprobe.validation.studies import sample_fixed_length
+    from calibration_study import sample_fixed_length
 
     model = gpt2()  # the test helper seeds the global RNG; the library must not
     # torch.manual_seed would seed every CUDA generator too (or queue it, over the caller's

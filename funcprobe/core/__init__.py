@@ -10,8 +10,8 @@ any global state; every function is pure in its tensor arguments. The edge
 | ``logprobs`` | S(θ): teacher-forced sequence log-probs through ``functional_call`` |
 | ``objectives`` | LX and J as ``Objective`` values closed over their weighting |
 | ``transforms`` | per-prompt directional derivatives (jvp / vjp) and summed gradients, in chunks |
-| ``steps`` | step maps P (sgd, frozen_adam, adam_step) as values |
+| ``steps`` | step maps P as typed values: optional global-norm clipping, then a coordinate-wise map |
 | ``statistics`` | ``EntropyPrediction``: mean s, δH, Var_E, SE, 95% interval |
-| ``exact`` | exact response entropy by enumeration |
+| ``advantages`` | rewards → group advantages (TRL's formula) |
 | ``pytree`` | ``optree`` helpers over name→tensor dicts |
 """

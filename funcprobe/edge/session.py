@@ -13,7 +13,6 @@ state are untouched by construction.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from typing import Iterator
 
 import torch
@@ -147,13 +146,4 @@ def as_normal_tensor(t: Tensor) -> Tensor:
 
 def as_normal_batch(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     """``batch`` on ``device`` with any inference tensors copied to normal ones."""
-    batch = batch.to(device)
-    maybe = lambda t: as_normal_tensor(t) if isinstance(t, Tensor) else t  # noqa: E731
-    return replace(
-        batch,
-        input_ids=as_normal_tensor(batch.input_ids),
-        attention_mask=as_normal_tensor(batch.attention_mask),
-        advantages=maybe(batch.advantages),
-        max_len=maybe(batch.max_len),
-        _checked=True,
-    )
+    return batch.to(device).with_tensors(as_normal_tensor)
