@@ -17,11 +17,15 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
   ``adam_next_step``, ``clip_by_global_norm``, ``scale_by_lr``, ``chain``,
   ``optimizer_step_map`` (``funcprobe.core.steps``).
 
-Layout (imports point one way, forward ← core ← edge ← api ← apps): ``funcprobe.forward``
-(forward-mode operators: the rules mode, LM head, attention, Triton kernels),
-``funcprobe.core`` (pure maths), ``funcprobe.edge`` (side effects), ``funcprobe.api`` (entry points),
-``funcprobe.io`` (files), ``funcprobe.validation`` (ground-truth studies),
-``funcprobe.integrations`` (TRL), ``funcprobe.apps`` (demo, command line, plots).
+Layout (imports point one way, lowest first; ``tests/test_architecture.py`` checks it):
+``funcprobe.forward`` (forward-mode operators: the rules mode, LM head, attention, Triton
+kernels), ``funcprobe.core`` (pure maths), ``funcprobe.edge`` (side effects; sharding as a
+strategy), ``funcprobe.io`` (files), ``funcprobe.run`` (the run value: registry, settings,
+communicator, compute dtype, θ; chunk plan, session, the two core calls),
+``funcprobe.passes`` (policy gradient, step, s, δH ± SE, leave-one-out),
+``funcprobe.influence`` (the split), ``funcprobe.api`` (entry points),
+``funcprobe.validation`` (demo studies), ``funcprobe.integrations`` (TRL),
+``funcprobe.apps`` (demo, command line, plots).
 """
 
 from __future__ import annotations
