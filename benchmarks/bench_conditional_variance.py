@@ -3,13 +3,15 @@
     python benchmarks/bench_conditional_variance.py --preset small
 
 Methods (one run each on the same model, batch and μY):
-  funcprobe_jvp      funcprobe.probe_scalars(mode="jvp"), forward mode (the s of conditional_variance)
+  funcprobe_jvp      funcprobe.probe_scalars(mode="jvp"), forward mode (the s of conditional_variance);
+                     kernels="off", the default: SDPA calls take the closed-form rule
   funcprobe_vjp      funcprobe.probe_scalars(mode="vjp"), α-trick via torch.func.vjp
   seeds_alpha        seed 001's autograd.grad α-trick (benchmarks/seed_methods.py)
   seeds_s_boundary   seed 000's VJP at the S boundary (grad_outputs = dL/dS)
   per_prompt_loop    one backward per prompt: the naive reference
-  funcprobe_jvp_no_kernel  funcprobe_jvp with the Triton attention kernels off (the
-                     closed-form SDPA rule instead; differs from funcprobe_jvp on CUDA only)
+  funcprobe_jvp_triton  funcprobe_jvp with kernels="triton": the Triton flash kernels for the
+                     SDPA calls they cover on CUDA (on CPU the same code as funcprobe_jvp;
+                     needs Triton)
   nograd_forward     unit: S once under no_grad (SDPA's MATH backend, as the probe's own passes)
   nograd_forward_flash  S once under no_grad, SDPA choosing among its fused backends
                      (flash where it applies; with a padding mask, as here, CUDA's SDPA
@@ -47,10 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import PRESETS, Preset, build_model, make_rollouts, random_direction  # noqa: E402
 import seed_methods  # noqa: E402
 
-from funcprobe import ParamRegistry, probe_scalars  # noqa: E402
+from funcprobe import ParamRegistry, SettingsError, probe_scalars  # noqa: E402
 
 METHODS = ["nograd_forward", "nograd_forward_flash", "nograd_forward_eager", "forward_backward", "funcprobe_jvp",
-           "funcprobe_jvp_no_kernel", "funcprobe_vjp", "seeds_alpha", "seeds_s_boundary", "per_prompt_loop"]
+           "funcprobe_jvp_triton", "funcprobe_vjp", "seeds_alpha", "seeds_s_boundary", "per_prompt_loop"]
 SWEEP_METHODS = ["nograd_forward", "forward_backward", "funcprobe_jvp", "funcprobe_vjp", "seeds_alpha"]
 REFERENCE = "per_prompt_loop"
 UNIT = "nograd_forward"
@@ -59,27 +61,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ------------------------------------------------------------------ one measurement
-def _funcprobe(mode):
+def _funcprobe(mode, kernels="off"):
     def run(model, names, batch, mu, weighting, group_size):
-        return probe_scalars(model, batch, mu, weighting=weighting, chunk_size=group_size, mode=mode)
+        return probe_scalars(model, batch, mu, weighting=weighting, chunk_size=group_size, mode=mode, kernels=kernels)
 
     return run
 
 
-def _without_kernels(model, names, batch, mu, weighting, group_size):
-    from funcprobe.core import triton_attention
-
-    enabled_for = triton_attention.enabled_for
-    triton_attention.enabled_for = lambda *args: False
-    try:
-        return _funcprobe("jvp")(model, names, batch, mu, weighting, group_size)
-    finally:
-        triton_attention.enabled_for = enabled_for
-
-
 RUNNERS = {
     "funcprobe_jvp": _funcprobe("jvp"),
-    "funcprobe_jvp_no_kernel": _without_kernels,
+    "funcprobe_jvp_triton": _funcprobe("jvp", kernels="triton"),
     "nograd_forward_flash": seed_methods.nograd_forward,
     "nograd_forward_eager": seed_methods.nograd_forward,
     "funcprobe_vjp": _funcprobe("vjp"),
@@ -159,6 +150,9 @@ def measure(spec: dict) -> dict:
                 times.append(time.perf_counter() - t)
     except torch.cuda.OutOfMemoryError as err:  # pragma: no cover - GPU only
         result["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        return result
+    except SettingsError as err:  # funcprobe_jvp_triton without Triton
+        result["error"] = str(err)
         return result
     result["times"] = times
     result["median_s"] = statistics.median(times)

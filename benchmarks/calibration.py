@@ -30,10 +30,18 @@ from pathlib import Path
 
 import torch
 
-from funcprobe import RolloutBatch, policy_gradient_surrogate, sequence_logprobs, update_direction
-from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
-from funcprobe.io.rollout_files import group_advantages
-from funcprobe.validation.studies import CalibrationDesign, calibration_study, first_order_sweep, largest_first_order_lr, sample_fixed_length
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from calibration_study import (  # noqa: E402
+    CalibrationDesign,
+    calibration_study,
+    first_order_sweep,
+    largest_first_order_lr,
+    sample_fixed_length,
+)
+from funcprobe import RolloutBatch, policy_gradient_surrogate, sequence_logprobs, update_direction  # noqa: E402
+from funcprobe.core.advantages import group_advantages  # noqa: E402
+from funcprobe.validation.models import PolicySpec, qwen2_lora_policy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 V, L = 8, 3

@@ -5,7 +5,7 @@
 
 Triton compiles to PTX and runs its bundled ``ptxas`` on this machine, so what the
 interpreter cannot show — that the kernels compile, and fit sm_90's 227 KiB of shared
-memory per block at the block sizes ``funcprobe.core.triton_attention._blocks`` picks —
+memory per block at the block sizes ``funcprobe.forward.triton._blocks`` picks —
 is checked here: per dtype (bf16, fp16, fp32, fp64), head dimension (64, 128, 256),
 kernel (forward, jvp with q̇, k̇, v̇) and mask (causal; bool; float), with the launch's
 own specialisations (unit innermost strides, 16-byte aligned pointers). Nothing runs.
@@ -35,7 +35,7 @@ def compile_one(name: str, dt: str, head_dim: int, mask_kind: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from funcprobe.core import triton_attention as ta
+    from funcprobe.forward import triton as ta
 
     fn = ta._kernel(name)  # a JITFunction: TRITON_INTERPRET is unset above
     acc = "fp64" if dt == "fp64" else "fp32"

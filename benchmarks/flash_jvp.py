@@ -10,9 +10,10 @@ the inputs:
 
   sdpa_flash_forward   ``F.scaled_dot_product_attention`` with the flash backend: the unit
   sdpa_math_forward    the same with the MATH backend ([T × T] scores)
-  kernel_forward       ``triton_attention.attention_forward``
-  kernel_forward_jvp   ``torch.func.jvp`` of SDPA under ``jvp_rules``: the kernels' forward + jvp
-  rule_forward_jvp     the same with the kernels off: the closed-form rule (query blocks, MATH semantics)
+  kernel_forward       ``funcprobe.forward.triton.attention_forward``
+  kernel_forward_jvp   ``torch.func.jvp`` of SDPA under ``jvp_rules(kernels="triton")``: the kernels' forward + jvp
+  rule_forward_jvp     the same under ``jvp_rules()`` (kernels off, the default): the closed-form rule (query
+                       blocks, MATH semantics)
   generic_forward_jvp  ``torch.func.jvp`` of SDPA under MATH without the rules (PyTorch's formulas)
 
 Agreement: the kernels' value and tangent against the closed-form rule's (max relative
@@ -50,8 +51,9 @@ def _inputs(T, args, device, dtype, seed=0):
 
 
 def _rows(args):
-    from funcprobe.core import triton_attention
-    from funcprobe.core.jvp_rules import jvp_rules
+    from funcprobe.forward import triton
+    from funcprobe.forward.attention import AttentionCall, AttentionOptions
+    from funcprobe.forward.rules import jvp_rules
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -63,25 +65,20 @@ def _rows(args):
         return run
 
     def kernel_forward(p, t):
-        return triton_attention.attention_forward(p[0], p[1], p[2], None, True)[0], None
+        call = AttentionCall(p[0], p[1], p[2], None, AttentionOptions(is_causal=True, gqa=True))
+        return triton.attention_forward(call)[0], None
 
-    def jvp(rules: bool, kernels: bool):
+    def jvp(kernels: str | None):
+        """SDPA's jvp under ``jvp_rules(kernels)``; None: without the rules (CPU tensors reach
+        the kernels in Triton's interpreter, set in ``main`` for smoke runs)."""
         def run(p, t):
-            enabled_for = triton_attention.enabled_for
-            if not kernels:
-                triton_attention.enabled_for = lambda *a: False
-            elif not p[0].is_cuda:  # the interpreter on CPU (smoke runs)
-                triton_attention.enabled_for = lambda q, k, v, m, g: triton_attention._supported(q, k, v, m, g)
-            try:
-                with sdpa_kernel([SDPBackend.MATH]), (jvp_rules() if rules else contextlib.nullcontext()):
-                    return torch.func.jvp(sdpa, p, t)
-            finally:
-                triton_attention.enabled_for = enabled_for
+            with sdpa_kernel([SDPBackend.MATH]), (jvp_rules(kernels) if kernels else contextlib.nullcontext()):
+                return torch.func.jvp(sdpa, p, t)
         return run
 
     return {"sdpa_flash_forward": forward(SDPBackend.FLASH_ATTENTION), "sdpa_math_forward": forward(SDPBackend.MATH),
-            "kernel_forward": kernel_forward, "kernel_forward_jvp": jvp(True, True),
-            "rule_forward_jvp": jvp(True, False), "generic_forward_jvp": jvp(False, False)}
+            "kernel_forward": kernel_forward, "kernel_forward_jvp": jvp("triton"),
+            "rule_forward_jvp": jvp("off"), "generic_forward_jvp": jvp(None)}
 
 
 def measure(name, run, primals, tangents, repeats, device):
@@ -128,9 +125,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cpu" and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton reads it when imported (next line)
-    from funcprobe.core import triton_attention
+    from funcprobe.forward import triton
 
-    if not triton_attention.available():
+    if not triton.available():
         print("flash_jvp: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     if args.heads % args.kv_heads:

@@ -4,8 +4,10 @@
 
 Builds the preset once, then times (each line printed as it is measured, with the
 seconds since the start): a no-grad forward (SDPA MATH, the benchmark's unit), the
-first funcprobe jvp (Triton compiles) and the second at each --precision, and the jvp with the kernels off;
-with --profile, the top operators of one more jvp by CUDA time and by CPU self time.
+first funcprobe jvp and the second at each --precision (``kernels="off"``, the default: the
+closed-form SDPA rule), and with --triton the jvp with ``kernels="triton"`` (first call:
+Triton compiles; then a second); with --profile, the top operators of one more jvp (the
+default kernels) by CUDA time and by CPU self time.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def main() -> int:
     ap.add_argument("--precision", default="auto",
                     help="comma-separated probe precisions to time (auto, float32, model)")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--no-kernel", action="store_true", help="also time the jvp with the Triton kernels off")
+    ap.add_argument("--triton", action="store_true", help="also time the jvp with kernels='triton' (needs Triton)")
     args = ap.parse_args()
     over = {k: v for k, v in {"prompts": args.prompts, "group_size": args.responses,
                               "response_len": args.response_len,
@@ -77,8 +79,8 @@ def main() -> int:
 
     precisions = [x for x in args.precision.split(",") if x]
 
-    def jvp(precision=precisions[0]):
-        return probe_scalars(model, batch, mu, chunk_size=chunk, mode="jvp", precision=precision)
+    def jvp(precision=precisions[0], kernels="off"):
+        return probe_scalars(model, batch, mu, chunk_size=chunk, mode="jvp", precision=precision, kernels=kernels)
 
     with sdpa_kernel([SDPBackend.MATH]):
         timed("nograd_forward (MATH)", lambda: seed_methods.nograd_forward(model, reg.names, batch, mu, "dr_grpo", chunk))
@@ -89,15 +91,10 @@ def main() -> int:
             ref = s if ref is None else ref
             log(f"s = {[round(x, 4) for x in s.tolist()]}, max |s - s[{precisions[0]}]| / max |s[{precisions[0]}]| = "
                 f"{float((s - ref).abs().max() / ref.abs().max()):.2e}")
-        if args.no_kernel:
-            from funcprobe.core import triton_attention
-
-            enabled_for = triton_attention.enabled_for
-            triton_attention.enabled_for = lambda *a: False
-            try:
-                timed("jvp, kernels off", jvp)
-            finally:
-                triton_attention.enabled_for = enabled_for
+        if args.triton:
+            timed("jvp, kernels='triton', first call", lambda: jvp(kernels="triton"))
+            s = timed("jvp, kernels='triton', second call", lambda: jvp(kernels="triton"))
+            log(f"max |s - s[kernels off]| / max |s[kernels off]| = {float((s - ref).abs().max() / ref.abs().max()):.2e}")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

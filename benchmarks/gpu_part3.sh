@@ -34,15 +34,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 #    compiling the tests' kernel variants is CPU work: 8 pytest-xdist workers (in the image)
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout -k 5 "$([ -n "$XDIST" ] && echo 110 || echo 150)" python3 -m pytest -q -p no:cacheprovider $XDIST \
-  tests/test_triton_attention.py tests/test_jvp_rules.py 2>&1 | tee "$STAGE/tests.log"; pack
+  tests/test_triton_attention.py tests/test_jvp_rules.py tests/test_forward.py 2>&1 | tee "$STAGE/tests.log"; pack
 # 2. attention alone: kernels vs SDPA's flash forward, T = 1k..8k
 timeout -k 5 90 python3 benchmarks/flash_jvp.py --out "$STAGE" 2>&1 | tee "$STAGE/flash-jvp.log"; pack
 # 3. where the jvp's time goes on the 0.5B shape at T = 1280: the probe's float32 compute (the
-#    default for bf16 weights) against precision=model, then the kernels off (benchmarks/gpu_diag.py)
-timeout -k 5 190 python3 benchmarks/gpu_diag.py --preset qwen2.5-0.5b --precision auto,model --no-kernel \
+#    default for bf16 weights) against precision=model, then kernels="triton" (benchmarks/gpu_diag.py)
+timeout -k 5 190 python3 benchmarks/gpu_diag.py --preset qwen2.5-0.5b --precision auto,model --triton \
   2>&1 | tee "$STAGE/diag-qwen2.5-0.5b.log"; pack
 # 4. the issue's table on the 0.5B preset, one repeat: on 2026-12-04 (H200) one funcprobe jvp took 25 s
 #    there (31 s with Triton's compile; no-grad MATH forward 1.7 s), so three repeats of six methods on
-#    two presets (the former step) cannot finish in one call (benchmarks/results/gpu-h200-2026-12-04/)
+#    two presets (the former step) cannot finish in one call (benchmarks/results/gpu-h200-2026-12-04/);
+#    funcprobe_jvp is now the default kernels="off" (23.7 s there), funcprobe_jvp_triton the kernels
 timeout -k 5 140 python3 benchmarks/bench_conditional_variance.py --preset qwen2.5-0.5b --repeats 1 --no-plots \
   --out "$STAGE" --methods nograd_forward_flash,nograd_forward,funcprobe_jvp 2>&1 | tee "$STAGE/qwen2.5-0.5b.log"; pack

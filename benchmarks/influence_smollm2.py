@@ -6,7 +6,7 @@ integer arithmetic (funcprobe.validation.arithmetic, level 1). A few warm-up GRP
 (Dr. GRPO loss) give the optimizer real state; then U (update) and E (evaluation)
 rollouts are sampled and the next step's predicted entropy change is split exactly over
 U's tokens (``EntropyProbe.influence``, step="optimizer_step"). Each token's exact share
-is set against verl's covariance score (funcprobe.validation.token_covariance): Spearman
+is set against verl's covariance score (benchmarks/token_covariance.py): Spearman
 rank correlation, and the part of the update samples' δH carried by the top 0.02% / 1% /
 10% of tokens by each criterion, with SE_E for the tokens Clip-Cov-style selection picks.
 
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 FRACTIONS = (0.0002, 0.01, 0.1)
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from funcprobe.apps.influence_report import format_influence, plot_influence
     from funcprobe.io.pretrained import load_gguf, smollm2_gguf
     from funcprobe.validation.arithmetic import sample_problems, sample_rollouts
-    from funcprobe.validation.token_covariance import spearman, token_covariance, top_fraction_mask
+    from token_covariance import spearman, token_covariance, top_fraction_mask
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)

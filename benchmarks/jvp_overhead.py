@@ -26,7 +26,7 @@ RSS varied by up to ±30% between runs, from memory the allocator keeps after a 
 * ``model_forward``: the model's own ``model(ids, mask).logits`` under ``torch.no_grad``
   (full ``[N, T, V]`` logits: what a trainer's reference forward costs);
 * ``jvp``: ``probe_scalars(mode="jvp")``: every s[n] by ``torch.func.jvp`` under
-  ``funcprobe.core.jvp_rules`` (the default);
+  ``funcprobe.forward.rules`` (the default);
 * ``jvp_generic``: the same with ``generic_jvp=True`` (PyTorch's generic forward-AD
   formulas: the state before the rules);
 * ``seeds_alpha``: the seeds' α-trick (``benchmarks/seed_methods.py``: autograd.grad with

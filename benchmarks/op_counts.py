@@ -6,7 +6,7 @@ One chunk (1 prompt x G = 4, prompt <= 64, response <= 192 tokens) of the ``smal
 preset (Qwen2 config, hidden 512, 4 layers, LoRA r = 8 on q/k/v/o, float32). torch.profiler
 counts the matrix-product operators (``aten::mm``, ``bmm``, ``addmm``, ``baddbmm``) of a
 no-grad forward of S and of ``torch.func.jvp`` of the probe's LX, with PyTorch's generic
-forward-AD formulas and with funcprobe's rules (``funcprobe.core.jvp_rules``), and their
+forward-AD formulas and with funcprobe's rules (``funcprobe.forward.rules``), and their
 CPU time. The profiler counts an operator again at each functorch layer it passes, so the
 products are also counted where the kernels run (a ``TorchDispatchMode`` below the
 transforms: "products run").
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import PRESETS, build_model, make_rollouts, random_direction  # noqa: E402
 
 from funcprobe import ParamRegistry  # noqa: E402
-from funcprobe.core.jvp_rules import jvp_rules  # noqa: E402
+from funcprobe.forward.rules import jvp_rules  # noqa: E402
 from funcprobe.core.objectives import entropy_objective  # noqa: E402
 from funcprobe.edge.session import probe_session  # noqa: E402
 
@@ -128,7 +128,7 @@ def main() -> int:
                "jvp": layers * (2 * 4 + 3 * 2 * lora + 3 * 2 + 2 * 3) + 2 * head - 2 * first}
     rows = [("no-grad forward", *fwd, minimum["forward"]),
             ("torch.func.jvp, generic formulas (before)", *generic, minimum["jvp"]),
-            ("torch.func.jvp, funcprobe.core.jvp_rules (after)", *rules, minimum["jvp"])]
+            ("torch.func.jvp, funcprobe.forward.rules (after)", *rules, minimum["jvp"])]
     command = "python benchmarks/op_counts.py " + " ".join(sys.argv[1:])
     lines = ["# Matrix products of one jvp step: measured against the method's minimum", "",
              f"`{command}` ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}); "

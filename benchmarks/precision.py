@@ -61,7 +61,7 @@ def build(config: str):
 
 def make_rollouts(out: Path, prompts: int, group: int, max_new: int) -> None:
     from funcprobe import RolloutBatch
-    from funcprobe.io.rollout_files import group_advantages
+    from funcprobe.core.advantages import group_advantages
 
     model, tok = build("float32")
     gen = torch.Generator().manual_seed(0)

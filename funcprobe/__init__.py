@@ -12,13 +12,20 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
 * ``entropy_influence(model, E, U, optimizer=...)`` / ``EntropyProbe.influence``: δH
   split exactly over U's prompts, responses and tokens, with SEs (``funcprobe.influence``);
 * the pure core: ``sequence_logprobs`` (S), ``entropy_surrogate`` (LX),
-  ``policy_gradient_surrogate`` (J), the step maps and the transforms
-  (``funcprobe.core``).
+  ``policy_gradient_surrogate`` (J), the transforms (``funcprobe.core``);
+* the step maps as optax-style ``StepMap`` values: ``sgd``, ``frozen_adam``,
+  ``adam_next_step``, ``clip_by_global_norm``, ``scale_by_lr``, ``chain``,
+  ``optimizer_step_map`` (``funcprobe.core.steps``).
 
-Layout (imports point one way, core ← edge ← api ← apps): ``funcprobe.core`` (pure
-maths), ``funcprobe.edge`` (side effects), ``funcprobe.api`` (entry points),
-``funcprobe.io`` (files), ``funcprobe.validation`` (ground-truth studies),
-``funcprobe.integrations`` (TRL), ``funcprobe.apps`` (demo, command line, plots).
+Layout (imports point one way, lowest first; ``tests/test_architecture.py`` checks it):
+``funcprobe.forward`` (forward-mode operators: the rules mode, LM head, attention, Triton
+kernels), ``funcprobe.core`` (pure maths), ``funcprobe.edge`` (side effects; sharding as a
+strategy), ``funcprobe.io`` (files), ``funcprobe.run`` (the run value: registry, settings,
+communicator, compute dtype, θ; chunk plan, session, the two core calls),
+``funcprobe.passes`` (policy gradient, step, s, δH ± SE, leave-one-out),
+``funcprobe.influence`` (the split), ``funcprobe.api`` (entry points),
+``funcprobe.validation`` (demo studies), ``funcprobe.integrations`` (TRL),
+``funcprobe.apps`` (demo, command line, plots).
 """
 
 from __future__ import annotations
@@ -26,7 +33,14 @@ from __future__ import annotations
 import warnings
 
 from . import errors
-from .api import EntropyProbe, conditional_variance, probe_scalars, step_from_gradient, update_direction
+from .api import (
+    EntropyProbe,
+    conditional_variance,
+    entropy_influence,
+    probe_scalars,
+    step_from_gradient,
+    update_direction,
+)
 from .core.influence import EntropyInfluence, GroupInfluence
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
@@ -39,11 +53,25 @@ from .core.objectives import (
 )
 from .core.rollouts import RolloutBatch
 from .core.statistics import EntropyPrediction
-from .core.steps import AdamState, StepMap, adam_preconditioner, adam_step, frozen_adam, sgd
+from .core.steps import (
+    AdamHyper,
+    AdamState,
+    ClipByGlobalNorm,
+    StepMap,
+    adam_next_step,
+    adam_preconditioner,
+    chain,
+    clip_by_global_norm,
+    frozen_adam,
+    optimizer_step_map,
+    scale_by_lr,
+    sgd,
+)
 from .core.transforms import directional_derivatives, summed_gradient
 from .edge.optim import read_adam_state
-from .influence import entropy_influence
+
 from .edge.registry import ParamRegistry, unwrap_model
+from .influence import InfluenceRequest
 from .errors import (
     NoSignalError,
     NonFiniteError,
@@ -58,11 +86,14 @@ from .settings import MODES, STEPS, WEIGHTINGS, ProbeSettings
 __version__ = "0.2.0"
 
 __all__ = [
+    "AdamHyper",
     "AdamState",
+    "ClipByGlobalNorm",
     "EntropyInfluence",
     "EntropyPrediction",
     "EntropyProbe",
     "GroupInfluence",
+    "InfluenceRequest",
     "MODES",
     "NoSignalError",
     "NonFiniteError",
@@ -78,8 +109,10 @@ __all__ = [
     "UnreachableDirectionError",
     "UnsupportedModelError",
     "WEIGHTINGS",
+    "adam_next_step",
     "adam_preconditioner",
-    "adam_step",
+    "chain",
+    "clip_by_global_norm",
     "conditional_variance",
     "directional_derivatives",
     "entropy_influence",
@@ -87,10 +120,12 @@ __all__ = [
     "entropy_surrogate",
     "errors",
     "frozen_adam",
+    "optimizer_step_map",
     "policy_gradient_objective",
     "policy_gradient_surrogate",
     "probe_scalars",
     "read_adam_state",
+    "scale_by_lr",
     "sequence_logprobs",
     "sgd",
     "step_from_gradient",

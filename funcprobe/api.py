@@ -20,31 +20,24 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .core.objectives import Objective, entropy_objective, policy_gradient_objective, token_sum_objective
-from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
+from . import passes
+from .core.influence import EntropyInfluence
+from .core.pytree import ParamTree, check_like, tree_sq_norm
 from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
-from .core.transforms import chunk_count, directional_derivatives, summed_gradient
 from .edge.distributed import Communicator, checked_together
-from .edge.fsdp import full_tensor
-from .edge.memory import chunk_size_for
 from .edge.optim import check_adam, optimizer_lr, step_map
-from .edge.precision import compute_dtype, primal
-from .edge.progress import chunk_progress, log
 from .edge.registry import ParamRegistry
-from .edge.session import as_normal_batch, as_normal_tensor, session_for
-from .errors import NonFiniteError, NoSignalError, SettingsError, StaleProbeError
+from .errors import SettingsError, StaleProbeError
+from .influence import InfluenceRequest, check_groups, check_matrix, influence
+from .run import ProbeRun
 from .settings import ProbeSettings
-
-if TYPE_CHECKING:
-    from .core.influence import EntropyInfluence
-
 
 def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
                      optimizer: torch.optim.Optimizer | None = None, settings: ProbeSettings | None = None,
@@ -88,63 +81,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
     registry = ParamRegistry.from_settings(model, settings)
     with checked_together(comm):
         registry.check_batch(U, "U")
-    return _update_direction(registry, U, optimizer, settings)[0]
-
-
-def _update_direction(registry: ParamRegistry, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-                      settings: ProbeSettings) -> tuple[ParamTree, StepMap, bool]:
-    """(μY, the step map that made it, whether U's policy gradient was non-zero).
-
-    A zero policy gradient with a non-zero step (Adam's momentum or weight decay under
-    ``adam_step``/``optimizer_step``) is not an error: it is logged, and ``predict`` says
-    so in ``EntropyPrediction.policy_gradient_signal``.
-    """
-    comm = Communicator.for_group(settings.process_group)
-    comm.handshake(registry.names, registry.numel(), settings.direction_code())
-    step = step_map(settings, optimizer, registry)
-    gradient, _, _ = _mean_policy_gradient(registry, U, settings, comm)
-    mu = step(gradient)
-    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
-        raise NoSignalError(
-            f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
-            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
-        )
-    signal = tree_sq_norm(gradient) > 0.0
-    if not signal:
-        log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
-                    "weight decay only", step.name)
-    return mu, step, signal
-
-
-def _mean_policy_gradient(registry: ParamRegistry, U: RolloutBatch, settings: ProbeSettings,
-                          comm: Communicator) -> tuple[ParamTree, int, Objective]:
-    """(g = mean_{n∈U} ∇θ J[n] over all ranks, the global prompt count |U|, the objective J).
-
-    Raises ``ValueError`` when no rank has a prompt and ``NonFiniteError`` for a NaN/inf
-    gradient (naming the parameters), identically on every rank.
-    """
-    U = as_normal_batch(U, registry.device)
-    objective = _policy_gradient(settings, U, comm)
-    f = objective.on_logprobs(registry.logprob_fn())
-    chunk = chunk_size_for(settings, registry, U, "gradient")
-    gradient_sum = summed_gradient(f, chunk_size=chunk, min_chunks=min_chunks(registry, comm, U, chunk))
-    dtype = compute_dtype(registry, settings.precision)
-    with session_for(registry, settings, dtype, forward_mode=False):
-        total = gradient_sum(primal(registry, dtype), U)
-    total = comm.sum_tree(total)
-    (count,) = comm.sum_floats([float(U.num_prompts)])
-    if count == 0:
-        raise ValueError("U: there are no update prompts (on any rank)")
-    gradient = tree_map(lambda t: t / count, total)
-    bad = sorted(n for n, g in gradient.items() if not bool(torch.isfinite(g).all()))
-    if bad:  # identical on every rank: decided after the all-reduce
-        weights = sorted(n for n in bad if not bool(torch.isfinite(registry.trainable[n]).all()))
-        raise NonFiniteError(
-            f"U: the policy gradient is NaN or inf at {len(bad)} parameter(s): {bad[:8]}"
-            + (f"; the weights themselves are non-finite at {weights[:8]}" if weights else
-               " (check U's advantages and the model's dtype)")
-        )
-    return gradient, int(count), objective
+    return passes.update_direction(ProbeRun.of(registry, settings), U, optimizer).mu
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
@@ -168,32 +105,11 @@ def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, 
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
     if isinstance(gradient, Mapping):  # FSDP2: the trainer's DTensor .grad, in full
-        gradient = {n: full_tensor(g) if isinstance(g, Tensor) else g for n, g in gradient.items()}
+        gradient = {n: registry.sharding.read(g) if isinstance(g, Tensor) else g for n, g in gradient.items()}
     check_like(registry.trainable, gradient, "gradient")
     grad = {n: gradient[n].to(device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
             for n, t in registry.trainable.items()}
     return step_map(settings, optimizer, registry)(grad)
-
-
-def _policy_gradient(settings: ProbeSettings, U: RolloutBatch, comm: Communicator) -> Objective:
-    """J of ``settings.loss_type`` (docs/definitions.md#trl-loss-types), or of the weighting.
-
-    ``dapo``/``bnpo`` need the completion-token count T and sequence count N of the whole
-    U: all-reduced here for ``dapo``; ``bnpo`` (TRL normalises each rank's micro-batch by
-    its own tokens) is refused across ranks.
-    """
-    loss_type = settings.loss_type
-    if loss_type is None:
-        return policy_gradient_objective(settings.weighting)
-    if loss_type in ("grpo", "dr_grpo"):
-        return policy_gradient_objective("per_token_avg" if loss_type == "grpo" else "dr_grpo")
-    if loss_type == "bnpo" and comm.distributed:
-        raise SettingsError("loss_type: 'bnpo' normalises each rank's micro-batch by its own token count, which "
-                            "is not modelled across ranks; use 'dapo' (TRL's default) or one process")
-    tokens, sequences = comm.sum_floats([float(U.response_lengths.sum()), float(U.num_prompts * U.group_size)])
-    if tokens == 0:
-        raise ValueError("U: there are no completion tokens (on any rank)")
-    return token_sum_objective(sequences / tokens)
 
 
 def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
@@ -207,7 +123,7 @@ def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mappin
     check_rollouts(E, "E")
     registry = ParamRegistry.from_settings(model, settings)
     registry.check_batch(E, "E")
-    s = _local_scalars(registry, E, muY, settings)
+    s = passes.scalars(ProbeRun.of(registry, settings), E, muY)
     check_scalars(s, scalar_counts(s))
     return s
 
@@ -252,54 +168,7 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
     registry = ParamRegistry.from_settings(model, settings)
     with checked_together(comm):
         registry.check_batch(E, "E")
-    return _conditional_variance(registry, E, muY, lr, settings)
-
-
-def _conditional_variance(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], lr: float,
-                          settings: ProbeSettings) -> EntropyPrediction:
-    comm = Communicator.for_group(settings.process_group)
-    if not comm.distributed and E.num_prompts < 2:
-        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
-    comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
-    s = _local_scalars(registry, E, muY, settings, comm)
-    totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
-    check_scalars(s, totals[2:])
-    if settings.gather_s:
-        s = comm.gather(s)
-    return EntropyPrediction.from_sums(s, totals[0], totals[1], int(totals[2]), lr=lr, mode=settings.mode,
-                                       weighting=settings.weighting)
-
-
-def min_chunks(registry: ParamRegistry, comm: Communicator, batch: RolloutBatch, chunk_size: int) -> int:
-    """The forwards every rank must run over its shard of ``batch``: on FSDP2 each forward
-    is a collective, so the most chunks of any rank; 0 (no constraint) otherwise."""
-    if not registry.sharded:
-        return 0
-    return comm.max_int(chunk_count(batch, chunk_size))
-
-
-def _local_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor],
-                   settings: ProbeSettings, comm: Communicator | None = None) -> Tensor:
-    """s ``[B_local]`` float64 of this rank's E along μY (checked: names, shapes, finite, non-zero)."""
-    comm = comm or Communicator.for_group(settings.process_group)
-    if registry.sharded and settings.mode == "vjp":
-        raise SettingsError("mode: 'vjp' (reverse over reverse) does not run through FSDP2's hooks (torch.func's "
-                            "reverse transforms see the all-gathered parameters, not the probe's); use mode='jvp'")
-    check_like(registry.trainable, muY, "muY")
-    if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
-        raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
-    dtype = compute_dtype(registry, settings.precision)
-    theta = primal(registry, dtype)
-    tangent = tree_map(lambda m, p: as_normal_tensor(m).to(device=p.device, dtype=p.dtype), dict(muY), theta)
-    E = as_normal_batch(E, registry.device)
-    f = entropy_objective(settings.weighting).on_logprobs(registry.logprob_fn())
-    chunk_size = chunk_size_for(settings, registry, E, settings.mode)
-    derivatives = directional_derivatives(f, mode=settings.mode, chunk_size=chunk_size,
-                                          wrap=chunk_progress(f"funcprobe s[n] ({settings.mode})", settings.progress),
-                                          min_chunks=min_chunks(registry, comm, E, chunk_size),
-                                          rules=not settings.generic_jvp)
-    with session_for(registry, settings, dtype, forward_mode=settings.mode == "jvp"):
-        return derivatives(theta, tangent, E)
+    return passes.prediction(ProbeRun.of(registry, settings), E, muY, lr)
 
 
 def check_lr(lr: object) -> float:
@@ -404,38 +273,51 @@ class EntropyProbe:
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
         registry = self._checked(U=U)
-        return _update_direction(registry, U, self.optimizer, self.settings)[0]
+        return passes.update_direction(ProbeRun.of(registry, self.settings), U, self.optimizer).mu
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
         registry = self._checked(E=E)
-        lr = self._current_lr(registry)
-        return _conditional_variance(registry, E, muY, lr, self.settings)
+        return passes.prediction(ProbeRun.of(registry, self.settings), E, muY, self._current_lr(registry))
 
     def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:
-        """Predicted entropy change of the step the optimizer would take on U, measured on E."""
-        registry = self._checked(E=E, U=U)
-        lr = self._current_lr(registry)
+        """Predicted entropy change of the step the optimizer would take on U, measured on E.
+
+        When E is the update batch itself (the same object, or equal token ids and masks, as
+        in a trainer that probes its own batch), the estimate is the leave-one-out one
+        (``funcprobe.passes.leave_one_out``; ``estimator="leave_one_out"``), unbiased where
+        the plain mean over E = U counts each prompt's own contribution to the step; that
+        value stays in ``delta_h_same_batch``.
+        """
+        run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
+        lr = self._current_lr(run.registry)
         t0 = time.perf_counter()
-        mu, step, signal = _update_direction(registry, U, self.optimizer, self.settings)
+        direction = passes.update_direction(run, U, self.optimizer)
         t1 = time.perf_counter()
-        result = _conditional_variance(registry, E, mu, lr, self.settings)
+        if same_batch(E, U):  # the trainer's own batch: no prompt may score its own contribution
+            result = passes.leave_one_out(run, U, direction, lr)
+        else:
+            result = passes.prediction(run, E, direction.mu, lr)
         t2 = time.perf_counter()
         seconds = {"step": t1 - t0, "probe": t2 - t1}
         if self.settings.split_baseline:
-            result = result.with_baseline(self._baseline(registry, E, step, lr))
+            result = result.with_baseline(_baseline(run, E, direction.step, lr))
             seconds["baseline"] = time.perf_counter() - t2
-        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(mu)), U.num_prompts, seconds, signal)
+        return result.with_step(self.settings.step, math.sqrt(tree_sq_norm(direction.mu)), U.num_prompts, seconds,
+                                direction.signal)
 
     def influence(self, E: RolloutBatch, U: RolloutBatch, *, groups: Mapping[str, Tensor] | None = None,
                   matrix: bool = False) -> "EntropyInfluence":
         """The prediction of ``predict(E, U)`` split over U's prompts, responses and tokens
-        (``funcprobe.influence.entropy_influence`` documents the arguments, cost and result)."""
-        from .influence import check_groups, influence  # the influence layer builds on this module
-
+        (``entropy_influence`` documents the arguments, cost and result)."""
         named: dict[str, Tensor] = {}
-        registry = self._checked(E=E, U=U, extra=lambda: named.update(check_groups(groups, U)))
-        return influence(registry, E, U, self.optimizer, self._current_lr(registry), self.settings, named, matrix)
+        comm = Communicator.for_group(self.settings.process_group)
+        registry = self._checked(E=E, U=U, extra=lambda: (check_matrix(matrix, comm),
+                                                          named.update(check_groups(groups, U))))
+        run = ProbeRun.of(registry, self.settings)
+        lr = self._current_lr(registry)
+        step = step_map(self.settings, self.optimizer, registry)
+        return influence(run, E, U, step, lr, InfluenceRequest(groups=named, matrix=matrix))
 
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
                  extra=None) -> ParamRegistry:
@@ -458,14 +340,59 @@ class EntropyProbe:
                     registry.check_batch(batch, name)
         return registry
 
-    def _baseline(self, registry: ParamRegistry, E: RolloutBatch, step: StepMap,
-                  lr: float) -> EntropyPrediction | None:
-        """The prediction along Δθ(0), the step of a zero gradient (None where it is 0)."""
-        zero = step({n: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
-                     for n, t in registry.trainable.items()})
-        if tree_sq_norm(zero) == 0.0:
-            return None
-        return _conditional_variance(registry, E, zero, lr, self.settings)
+
+
+def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
+                      optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
+                      request: InfluenceRequest | None = None, settings: ProbeSettings | None = None,
+                      **options: Any) -> EntropyInfluence:
+    """The predicted entropy change of the step on U, split over U's prompts, responses
+    and tokens, with E-conditional standard errors.
+
+    Args:
+        model: ``nn.Module`` (HF / PEFT, possibly DDP-wrapped).
+        E: evaluation rollouts, B_E ≥ 2 prompts (over all ranks).
+        U: update rollouts with ``advantages`` ``[B_U, G]``.
+        optimizer, lr, settings, **options: as ``EntropyProbe`` (default
+            ``step="optimizer_step"``: the Δθ ``optimizer.step()`` takes now).
+        request: ``InfluenceRequest(groups=..., matrix=...)``, what is split besides the
+            prompts, responses and tokens (default: nothing):
+            ``groups``: name → bool mask over this rank's U, ``[B_U, G]`` (responses) or
+            ``[B_U, G, T]`` (tokens; only response tokens count), e.g.
+            ``{"correct": rewards > 0}``: each gets δH_S (the sum of its tokens' shares)
+            and SE_E; ``matrix``: also compute s[n, i] ``[B_E, B_U]`` and a SE per update
+            prompt (one process only; cost in ``funcprobe.influence``).
+
+    Returns:
+        ``EntropyInfluence``: ``delta_h`` = ``delta_h_baseline`` + ``per_prompt.sum()``
+        (nats), ``per_response`` ``[B_U, G]``, ``per_token`` ``[B_U, G, T]``, ``groups``,
+        ``matrix``, the SEs.
+
+    Raises:
+        SettingsError (``ValueError``): a bad ``groups`` or ``matrix`` (named), and the
+            errors of ``EntropyProbe`` and ``EntropyProbe.predict``.
+    """
+    request = request or InfluenceRequest()
+    probe = EntropyProbe(model, optimizer, lr=lr, settings=settings, **options)
+    return probe.influence(E, U, groups=request.groups or None, matrix=request.matrix)
+
+
+def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> EntropyPrediction | None:
+    """The prediction along Δθ(0), the step of a zero gradient (None where it is 0)."""
+    zero = step({n: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32))
+                 for n, t in run.registry.trainable.items()})
+    if tree_sq_norm(zero) == 0.0:
+        return None
+    return passes.prediction(run, E, zero, lr)
+
+
+def same_batch(E: RolloutBatch, U: RolloutBatch) -> bool:
+    """Whether E is the update batch U: the same object, or the same token ids and masks
+    (advantages are not compared: E's may be absent)."""
+    if E is U:
+        return True
+    return (E.input_ids.shape == U.input_ids.shape and torch.equal(E.input_ids.cpu(), U.input_ids.cpu())
+            and torch.equal(E.attention_mask.cpu(), U.attention_mask.cpu()))
 
 
 def _layout(registry: ParamRegistry) -> dict[str, tuple[int, ...]]:

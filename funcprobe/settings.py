@@ -15,17 +15,20 @@ caller holding a ``ProbeSettings`` passes it on with ``**settings.options()``::
     settings = ProbeSettings(step="sgd", chunk_size=4)
     probe = EntropyProbe(model, optimizer, **settings.options())
 
-Every field is checked in exactly one place, its ``check`` (``__post_init__`` runs
-them); nothing below re-checks an option.
+Every field is checked in exactly one place, its ``check``; ``__post_init__`` runs them,
+then the checks between fields (``max_grad_norm`` needs ``step="optimizer_step"``,
+``kernels`` needs forward mode's rules and Triton). Nothing below re-checks an option.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import operator
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, Sequence, Union, get_args
 
 from .errors import SettingsError
@@ -40,6 +43,8 @@ LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 Mode = Literal["jvp", "vjp"]
 #: compute precisions of the probe's forwards (funcprobe.edge.precision)
 Precision = Literal["auto", "float32", "model"]
+#: attention kernels inside the forward-mode rules (funcprobe.forward.rules.KERNELS)
+Kernels = Literal["off", "triton"]
 #: named parameter selections (besides an explicit sequence of parameter names)
 ParamSelectionName = Literal["trainable", "lora"]
 #: what ``params`` holds once checked: a named selection or a tuple of unique names
@@ -50,6 +55,7 @@ WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 MODES: tuple[str, ...] = get_args(Mode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+KERNELS: tuple[str, ...] = get_args(Kernels)
 PARAM_SELECTIONS: tuple[str, ...] = get_args(ParamSelectionName)
 
 #: settings groups, in the order of the class and of ``--help``: name → (title, what it covers)
@@ -60,6 +66,8 @@ GROUPS = {
 }
 
 Check = Callable[[str, Any], Any]
+#: a command-line flag with argparse's own metavar and the field's default shown
+_FLAG: Mapping[str, str] = MappingProxyType({})
 
 
 # ---------------------------------------------------------------- checks
@@ -72,7 +80,7 @@ def _literal(kind: Any, *, optional: bool = False) -> Check:
         if value is None and optional:
             return value
         if not isinstance(value, str) or value not in allowed:
-            expected = "one of " + ", ".join(repr(a) for a in allowed) + (" or None" if optional else "")
+            expected = f"one of {allowed}" + (" or None" if optional else "")
             got = repr(value) if isinstance(value, str) or value is None else f"{value!r} ({type(value).__name__})"
             raise SettingsError(f"{name}: expected {expected}, got {got}")
         return value
@@ -160,13 +168,21 @@ def check_params(value: object) -> ParamSelection:
     return names
 
 
-def _opt(default: Any, help: str, *, group: str, type: Any, check: Check | None = None, metavar: str | None = None,
-         shown_default: str | None = None, cli: bool = True) -> Any:
-    """A settings field. ``type``: what the command line parses (``int``, ``float``,
-    ``str``, ``bool`` or a ``Literal`` type, whose values become ``choices``);
-    ``check``: the field's one check (default: the ``Literal``'s values, a bool or a
-    str, or None where ``default`` is None); ``shown_default``: the default as ``--help``
-    shows it (default: ``default``)."""
+def _opt(default: Any, help: str, *, group: str, type: Any, check: Check | None = None,
+         flag: Mapping[str, str] | None = _FLAG) -> Any:
+    """A settings field.
+
+    Args:
+        default: the field's default.
+        help: what it means (``--help`` and the docs).
+        group: a key of ``GROUPS``.
+        type: what the command line parses: ``int``, ``float``, ``str``, ``bool`` or a
+            ``Literal`` type, whose values become the flag's ``choices``.
+        check: the field's one check, ``(name, value) -> value``; default: the
+            ``Literal``'s values (or None where ``default`` is None), or a bool.
+        flag: the command-line flag's ``metavar`` and ``shown_default`` (the default as
+            ``--help`` shows it); None: no flag.
+    """
     if group not in GROUPS:
         raise ValueError(f"group: expected one of {tuple(GROUPS)}, got {group!r}")
     choices = get_args(type) or None
@@ -177,9 +193,11 @@ def _opt(default: Any, help: str, *, group: str, type: Any, check: Check | None 
             check = _bool
         else:
             raise ValueError("check: needed for a field that is not a Literal or a bool")
+    if flag is not None and not set(flag) <= {"metavar", "shown_default"}:
+        raise ValueError(f"flag: expected the keys metavar, shown_default, got {sorted(flag)}")
     return field(default=default, metadata={
         "help": help, "group": group, "type": str if choices else type, "choices": choices, "check": check,
-        "metavar": metavar, "shown_default": shown_default, "cli": cli,
+        "cli": flag is not None, "metavar": (flag or {}).get("metavar"), "shown_default": (flag or {}).get("shown_default"),
     })
 
 
@@ -192,7 +210,7 @@ class ProbeSettings:
         allow_identity_fallback, split_baseline
     How it is computed (group ``"computation"``; the same numbers to rounding):
         mode, precision, chunk_size, memory_budget_gb, attention_block, mlp_chunk,
-        generic_jvp
+        generic_jvp, kernels
     Runtime (group ``"runtime"``):
         progress, gather_s, process_group
 
@@ -218,7 +236,7 @@ class ProbeSettings:
         None,
         "step optimizer_step: the trainer's gradient clipping by global norm (torch.nn.utils.clip_grad_norm_, "
         "TRL/HF max_grad_norm); None: no clipping",
-        group="prediction", type=float, metavar="C",
+        group="prediction", type=float, flag={"metavar": "C"},
         check=_or_none(_positive_real(""), "or None: no clipping"),
     )
     weighting: Weighting = _opt(
@@ -242,7 +260,7 @@ class ProbeSettings:
     )
     adapter: str | None = _opt(
         None, "PEFT adapter to probe; None: the active one",
-        group="prediction", type=str, metavar="NAME", check=_or_none(_str("an adapter name"), "or None"),
+        group="prediction", type=str, flag={"metavar": "NAME"}, check=_or_none(_str("an adapter name"), "or None"),
     )
     keep_dropout: bool = _opt(
         False, "keep the model's train/eval modes (dropout) in the probe's forwards",
@@ -277,21 +295,21 @@ class ProbeSettings:
         "prompts per forward (each JVP / gradient chunk holds chunk_size x G sequences); default: the most "
         "that fit memory_budget_gb by an estimate from the model's config. Results do not depend on it; "
         "larger chunks are fewer, bigger forwards (faster, above all on GPUs) and need more memory",
-        group="computation", type=int, metavar="N", shown_default="auto",
+        group="computation", type=int, flag={"metavar": "N", "shown_default": "auto"},
         check=_or_none(_positive_int, "or None: from memory_budget_gb"),
     )
     memory_budget_gb: float = _opt(
         2.0,
         "activation memory (GiB) the default chunk_size aims at (funcprobe.edge.memory); the model's own "
         "weights are not counted",
-        group="computation", type=float, metavar="GIB", check=_positive_real(" of GiB"),
+        group="computation", type=float, flag={"metavar": "GIB"}, check=_positive_real(" of GiB"),
     )
     attention_block: int | None = _opt(
         None,
         "keys per block of funcprobe's blockwise causal attention (online softmax in plain PyTorch, the "
         "tangent carried block by block: no [T x T] scores, primal or tangent) for the probe's forwards; "
-        "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.core.attention)",
-        group="computation", type=int, metavar="N",
+        "None: the model's own eager / MATH-SDPA attention. Exact either way (funcprobe.forward.attention)",
+        group="computation", type=int, flag={"metavar": "N"},
         check=_or_none(_positive_int, "or None: the model's own attention"),
     )
     mlp_chunk: int | None = _opt(
@@ -299,15 +317,22 @@ class ProbeSettings:
         "tokens per MLP call in the probe's forward-mode passes (funcprobe.edge.token_chunks): the MLP's "
         "[tokens x intermediate] primal and tangent buffers, which set forward mode's peak memory, stay this "
         "small; same values; None: all tokens at once",
-        group="computation", type=int, metavar="N",
+        group="computation", type=int, flag={"metavar": "N"},
         check=_or_none(_positive_int, "or None: all tokens at once"),
     )
     generic_jvp: bool = _opt(
         False,
         "run forward mode with PyTorch's generic forward-AD formulas instead of funcprobe's rules "
-        "(funcprobe.core.jvp_rules: linear layers, matrix products, attention, SiLU and the LM head's "
+        "(funcprobe.forward.rules: linear layers, matrix products, attention, SiLU and the LM head's "
         "log-probs with tangents that skip frozen weights); same values to rounding, slower; for checking",
         group="computation", type=bool,
+    )
+    kernels: Kernels = _opt(
+        "off",
+        "attention kernels in forward mode (mode jvp, funcprobe.forward.rules): off (SDPA calls take the "
+        "closed-form rule) or triton (the Triton flash kernels for the SDPA calls they cover on CUDA, the rule "
+        "for the others; needs Triton; same values to rounding, not faster at batch scale on an H200)",
+        group="computation", type=Kernels,
     )
     # ------------------------------------------------------------ runtime
     progress: bool | None = _opt(
@@ -318,11 +343,11 @@ class ProbeSettings:
         check=_or_none(_bool, "or None: only on a terminal"),
     )
     gather_s: bool = _opt(
-        False, "data-parallel: return every rank's s, not only this rank's", group="runtime", type=bool, cli=False,
+        False, "data-parallel: return every rank's s, not only this rank's", group="runtime", type=bool, flag=None,
     )
     process_group: object | None = _opt(
         None, "torch.distributed group to reduce over (default: WORLD when initialised with > 1 rank)",
-        group="runtime", type=object, check=_anything, cli=False,
+        group="runtime", type=object, check=_anything, flag=None,
     )
 
     def __post_init__(self) -> None:
@@ -333,6 +358,13 @@ class ProbeSettings:
                 f"max_grad_norm: clipping is part of step='optimizer_step' only (the step here is {self.step!r}, "
                 "per unit learning rate)"
             )
+        if self.kernels != "off":
+            if self.mode != "jvp" or self.generic_jvp:
+                raise SettingsError(f"kernels: {self.kernels!r} runs inside the forward-mode rules, which mode="
+                                    f"{self.mode!r} / generic_jvp={self.generic_jvp!r} do not use; set kernels='off'")
+            if importlib.util.find_spec("triton") is None:  # the rules mode imports it (funcprobe.forward.rules)
+                raise SettingsError("kernels: 'triton' needs Triton, which is not installed here (pip install "
+                                    "triton, or kernels='off')")
 
     # ---------------------------------------------------------------- building
     @classmethod

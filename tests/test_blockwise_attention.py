@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from funcprobe import SettingsError, probe_scalars, update_direction
-from funcprobe.core.attention import blockwise_causal_attention
-from funcprobe.edge.attention import BLOCKWISE
+from funcprobe.forward.attention import blockwise_causal_attention
+from funcprobe.forward.attention_impl import BLOCKWISE
 from helpers import gpt2, qwen2, random_direction, random_rollouts, rel_err
 from funcprobe.edge.registry import ParamRegistry
 

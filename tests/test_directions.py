@@ -1,10 +1,25 @@
-"""Update directions: sgd = autograd policy gradient; adam_step = the real optimizer step / lr."""
+"""Update directions: sgd = autograd policy gradient; adam_step = the real optimizer step / lr;
+the step blocks (clip_by_global_norm, adam_next_step, scale_by_lr, chain) as typed values."""
 
 import pytest
 import torch
 
-from funcprobe import AdamState, adam_preconditioner, update_direction
-from funcprobe.core.steps import AdamHyper
+from funcprobe import (
+    AdamHyper,
+    AdamState,
+    ClipByGlobalNorm,
+    StepMap,
+    adam_next_step,
+    adam_preconditioner,
+    chain,
+    clip_by_global_norm,
+    frozen_adam,
+    optimizer_step_map,
+    scale_by_lr,
+    sgd,
+    update_direction,
+)
+from funcprobe.core.influence import split_step
 from helpers import gpt2, live_params, random_rollouts, reference_policy_gradient, rel_err
 
 
@@ -81,6 +96,56 @@ def test_adam_preconditioner_pure_function():
     assert torch.allclose(out, g / ((v / 0.01).sqrt() + 1e-8))
     with pytest.raises(ValueError, match="no Adam state"):
         adam_preconditioner(g, AdamState(hyper=hyper))
+
+
+def test_step_blocks_are_typed_values_that_match_torch():
+    """optimizer_step_map = chain(clip, adam_next_step, scale_by_lr) = clip_grad_norm_ +
+    AdamW.step() on bare tensors; the clipping is a typed part of the map (split_step reads
+    it); chains that are not clipping followed by a coordinate-wise map are refused."""
+    gen = torch.Generator().manual_seed(3)
+    theta = {"a": torch.randn(5, generator=gen, dtype=torch.float64),
+             "b": torch.randn(2, 3, generator=gen, dtype=torch.float64)}
+    g = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) for n, t in theta.items()}
+    params = [theta[n].clone().requires_grad_(True) for n in ("a", "b")]
+    opt = torch.optim.AdamW([{"params": [params[0]], "lr": 1e-3}, {"params": [params[1]], "lr": 3e-3}],
+                            weight_decay=0.05)
+    hyper = AdamHyper(0.9, 0.999, 1e-8, 0.05, True, False)
+    states = {n: AdamState(hyper) for n in theta}
+    lrs = {"a": 1e-3, "b": 3e-3}
+    step = optimizer_step_map(theta, states, lrs, max_grad_norm=0.5)
+    assert step.name == "optimizer_step" and step.clip == ClipByGlobalNorm(0.5)
+    same = chain(clip_by_global_norm(0.5), adam_next_step(theta, states), scale_by_lr(lrs))
+    assert same.clip == step.clip and same.secant is not None and not same.linear
+    delta, delta2 = step(g), same(g)
+    for p, n in zip(params, ("a", "b")):
+        p.grad = -g[n].clone()  # the trainer's loss is -J
+    total = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    assert float(total) > 0.5  # clipping is active
+    opt.step()
+    for p, n in zip(params, ("a", "b")):
+        assert torch.equal(delta[n], delta2[n])
+        assert rel_err(delta[n], p.detach() - theta[n]) < 1e-12, n
+    split = split_step(step, g)
+    assert split.clip == float(ClipByGlobalNorm(0.5).coefficient(g)) < 1
+    # sgd and the clipping's own coordinate-wise part are identities: chain skips them
+    lr_only = chain(sgd(), scale_by_lr(lrs))
+    assert lr_only.clip is None and lr_only.linear and torch.equal(lr_only(g)["b"], g["b"] * 3e-3)
+    assert chain(clip_by_global_norm(1.0)).clip.max_norm == 1.0
+    v = {n: torch.rand(t.shape, generator=gen, dtype=torch.float64) for n, t in theta.items()}
+    frozen = frozen_adam({n: AdamState(hyper, 2, torch.zeros_like(t), v[n]) for n, t in theta.items()})
+    chained = chain(frozen, scale_by_lr(lrs), name="frozen_lr")
+    _, q = chained.secant("b", g["b"])
+    assert chained.name == "frozen_lr" and torch.equal(q, frozen.update("b", torch.ones_like(g["b"])) * 3e-3)
+    assert isinstance(chained, StepMap) and chained.linear
+    with pytest.raises(ValueError, match="maps: 'clip_by_global_norm' clips by the global norm after"):
+        chain(scale_by_lr(lrs), clip_by_global_norm(1.0))
+    with pytest.raises(ValueError, match="maps: 2 clip_by_global_norm maps"):
+        chain(clip_by_global_norm(1.0), clip_by_global_norm(2.0))
+    with pytest.raises(ValueError, match="maps: expected one or more StepMap"):
+        chain()
+    for bad in (0.0, -1.0, float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="max_norm: expected a finite number > 0"):
+            clip_by_global_norm(bad)
 
 
 def test_direction_errors():

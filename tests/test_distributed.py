@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from funcprobe import RolloutBatch, conditional_variance, update_direction
-from funcprobe.edge.fsdp import refuse_unsupported_sharding
+from funcprobe.edge.sharding import refuse_unsupported_sharding
 from helpers import gpt2, random_rollouts, rel_err
 
 # seconds a collective waits for its peers (gloo's process-group timeout): generous, so that a

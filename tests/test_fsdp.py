@@ -14,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 from funcprobe import EntropyProbe, RolloutBatch, conditional_variance, step_from_gradient, update_direction
 from funcprobe.core.objectives import policy_gradient_surrogate
+from funcprobe.edge.sharding import stand_in
 from funcprobe.core.logprobs import sequence_logprobs
 from funcprobe.edge.fsdp import full_tensor
 from helpers import gpt2, random_rollouts, rel_err
@@ -61,7 +62,7 @@ def _train_loss(model, U_local, num_prompts, world):
     """The trainer's loss on this rank: FSDP averages gradients over ranks, so scale the
     local sum to make the average the mean over all prompts."""
     if U_local.num_prompts == 0:
-        U_local = RolloutBatch.placeholder(U_local.group_size)  # takes part, contributes 0
+        U_local = stand_in(U_local.group_size, U_local.input_ids.device)  # takes part, contributes 0
     S = sequence_logprobs(model, {}, U_local, full_logits=True)  # the model's own forward, as a trainer
     return -policy_gradient_surrogate(S, U_local, "dr_grpo").sum() * world / num_prompts
 
@@ -203,7 +204,7 @@ def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
 def test_deepspeed_zero3_is_refused_with_the_reason():
     """ZeRO-3 marks its partitioned parameters (``ds_id``, ``ds_status``); no DeepSpeed needed to check."""
     from funcprobe import UnsupportedModelError
-    from funcprobe.edge.fsdp import refuse_unsupported_sharding
+    from funcprobe.edge.sharding import refuse_unsupported_sharding
 
     model = gpt2()
     for i, p in enumerate(model.parameters()):

@@ -9,9 +9,9 @@ import torch
 
 from funcprobe import EntropyProbe, SettingsError
 from funcprobe.core.influence import split_step
-from funcprobe.core.steps import AdamHyper, AdamState, frozen_adam, optimizer_step_map, sgd
-from funcprobe.influence import entropy_influence
-from funcprobe.validation.studies import SoftmaxBandit, bandit_rollouts
+from funcprobe import AdamHyper, AdamState, StepMap, frozen_adam, optimizer_step_map, sgd
+from funcprobe.api import entropy_influence
+from bandit import SoftmaxBandit, bandit_rollouts
 from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
 
 MAX_LEN = 6.0
@@ -178,9 +178,7 @@ def test_split_step_is_exact_and_the_secant_is_the_preconditioner_for_linear_ste
     # Adam's first step is lr·g/(|g| + ε) (bias-corrected), whose derivative at g = 0 is lr/ε
     assert rel_err(split.secant["w"][2], 1e-3 / 1e-8) < 1e-12
     # a coordinate-wise map without a closed-form secant: the difference, and one JVP at g_k = 0
-    from funcprobe.core.steps import per_name
-
-    custom = per_name("tanh_step", lambda name, g: torch.tanh(g) + 0.5)
+    custom = StepMap("tanh_step", lambda name, g: torch.tanh(g) + 0.5)
     split = split_step(custom, g)
     assert torch.allclose(split.baseline["w"] + split.secant["w"] * g["w"], custom(g)["w"], rtol=1e-14, atol=1e-15)
     assert float(split.secant["w"][2]) == 1.0  # tanh'(0)
@@ -210,7 +208,7 @@ def test_adam_secant_has_no_cancellation(decoupled, amsgrad, step):
     """q = (f(g) − f(0))/g against 60-digit arithmetic, where the momentum and weight decay
     f(0) dominate f(g) − f(0) by up to 1e12 (the float64 difference of the two steps is off by up
     to 4.7e-4 relative on these coordinates; the secant by 5.5e-16)."""
-    from funcprobe.core.steps import adam_secant, adam_step
+    from funcprobe.core.steps import _adam_secant, _adam_update
 
     gen = torch.Generator().manual_seed(1)
     n = 8
@@ -226,8 +224,8 @@ def test_adam_secant_has_no_cancellation(decoupled, amsgrad, step):
     else:
         m0 = v0 = vmax = torch.zeros(n, dtype=torch.float64)
         state = AdamState(hyper)
-    at_zero, q = adam_secant(g, p, state)
-    assert torch.equal(at_zero, adam_step(torch.zeros_like(g), p, state))
+    at_zero, q = _adam_secant(g, p, state)
+    assert torch.equal(at_zero, _adam_update(torch.zeros_like(g), p, state))
     for k in range(n):
         if float(g[k]) == 0.0:
             h = 1e-25  # f'(0) as the limit of the secant
@@ -294,7 +292,7 @@ def test_influence_leaves_model_grads_and_optimizer_alone(trained):
 
 
 def test_token_covariance_is_verls_score_and_spearman_handles_ties():
-    from funcprobe.validation.token_covariance import spearman, token_covariance, top_fraction_mask
+    from token_covariance import spearman, token_covariance, top_fraction_mask
 
     gen = torch.Generator().manual_seed(5)
     logp = -torch.rand(2, 3, 5, generator=gen, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""funcprobe.core.jvp_rules against PyTorch's generic forward-AD formulas (float64).
+"""funcprobe.forward.rules against PyTorch's generic forward-AD formulas (float64).
 
 Each rule: the same primal (bit for bit, the same kernels) and the generic tangent to
 1e-12 relative, for every subset of operands that carries a tangent. The probe's s and
@@ -16,7 +16,8 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from funcprobe import entropy_influence, probe_scalars
-from funcprobe.core.jvp_rules import jvp_rules, linear_logprobs
+from funcprobe.forward.head import linear_logprobs
+from funcprobe.forward.rules import jvp_rules
 from funcprobe.edge.registry import ParamRegistry
 from helpers import gpt2, qwen2, random_direction, random_rollouts, rel_err
 
@@ -69,7 +70,7 @@ def test_linear_addmm_matmul_and_silu_rules_match_the_generic_formulas():
                                     dict(mask="bool", enable_gqa=True), dict(mask="float", scale=0.3, enable_gqa=True)])
 def test_attention_rule_matches_the_math_backend(kwargs, block_bytes, monkeypatch):
     """``block_bytes=500``: query rows in blocks of 2 (7 queries: 4 blocks), P recomputed per block in the jvp."""
-    import funcprobe.core.jvp_rules as rules
+    import funcprobe.forward.attention as rules
 
     if block_bytes is not None:
         monkeypatch.setattr(rules, "ATTENTION_BLOCK_BYTES", block_bytes)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from funcprobe import EntropyProbe, ParamRegistry, conditional_variance
-from funcprobe.edge.attention import probe_attention
+from funcprobe.forward.attention_impl import probe_attention
 from helpers import gpt2, qwen2, random_direction, random_rollouts, rel_err
 
 
@@ -75,7 +75,7 @@ def test_fused_attention_is_switched_for_the_probe_and_restored():
     pred = EntropyProbe(model, opt, mode="vjp").predict(E, U)
     _assert_same(before, _snapshot(model, opt))
     assert model.get_base_model().config._attn_implementation == "flex_attention"
-    with probe_attention(model) as used:  # SDPA: in forward mode the jvp rules (Triton kernels on CUDA) take it
+    with probe_attention(model) as used:  # SDPA: in forward mode the jvp rules take it
         assert used == "sdpa" == model.get_base_model().config._attn_implementation
     assert model.get_base_model().config._attn_implementation == "flex_attention"
     model.get_base_model().set_attn_implementation("sdpa")

@@ -10,7 +10,8 @@ import torch
 
 from funcprobe import EntropyProbe, conditional_variance
 from funcprobe.io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
-from funcprobe.io.rollout_files import group_advantages, read_rollouts, write_rollouts
+from funcprobe.core.advantages import group_advantages
+from funcprobe.io.rollout_files import read_rollouts, write_rollouts
 from helpers import gpt2, rel_err
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]

@@ -100,3 +100,58 @@ def test_dr_grpo_needs_max_len():
         b.max_len_tensor(torch.float32)
     with pytest.raises(ValueError, match="U: the batch has no advantages"):
         random_rollouts(advantages=False).require_advantages("U")
+
+
+def test_max_len_is_one_type_whatever_was_passed():
+    """Lmax is normalised at construction to a [B] float64 tensor (or None), exactly."""
+    b = random_rollouts(B=3, max_len=None)
+    args = (b.input_ids, b.attention_mask, b.response_start, b.advantages)
+    for given in (6, 6.0, torch.tensor(6.0), torch.tensor([6.0, 6.0, 6.0], dtype=torch.float32),
+                  torch.tensor([6, 6, 6])):
+        ml = RolloutBatch(*args, given).max_len
+        assert ml.dtype == torch.float64 and ml.shape == (3,) and ml.tolist() == [6.0, 6.0, 6.0], given
+    per_prompt = RolloutBatch.from_lists([[1], [2]], [[[3], [4]], [[5], [6]]], pad_token_id=0, max_len=[4, 7.5])
+    assert per_prompt.max_len.dtype == torch.float64 and per_prompt.max_len.tolist() == [4.0, 7.5]
+    assert per_prompt.max_len_tensor(torch.float32).tolist() == [[4.0], [7.5]]
+    assert RolloutBatch(*args).max_len is None
+    sub = per_prompt.select(1, 2)
+    assert sub.max_len.tolist() == [7.5] and per_prompt.to("cpu").max_len.tolist() == [4.0, 7.5]
+    empty = RolloutBatch.empty(3, max_len=per_prompt.max_len)  # an empty shard of a per-prompt batch
+    assert empty.num_prompts == 0 and empty.max_len.shape == (0,)
+    assert RolloutBatch.empty(3).max_len is None and RolloutBatch.empty(3, max_len=4.0).max_len.shape == (0,)
+
+
+def test_derived_batches_are_not_checked_again(monkeypatch):
+    """A batch is validated once, at construction; select / to / with_tensors build theirs
+    from the validated one."""
+    import funcprobe.core.rollouts as rollouts
+
+    b = random_rollouts(B=4)
+    calls = []
+    original = rollouts._validate
+    monkeypatch.setattr(rollouts, "_validate", lambda batch: calls.append(batch) or original(batch))
+    sub = b.select(1, 3).to("cpu")
+    copied = sub.with_tensors(lambda t: t.clone())
+    assert calls == []
+    assert torch.equal(copied.input_ids, b.input_ids[1:3]) and torch.equal(copied.max_len, b.max_len[1:3])
+    assert copied.input_ids.data_ptr() != sub.input_ids.data_ptr() and copied.response_start == b.response_start
+    RolloutBatch(sub.input_ids, sub.attention_mask, sub.response_start, sub.advantages, sub.max_len)
+    assert len(calls) == 1  # a batch built from its fields is checked
+
+
+def test_group_advantages_is_trls_formula_and_names_bad_input():
+    from funcprobe.core.advantages import group_advantages, no_signal_prompts
+
+    r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    a = group_advantages(r)
+    assert torch.equal(a[0], (r[0] - r[0].mean()) / (r[0].std() + 1e-4)) and bool((a[1] == 0).all())
+    assert torch.equal(group_advantages(r, "none"), r - r.mean(-1, keepdim=True))
+    assert no_signal_prompts(r) == [1]
+    with pytest.raises(ValueError, match="scale_rewards: expected one of"):
+        group_advantages(r, "batch")
+    with pytest.raises(ValueError, match="rewards: expected a \\[B, G\\] tensor"):
+        group_advantages(r[0])
+    with pytest.raises(ValueError, match="rewards: expected a floating dtype"):
+        group_advantages(r.long())
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(r[:, :1])

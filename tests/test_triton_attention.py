@@ -1,11 +1,12 @@
-"""The Triton flash-attention kernels with a tangent (funcprobe.core.triton_attention).
+"""The Triton flash-attention kernels with a tangent (funcprobe.forward.triton).
 
 Without CUDA they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 float64 throughout: value and tangent against SDPA's MATH backend under torch.func.jvp and
-against the blockwise PyTorch attention (funcprobe.core.attention), < 1e-10 relative, for
+against the blockwise PyTorch attention (funcprobe.forward.attention), < 1e-10 relative, for
 every subset of q, k, v carrying a tangent; masks as transformers builds them (causal plus
 padding, with rows that see no key), float masks, GQA, non-square and odd head sizes. Then
-the probe's s with SDPA routed to the kernels against the generic path (< 1e-10).
+the probe's s with SDPA routed to the kernels (``kernels="triton"``) against the generic
+path (< 1e-10), and the default (``kernels="off"``) never reaching them.
 With CUDA the same tests run the compiled kernels.
 """
 
@@ -17,19 +18,24 @@ import torch.nn.functional as F
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from funcprobe.core import triton_attention as ta
-from funcprobe.core.attention import blockwise_causal_attention
+from funcprobe.forward import triton as ta
+from funcprobe.forward.attention import AttentionCall, AttentionOptions, blockwise_causal_attention
 from helpers import qwen2, random_direction, random_rollouts, rel_err
 
 pytestmark = pytest.mark.skipif(not ta.available(), reason="Triton is not installed (pip install triton): the "
-                                "kernels of funcprobe.core.triton_attention cannot run")
+                                "kernels of funcprobe.forward.triton cannot run")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 D = torch.float64
-BLOCKS = dict(block_m=16, block_n=16)  # several query and key blocks at these sizes
+BLOCKS = (16, 16)  # several query and key blocks at these sizes
 
 
 def _randn(*shape, seed=0, dtype=D):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+
+
+def _call(q, k, v, mask=None, is_causal=False, scale=None):
+    """The kernels' ``AttentionCall`` (they always take GQA: H a multiple of H_kv)."""
+    return AttentionCall(q, k, v, mask, AttentionOptions(is_causal, scale, gqa=True))
 
 
 def _math(q, k, v, tangents, **kw):
@@ -68,20 +74,21 @@ def test_kernels_equal_the_math_backend_in_value_and_tangent(case):
     q, k, v = _randn(B, H, L, Dqk), _randn(B, Hkv, S, Dqk, seed=1), _randn(B, Hkv, S, Dv, seed=2)
     tangents = (_randn(B, H, L, Dqk, seed=3), _randn(B, Hkv, S, Dqk, seed=4), _randn(B, Hkv, S, Dv, seed=5))
     mask, causal, scale = kw.get("attn_mask"), kw.get("is_causal", False), kw.get("scale")
-    out, lse = ta.attention_forward(q, k, v, mask, causal, scale, **BLOCKS)
+    call = _call(q, k, v, mask, causal, scale)
+    out, lse = ta.attention_forward(call, blocks=BLOCKS)
     assert out.dtype == lse.dtype == D and lse.shape == (B, H, L)
     assert ta.keeps_lower_triangle(mask) == (case == "padding-mask")  # the only case whose key blocks are skipped
     for which in [c for n in (1, 2, 3) for c in itertools.combinations(range(3), n)]:
         given = [t if i in which else None for i, t in enumerate(tangents)]
         ref, ref_tangent = _math(q, k, v, tuple(t if t is not None else torch.zeros_like(p)
                                                 for t, p in zip(given, (q, k, v))), **kw)
-        tangent = ta.attention_jvp(q, k, v, out, lse, *given, mask, causal, scale, **BLOCKS)
+        tangent = ta.attention_jvp(call, out, lse, tuple(given), blocks=BLOCKS)
         assert rel_err(out, ref) < 1e-10 and rel_err(tangent, ref_tangent) < 1e-10, which
     if mask is not None:
         keep = mask if mask.dtype == torch.bool else mask > float("-inf")
         hidden = ~(keep.expand(B, H, L, S).any(-1))
         assert hidden.any() and (out[hidden] == 0).all() and (lse[hidden] == float("-inf")).all()
-    assert ta.attention_jvp(q, k, v, out, lse, None, None, None, mask, causal, scale) is None
+    assert ta.attention_jvp(call, out, lse, (None, None, None)) is None
 
 
 def test_kernels_equal_the_blockwise_pytorch_attention():
@@ -92,8 +99,9 @@ def test_kernels_equal_the_blockwise_pytorch_attention():
     dq, dk, dv = _randn(B, H, T, Dh, seed=3), _randn(B, Hkv, T, Dh, seed=4), _randn(B, Hkv, T, Dh, seed=5)
     ref, ref_tangent = jvp(lambda a, b, c: blockwise_causal_attention(a, b, c, scaling=0.4, block=8),
                            (q, k, v), (dq, dk, dv))
-    out, lse = ta.attention_forward(q, k, v, None, True, 0.4, **BLOCKS)
-    tangent = ta.attention_jvp(q, k, v, out, lse, dq, dk, dv, None, True, 0.4, **BLOCKS)
+    call = _call(q, k, v, None, True, 0.4)
+    out, lse = ta.attention_forward(call, blocks=BLOCKS)
+    tangent = ta.attention_jvp(call, out, lse, (dq, dk, dv), blocks=BLOCKS)
     assert rel_err(out.transpose(1, 2), ref) < 1e-10 and rel_err(tangent.transpose(1, 2), ref_tangent) < 1e-10
 
 
@@ -105,8 +113,9 @@ def test_kernels_in_float32_fp16_and_bf16(dtype, tol):
     interpreter too; bf16 only on CUDA (the interpreter's bf16 products are wrong, so there
     bf16 inputs are multiplied in float32: float32's tolerance)."""
     q, k, v, dq, dk, dv = (_randn(2, 2, 40, 16, seed=s, dtype=dtype) for s in range(6))
-    out, lse = ta.attention_forward(q, k, v, None, True, **BLOCKS)
-    tangent = ta.attention_jvp(q, k, v, out, lse, dq, dk, dv, None, True, **BLOCKS)
+    call = _call(q, k, v, None, True)
+    out, lse = ta.attention_forward(call, blocks=BLOCKS)
+    tangent = ta.attention_jvp(call, out, lse, (dq, dk, dv), blocks=BLOCKS)
     assert out.dtype == tangent.dtype == torch.float32
     ref, ref_tangent = _math(*(t.double() for t in (q, k, v)), tuple(t.double() for t in (dq, dk, dv)),
                              is_causal=True)
@@ -116,32 +125,40 @@ def test_kernels_in_float32_fp16_and_bf16(dtype, tol):
 def test_kernels_name_what_they_do_not_cover():
     q = _randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="is_causal and mask"):
-        ta.attention_forward(q, q, q, torch.ones(8, 8, dtype=torch.bool, device=DEVICE), True)
+        ta.attention_forward(_call(q, q, q, torch.ones(8, 8, dtype=torch.bool, device=DEVICE), True))
     with pytest.raises(ValueError, match="H a multiple of H_kv"):
-        ta.attention_forward(q, _randn(1, 3, 8, 16), _randn(1, 3, 8, 16))
+        ta.attention_forward(_call(q, _randn(1, 3, 8, 16), _randn(1, 3, 8, 16)))
     with pytest.raises(ValueError, match="block_n: expected a power of two >= 16, got 24"):
-        ta.attention_forward(q, q, q, block_n=24)
+        ta.attention_forward(_call(q, q, q), blocks=(16, 24))
     with pytest.raises(ValueError, match="block_m: expected a power of two >= 16, got 0"):
-        ta.attention_forward(q, q, q, block_m=0)
+        ta.attention_forward(_call(q, q, q), blocks=(0, 16))
     with pytest.raises(ValueError, match=r"mask broadcastable to \[B, H, L, S\]"):  # broadcasts with, not to
-        ta.attention_forward(q, q, q, torch.ones(3, 1, 8, 8, dtype=torch.bool, device=DEVICE))
-    out, lse = ta.attention_forward(q, q, q, **BLOCKS)
+        ta.attention_forward(_call(q, q, q, torch.ones(3, 1, 8, 8, dtype=torch.bool, device=DEVICE)))
+    out, lse = ta.attention_forward(_call(q, q, q), blocks=BLOCKS)
     with pytest.raises(ValueError, match=r"dk: expected the shape of its primal \(1, 2, 8, 16\)"):
-        ta.attention_jvp(q, q, q, out, lse, None, _randn(1, 2, 7, 16), None)
+        ta.attention_jvp(_call(q, q, q), out, lse, (None, _randn(1, 2, 7, 16), None))
 
 
-def test_which_sdpa_calls_go_to_the_kernels():
-    """``enabled_for``: CUDA tensors only; ``_supported``: 4-D, one dtype, heads dividing
-    (equal without GQA), bool or same-dtype masks that broadcast *to* the scores."""
+def test_which_sdpa_calls_go_to_the_kernels(monkeypatch):
+    """``applies``: CUDA tensors (CPU tensors only in Triton's interpreter) and ``_supported``:
+    4-D, one dtype, heads dividing (equal without GQA), bool or same-dtype masks that
+    broadcast *to* the scores."""
     q, kv = _randn(2, 4, 8, 16), _randn(2, 2, 8, 16)
-    assert ta.enabled_for(q, kv, kv, None, True) == q.is_cuda
-    assert ta._supported(q, kv, kv, None, True) and not ta._supported(q, kv, kv, None, False)
-    assert not ta._supported(q[0], kv[0], kv[0], None, True)  # 3-D
-    assert not ta._supported(q, kv.float(), kv.float(), None, True)
-    assert ta._supported(q, kv, kv, torch.zeros(8, 8, dtype=D, device=DEVICE), True)
-    assert not ta._supported(q, kv, kv, torch.zeros(8, 8, device=DEVICE), True)  # float32 mask, float64 q
-    assert not ta._supported(q, kv, kv, torch.ones(3, 1, 8, 8, dtype=torch.bool, device=DEVICE), True)
-    assert not ta._supported(q, kv, kv, torch.ones(1, 2, 1, 8, 8, dtype=torch.bool, device=DEVICE), True)
+
+    def call(q=q, k=kv, mask=None, gqa=True):
+        return AttentionCall(q, k, k, mask, AttentionOptions(gqa=gqa))
+
+    assert ta.applies(call()) and not ta.applies(call(gqa=False))  # CUDA, or CPU in the interpreter
+    if not q.is_cuda:
+        monkeypatch.setattr(ta, "interpreted", lambda: False)
+        assert not ta.applies(call())  # CPU tensors without the interpreter: the compiled kernels cannot read them
+        monkeypatch.undo()
+    assert not ta._supported(call(q[0], kv[0]))  # 3-D
+    assert not ta._supported(call(k=kv.float()))
+    assert ta._supported(call(mask=torch.zeros(8, 8, dtype=D, device=DEVICE)))
+    assert not ta._supported(call(mask=torch.zeros(8, 8, device=DEVICE)))  # float32 mask, float64 q
+    assert not ta._supported(call(mask=torch.ones(3, 1, 8, 8, dtype=torch.bool, device=DEVICE)))
+    assert not ta._supported(call(mask=torch.ones(1, 2, 1, 8, 8, dtype=torch.bool, device=DEVICE)))
 
 
 def test_the_lower_triangle_check_in_pieces(monkeypatch):
@@ -159,9 +176,8 @@ def test_the_lower_triangle_check_in_pieces(monkeypatch):
 def test_a_float_mask_with_a_tangent_takes_the_rule_s_tangent(monkeypatch):
     """The kernels treat the mask as constant; a float mask built from θ carries a tangent,
     which ``_FlashAttention`` hands to the closed-form rule: vs MATH's generic jvp < 1e-10."""
-    from funcprobe.core.jvp_rules import jvp_rules
+    from funcprobe.forward.rules import jvp_rules
 
-    monkeypatch.setattr(ta, "enabled_for", lambda q, k, v, mask, gqa: ta._supported(q, k, v, mask, gqa))
     calls = []
     for name in ("attention_forward", "attention_jvp"):
         monkeypatch.setattr(ta, name, lambda *a, _f=getattr(ta, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
@@ -173,7 +189,7 @@ def test_a_float_mask_with_a_tangent_takes_the_rule_s_tangent(monkeypatch):
 
     with sdpa_kernel([SDPBackend.MATH]):
         ref, ref_tangent = jvp(f, (q, bias), (dq, dbias))
-        with jvp_rules():
+        with jvp_rules(kernels="triton"):
             out, tangent = jvp(f, (q, bias), (dq, dbias))
             out_q, tangent_q = jvp(lambda q: f(q, bias), (q,), (dq,))  # mask without a tangent: the kernel
         ref_q = jvp(lambda q: f(q, bias), (q,), (dq,))[1]
@@ -183,9 +199,9 @@ def test_a_float_mask_with_a_tangent_takes_the_rule_s_tangent(monkeypatch):
 
 
 def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
-    """Qwen2 (GQA, SDPA, LoRA, float64): jvp_rules sends every SDPA call to the kernels
-    (``enabled_for`` widened to CPU tensors, which run in the interpreter; on CUDA as it
-    is), s vs generic < 1e-10."""
+    """Qwen2 (GQA, SDPA, LoRA, float64): ``kernels="triton"`` sends every SDPA call to the
+    kernels (CPU tensors run in the interpreter), s vs generic < 1e-10; the default
+    (``kernels="off"``) sends none there, on CUDA too."""
     from funcprobe import probe_scalars
     from funcprobe.edge.registry import ParamRegistry
 
@@ -193,17 +209,18 @@ def test_probe_with_sdpa_on_the_kernels_equals_the_generic_path(monkeypatch):
     forward, scan = ta.attention_forward, ta.keeps_lower_triangle
 
     def counted(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append(args[0].q.shape)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(ta, "enabled_for", lambda q, k, v, mask, gqa: ta._supported(q, k, v, mask, gqa))
     monkeypatch.setattr(ta, "attention_forward", counted)
     monkeypatch.setattr(ta, "keeps_lower_triangle", lambda mask: scans.append(mask.shape) or scan(mask))
     model = qwen2(attn="sdpa").to(DEVICE)
     E = random_rollouts(B=2, G=2, seed=3, resp_len=(1, 7), max_len=7.0).to(DEVICE)
     mu = random_direction(ParamRegistry.from_model(model))
     ref = probe_scalars(model, E, mu, chunk_size=2, generic_jvp=True)
-    got = probe_scalars(model, E, mu, chunk_size=2)
+    off = probe_scalars(model, E, mu, chunk_size=2)
+    assert calls == [] and scans == [] and rel_err(off, ref) < 1e-10  # the default: the closed-form rule
+    got = probe_scalars(model, E, mu, chunk_size=2, kernels="triton")
     assert len(calls) == 2 and rel_err(got, ref) < 1e-10  # 2 layers, one chunk
     assert len(scans) == 1  # the padded batch's one mask, read once for both layers
 

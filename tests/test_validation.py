@@ -6,23 +6,25 @@ import pytest
 import torch
 
 from funcprobe import ParamRegistry, RolloutBatch, probe_scalars, update_direction
-from funcprobe.validation.entropy_change import exact_entropy_change, sampled_entropy_change
-from funcprobe.core.exact import enumerate_responses, enumeration_batch, exact_entropy
 from funcprobe.edge.session import probe_session
 from funcprobe.validation.models import PolicySpec, qwen2_lora_policy
-from funcprobe.io.rollout_files import group_advantages
-from funcprobe.validation.studies import (
+from funcprobe.core.advantages import group_advantages
+from bandit import SoftmaxBandit, bandit_rollouts, covariance_entropy_derivative, policy_gradient_logit_step
+from calibration_study import (
     CalibrationDesign,
-    exact_directional_derivative,
-    SoftmaxBandit,
-    bandit_rollouts,
     biased_entropy_objective,
     calibration_study,
-    covariance_entropy_derivative,
     first_order_sweep,
     largest_first_order_lr,
-    policy_gradient_logit_step,
     sample_fixed_length,
+)
+from exact_entropy import (
+    enumerate_responses,
+    enumeration_batch,
+    exact_directional_derivative,
+    exact_entropy,
+    exact_entropy_change,
+    sampled_entropy_change,
 )
 from helpers import gpt2, random_direction, rel_err
 

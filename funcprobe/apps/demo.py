@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..api import conditional_variance, step_from_gradient
+from ..core.advantages import group_advantages, no_signal_prompts
 from ..core.logprobs import logprobs_and_entropies, response_sums, sequence_logprobs
 from ..core.objectives import policy_gradient_surrogate
 from ..core.pytree import tree_sq_norm
@@ -48,9 +49,8 @@ from ..edge.registry import ParamRegistry
 from ..edge.rng import seeded
 from ..edge.session import probe_session
 from ..errors import SettingsError
-from ..io.rollout_files import group_advantages
 from ..settings import ProbeSettings
-from ..validation.arithmetic import LEVELS, Rollouts, no_signal_prompts, sample_problems
+from ..validation.arithmetic import LEVELS, Rollouts, sample_problems
 from ..validation.arithmetic import sample_rollouts as sample_arithmetic
 from ..validation.entropy_change import EntropyChange, is_change
 from ..validation.models import PolicySpec, qwen2_lora_policy
@@ -345,7 +345,7 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     optimizer.zero_grad(set_to_none=True)
     applied = {n: p.detach() - theta0[n] for n, p in trainable.items()}
     after = _held_out(registry, H)  # the registry views the parameters AdamW updated in place
-    Lmax = float(H.max_len)
+    Lmax = float(H.max_len[0])  # one Lmax for every prompt of H
     realized = is_change(before[0], after[0], -before[0] / Lmax, -after[0] / Lmax)
     realized_tokens = is_change(before[0], after[0], before[1] / Lmax, after[1] / Lmax)
     lengths = H.response_lengths.double()

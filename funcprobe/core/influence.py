@@ -30,7 +30,7 @@ from .objectives import Objective
 from .pytree import ParamTree, tree_vdot
 from .rollouts import RolloutBatch
 from .statistics import Z_95
-from .steps import StepMap, clip_coefficient
+from .steps import StepMap
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,19 @@ def split_step(step: StepMap, gradient: Mapping[str, Tensor]) -> StepSplit:
     """The exact split of ``step(gradient)`` into its zero-gradient part and a diagonal
     map of the (clipped) gradient, in float64.
 
-    Raises ``ValueError`` for a step map that is not clipping followed by a
-    coordinate-wise map (``StepMap.split_clipping``).
+    ``step`` is clipping (``step.clip``, or none) followed by the coordinate-wise map
+    ``step.update``: c is the clipping factor of ``gradient``, and the secant q comes from
+    ``step.secant`` where the map has one, else from the difference.
+
+    Raises ``ValueError`` naming the parameters where the secant is not finite.
     """
-    max_norm, coordinatewise = step.split_clipping()
-    c = 1.0 if max_norm is None else float(clip_coefficient(gradient, max_norm))
+    c = 1.0 if step.clip is None else float(step.clip.coefficient(gradient))
     g = {n: t.detach().to(torch.float64) * c for n, t in gradient.items()}
-    if coordinatewise.secant_fn is not None:
-        at_zero, secant = coordinatewise.secant_fn(g)
+    if step.secant is not None:
+        pairs = {n: step.secant(n, t) for n, t in g.items()}
+        at_zero, secant = {n: a for n, (a, _) in pairs.items()}, {n: q for n, (_, q) in pairs.items()}
     else:
-        at_zero, secant = _difference_secant(coordinatewise, g)
+        at_zero, secant = _difference_secant(step, g)
     secant = {n: q.to(torch.float64) for n, q in secant.items()}
     bad = sorted(n for n, q in secant.items() if not bool(torch.isfinite(q).all()))
     if bad:
@@ -69,15 +72,15 @@ def split_step(step: StepMap, gradient: Mapping[str, Tensor]) -> StepSplit:
     return StepSplit({n: t.to(torch.float64) for n, t in at_zero.items()}, c, secant)
 
 
-def _difference_secant(coordinatewise: StepMap, g: ParamTree) -> tuple[ParamTree, ParamTree]:
-    """(A(0), (A(g) − A(0)) / g) by difference, A'(0) by one JVP where g = 0: for maps
-    without ``secant_fn`` (loses digits where A(0) ≫ A(g) − A(0))."""
-    at_zero = coordinatewise({n: torch.zeros_like(t) for n, t in g.items()})
-    at_g = coordinatewise(g)
+def _difference_secant(step: StepMap, g: ParamTree) -> tuple[ParamTree, ParamTree]:
+    """(A(0), (A(g) − A(0)) / g) by difference, A'(0) by one JVP where g = 0, for the
+    coordinate-wise part A of a map without ``secant`` (loses digits where A(0) ≫ A(g) − A(0))."""
+    at_zero = step.coordinatewise({n: torch.zeros_like(t) for n, t in g.items()})
+    at_g = step.coordinatewise(g)
     nonzero = {n: t != 0 for n, t in g.items()}
     derivative: dict[str, Tensor] = {}
     if any(not bool(m.all()) for m in nonzero.values()):  # coordinate-wise: one JVP gives every A_k'(g_k)
-        _, derivative = jvp(coordinatewise, (g,), ({n: torch.ones_like(t) for n, t in g.items()},))
+        _, derivative = jvp(step.coordinatewise, (g,), ({n: torch.ones_like(t) for n, t in g.items()},))
     secant = {}
     for n, t in g.items():
         safe = torch.where(nonzero[n], t, torch.ones_like(t))

@@ -96,7 +96,7 @@ def chunked_token_values(values: Callable[[Tensor, Tensor], Tensor], h: Tensor, 
     ``token_chunk`` rows at a time.
 
     ``values`` applies the head and a token function (a log-prob or an entropy of the
-    ``[m, V]`` logits) to one chunk: ``head_values`` or ``funcprobe.core.jvp_rules.linear_logprobs``.
+    ``[m, V]`` logits) to one chunk: ``head_values`` or ``funcprobe.forward.head.linear_logprobs``.
     """
     out = []
     for a in range(0, h.shape[0], token_chunk):

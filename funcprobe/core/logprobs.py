@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .jvp_rules import linear_logprobs
 from .lm_head import chunked_token_values, head_split, head_values, token_chunk_size
 from .rollouts import RolloutBatch
+from ..forward.head import linear_logprobs
 
 #: what ``functional_call`` takes: one name→tensor dict, or several with disjoint names
 Params = Union[Mapping[str, Tensor], Sequence[Mapping[str, Tensor]]]
@@ -165,7 +165,7 @@ def _response_columns(module: nn.Module, params: Params, batch: RolloutBatch, to
     targets = ids[:, 1:].reshape(-1).index_select(0, flat)
     chunk = token_chunk or token_chunk_size(split.vocab_size)
     linear = split.linear_weights(merged) if token_fn is token_logprobs else None
-    if linear is not None:  # one op, so that forward mode can use its own rule (funcprobe.core.jvp_rules)
+    if linear is not None:  # one op, so that forward mode can use its own rule (funcprobe.forward.head)
         weight, bias = linear
 
         def values(hc: Tensor, tc: Tensor) -> Tensor:

@@ -7,14 +7,16 @@ Layout (as produced by left-padded generation):
 
 Prompts are left-padded so that every prompt ends at column ``response_start - 1``;
 responses are right-padded. ``attention_mask`` is 1 on real tokens and 0 on padding.
-A pure value: validated once at construction (``__post_init__``), never mutated.
+A pure value: validated once at construction (``__post_init__``), never mutated; the
+batches derived from it (``select``, ``to``, ``with_tensors``) are built by the class
+without checking again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields
 import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +32,10 @@ class RolloutBatch:
         attention_mask: ``[B, G, T]`` 0/1 (bool or integer); 1 marks a real token.
         response_start: column where every response starts (``1 <= response_start < T``).
         advantages: optional ``[B, G]`` floating advantages A[n, g] (needed for J and μY).
-        max_len: optional Lmax for ``weighting="dr_grpo"``: a positive number (tokens) or a
-            ``[B]`` tensor (per prompt), typically the trainer's ``max_completion_length``.
+        max_len: optional Lmax for ``weighting="dr_grpo"`` (tokens), typically the trainer's
+            ``max_completion_length``: pass a positive number (every prompt) or a ``[B]``
+            tensor (per prompt); stored as a ``[B]`` float64 tensor on ``input_ids``'
+            device (or ``None``), whatever was passed.
 
     Raises:
         ValueError: naming the field, for a wrong shape, dtype or value: G < 2, an empty
@@ -44,11 +48,11 @@ class RolloutBatch:
     response_start: int
     advantages: Tensor | None = None
     max_len: float | Tensor | None = None
-    _checked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self._checked:
-            _validate(self)
+        _validate(self)
+        if self.max_len is not None:
+            object.__setattr__(self, "max_len", _max_len_tensor(self.max_len, self.num_prompts, self.input_ids.device))
 
     # ----------------------------------------------------------------- shapes
     @property
@@ -87,37 +91,34 @@ class RolloutBatch:
                 "max_len: weighting='dr_grpo' needs Lmax (the trainer's max completion length); "
                 "pass max_len= to RolloutBatch, or use weighting='per_token_avg'"
             )
-        lmax = torch.as_tensor(self.max_len, dtype=dtype, device=self.input_ids.device)
-        return lmax.reshape(-1, 1).expand(self.num_prompts, 1)
+        return self.max_len.to(device=self.input_ids.device, dtype=dtype).reshape(-1, 1)
 
     # ------------------------------------------------------------ derivations
     def select(self, start: int, stop: int) -> "RolloutBatch":
         """Prompts ``start:stop`` as a batch (validated once already, so not re-checked)."""
         if not 0 <= start <= stop <= self.num_prompts:
             raise ValueError(f"select: need 0 <= start <= stop <= {self.num_prompts}, got {start}:{stop}")
-        ml = self.max_len
-        if isinstance(ml, Tensor) and ml.ndim == 1:
-            ml = ml[start:stop]
-        return replace(
-            self,
-            input_ids=self.input_ids[start:stop],
-            attention_mask=self.attention_mask[start:stop],
-            advantages=None if self.advantages is None else self.advantages[start:stop],
-            max_len=ml,
-            _checked=True,
-        )
+        return self._derived(lambda t: t[start:stop])
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """The same batch on ``device``."""
-        ml = self.max_len.to(device) if isinstance(self.max_len, Tensor) else self.max_len
-        return replace(
-            self,
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            advantages=None if self.advantages is None else self.advantages.to(device),
-            max_len=ml,
-            _checked=True,
-        )
+        return self._derived(lambda t: t.to(device))
+
+    def with_tensors(self, fn: Callable[[Tensor], Tensor]) -> "RolloutBatch":
+        """The same batch with ``fn`` applied to each of its tensors (``input_ids``,
+        ``attention_mask``, ``advantages``, ``max_len``), not checked again: ``fn`` must
+        keep every value, shape and dtype (a copy out of inference mode, a move between
+        devices)."""
+        return self._derived(fn)
+
+    def _derived(self, fn: Callable[[Tensor], Tensor]) -> "RolloutBatch":
+        """A batch with ``fn`` applied to every tensor field, built without ``__post_init__``
+        (this batch was validated and normalised at construction; ``fn`` keeps that)."""
+        new = object.__new__(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(new, f.name, fn(value) if isinstance(value, Tensor) else value)
+        return new
 
     def require_advantages(self, argname: str) -> Tensor:
         """The advantages, or ``ValueError`` naming ``argname`` when absent."""
@@ -127,19 +128,19 @@ class RolloutBatch:
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def empty(cls, group_size: int, *, advantages: bool = True, max_len: float | None = None) -> "RolloutBatch":
-        """A batch with no prompts (B = 0): a data-parallel rank whose shard is empty."""
+    def empty(cls, group_size: int, *, advantages: bool = True,
+              max_len: float | Tensor | None = None) -> "RolloutBatch":
+        """A batch with no prompts (B = 0): a data-parallel rank whose shard is empty.
+
+        ``max_len``: Lmax as for the other shards, a number or the ``[B]`` ``max_len`` of the
+        batch being sharded (an empty batch has no prompts: only whether Lmax is given
+        matters, so a tensor's values are not kept).
+        """
+        if isinstance(max_len, Tensor):
+            max_len = max_len.reshape(-1)[:0]
         ids = torch.zeros((0, group_size, 2), dtype=torch.long)
         adv = torch.zeros((0, group_size)) if advantages else None
         return cls(ids, torch.zeros_like(ids), 1, adv, max_len)
-
-    @classmethod
-    def placeholder(cls, group_size: int) -> "RolloutBatch":
-        """One prompt of token id 0 with G one-token responses of id 0, zero advantages,
-        Lmax 1: the input of the forwards a rank runs only to take part in collectives
-        (FSDP2's all-gathers) when its own shard has fewer chunks; results discarded."""
-        ids = torch.zeros((1, group_size, 2), dtype=torch.long)
-        return cls(ids, torch.ones_like(ids), 1, torch.zeros((1, group_size), dtype=torch.float64), 1.0)
 
     @classmethod
     def from_lists(
@@ -268,16 +269,22 @@ def _real_table(values: object, B: int, G: int) -> Tensor:
 
 
 def _max_len_value(value: object, B: int) -> float | Tensor | None:
-    """Lmax: None, a positive number, or B positive numbers (as a float32 tensor)."""
+    """Lmax: None, a positive number, or B positive numbers (as a float64 tensor)."""
     if value is None or isinstance(value, Tensor):
         return value
     if isinstance(value, (list, tuple)):
         if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in value):
             raise ValueError(f"max_len: expected a number or B = {B} numbers (Lmax, tokens), got {value!r}")
-        return torch.as_tensor([float(v) for v in value], dtype=torch.float32)
+        return torch.as_tensor([float(v) for v in value], dtype=torch.float64)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"max_len: expected a number (Lmax, tokens), got {value!r}")
     return float(value)
+
+
+def _max_len_tensor(value: float | Tensor, B: int, device: torch.device) -> Tensor:
+    """A validated Lmax (a number, a 0-d or a ``[B]`` tensor) as a ``[B]`` float64 tensor on
+    ``device`` (exact: float64 holds every float32 and Python float)."""
+    return torch.as_tensor(value, dtype=torch.float64).to(device).reshape(-1).expand(B).clone()
 
 
 def check_rollouts(batch: object, argname: str) -> RolloutBatch:

@@ -59,6 +59,13 @@ class EntropyPrediction:
             gradient: Adam's momentum and weight decay) and its SE; ``delta_h −
             delta_h_baseline`` is the part the update batch drives
             (docs/derivations.md#baseline-split).
+        estimator: how δH was estimated from E: ``"independent"`` (E is not the update
+            batch: mean of s over E, SE conditional on U) or ``"leave_one_out"`` (E is the
+            update batch U itself: each prompt's s against the step without its own
+            gradient, so no prompt scores its own contribution; docs/derivations.md#leave-one-out).
+        delta_h_same_batch, se_same_batch: with ``"leave_one_out"``, the value E = U gives
+            without it (mean of s over U along the full step; biased upwards in magnitude by
+            each prompt's own contribution) and its spread-based SE, for comparison.
 
     Deprecated attribute names (``bars_dot``, ``var_e``, ``se_e``, ``mu_y_norm``,
     ``direction``, ``result``) still read, with a ``DeprecationWarning``.
@@ -78,15 +85,20 @@ class EntropyPrediction:
     step: str | None = None
     step_norm: float | None = None
     num_update_prompts: int | None = None
+    estimator: str = "independent"
+    delta_h_same_batch: float | None = None
+    se_same_batch: float | None = None
     policy_gradient_signal: bool | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     delta_h_baseline: float | None = None
     se_baseline: float | None = None
 
     @classmethod
-    def from_sums(cls, s: Tensor, sum_s: float, sum_s2: float, num_prompts: int, *, lr: float, mode: str,
+    def from_sums(cls, s: Tensor, totals: Sequence[float], *, lr: float, mode: str,
                   weighting: str) -> "EntropyPrediction":
-        """Assemble the statistics from Σs, Σs², B. Raises ``ValueError`` if B < 2."""
+        """Assemble the statistics from ``totals`` = (Σs, Σs², B) over all ranks (``s``: this
+        rank's scalars, kept as they are). Raises ``ValueError`` if B < 2."""
+        sum_s, sum_s2, num_prompts = totals[:3]
         B = int(num_prompts)
         if B < 2:
             raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {B}")
@@ -126,6 +138,9 @@ class EntropyPrediction:
             "sum_s": self.sum_s, "sum_s2": self.sum_s2, "mode": self.mode, "weighting": self.weighting,
             "s": [float(x) for x in self.s.tolist()],
         }
+        out["estimator"] = self.estimator
+        if self.delta_h_same_batch is not None:
+            out.update(delta_h_same_batch=self.delta_h_same_batch, se_same_batch=self.se_same_batch)
         if self.delta_h_baseline is not None:
             out.update(delta_h_baseline=self.delta_h_baseline, se_baseline=self.se_baseline)
         if self.step is not None:

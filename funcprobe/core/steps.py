@@ -5,16 +5,24 @@ once from the optimizer's state (``funcprobe.edge.optim.step_map`` does that, re
 ``torch.optim`` by parameter name), then apply it to an ascent gradient tree. Pure: no
 optimizer objects here, only tensors and numbers.
 
+Every step map has one shape, held in its type: optional clipping by the global norm
+(``StepMap.clip``, a ``ClipByGlobalNorm``), then a coordinate-wise map A
+(``StepMap.update``: coordinate k of the step depends on coordinate k of the gradient
+only). ``funcprobe.core.influence.split_step`` relies on that shape. The blocks:
+
 * ``sgd()``: identity;
 * ``frozen_adam(states)``: the seeds' preconditioner ``g / (sqrt(v / (1 − β2^t)) + ε)``
   with Adam's state frozen (docs/seeds/003 "Adam preconditioning"; formerly called ``adam``);
-* ``adam_step_map(params, states)``: the exact next ``torch.optim.Adam``/``AdamW`` step per
-  unit learning rate (first moment, second-moment update, both bias corrections, ε
+* ``adam_next_step(params, states)``: the exact next ``torch.optim.Adam``/``AdamW`` step
+  per unit learning rate (first moment, second-moment update, both bias corrections, ε
   outside the square root, L2 or decoupled weight decay, AMSGrad;
-  docs/derivations.md#adam-step);
+  docs/derivations.md#adam-step); the step of the setting ``step="adam_step"``;
+* ``clip_by_global_norm(c)``: ``torch.nn.utils.clip_grad_norm_`` as a pure map;
+* ``scale_by_lr(lrs)``: each parameter's learning rate;
+* ``chain(*maps)``: the maps in order;
 * ``optimizer_step_map(params, states, lrs, max_grad_norm)``: the step the trainer will
-  actually take, learning rates inside: ``chain(clip_by_global_norm(c), adam_step_map,
-  scale_by_lr(lrs))``.
+  actually take, learning rates inside: ``chain(clip_by_global_norm(c),
+  adam_next_step(...), scale_by_lr(lrs))``.
 
 Sign convention: the trainer minimises ``−mean J``, so the optimizer sees the gradient
 ``−∇ mean J`` (with ``maximize=True`` it sees ``+∇ mean J`` and flips it, which is the
@@ -23,6 +31,8 @@ same step). The step is therefore the ascent direction of J.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -30,6 +40,11 @@ import torch
 from torch import Tensor
 
 from .pytree import ParamTree
+
+#: coordinate-wise map of one parameter: (parameter name, gradient tensor) → step tensor
+Update = Callable[[str, Tensor], Tensor]
+#: its secant: (name, g) → (A(0), q) with q = (A(g) − A(0)) / g (A'(0) where g = 0)
+Secant = Callable[[str, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -57,120 +72,147 @@ class AdamState:
 
 
 @dataclass(frozen=True)
+class ClipByGlobalNorm:
+    """``g ← g · min(1, c / (‖g‖ + 1e-6))`` with the 2-norm over every tensor of the tree:
+    ``torch.nn.utils.clip_grad_norm_`` (torch 2.13, ``norm_type=2``) as a pure map.
+
+    Raises ``ValueError`` (naming ``max_norm``) unless ``max_norm`` is a finite number > 0.
+    """
+
+    max_norm: float
+
+    def __post_init__(self) -> None:
+        value = self.max_norm
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+            raise ValueError(f"max_norm: expected a finite number > 0, got {value!r}")
+        object.__setattr__(self, "max_norm", float(value))
+
+    def coefficient(self, gradient: Mapping[str, Tensor]) -> Tensor:
+        """``min(1, c / (‖g‖ + 1e-6))``, the 0-d factor ``clip_grad_norm_`` multiplies every
+        gradient by (2-norm over all tensors of the tree)."""
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradient.values()]))
+        return torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
+
+    def __call__(self, gradient: Mapping[str, Tensor]) -> ParamTree:
+        coef = self.coefficient(gradient)
+        return {n: g * coef.to(g.dtype) for n, g in gradient.items()}
+
+
+def _identity(name: str, g: Tensor) -> Tensor:
+    """The coordinate-wise identity (``sgd``; the coordinate-wise part of a bare clip)."""
+    return g
+
+
+def _identity_secant(name: str, g: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.zeros_like(g), torch.ones_like(g)
+
+
+@dataclass(frozen=True)
 class StepMap:
-    """A step map: ascent gradient tree → step tree.
+    """A step map: ascent gradient tree (name → tensor) → step tree (same names and shapes),
+    ``Δ(g) = A(clip(g))``.
 
     Attributes:
-        name: ``"sgd"``, ``"frozen_adam"``, ``"adam_step"`` or ``"optimizer_step"``.
-        fn: gradient tree → step tree (same names).
-        per_unit_lr: True when the step is per unit learning rate (θ ← θ + η·step);
-            False when the learning rates are inside it (θ ← θ + step).
-        coordinatewise: True when coordinate k of the step depends on coordinate k of the
-            gradient only (Adam, AdamW, SGD, the learning rates); False for global-norm
-            clipping.
-        parts: the maps of a ``chain``, in order (empty for a single map).
-        max_norm: the clipping threshold of ``clip_by_global_norm`` (None otherwise).
-        linear: True when the map is linear (SGD, the frozen-state preconditioner, the
-            learning rates): A(x) = q ⊙ x.
-        secant_fn: for a coordinate-wise map, gradient g ↦ (A(0), q) with
-            q = (A(g) − A(0)) / g computed without cancellation (A'(0) where g = 0);
-            None where the map does not provide it (``funcprobe.core.influence``
-            then takes the difference).
+        name: what the step is called in messages and results (``"sgd"``, ``"frozen_adam"``,
+            ``"adam_step"``, ``"optimizer_step"``, or a ``chain``'s name).
+        update: A, coordinate-wise: ``update(parameter name, g) → step`` of the same shape,
+            coordinate k depending on coordinate k of g only.
+        clip: the global-norm clipping applied to the whole gradient tree before A
+            (``None``: no clipping).
+        secant: optional ``secant(name, g) → (A(0), q)`` with q = (A(g) − A(0)) / g computed
+            without cancellation (A'(0) where g = 0); ``None``:
+            ``funcprobe.core.influence`` takes the difference.
+        linear: True when A is linear, A(x) = q ⊙ x (SGD, the frozen-state preconditioner,
+            the learning rates): a ``chain`` passes a secant through such maps.
     """
 
     name: str
-    fn: Callable[[Mapping[str, Tensor]], ParamTree] = field(repr=False)
-    per_unit_lr: bool = True
-    coordinatewise: bool = True
-    parts: tuple["StepMap", ...] = field(default=(), repr=False)
-    max_norm: float | None = None
+    update: Update = field(repr=False)
+    clip: ClipByGlobalNorm | None = None
+    secant: Secant | None = field(default=None, repr=False)
     linear: bool = False
-    secant_fn: Callable[[Mapping[str, Tensor]], tuple[ParamTree, ParamTree]] | None = field(default=None, repr=False)
 
     def __call__(self, gradient: Mapping[str, Tensor]) -> ParamTree:
-        return self.fn(gradient)
+        """Δ(g): ``clip`` (if any), then ``update`` per parameter."""
+        if self.clip is not None:
+            gradient = self.clip(gradient)
+        return self.coordinatewise(gradient)
 
-    def split_clipping(self) -> tuple[float | None, "StepMap"]:
-        """``(c, A)`` with this map = A ∘ clip_by_global_norm(c) and A coordinate-wise
-        (``c`` None: no clipping). Raises ``ValueError`` for a map of another shape."""
-        parts = self.parts or (self,)
-        max_norm = parts[0].max_norm
-        rest = parts[1:] if max_norm is not None else parts
-        if not all(m.coordinatewise for m in rest):
-            raise ValueError(f"step: {self.name!r} is not global-norm clipping followed by a coordinate-wise map")
-        if len(rest) == 1:
-            return max_norm, rest[0]
-        return max_norm, chain(self.name, *rest)
+    def coordinatewise(self, gradient: Mapping[str, Tensor]) -> ParamTree:
+        """A(g), the map without its clipping."""
+        return {n: self.update(n, g) for n, g in gradient.items()}
 
 
-def per_name(name: str, fn: Callable[[str, Tensor], Tensor], *, per_unit_lr: bool = True,
-             secant: Callable[[str, Tensor], tuple[Tensor, Tensor]] | None = None, linear: bool = False) -> StepMap:
-    """A coordinate-wise step map from ``fn(parameter name, gradient tensor) → step tensor``
-    (and optionally ``secant(name, g) → (A(0), q)``, see ``StepMap.secant_fn``)."""
+def chain(*maps: StepMap, name: str | None = None) -> StepMap:
+    """The maps applied in order (optax's ``chain``), as one ``StepMap``.
 
-    def secant_fn(gradient: Mapping[str, Tensor]) -> tuple[ParamTree, ParamTree]:
-        pairs = {n: secant(n, g) for n, g in gradient.items()}
-        return {n: a for n, (a, _) in pairs.items()}, {n: q for n, (_, q) in pairs.items()}
+    Clipping may come only before every non-identity coordinate-wise map (clip, then A):
+    identity maps (``sgd()``, the coordinate-wise part of ``clip_by_global_norm``) are
+    skipped. The chain has a ``secant`` when the first non-identity map has one and every
+    later map is linear (Adam followed by the learning rates): A(0) and q pass through the
+    linear maps.
 
-    return StepMap(name, lambda gradient: {n: fn(n, g) for n, g in gradient.items()}, per_unit_lr,
-                   linear=linear, secant_fn=None if secant is None else secant_fn)
-
-
-def chain(name: str, *maps: StepMap) -> StepMap:
-    """The maps applied in order (optax's ``chain``); per unit lr only if all of them are.
-
-    The chain has a ``secant_fn`` when its first map has one and every later map is
-    linear (Adam followed by the learning rates): A(0) and q pass through the linear maps.
+    Raises ``ValueError`` for no maps, more than one clipping, or a clipping after a
+    non-identity map (not clipping followed by a coordinate-wise map).
     """
+    if not maps or not all(isinstance(m, StepMap) for m in maps):
+        raise ValueError(f"maps: expected one or more StepMap values, got {[type(m).__name__ for m in maps]}")
+    name = name if name is not None else "chain(" + ", ".join(m.name for m in maps) + ")"
+    clips = [m for m in maps if m.clip is not None]
+    if len(clips) > 1:
+        raise ValueError(f"maps: {len(clips)} clip_by_global_norm maps in one chain; at most one")
+    parts = [m for m in maps if m.update is not _identity]
+    if clips:
+        at = next(i for i, m in enumerate(maps) if m.clip is not None)
+        before = [m.name for m in maps[:at] if m.update is not _identity]
+        if before:
+            raise ValueError(
+                f"maps: {clips[0].name!r} clips by the global norm after the coordinate-wise map(s) {before}; "
+                "a step map clips first, then applies a coordinate-wise map"
+            )
+    clip = clips[0].clip if clips else None
+    if not parts:
+        return StepMap(name, _identity, clip, _identity_secant, linear=True)
+    if len(parts) == 1:
+        return StepMap(name, parts[0].update, clip, parts[0].secant, parts[0].linear)
+    updates = [m.update for m in parts]
 
-    def fn(gradient: Mapping[str, Tensor]) -> ParamTree:
-        tree = dict(gradient)
-        for m in maps:
-            tree = m(tree)
-        return tree
+    def update(n: str, g: Tensor) -> Tensor:
+        for f in updates:
+            g = f(n, g)
+        return g
 
-    secant_fn = None
-    if maps and maps[0].secant_fn is not None and all(m.linear and m.coordinatewise for m in maps[1:]):
+    secant = None
+    first = parts[0].secant
+    if first is not None and all(m.linear for m in parts[1:]):
+        rest = updates[1:]
 
-        def secant_fn(gradient: Mapping[str, Tensor]) -> tuple[ParamTree, ParamTree]:
-            at_zero, q = maps[0].secant_fn(gradient)
-            for m in maps[1:]:
-                at_zero, q = m(at_zero), m(q)
+        def secant(n: str, g: Tensor) -> tuple[Tensor, Tensor]:
+            at_zero, q = first(n, g)
+            for f in rest:
+                at_zero, q = f(n, at_zero), f(n, q)
             return at_zero, q
 
-    return StepMap(name, fn, all(m.per_unit_lr for m in maps), all(m.coordinatewise for m in maps), tuple(maps),
-                   linear=all(m.linear for m in maps), secant_fn=secant_fn)
+    return StepMap(name, update, clip, secant, linear=all(m.linear for m in parts))
 
 
 def sgd() -> StepMap:
     """P = identity."""
-    return per_name("sgd", lambda name, g: g, secant=lambda name, g: (torch.zeros_like(g), torch.ones_like(g)),
-                    linear=True)
+    return StepMap("sgd", _identity, secant=_identity_secant, linear=True)
 
 
 def clip_by_global_norm(max_norm: float) -> StepMap:
-    """``g ← g · min(1, c / (‖g‖ + 1e-6))`` with the 2-norm over every tensor of the tree:
-    ``torch.nn.utils.clip_grad_norm_`` (torch 2.13, ``norm_type=2``) as a pure map."""
-
-    def fn(gradient: Mapping[str, Tensor]) -> ParamTree:
-        coef = clip_coefficient(gradient, max_norm)
-        return {n: g * coef.to(g.dtype) for n, g in gradient.items()}
-
-    return StepMap("clip_by_global_norm", fn, coordinatewise=False, max_norm=float(max_norm))
-
-
-def clip_coefficient(gradient: Mapping[str, Tensor], max_norm: float) -> Tensor:
-    """``min(1, c / (‖g‖ + 1e-6))``, the 0-d factor ``clip_grad_norm_`` multiplies every
-    gradient by (2-norm over all tensors of the tree)."""
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradient.values()]))
-    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    """Clipping alone (``ClipByGlobalNorm(max_norm)`` with the identity after it), to
+    ``chain`` before a coordinate-wise map. Raises the ``ValueError`` of ``ClipByGlobalNorm``."""
+    return StepMap("clip_by_global_norm", _identity, ClipByGlobalNorm(max_norm), _identity_secant, linear=True)
 
 
 def scale_by_lr(lrs: Mapping[str, float]) -> StepMap:
-    """Multiply each parameter's step by its param group's learning rate."""
+    """Multiply each parameter's step by its param group's learning rate (``lrs``: name →
+    lr; a name missing from it raises ``KeyError`` when the map is applied)."""
     lrs = dict(lrs)
-    return per_name("scale_by_lr", lambda name, g: g * lrs[name], per_unit_lr=False,
-                    secant=lambda name, g: (torch.zeros_like(g), torch.full_like(g, lrs[name])), linear=True)
+    return StepMap("scale_by_lr", lambda name, g: g * lrs[name],
+                   secant=lambda name, g: (torch.zeros_like(g), torch.full_like(g, lrs[name])), linear=True)
 
 
 def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: bool = False) -> StepMap:
@@ -187,19 +229,22 @@ def frozen_adam(states: Mapping[str, AdamState], *, allow_identity_fallback: boo
         )
     states = dict(states)
 
-    def fn(name: str, g: Tensor) -> Tensor:
+    def update(name: str, g: Tensor) -> Tensor:
         st = states[name]
         return g if st.exp_avg_sq is None else adam_preconditioner(g, st)
 
-    return per_name("frozen_adam", fn, secant=lambda name, g: (torch.zeros_like(g), fn(name, torch.ones_like(g))),
-                    linear=True)
+    return StepMap("frozen_adam", update, secant=lambda name, g: (torch.zeros_like(g), update(name, torch.ones_like(g))),
+                   linear=True)
 
 
-def adam_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState]) -> StepMap:
-    """The exact next Adam/AdamW step per unit learning rate for every name of ``states``."""
+def adam_next_step(params: Mapping[str, Tensor], states: Mapping[str, AdamState]) -> StepMap:
+    """The exact next Adam/AdamW step per unit learning rate, (θ_new − θ) / lr, for every
+    name of ``states`` (``params``: name → the parameter's current value, for weight
+    decay); the step of ``step="adam_step"``. Mirrors ``torch.optim.Adam`` (single-tensor
+    path, torch 2.13) fed the loss gradient ``−g``; exact for parameters with no state."""
     params, states = dict(params), dict(states)
-    return per_name("adam_step", lambda name, g: adam_step(g, params[name], states[name]),
-                    secant=lambda name, g: adam_secant(g, params[name], states[name]))
+    return StepMap("adam_step", lambda name, g: _adam_update(g, params[name], states[name]),
+                   secant=lambda name, g: _adam_secant(g, params[name], states[name]))
 
 
 def optimizer_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamState], lrs: Mapping[str, float],
@@ -208,7 +253,7 @@ def optimizer_step_map(params: Mapping[str, Tensor], states: Mapping[str, AdamSt
     global-norm clipping (if ``max_grad_norm``), the exact Adam/AdamW step, each param
     group's current learning rate (docs/definitions.md#step-maps)."""
     maps = [] if max_grad_norm is None else [clip_by_global_norm(max_grad_norm)]
-    return chain("optimizer_step", *maps, adam_step_map(params, states), scale_by_lr(lrs))
+    return chain(*maps, adam_next_step(params, states), scale_by_lr(lrs), name="optimizer_step")
 
 
 def adam_preconditioner(g: Tensor, state: AdamState) -> Tensor:
@@ -225,7 +270,7 @@ def adam_preconditioner(g: Tensor, state: AdamState) -> Tensor:
     return g / (v_hat.sqrt() + h.eps)
 
 
-def adam_step(g: Tensor, param: Tensor, state: AdamState) -> Tensor:
+def _adam_update(g: Tensor, param: Tensor, state: AdamState) -> Tensor:
     """The next Adam/AdamW step per unit learning rate, (θ_new − θ) / lr, for ascent gradient g.
 
     Mirrors ``torch.optim.Adam`` (single-tensor path, torch 2.13) fed the loss gradient
@@ -254,8 +299,8 @@ def adam_step(g: Tensor, param: Tensor, state: AdamState) -> Tensor:
     return delta
 
 
-def adam_secant(g: Tensor, param: Tensor, state: AdamState) -> tuple[Tensor, Tensor]:
-    """(f(0), q) for the next Adam/AdamW step f of ``adam_step``, with
+def _adam_secant(g: Tensor, param: Tensor, state: AdamState) -> tuple[Tensor, Tensor]:
+    """(f(0), q) for the next Adam/AdamW step f of ``_adam_update``, with
     q = (f(g) − f(0)) / g elementwise, computed without subtracting f(0) (the momentum and
     weight-decay part, often far larger than the gradient's) from f(g).
 
@@ -289,7 +334,7 @@ def adam_secant(g: Tensor, param: Tensor, state: AdamState) -> tuple[Tensor, Ten
     dD = torch.where(roots > 0, dv / torch.where(roots > 0, roots, torch.ones_like(roots)), torch.zeros_like(g)) / bc2
     D0, Dg = root0 / bc2 + h.eps, rootg / bc2 + h.eps
     q = -(-(1.0 - h.beta1) * D0 - m0 * dD) / (bc1 * Dg * D0)
-    return adam_step(torch.zeros_like(g), param, state), q
+    return _adam_update(torch.zeros_like(g), param, state), q
 
 
 def _sqrt(v: Tensor) -> Tensor:

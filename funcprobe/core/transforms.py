@@ -1,28 +1,31 @@
-"""The one core transform: per-prompt directional derivatives, in chunks, by jvp or vjp.
+"""The core transforms: per-prompt directional derivatives and summed gradients, over chunks.
 
 Like ``torch.func``'s transforms these take a function and return a function. The
 function ``f(θ, batch) → [b]`` maps the probed parameters (a name→tensor dict) and a
 ``RolloutBatch`` of b prompts to one number per prompt (LX for the probe, J for the
 update direction, the exact weighted entropy for validation, any surrogate a study
-wants). Prompts are independent, so the batch is cut into chunks of ``chunk_size``
-prompts and the results concatenated; results do not depend on the chunk size.
+wants). Prompts are independent, so a batch is evaluated in chunks: the returned
+functions take an iterable of ``(chunk, keep)`` pairs (``chunked(batch, chunk_size)``:
+consecutive chunks, all kept) and concatenate (or sum) the results of the kept ones;
+results do not depend on the chunking. A chunk with ``keep`` False is evaluated like the
+others and its result dropped (``funcprobe.edge.sharding`` plans such chunks where every
+forward must run on every process).
 
-* ``directional_derivatives(f)`` → ``(θ, tangent, batch) ↦ d/dε f(θ + ε·tangent)[n]``
+* ``directional_derivatives(f)`` → ``(θ, tangent, chunks) ↦ d/dε f(θ + ε·tangent)[n]``
   ``[B]`` float64: ``mode="jvp"``: one ``torch.func.jvp`` per chunk (one primal plus one
-  tangent pass), under ``funcprobe.core.jvp_rules`` unless ``rules=False``;
+  tangent pass; the caller may run it under ``funcprobe.forward``'s rules mode);
   ``mode="vjp"``: the seeds' α-trick, s = ∂/∂α ⟨∇θ Σ_n α_n f[n], tangent⟩ at α = 1,
   reverse over reverse (docs/definitions.md#alpha-trick).
-* ``summed_gradient(f)`` → ``(θ, batch) ↦ Σ_n ∇θ f[n]`` (float32 or wider), one
+* ``summed_gradient(f)`` → ``(θ, chunks) ↦ Σ_n ∇θ f[n]`` (float32 or wider), one
   ``torch.autograd.grad`` on local leaves per chunk (a third of ``torch.func.grad``'s
   peak memory, same values).
 
-Pure: no module state, no collectives, no ``.grad``; the caller (``funcprobe.api``) runs
+Pure: no module state, no collectives, no ``.grad``; the caller (``funcprobe.run``) runs
 them inside ``funcprobe.edge.session.probe_session``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -30,74 +33,55 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .objectives import PromptFn
-from .jvp_rules import jvp_rules
 from .pytree import ParamTree, tree_map, tree_vdot
 from .rollouts import RolloutBatch
 from ..errors import UnreachableDirectionError
 
-#: wraps the iterable of chunk start indices (e.g. a tqdm bar); identity by default
-ChunkWrapper = Callable[[Iterable[int], int], Iterable[int]]
+#: ``(chunk, keep)``: a batch to evaluate, and whether its result counts
+Chunks = Iterable[tuple[RolloutBatch, bool]]
 
 
-def _plain(starts: Iterable[int], total: int) -> Iterable[int]:
-    return starts
-
-
-def _chunks(batch: RolloutBatch, chunk_size: int, wrap: ChunkWrapper,
-            min_chunks: int = 0) -> Iterator[tuple[RolloutBatch, bool]]:
-    """``(chunk, real)``: the batch in consecutive chunks of at most ``chunk_size`` prompts
-    (the loop ``wrap``ped), then placeholder chunks (``real`` False) up to ``min_chunks``."""
-    B = batch.num_prompts
-    count = chunk_count(batch, chunk_size)
-    for start in wrap(range(0, B, chunk_size), count):
-        yield batch.select(start, min(start + chunk_size, B)), True
-    for _ in range(count, min_chunks):
-        yield RolloutBatch.placeholder(batch.group_size).to(batch.input_ids.device), False
+def chunked(batch: RolloutBatch, chunk_size: int) -> Iterator[tuple[RolloutBatch, bool]]:
+    """``batch`` in consecutive chunks of at most ``chunk_size`` prompts, all kept."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    for start in range(0, batch.num_prompts, chunk_size):
+        yield batch.select(start, min(start + chunk_size, batch.num_prompts)), True
 
 
 def chunk_count(batch: RolloutBatch, chunk_size: int) -> int:
-    """How many calls of ``f`` the transforms make for ``batch`` (before ``min_chunks``)."""
+    """How many chunks ``chunked(batch, chunk_size)`` yields."""
     return -(-batch.num_prompts // chunk_size)
 
 
-def directional_derivatives(
-    f: PromptFn, *, mode: str = "jvp", chunk_size: int = 8, wrap: ChunkWrapper = _plain, min_chunks: int = 0,
-    rules: bool = True,
-) -> Callable[[ParamTree, Mapping[str, Tensor], RolloutBatch], Tensor]:
-    """Return ``(theta, tangent, batch) ↦ [B]`` float64 directional derivatives of ``f``.
+def directional_derivatives(f: PromptFn, *, mode: str = "jvp") -> Callable[[ParamTree, Mapping[str, Tensor], Chunks],
+                                                                              Tensor]:
+    """Return ``(theta, tangent, chunks) ↦ [B]`` float64 directional derivatives of ``f``.
 
     Args:
         f: ``f(theta, batch) → [b]``, pure in ``theta``.
         mode: ``"jvp"`` (forward mode) or ``"vjp"`` (α-trick, reverse over reverse).
-        chunk_size: prompts per call of ``f``.
-        wrap: ``wrap(starts, total)`` wraps the chunk loop (progress bars).
-        min_chunks: call ``f`` at least this often, on a placeholder batch whose results
-            are discarded (ranks of a sharded model whose every forward is a collective).
-        rules: in ``"jvp"`` mode, run ``torch.func.jvp`` under ``funcprobe.core.jvp_rules``
-            (linear layers, matrix products, attention, SiLU and the LM head's log-probs with
-            tangents that skip frozen tensors: same values, fewer products); False: PyTorch's generic
-            forward-AD formulas (the reference the rules are tested against).
 
     The returned function's ``tangent`` must have ``theta``'s names, shapes, dtypes and
-    devices. An empty batch (B = 0, an empty data-parallel shard) gives an empty result.
+    devices; ``chunks`` is an iterable of ``(batch, keep)`` (``chunked``). The kept chunks'
+    results are concatenated in order (B = their prompts; no chunk: an empty result).
     Raises ``ValueError`` for an unknown ``mode``.
     """
     if mode not in ("jvp", "vjp"):
         raise ValueError(f"mode: expected 'jvp' or 'vjp', got {mode!r}")
 
-    def derivatives(theta: ParamTree, tangent: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
+    def derivatives(theta: ParamTree, tangent: Mapping[str, Tensor], chunks: Chunks) -> Tensor:
         out = []
-        for chunk, real in _chunks(batch, chunk_size, wrap, min_chunks):
+        for chunk, keep in chunks:
 
             def f_chunk(t: ParamTree, chunk: RolloutBatch = chunk) -> Tensor:
                 return f(t, chunk)
 
             if mode == "jvp":
-                with jvp_rules() if rules else contextlib.nullcontext():
-                    _, d = jvp(f_chunk, (theta,), (dict(tangent),))
+                _, d = jvp(f_chunk, (theta,), (dict(tangent),))
             else:
                 d = _alpha_trick(f_chunk, theta, tangent, chunk.num_prompts)
-            if real:
+            if keep:
                 out.append(d.detach().to(torch.float64))
         if not out:
             device = next(iter(theta.values())).device
@@ -107,13 +91,12 @@ def directional_derivatives(
     return derivatives
 
 
-def summed_gradient(
-    f: PromptFn, *, chunk_size: int = 8, wrap: ChunkWrapper = _plain, min_chunks: int = 0
-) -> Callable[[ParamTree, RolloutBatch], ParamTree]:
-    """Return ``(theta, batch) ↦ Σ_n ∇θ f(theta, batch)[n]`` as name→tensor.
+def summed_gradient(f: PromptFn) -> Callable[[ParamTree, Chunks], ParamTree]:
+    """Return ``(theta, chunks) ↦ Σ_n ∇θ f(theta, chunk)[n]`` over the kept chunks, as name→tensor.
 
     The sum (not the mean) so that data-parallel ranks can all-reduce it with their
-    prompt counts; zeros for an empty batch. Accumulated in float32 or wider.
+    prompt counts; zeros for no kept chunk. Accumulated in float32 or wider; a dropped
+    chunk (``keep`` False) runs its forward and backward and adds exact zeros.
 
     Reverse mode by ``torch.autograd.grad`` on fresh leaves made from ``theta`` (detached
     views, no copy): the same gradient as ``torch.func.grad``, at about a third of its
@@ -121,17 +104,15 @@ def summed_gradient(
     benchmarks/results/memory.md). Nothing outside is touched: the leaves are local and
     ``.grad`` is never written. A probed parameter the forward does not use raises
     ``UnreachableDirectionError`` naming it (never a silent zero gradient).
-    ``min_chunks``: as ``directional_derivatives`` (placeholder forwards and backwards
-    that add exact zeros).
     """
 
-    def summed(theta: ParamTree, batch: RolloutBatch) -> ParamTree:
+    def summed(theta: ParamTree, chunks: Chunks) -> ParamTree:
         acc = tree_map(lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)), theta)
         names = list(theta)
-        for chunk, real in _chunks(batch, chunk_size, wrap, min_chunks):
+        for chunk, keep in chunks:
             with torch.enable_grad():
                 leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
-                total = f(leaves, chunk).sum() * (1.0 if real else 0.0)
+                total = f(leaves, chunk).sum() * (1.0 if keep else 0.0)
                 unused = _unreached(total, leaves)
                 if unused:  # no allow_unused (docs/failure-modes.md, failure 5): say which, by name
                     raise UnreachableDirectionError(

@@ -12,7 +12,7 @@ Every error that depends on data of several ranks is decided after a collective,
 ranks raise it together instead of some of them waiting forever. A handshake first
 checks that all ranks probe the same parameter registry (names and sizes) with the
 same settings. On FSDP2 every probe forward is a collective too: ``Communicator.max_int``
-of the local chunk counts gives every rank the same number of them (``funcprobe.api.min_chunks``).
+of the local chunk counts gives every rank the same number of them (``funcprobe.edge.sharding.FSDP2.chunks``).
 
 ``Communicator`` bundles these for one group, and is a no-op without one, so the
 library's orchestration (``funcprobe.api``) reads the same with and without ranks.

@@ -14,12 +14,12 @@ shards themselves fails ("mixed torch.Tensor and DTensor", pytorch issue 182641)
   all-gather), and hands FSDP its own tensor back in a forward hook registered first
   (``prepend=True``: before FSDP reshards). Forward-mode tangents and reverse-mode graphs
   then flow through θ exactly as through ``functional_call``;
-* every probe forward is a collective: ``pad_chunks`` gives every rank the same number of
-  forwards (and backwards) whatever its shard of E or U, empty shards included.
+* every probe forward is a collective: the ``FSDP2`` strategy of ``funcprobe.edge.sharding``
+  gives every rank the same number of forwards (and backwards) whatever its shard of E or U,
+  empty shards included.
 
-FSDP1 (``FullyShardedDataParallel``: flat parameters) and DeepSpeed ZeRO-3 (partitioned
-parameters gathered by its own autograd Functions) are refused with the reason
-(``refuse_unsupported_sharding``).
+Which models are FSDP2, and the refusal of FSDP1 and DeepSpeed ZeRO-3, are decided in
+``funcprobe.edge.sharding``.
 """
 
 from __future__ import annotations
@@ -32,43 +32,6 @@ from torch import Tensor, nn
 
 from ..core.logprobs import response_token_values, sequence_logprobs, token_logprobs
 from ..core.rollouts import RolloutBatch
-from ..errors import UnsupportedModelError
-
-
-def is_fsdp2(module: nn.Module) -> bool:
-    """True when ``fully_shard`` was applied anywhere in ``module`` (or it holds DTensor parameters)."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
-        isinstance(p, DTensor) for p in module.parameters())
-
-
-def refuse_unsupported_sharding(model: nn.Module) -> None:
-    """Raise ``UnsupportedModelError`` for FSDP1 and DeepSpeed ZeRO-3 models, with the reason.
-
-    FSDP1 flattens each unit's parameters into one ``FlatParameter`` and re-creates the
-    original parameters as views of it at every forward, so there is no per-name slot to
-    put θ in; ZeRO-3 gathers partitioned parameters inside its own autograd Functions,
-    which ``torch.func`` transforms cannot run through. ZeRO stages 1–2 keep full
-    parameters (an ordinary module, as under DDP; not tested here).
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise UnsupportedModelError(
-            "model: FSDP1 (FullyShardedDataParallel) is not supported: it flattens each unit's parameters into one "
-            "FlatParameter and rebuilds them as views at every forward, so the probe has no parameter slot to put "
-            "its tensors in. Use FSDP2 (torch.distributed.fsdp.fully_shard; verl: actor strategy 'fsdp2', "
-            "accelerate: fsdp_version 2), which the probe supports, or gather a full state dict into an unsharded "
-            "replica and probe that"
-        )
-    if any(hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None for p in model.parameters()):
-        raise UnsupportedModelError(
-            "model: DeepSpeed ZeRO-3 is not supported: it gathers partitioned parameters inside its own autograd "
-            "Functions, which torch.func's forward-mode transforms cannot run through. ZeRO stages 1-2 hold full "
-            "parameters and work like DDP; for stage 3, gather a full state dict into an unsharded replica"
-        )
 
 
 def full_parameters(module: nn.Module, names: list[str]) -> dict[str, Tensor]:

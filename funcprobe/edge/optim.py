@@ -2,7 +2,9 @@
 
 ``torch.optim`` keys its state by parameter object; this is the only module that
 touches those objects (read-only, no copies). It turns them into the pure values of
-``funcprobe.core.steps`` (``AdamState`` per name, a ``StepMap``), keyed by the
+``funcprobe.core.steps`` (``AdamState`` per name, then the ``StepMap`` of ``settings.step``
+built from the blocks ``sgd``, ``frozen_adam``, ``adam_next_step`` and
+``optimizer_step_map``), keyed by the
 registry's names, never by ``id()`` (docs/failure-modes.md, failure 1).
 """
 
@@ -11,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.steps import AdamHyper, AdamState, StepMap, adam_step_map, frozen_adam, optimizer_step_map, sgd
+from ..core.steps import AdamHyper, AdamState, StepMap, adam_next_step, frozen_adam, optimizer_step_map, sgd
 from ..settings import ProbeSettings
-from .fsdp import full_tensor
 from .registry import ParamRegistry
 
 ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
@@ -84,7 +85,8 @@ def read_adam_state(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -
             amsgrad=bool(group.get("amsgrad", False)),
         )
         st = optimizer.state.get(p, {})
-        if "exp_avg_sq" in st:  # FSDP2 keeps the moments as DTensor shards: gathered in full (a collective)
+        full_tensor = registry.sharding.read  # FSDP2 keeps the moments as DTensor shards: gathered in full
+        if "exp_avg_sq" in st:
             out[name] = AdamState(
                 hyper=hyper,
                 step=int(full_tensor(st["step"]) if torch.is_tensor(st["step"]) else st["step"]),
@@ -111,7 +113,7 @@ def step_map(settings: ProbeSettings, optimizer: torch.optim.Optimizer | None,
         return frozen_adam(states, allow_identity_fallback=settings.allow_identity_fallback)
     if settings.step == "optimizer_step":
         return optimizer_step_map(registry.trainable, states, group_lrs(optimizer, registry), settings.max_grad_norm)
-    return adam_step_map(registry.trainable, states)
+    return adam_next_step(registry.trainable, states)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> dict[str, float]:

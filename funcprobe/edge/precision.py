@@ -36,7 +36,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def compute_dtype(registry: ParamRegistry, precision: str) -> torch.dtype | None:
     """float32 for ``precision="float32"``, or for ``"auto"`` when any parameter of the model
     is bf16/fp16; None (the model's own dtypes) otherwise."""
-    if precision == "model" or registry.sharded:  # FSDP2: the dtypes FSDP gathers in (MixedPrecisionPolicy)
+    if precision == "model" or not registry.sharding.upcasts:  # FSDP2: the dtypes FSDP gathers in
         return None
     if precision == "float32":
         return torch.float32

@@ -18,8 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..core.logprobs import logprob_function
-from .fsdp import full_parameters, is_fsdp2, refuse_unsupported_sharding, sharded_logprob_function
+from .sharding import Replica, Sharding, refuse_unsupported_sharding, sharding_of
 from ..core.rollouts import RolloutBatch
 from ..errors import SettingsError, UnsupportedModelError
 from ..settings import ParamSelection, ProbeSettings, check_params
@@ -40,7 +39,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         UnsupportedModelError: an FSDP1 or DeepSpeed ZeRO-3 model
-            (``funcprobe.edge.fsdp.refuse_unsupported_sharding``; FSDP2 is supported).
+            (``funcprobe.edge.sharding.refuse_unsupported_sharding``; FSDP2 is supported).
     """
     from accelerate.utils import extract_model_from_parallel
 
@@ -117,8 +116,8 @@ class ParamRegistry:
             full tensors gathered from the shards at extraction.
         frozen: ``{name: tensor}`` of every other parameter, also detached (empty on
             FSDP2: the base stays sharded and FSDP gathers it in each forward).
-        sharded: True for an FSDP2 model (``funcprobe.edge.fsdp``): S(θ) then runs the
-            model's own forward with θ installed by hooks.
+        sharding: how the parameters are read, installed and iterated
+            (``funcprobe.edge.sharding``: ``Replica`` or ``FSDP2``).
 
     Names are those of ``module.named_parameters()`` (tied weights appear once; the tie
     is restored by ``functional_call(..., tie_weights=True)``).
@@ -128,7 +127,7 @@ class ParamRegistry:
     adapter: str | None
     trainable: dict[str, Tensor]
     frozen: dict[str, Tensor]
-    sharded: bool = False
+    sharding: Sharding = Replica()
 
     @classmethod
     def from_model(
@@ -155,12 +154,9 @@ class ParamRegistry:
             named = dict(module.named_parameters())
             names = _select(module, named, params, adapter)
             _refuse_dora(module, named)
-        if is_fsdp2(module):  # θ gathered in full on every rank; the base stays sharded (funcprobe.edge.fsdp)
-            return cls(module=module, adapter=adapter, trainable=full_parameters(module, names), frozen={},
-                       sharded=True)
-        trainable = {n: named[n].detach() for n in names}
-        frozen = {n: p.detach() for n, p in named.items() if n not in trainable}
-        return cls(module=module, adapter=adapter, trainable=trainable, frozen=frozen)
+        sharding = sharding_of(module)
+        trainable, frozen = sharding.parameters(module, names)
+        return cls(module=module, adapter=adapter, trainable=trainable, frozen=frozen, sharding=sharding)
 
     @classmethod
     def from_settings(cls, model: "nn.Module | ParamRegistry", settings: ProbeSettings) -> "ParamRegistry":
@@ -208,17 +204,13 @@ class ParamRegistry:
         """The pure S(θ, batch) ``[B, G]`` of this model (``sequence_logprobs`` closed over
         the canonical module and the frozen parameters): what the edge hands the core.
         On FSDP2, θ is put in place by hooks around the model's own forward instead
-        (``funcprobe.edge.fsdp.installed``)."""
-        if self.sharded:
-            return sharded_logprob_function(self.module, per_token=False)
-        return logprob_function(self.module, self.frozen)
+        (``funcprobe.edge.sharding``)."""
+        return self.sharding.logprob_fn(self.module, self.frozen, per_token=False)
 
     def token_logprob_fn(self) -> Callable[[dict[str, Tensor], RolloutBatch], Tensor]:
         """The pure per-token log-probs (θ, batch) ↦ ``[B, G, T]`` of this model, in the
         batch's columns, 0 off response tokens (``response_token_values``)."""
-        if self.sharded:
-            return sharded_logprob_function(self.module, per_token=True)
-        return logprob_function(self.module, self.frozen, per_token=True)
+        return self.sharding.logprob_fn(self.module, self.frozen, per_token=True)
 
     def live_parameters(self) -> dict[str, nn.Parameter]:
         """The module's live ``nn.Parameter`` objects for the trainable names.

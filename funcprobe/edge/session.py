@@ -13,19 +13,17 @@ state are untouched by construction.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from .attention import blockwise_attention, probe_attention
 from .precision import upcast_layerwise
 from .registry import ParamRegistry, adapter_activated
 from .token_chunks import chunked_mlps
 from ..core.rollouts import RolloutBatch
+from ..forward.attention_impl import blockwise_attention, probe_attention
 from ..errors import SettingsError
-from ..settings import ProbeSettings
 
 
 @contextlib.contextmanager
@@ -40,7 +38,7 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
         dtype: compute the forwards in this dtype, upcasting low-precision layers on the
             fly (``funcprobe.edge.precision.upcast_layerwise``); None: the model's dtypes.
         attention_block: run attention blockwise with this many keys per block
-            (``funcprobe.edge.attention.blockwise_attention``); None: the model's own.
+            (``funcprobe.forward.attention_impl.blockwise_attention``); None: the model's own.
         mlp_chunk: run the model's MLP blocks on at most this many tokens per call
             (``funcprobe.edge.token_chunks``; for forward-mode passes); None: all at once.
 
@@ -73,15 +71,6 @@ def probe_session(registry: ParamRegistry, *, keep_dropout: bool = False,
         for m, training in modes:
             if m.training != training:
                 m.train(training)
-
-
-def session_for(registry: ParamRegistry, settings: "ProbeSettings", dtype: torch.dtype | None, *,
-                forward_mode: bool):
-    """``probe_session`` with the settings' dropout, attention and (``forward_mode``: the
-    passes are ``torch.func.jvp``) MLP chunking; ``dtype`` as ``probe_session``."""
-    return probe_session(registry, keep_dropout=settings.keep_dropout, dtype=dtype,
-                         attention_block=settings.attention_block,
-                         mlp_chunk=settings.mlp_chunk if forward_mode else None)
 
 
 @contextlib.contextmanager
@@ -157,13 +146,4 @@ def as_normal_tensor(t: Tensor) -> Tensor:
 
 def as_normal_batch(batch: RolloutBatch, device: torch.device) -> RolloutBatch:
     """``batch`` on ``device`` with any inference tensors copied to normal ones."""
-    batch = batch.to(device)
-    maybe = lambda t: as_normal_tensor(t) if isinstance(t, Tensor) else t  # noqa: E731
-    return replace(
-        batch,
-        input_ids=as_normal_tensor(batch.input_ids),
-        attention_mask=as_normal_tensor(batch.attention_mask),
-        advantages=maybe(batch.advantages),
-        max_len=maybe(batch.max_len),
-        _checked=True,
-    )
+    return batch.to(device).with_tensors(as_normal_tensor)

@@ -8,11 +8,9 @@ One line per prompt, a JSON object::
 
 * every line has the same number G ≥ 2 of responses;
 * a line gives either rewards for all its responses or advantages for all of them;
-* rewards are turned into group-normalised advantages as TRL's ``GRPOTrainer`` does
-  (``trl/trainer/grpo_trainer.py``, ``_generate_and_score_completions``):
-  ``A = (r − mean_g r) / (std_g r + 1e-4)`` with the unbiased standard deviation over
-  the G responses of the prompt (``scale_rewards="group"``, TRL's default), or
-  ``A = r − mean_g r`` (``scale_rewards="none"``, Dr. GRPO);
+* rewards are turned into group-normalised advantages as TRL's ``GRPOTrainer`` does,
+  by ``funcprobe.core.advantages.group_advantages`` (``scale_rewards="group"``, TRL's
+  default, or ``"none"``, Dr. GRPO);
 * text is tokenized without special tokens, prompt and response separately.
 
 Token ids are the exact format. Re-tokenizing a model-sampled response's text need not
@@ -34,20 +32,8 @@ from typing import Sequence
 
 import torch
 
+from ..core.advantages import group_advantages
 from ..core.rollouts import RolloutBatch
-
-SCALE_REWARDS = ("group", "none")
-
-
-def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group") -> torch.Tensor:
-    """``[B, G]`` rewards → advantages, TRL's formula (see the module docstring)."""
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards: expected one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    centred = rewards - rewards.mean(-1, keepdim=True)
-    if scale_rewards == "none":
-        return centred
-    return centred / (rewards.std(-1, keepdim=True) + 1e-4)
-
 
 def read_rollouts(
     path: str | Path,

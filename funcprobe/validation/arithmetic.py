@@ -3,9 +3,9 @@
 Problems are generated in code at three difficulty levels (``LEVELS``), put to the model
 through its chat template, and scored 1 when the last integer of the response equals the
 answer, else 0 (a binary verifiable reward, as in RLVR/GRPO recipes). Rewards become
-advantages by TRL's group normalisation (``funcprobe.io.rollout_files.group_advantages``);
+advantages by TRL's group normalisation (``funcprobe.core.advantages.group_advantages``);
 a prompt whose G rewards are all equal has all-zero advantages and carries no signal in
-the update batch U: ``no_signal_prompts`` lists them.
+the update batch U: ``funcprobe.core.advantages.no_signal_prompts`` lists them.
 
 Sampling uses ``model.generate`` at temperature 1 with no top-k/top-p truncation, so
 the responses are samples of π_θ, which the entropy estimators require.
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.rollouts import RolloutBatch
-from ..io.rollout_files import group_advantages
+from ..core.advantages import group_advantages
 
 #: level → (operator, operand range); level 1: one-digit sums, 2: two-digit sums, 3: products
 LEVELS = {1: ("+", (1, 9)), 2: ("+", (10, 99)), 3: ("*", (2, 19))}
@@ -68,11 +68,6 @@ def parse_answer(text: str) -> int | None:
 def reward(text: str, answer: int) -> float:
     """1.0 when the response's last integer is the answer, else 0.0."""
     return 1.0 if parse_answer(text) == answer else 0.0
-
-
-def no_signal_prompts(rewards: Tensor) -> list[int]:
-    """Indices of prompts whose G rewards (``[B, G]``) are all equal: zero advantages, no signal in U."""
-    return [i for i in range(rewards.shape[0]) if bool((rewards[i] == rewards[i, 0]).all())]
 
 
 def prompt_ids(tokenizer, problems: list[Problem]) -> list[list[int]]:

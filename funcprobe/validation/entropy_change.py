@@ -1,107 +1,41 @@
-"""The entropy change of a step actually taken, θ → θ + η·μY, measured functionally.
+"""The entropy change of a step actually taken, θ → θ + η·μY, measured from the
+sequence log-probs of responses sampled before the step (S0) and their log-probs after it
+(S1), per prompt:
 
-The model is never mutated: the stepped parameters are a new pytree passed to
-``functional_call``.
-
-* ``exact_entropy_change``: by enumeration (``funcprobe.exact``), for tiny vocabularies
-  and fixed-length responses: ΔH_w[k] = H_w(x_k; θ + ημY) − H_w(x_k; θ).
-* ``sampled_entropy_change``: by self-normalised importance sampling over the responses
-  of E, which were sampled from π_θ: per prompt, with w_g ∝ exp(S'_g − S_g),
-  Ĥ_w(θ') = −Σ_g w_g Sw'_g and Ĥ_w(θ) = −mean_g Sw_g; the estimate is the mean of the
-  per-prompt differences and its standard error their standard deviation / sqrt(B).
-  (Self-normalisation makes it consistent in G with an O(1/G) bias: to first order it
-  shrinks the change by (G − 1)/G.)
 * ``is_change``: plain importance sampling, unbiased for every G (the demo and the
-  real-model validation use it); ``snis_change``: the self-normalised form.
+  real-model validation use it);
+* ``snis_change``: the self-normalised form, w_g ∝ exp(S1_g − S0_g): consistent in G
+  with an O(1/G) bias (to first order it shrinks the change by (G − 1)/G).
+
+The estimate is the mean of the per-prompt differences, its standard error their
+standard deviation / sqrt(B). The exact change by enumeration (tiny models) is test and
+benchmark code: ``benchmarks/exact_entropy.py``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
-from torch import Tensor, nn
-
-from ..core.exact import exact_entropy
-from ..core.logprobs import sequence_logprobs
-from ..core.objectives import weighted_logprobs
-from ..core.pytree import ParamTree, check_like
-from ..core.rollouts import RolloutBatch
-from ..edge.registry import ParamRegistry
-from ..edge.session import as_normal_batch, probe_session
-from ..settings import ParamSelection, ProbeSettings
+from torch import Tensor
 
 
 @dataclass(frozen=True)
 class EntropyChange:
-    """A measured entropy change (nats per W, see ``funcprobe.exact``).
+    """A measured entropy change (nats per W: the weighting's divisor, Lmax or |y|).
 
     Attributes:
         delta_h: mean over prompts of the change.
         se: its standard error (0 for ``exact``).
         per_prompt: ``[B]`` float64 changes.
-        method: ``"exact"`` or ``"snis"``.
+        method: ``"is"``, ``"snis"`` or ``"exact"`` (enumeration, in the tests).
     """
 
     delta_h: float
     se: float
     per_prompt: Tensor = field(repr=False)
     method: str
-
-
-def stepped_params(registry: ParamRegistry, direction: Mapping[str, Tensor], lr: float) -> ParamTree:
-    """θ + lr·direction as a new name→tensor dict (no mutation). Validates ``direction``."""
-    check_like(registry.trainable, direction, "muY")
-    return {k: v + lr * direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
-
-
-def exact_entropy_change(
-    model: nn.Module | ParamRegistry,
-    enumeration: RolloutBatch,
-    direction: Mapping[str, Tensor],
-    *,
-    lr: float,
-    weighting: str = "per_token_avg",
-    max_len: float | None = None,
-    params: ParamSelection = "trainable",
-    adapter: str | None = None,
-) -> EntropyChange:
-    """Exact ΔH_w per prompt of ``enumeration`` (``funcprobe.exact.enumeration_batch``)."""
-    registry = _registry(model, weighting, params, adapter)
-    theta1 = stepped_params(registry, direction, lr)
-    with probe_session(registry):
-        kw = dict(weighting=weighting, max_len=max_len)
-        h0 = exact_entropy(registry.module, registry.params(registry.trainable), enumeration, **kw).detach()
-        h1 = exact_entropy(registry.module, registry.params(theta1), enumeration, **kw).detach()
-    d = (h1 - h0).double()
-    return EntropyChange(float(d.mean()), 0.0, d, "exact")
-
-
-def sampled_entropy_change(
-    model: nn.Module | ParamRegistry,
-    E: RolloutBatch,
-    direction: Mapping[str, Tensor],
-    *,
-    lr: float,
-    weighting: str = "dr_grpo",
-    params: ParamSelection = "trainable",
-    adapter: str | None = None,
-) -> EntropyChange:
-    """Self-normalised importance-sampling estimate of ΔH_w over E's responses (B ≥ 2).
-
-    Raises ``ValueError`` for B < 2 (no standard error) and the ``muY`` checks.
-    """
-    registry = _registry(model, weighting, params, adapter)
-    if E.num_prompts < 2:
-        raise ValueError(f"E: the importance-sampling standard error needs at least 2 prompts, got {E.num_prompts}")
-    theta1 = stepped_params(registry, direction, lr)
-    E = as_normal_batch(E, registry.device)
-    with probe_session(registry), torch.no_grad():
-        S0 = sequence_logprobs(registry.module, registry.params(registry.trainable), E).double()
-        S1 = sequence_logprobs(registry.module, registry.params(theta1), E).double()
-    return snis_change(S0, S1, -weighted_logprobs(S0, E, weighting), -weighted_logprobs(S1, E, weighting))
 
 
 def is_change(S0: Tensor, S1: Tensor, before: Tensor, after: Tensor) -> EntropyChange:
@@ -137,9 +71,3 @@ def snis_change(S0: Tensor, S1: Tensor, before: Tensor, after: Tensor) -> Entrop
     w = torch.softmax((S1 - S0).double(), dim=-1)
     d = (w * after.double()).sum(-1) - before.double().mean(-1)
     return EntropyChange(float(d.mean()), float(d.std()) / math.sqrt(len(d)), d, "snis")
-
-
-def _registry(model: nn.Module | ParamRegistry, weighting: str, params: ParamSelection,
-              adapter: str | None) -> ParamRegistry:
-    """The registry of ``model``, with ``weighting`` and the selection checked by ``ProbeSettings``."""
-    return ParamRegistry.from_settings(model, ProbeSettings(weighting=weighting, params=params, adapter=adapter))

@@ -1,4 +1,6 @@
-"""Attention implementations that forward-mode AD and double backward can go through.
+"""Which attention a Hugging Face model runs in the probe's forwards: implementations that
+forward-mode AD and double backward can go through (the model's attention setting,
+switched for the duration of a block and restored).
 
 docs/failure-modes.md, failure 8: fused attention kernels (SDPA's flash / memory-efficient backends,
 flash-attn) implement neither forward-mode AD nor double backward. Measured with
@@ -12,9 +14,13 @@ models on ``"sdpa"`` keep it but with only the MATH backend allowed (plain matmu
 softmax, differentiable in every mode); any other non-eager implementation
 (``flash_attention_2/3``, ``flex_attention``, hub kernels) is switched to ``"sdpa"``
 (``"eager"`` where the model does not offer SDPA) and switched back afterwards, even on
-error. SDPA rather than eager: in forward mode ``funcprobe.core.jvp_rules`` takes every
-SDPA call (the closed-form rule, on CUDA the Triton flash kernels), never a ``[T × T]``
-score tensor for all queries.
+error. SDPA rather than eager: in forward mode ``funcprobe.forward.rules.jvp_rules`` takes
+every SDPA call (the closed-form rule; with ``kernels="triton"``, on CUDA, the Triton flash
+kernels), never a ``[T × T]`` score tensor for all queries.
+
+``blockwise_attention(module, block)`` installs ``funcprobe.forward.attention``'s blockwise
+causal attention instead (the ``attention_block`` setting). Both are entered by
+``funcprobe.edge.session``; transformers is imported only by ``blockwise_attention``.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ BLOCKWISE = "funcprobe_blockwise"
 
 @contextlib.contextmanager
 def blockwise_attention(module: nn.Module, block: int | None) -> Iterator[bool]:
-    """With ``block`` set, run the body's forwards with ``funcprobe.core.attention``'s
+    """With ``block`` set, run the body's forwards with ``funcprobe.forward.attention``'s
     blockwise causal attention: registered in transformers' ``AttentionInterface`` (and a
     mask function that builds no [T × T] mask) under ``BLOCKWISE``, set on the model, and
     all of it removed afterwards, even on error. Yields whether it is in use: models
@@ -116,11 +122,12 @@ def blockwise_attention(module: nn.Module, block: int | None) -> Iterator[bool]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from ..core.attention import blockwise_causal_attention
+    from .attention import blockwise_causal_attention
 
-    def attention(mod, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if dropout:
+    def attention(mod, query, key, value, attention_mask, **kwargs):  # transformers passes dropout=, scaling=
+        if kwargs.get("dropout"):
             raise RuntimeError("attention: the blockwise attention runs without dropout (the probe's eval mode)")
+        scaling = kwargs.get("scaling")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return blockwise_causal_attention(query, key, value, scaling=scale, block=block), None
 

@@ -1,18 +1,19 @@
-"""Flash attention with a tangent, as two Triton kernels (issue 15, part 3).
+"""The SDPA rule on Triton: flash attention with a tangent, as two Triton kernels (issue 15, part 3).
 
-``attention_forward(q, k, v, ...)`` is FlashAttention's forward (Dao et al. 2022; online
-softmax over key blocks, Milakov & Gimelshein 2018): per query row the output and the
-log-sum-exp ``L_i = log Σ_j exp(s_ij)`` of the scaled, masked scores, never a ``[T × T]``
-score buffer (a bool mask, itself ``[T × T]``, is read once per call by
-``keeps_lower_triangle``). ``attention_jvp(...)`` is its forward-mode derivative. With ``L`` from the
-forward, ``P_ij = exp(s_ij − L_i)`` needs no running max, so one pass over key blocks
-gives
+``attention_forward(call)`` is FlashAttention's forward (Dao et al. 2022; online softmax
+over key blocks, Milakov & Gimelshein 2018): per query row the output and the log-sum-exp
+``L_i = log Σ_j exp(s_ij)`` of the scaled, masked scores, never a ``[T × T]`` score buffer
+(a bool mask, itself ``[T × T]``, is read once per call by ``keeps_lower_triangle``).
+``attention_jvp(...)`` is its forward-mode derivative. With ``L`` from the forward,
+``P_ij = exp(s_ij − L_i)`` needs no running max, so one pass over key blocks gives
 
     Ṡ = (q̇ kᵀ + q k̇ᵀ)·scale,   μ_i = Σ_j P_ij Ṡ_ij,
     Ȯ_i = Σ_j P_ij Ṡ_ij v_j + Σ_j P_ij v̇_j − μ_i O_i
 
 (``Ṗ = P ⊙ (Ṡ − μ)``; docs/derivations.md#forward-mode-rules), five block products where
 the forward has two, over present tangents only (a frozen q, k or v costs nothing).
+``_FlashAttention`` is the ``torch.autograd.Function`` that the rules mode
+(``funcprobe.forward.rules.jvp_rules(kernels="triton")``) sends SDPA calls to.
 
 Semantics are those of ``F.scaled_dot_product_attention`` without dropout: ``is_causal``
 is the top-left ``ones(L, S).tril()``; a bool mask keeps True, a float mask is added to
@@ -28,23 +29,31 @@ FlashAttention does; fp16 also in the interpreter, so the tests run that path); 
 the interpreter (whose bf16 products are wrong) and everything else in float32 or float64
 (``input_precision="ieee"``).
 
-``funcprobe.core.jvp_rules`` routes SDPA calls on CUDA here when Triton is installed
-(``enabled_for``); nothing else imports Triton, and without it this module only reports
-``available() == False``.
+Opt-in: only ``kernels="triton"`` (``ProbeSettings.kernels``, ``jvp_rules(kernels=...)``)
+imports this module; without Triton it only reports ``available() == False``. The kernels
+run as the torch operators ``funcprobe::flash_attention_forward`` / ``_jvp``, registered on
+their first launch (``_ops``), never at import.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .attention import AttentionCall, _attention_tangent
 
 try:  # optional: Triton comes with CUDA builds of torch
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+
+#: ``(query rows, keys)`` per block of one kernel launch
+Blocks = tuple[int, int]
+
 
 def _blocks(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """``(query rows, keys in the forward, keys in the jvp, pipeline stages)`` per block.
@@ -65,16 +74,28 @@ def available() -> bool:
     return triton is not None
 
 
-def enabled_for(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: bool) -> bool:
-    """Whether ``jvp_rules`` sends this SDPA call to the kernels: CUDA tensors of one
-    floating dtype, ``[B, H, T, D]``, head dims ≤ 256, key/value heads dividing the query's
-    (equal unless ``gqa``), a bool or same-dtype float mask that broadcasts to the scores."""
-    if triton is None or not q.is_cuda:
+def interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (numpy, on CPU tensors)."""
+    return triton is not None and type(_forward_kernel).__name__ == "InterpretedFunction"
+
+
+def applies(call: AttentionCall) -> bool:
+    """Whether the kernels take this SDPA call under ``jvp_rules(kernels="triton")``: Triton
+    installed, CUDA tensors (CPU tensors only where Triton runs its interpreter, the tests),
+    and a call the kernels cover (``_supported``); other calls take the closed-form rule."""
+    if triton is None:
         return False
-    return _supported(q, k, v, mask, gqa)
+    if not (call.q.is_cuda or (interpreted() and call.q.device.type == "cpu")):
+        return False
+    return _supported(call)
 
 
-def _supported(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], gqa: bool) -> bool:
+def _supported(call: AttentionCall, gqa: Optional[bool] = None) -> bool:
+    """``[B, H, L, D]`` tensors of one floating dtype, head dims ≤ 256, key/value heads
+    dividing the query's (equal unless ``gqa``; None: the call's own), a bool or same-dtype
+    float mask that broadcasts *to* the scores."""
+    q, k, v, mask = call.q, call.k, call.v, call.mask
+    gqa = call.options.gqa if gqa is None else gqa
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -116,21 +137,18 @@ def keeps_lower_triangle(mask: Optional[Tensor]) -> bool:
     return not bool(seen)
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
-                      scale: Optional[float] = None, *, block_m: Optional[int] = None,
-                      block_n: Optional[int] = None,
+def attention_forward(call: AttentionCall, *, blocks: Optional[Blocks] = None,
                       lower_triangle: Optional[bool] = None) -> tuple[Tensor, Tensor]:
     """Attention output and per-row log-sum-exp.
 
     Args:
-        q: ``[B, H, L, D]``; k: ``[B, H_kv, S, D]``; v: ``[B, H_kv, S, Dv]`` (H a multiple
-            of H_kv), one floating dtype, on CUDA (compiled) or CPU (Triton's interpreter).
-        mask: None, bool (True = attend) or additive float, broadcastable to ``[B, H, L, S]``.
-        is_causal: key j visible to query i only when j ≤ i (not together with ``mask``).
-        scale: factor on q·kᵀ (default ``D**-0.5``).
-        block_m, block_n: query rows and keys per block (powers of two ≥ 16; None: by
-            head dimension and dtype, ``_blocks``).
-
+        call: ``q [B, H, L, D]``, ``k [B, H_kv, S, D]``, ``v [B, H_kv, S, Dv]`` (H a multiple
+            of H_kv; GQA whatever ``call.options.gqa`` says), one floating dtype, on CUDA
+            (compiled) or CPU (Triton's interpreter); ``mask`` None, bool (True = attend)
+            or additive float broadcastable to ``[B, H, L, S]``, not together with
+            ``is_causal``; ``scale`` default ``D**-0.5``.
+        blocks: ``(query rows, keys)`` per block (powers of two ≥ 16; None: by head
+            dimension and dtype, ``_blocks``).
         lower_triangle: whether ``mask`` hides every key after its query (None: found by
             ``keeps_lower_triangle``; callers that run both kernels find it once).
 
@@ -140,100 +158,114 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = 
     Raises ``RuntimeError`` without Triton, ``ValueError`` for shapes, dtypes or arguments
     the kernels do not cover (``_supported``), before any work.
     """
-    block_m, block_n, skip = _arguments(q, k, v, mask, is_causal, block_m, block_n, lower_triangle, "forward")
-    return tuple(torch.ops.funcprobe.flash_attention_forward(q, k, v, mask, is_causal, scale, block_m, block_n,
-                                                             skip))
-
-
-@torch.library.custom_op("funcprobe::flash_attention_forward", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: Optional[float],
-                block_m: int, block_n: int, skip_upper: bool) -> tuple[Tensor, Tensor]:
-    # an operator, so that torch.func hands the kernel plain tensors (inside a Function's
-    # jvp the tensors are functorch wrappers, which have no storage a kernel can read)
-    call = _Call(q, k, v, mask, scale, block_m, skip_upper)
-    out = torch.empty(call.B, call.H, call.L, call.Dv, dtype=call.acc, device=q.device)
-    lse = torch.empty(call.B, call.H, call.L, dtype=call.acc, device=q.device)
-    call.launch(_kernel("forward"), q, k, v, out, lse, *_strides(q, k, v, out), *_strides(lse.unsqueeze(-1)),
-                block_n=block_n)
+    launch = _launch(call, blocks, lower_triangle, "forward")
+    out, lse = _ops().forward(call.q, call.k, call.v, call.mask, call.options.scale, launch)
     return out, lse
 
 
-def attention_jvp(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor],
-                  dk: Optional[Tensor], dv: Optional[Tensor], mask: Optional[Tensor] = None, is_causal: bool = False,
-                  scale: Optional[float] = None, *, block_m: Optional[int] = None,
-                  block_n: Optional[int] = None, lower_triangle: Optional[bool] = None) -> Optional[Tensor]:
-    """Tangent of the attention output for tangents ``dq``, ``dk``, ``dv`` (None: none).
+def attention_jvp(call: AttentionCall, out: Tensor, lse: Tensor,
+                  tangents: tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]], *,
+                  blocks: Optional[Blocks] = None, lower_triangle: Optional[bool] = None) -> Optional[Tensor]:
+    """Tangent of the attention output for ``tangents = (dq, dk, dv)`` (None: none).
 
-    ``out`` and ``lse`` are ``attention_forward``'s for the same arguments; the tangents
+    ``out`` and ``lse`` are ``attention_forward``'s for the same ``call``; the tangents
     have their primal's shape. Returns ``[B, H, L, Dv]`` in ``out``'s dtype (float32 or
-    float64), or None when all three tangents are None. Raises as ``attention_forward``.
+    float64), or None when all three tangents are None. Raises as ``attention_forward``,
+    and ``ValueError`` naming a tangent whose shape is not its primal's.
     """
+    dq, dk, dv = tangents
     if dq is None and dk is None and dv is None:
         return None
-    block_m, block_n, skip = _arguments(q, k, v, mask, is_causal, block_m, block_n, lower_triangle, "jvp")
+    launch = _launch(call, blocks, lower_triangle, "jvp")
+    q, k, v = call.q, call.k, call.v
     B, H, L, _ = q.shape
     for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if t is not None and t.shape != like.shape:
             raise ValueError(f"{name}: expected the shape of its primal {tuple(like.shape)}, got {tuple(t.shape)}")
     if out.shape != (B, H, L, v.shape[-1]) or lse.shape != (B, H, L):
         raise ValueError("out, lse: expected attention_forward's outputs for these q, k, v")
-    return torch.ops.funcprobe.flash_attention_jvp(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m,
-                                                   block_n, skip)
+    return _ops().jvp([q, k, v, out, lse], [dq, dk, dv], call.mask, call.options.scale, launch)
 
 
-@torch.library.custom_op("funcprobe::flash_attention_jvp", mutates_args=())
-def _jvp_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Optional[Tensor], dk: Optional[Tensor],
-            dv: Optional[Tensor], mask: Optional[Tensor], is_causal: bool, scale: Optional[float], block_m: int,
-            block_n: int, skip_upper: bool) -> Tensor:
-    call = _Call(q, k, v, mask, scale, block_m, skip_upper)
-    tangents = [q if t is None else t.to(q.dtype) for t in (dq, dk, dv)]  # q: a placeholder never read
-    strides = [(0, 0, 0, 0) if t is None else _strides(t) for t in (dq, dk, dv)]
-    result = torch.empty_like(out)
-    call.launch(_kernel("jvp"), q, k, v, *tangents, out, lse, result,
-                *_strides(q, k, v), *strides[0], *strides[1], *strides[2], *_strides(out, result),
-                *_strides(lse.unsqueeze(-1)), HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None,
-                block_n=block_n)
-    return result
+class _Ops(NamedTuple):
+    forward: object
+    jvp: object
 
 
-@_forward_op.register_fake
-def _forward_shapes(q, k, v, mask, is_causal, scale, block_m, block_n, skip_upper):
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(*q.shape[:3], v.shape[-1], dtype=acc), q.new_empty(*q.shape[:3], dtype=acc)
+@functools.cache
+def _ops() -> _Ops:
+    """The kernels as torch operators ``funcprobe::flash_attention_forward`` and
+    ``funcprobe::flash_attention_jvp``, defined on the first call (the first launch of the
+    kernels), once per process: importing funcprobe registers none.
+
+    Operators so that torch.func hands the kernels plain tensors (inside a Function's
+    jvp the tensors are functorch wrappers, which have no storage a kernel can read).
+    ``launch`` is ``(block_m, block_n, skip_upper)`` (``_launch``)."""
+
+    @torch.library.custom_op("funcprobe::flash_attention_forward", mutates_args=())
+    def forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: Optional[float],
+                   launch: Sequence[int]) -> tuple[Tensor, Tensor]:
+        call = _Call(q, k, v, mask, scale, launch)
+        out = torch.empty(call.B, call.H, call.L, call.Dv, dtype=call.acc, device=q.device)
+        lse = torch.empty(call.B, call.H, call.L, dtype=call.acc, device=q.device)
+        call.launch(_forward_kernel, q, k, v, out, lse, *_strides(q, k, v, out), *_strides(lse.unsqueeze(-1)))
+        return out, lse
+
+    @forward_op.register_fake
+    def _(q, k, v, mask, scale, launch):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(*q.shape[:3], v.shape[-1], dtype=acc), q.new_empty(*q.shape[:3], dtype=acc)
+
+    @torch.library.custom_op("funcprobe::flash_attention_jvp", mutates_args=())
+    def jvp_op(primals: Sequence[Tensor], tangents: Sequence[Optional[Tensor]], mask: Optional[Tensor],
+               scale: Optional[float], launch: Sequence[int]) -> Tensor:
+        q, k, v, out, lse = primals
+        dq, dk, dv = tangents
+        call = _Call(q, k, v, mask, scale, launch)
+        given = [q if t is None else t.to(q.dtype) for t in (dq, dk, dv)]  # q: a placeholder never read
+        strides = [(0, 0, 0, 0) if t is None else _strides(t) for t in (dq, dk, dv)]
+        result = torch.empty_like(out)
+        call.launch(_jvp_kernel, q, k, v, *given, out, lse, result,
+                    *_strides(q, k, v), *strides[0], *strides[1], *strides[2], *_strides(out, result),
+                    *_strides(lse.unsqueeze(-1)), HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None)
+        return result
+
+    @jvp_op.register_fake
+    def _(primals, tangents, mask, scale, launch):
+        return torch.empty_like(primals[3])
+
+    return _Ops(forward_op, jvp_op)
 
 
-@_jvp_op.register_fake
-def _jvp_shapes(q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, block_m, block_n, skip_upper):
-    return torch.empty_like(out)
-
-
-def _arguments(q, k, v, mask, is_causal, block_m, block_n, lower_triangle, kernel: str) -> tuple[int, int, bool]:
+def _launch(call: AttentionCall, blocks: Optional[Blocks], lower_triangle: Optional[bool],
+            kernel: str) -> tuple[int, int, int]:
     """``(block_m, block_n, skip_upper)`` for ``kernel`` ("forward" or "jvp"): block sizes
     by ``_blocks`` where None, the arguments checked (``_check``), then whether key blocks
     past the diagonal may be skipped (``is_causal``, or a mask that keeps the lower triangle)."""
-    rows, forward_keys, jvp_keys, _ = _blocks(q.shape[-1], q.dtype)
-    block_m = rows if block_m is None else block_m
-    block_n = (forward_keys if kernel == "forward" else jvp_keys) if block_n is None else block_n
-    _check(q, k, v, mask, is_causal, block_m, block_n)
+    rows, forward_keys, jvp_keys, _ = _blocks(call.q.shape[-1], call.q.dtype)
+    block_m, block_n = (rows, forward_keys if kernel == "forward" else jvp_keys) if blocks is None else blocks
+    _check(call, block_m, block_n)
+    mask = call.mask
     lower = mask is not None and (keeps_lower_triangle(mask) if lower_triangle is None else lower_triangle)
-    return block_m, block_n, is_causal or lower
+    return block_m, block_n, int(call.options.is_causal or lower)
 
 
-def _check(q, k, v, mask, is_causal, block_m, block_n) -> None:
+def _check(call: AttentionCall, block_m: int, block_n: int) -> None:
     """The arguments' errors, named, before any work."""
+    q, k, v, mask = call.q, call.k, call.v, call.mask
     if triton is None:
-        raise RuntimeError("funcprobe.core.triton_attention needs Triton (pip install triton)")
+        raise RuntimeError("funcprobe.forward.triton needs Triton (pip install triton)")
     if q.device != k.device or q.device != v.device or (mask is not None and mask.device != q.device):
         raise ValueError("q, k, v, mask: expected one device")
     if not q.is_cuda and not interpreted():
         raise ValueError(f"q: on {q.device}, the compiled kernels need CUDA tensors (CPU tensors run only in "
                          "Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported)")
-    if not _supported(q, k, v, mask, True):
+    if not _supported(call, gqa=True):
         raise ValueError(f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask "
                          f"{None if mask is None else (tuple(mask.shape), mask.dtype)}: expected [B, H, L, D], "
                          f"[B, H_kv, S, D], [B, H_kv, S, Dv] of one float dtype, H a multiple of H_kv, "
                          f"D, Dv <= 256, a bool or same-dtype mask broadcastable to [B, H, L, S]")
-    if is_causal and mask is not None:
+    if call.options.is_causal and mask is not None:
         raise ValueError("is_causal and mask: expected at most one of them")
     for name, b in (("block_m", block_m), ("block_n", block_n)):
         if b < 16 or b & (b - 1):
@@ -242,15 +274,15 @@ def _check(q, k, v, mask, is_causal, block_m, block_n) -> None:
 
 class _Call:
     """One kernel launch's shapes, mask, causal skip, scale and grid (arguments checked
-    by ``_check`` in the public functions)."""
+    by ``_check`` in the public functions; ``launch`` as ``_launch`` returns it)."""
 
-    def __init__(self, q, k, v, mask, scale, block_m, skip_upper):
+    def __init__(self, q, k, v, mask, scale, launch):
         self.B, self.H, self.L, self.D = q.shape
         self.Hkv, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[-1]
         self.dtype = q.dtype
         self.acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.scale = float(scale if scale is not None else self.D ** -0.5)
-        self.block_m = block_m
+        self.block_m, self.block_n, skip_upper = (int(x) for x in launch)
         self.skip_upper = bool(skip_upper)
         self.mask_kind = 0
         self.mask = q.new_empty(0)
@@ -263,11 +295,11 @@ class _Call:
         # the interpreter's bf16 products are wrong (numpy has no bf16): there bf16 runs upcast
         self.low_precision = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreted())
 
-    def launch(self, kernel, *args, block_n: int, **flags) -> None:
+    def launch(self, kernel, *args, **flags) -> None:
         grid = (triton.cdiv(self.L, self.block_m), self.B * self.H)
         kernel[grid](*args, self.mask, *self.mask_strides, self.H, self.H // self.Hkv, self.L, self.S, self.D,
                      self.Dv, self.scale,
-                     BLOCK_M=self.block_m, BLOCK_N=block_n, BLOCK_D=_pow2(self.D), BLOCK_DV=_pow2(self.Dv),
+                     BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=_pow2(self.D), BLOCK_DV=_pow2(self.Dv),
                      CAUSAL=self.skip_upper, IS_CAUSAL=self.skip_upper and self.mask_kind == 0,
                      MASK_KIND=self.mask_kind, LOW=self.low_precision, WIDE=self.acc == torch.float64,
                      num_warps=4, num_stages=_blocks(self.D, self.dtype)[3], **flags)
@@ -281,6 +313,44 @@ def _strides(*ts: Tensor) -> tuple[int, ...]:
     return tuple(s for t in ts for s in t.stride())
 
 
+class _FlashAttention(torch.autograd.Function):
+    """SDPA without dropout through the kernels (``jvp_rules(kernels="triton")`` where
+    ``applies``): the forward keeps the float32 output and the per-row log-sum-exp, and the
+    jvp makes one pass over key blocks with them; no ``[T × T]`` score buffer in either.
+    Outputs ``(out, out in float32, lse)``; the mode returns ``out``. ``lower`` (whether a
+    bool mask hides every later key) is found once, by the mode. A float mask that carries a
+    tangent (one built from θ) takes the closed-form rule's tangent instead (the kernels
+    treat the mask as constant).
+
+    ``apply(q, k, v, mask, options, lower)``: the tensors apart (autograd sees their
+    tangents), ``options`` an ``AttentionOptions``.
+    """
+
+    @staticmethod
+    def forward(q, k, v, mask, options, lower):
+        wide, lse = attention_forward(AttentionCall(q, k, v, mask, options), lower_triangle=lower)
+        return wide.to(q.dtype), wide, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, mask, options, lower = inputs
+        _, wide, lse = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(wide, lse)
+        ctx.save_for_forward(q, k, v, wide, lse)
+        ctx.mask, ctx.options, ctx.lower = mask, options, lower
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, dmask, *_):
+        q, k, v, wide, lse = ctx.saved_tensors
+        call = AttentionCall(q, k, v, ctx.mask, ctx.options)
+        if dmask is not None:
+            out = _attention_tangent(call, (dq, dk, dv), dmask)
+        else:
+            out = attention_jvp(call, wide, lse, (dq, dk, dv), lower_triangle=ctx.lower)
+        return None if out is None else out.to(q.dtype), None, None
+
+
 def _jit(fn):
     """``triton.jit`` (compiled, or interpreted where ``TRITON_INTERPRET=1`` was set before
     Triton's import: Triton decides that at decoration, its own library included)."""
@@ -289,11 +359,6 @@ def _jit(fn):
 
 def _kernel(name: str):
     return {"forward": _forward_kernel, "jvp": _jvp_kernel}[name]
-
-
-def interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (numpy, on CPU tensors)."""
-    return triton is not None and type(_forward_kernel).__name__ == "InterpretedFunction"
 
 
 # ---------------------------------------------------------------- kernels (Triton source)

@@ -1,22 +1,22 @@
-"""Validation against ground truth: the softmax bandit, calibration and first-order sweeps.
+"""Validation against ground truth on enumerable models: calibration and first-order sweeps.
 
-* ``SoftmaxBandit``: a policy whose logits z are free parameters (one response token, no
-  context). For a logit step Δz the first-order entropy change is
-  ``−Cov_{a∼π}(log π(a), Δz(a))`` (Cui et al. 2025, "The Entropy Mechanism of
-  Reinforcement Learning for Reasoning Language Models", first-order entropy dynamics of
-  a softmax policy); the vanilla policy-gradient step is ``Δz = π ⊙ (A − E_π[A])``.
+Benchmark and test code, not part of the library (``benchmarks/calibration.py`` and
+``tests/test_validation.py`` import it; the exact values come from
+``benchmarks/exact_entropy.py``).
+
 * ``calibration_study``: repeat the probe on fresh evaluation batches E (prompts drawn
   i.i.d. from a fixed pool, responses sampled with ``generate``) and compare
   ``η·s̄ ± 1.96·SE_E`` with the exact ``η·⟨∇H_w, μY⟩`` from enumeration.
-* ``exact_directional_derivative`` / ``objective_scalars``: the core transform
-  (``funcprobe.core.transforms.directional_derivatives``) on the exact entropy, or on any
-  per-prompt objective a study wants (e.g. the biased surrogate below).
+* ``objective_scalars``: the core transform
+  (``funcprobe.core.transforms.directional_derivatives``) on any per-prompt objective a
+  study wants (e.g. the biased surrogate below).
 * ``first_order_sweep``: predicted ``η·⟨∇H_w, μY⟩`` against the exact change of the step
   actually taken, over learning rates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -24,90 +24,29 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core.exact import enumeration_batch, exact_entropy_objective
-from ..core.objectives import Objective, entropy_objective, weighted_logprobs
-from ..core.rollouts import RolloutBatch
-from ..core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_counts
-from ..core.transforms import directional_derivatives
-from ..edge.registry import ParamRegistry
-from ..edge.rng import seeded
-from ..edge.session import probe_session
-from ..errors import SettingsError
-from ..settings import ProbeSettings
-from .entropy_change import exact_entropy_change
-
-
-# ----------------------------------------------------------------------- bandit
-class SoftmaxBandit(nn.Module):
-    """π(a) = softmax(z)[a] over K actions; follows the HF causal-LM calling convention.
-
-    The logits do not depend on the input: ``forward`` returns z broadcast to
-    ``[N, T, K]``. A rollout is a one-token "prompt" followed by one action token.
-    """
-
-    def __init__(self, logits: Tensor):
-        super().__init__()
-        self.z = nn.Parameter(logits.detach().clone())
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
-        N, T = input_ids.shape
-        return self.z.expand(N, T, self.z.shape[-1])
-
-
-def covariance_entropy_derivative(z: Tensor, dz: Tensor) -> Tensor:
-    """``−Cov_{a∼π}(log π(a), Δz(a))``: d/dε H(softmax(z + ε Δz)) at ε = 0 (nats)."""
-    logp = torch.log_softmax(z, -1)
-    p = logp.exp()
-    return -((p * logp * dz).sum() - (p * logp).sum() * (p * dz).sum())
-
-
-def policy_gradient_logit_step(z: Tensor, advantages: Tensor) -> Tensor:
-    """``∇z E_{a∼π}[A(a)] = π ⊙ (A − E_π[A])`` for per-action advantages ``[K]``."""
-    p = torch.softmax(z, -1)
-    return p * (advantages - (p * advantages).sum())
-
-
-def bandit_rollouts(actions: Tensor, advantages: Tensor | None = None) -> RolloutBatch:
-    """``[B, G]`` sampled actions as a ``RolloutBatch`` (prompt: token 0; response: the action)."""
-    B, G = actions.shape
-    ids = torch.stack([torch.zeros_like(actions), actions], -1)
-    return RolloutBatch(ids, torch.ones_like(ids), 1, advantages, 1.0)
+from exact_entropy import enumeration_batch, exact_directional_derivative, exact_entropy_change
+from funcprobe.core.objectives import Objective, entropy_objective, weighted_logprobs
+from funcprobe.core.rollouts import RolloutBatch
+from funcprobe.core.statistics import Z_95, EntropyPrediction, check_scalars, scalar_counts
+from funcprobe.core.transforms import chunked, directional_derivatives
+from funcprobe.forward.rules import jvp_rules
+from funcprobe.edge.registry import ParamRegistry
+from funcprobe.edge.rng import seeded
+from funcprobe.edge.session import probe_session
+from funcprobe.errors import SettingsError
+from funcprobe.settings import ProbeSettings
 
 
 # ------------------------------------------------------------------ transforms
-def exact_directional_derivative(
-    registry: ParamRegistry,
-    batch: RolloutBatch,
-    direction: Mapping[str, Tensor],
-    *,
-    weighting: str = "per_token_avg",
-    max_len: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(H_w ``[B]``, ⟨∇θ H_w, direction⟩ ``[B]``), float64, for an enumeration batch.
-
-    One ``torch.func.jvp`` per chunk of prompts (the core transform) inside a probe
-    session; H_w itself from one more no-grad forward.
-    """
-    objective = exact_entropy_objective(weighting, max_len)
-    f = objective.on_logprobs(registry.logprob_fn())
-    tangent = {k: direction[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
-    with probe_session(registry):
-        dh = directional_derivatives(f, chunk_size=max(1, batch.num_prompts))(registry.trainable, tangent, batch)
-        with torch.no_grad():
-            h = f(registry.trainable, batch)
-    return h.detach().double(), dh
-
-
 def objective_scalars(registry: ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], objective: Objective,
                       *, mode: str = "jvp", chunk_size: int = 8) -> Tensor:
     """⟨∇θ objective[n], μY⟩ ``[B]`` float64 for any per-prompt ``objective`` (checked:
     finite and not all zero). With ``entropy_objective`` this is ``probe_scalars``."""
     tangent = {k: muY[k].to(device=v.device, dtype=v.dtype) for k, v in registry.trainable.items()}
     f = objective.on_logprobs(registry.logprob_fn())
-    with probe_session(registry):
-        s = directional_derivatives(f, mode=mode, chunk_size=chunk_size)(registry.trainable, tangent,
-                                                                         E.to(registry.device))
+    with probe_session(registry), jvp_rules() if mode == "jvp" else contextlib.nullcontext():
+        s = directional_derivatives(f, mode=mode)(registry.trainable, tangent,
+                                                   chunked(E.to(registry.device), chunk_size))
     check_scalars(s, scalar_counts(s))
     return s
 
@@ -197,7 +136,7 @@ class CalibrationDesign:
 
     Attributes:
         vocab_size, response_len: responses are all ``vocab_size**response_len``
-            fixed-length sequences (``funcprobe.core.exact``).
+            fixed-length sequences (``exact_entropy.enumeration_batch``).
         repetitions: fresh evaluation batches E per study.
         prompts_per_batch: B of each E (drawn i.i.d. from the prompt pool).
         group_size: G responses per prompt, sampled with ``generate``.
@@ -265,7 +204,7 @@ def calibration_study(
         E = sample_fixed_length(model, [prompt_pool[i] for i in idx], group_size=d.group_size,
                                 response_len=d.response_len, seed=d.seed * 1_000_003 + r, max_len=d.max_len)
         s = objective_scalars(registry, E, muY, objective, mode=d.mode, chunk_size=d.prompts_per_batch)
-        res = EntropyPrediction.from_sums(s, float(s.sum()), float((s * s).sum()), len(s), lr=lr, mode=d.mode,
+        res = EntropyPrediction.from_sums(s, (float(s.sum()), float((s * s).sum()), len(s)), lr=lr, mode=d.mode,
                                           weighting=d.weighting)
         predicted.append(res.delta_h)
         ses.append(res.se)

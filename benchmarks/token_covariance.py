@@ -11,6 +11,9 @@ Models", arXiv 2505.22617: the first-order entropy change of a softmax policy is
 over the response tokens of the batch, and act on the top 0.02% (Clip-Cov's
 ``clip_cov_ratio``) or 0.2% (KL-Cov's ``kl_cov_ratio``). Here: that score, a rank
 correlation, and the share of a total carried by the top fraction of tokens.
+
+Benchmark and test code, not part of the library (``benchmarks/influence_smollm2.py``,
+``tests/test_influence.py``).
 """
 
 from __future__ import annotations

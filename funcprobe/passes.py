@@ -1,0 +1,193 @@
+"""The probe's passes over a ``ProbeRun``: the policy gradient of U, the step, s over E, δH ± SE.
+
+Each pass is a short composition of the run's two core calls with an objective of
+``funcprobe.core.objectives`` and the statistics of ``funcprobe.core.statistics``, reduced
+over the run's ranks. The entry points (``funcprobe.api``) and the influence split
+(``funcprobe.influence``) are built from these; none of them checks settings (done once by
+the entry points) or re-extracts the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .core.objectives import Objective, entropy_objective, policy_gradient_objective, token_sum_objective
+from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
+from .core.rollouts import RolloutBatch
+from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
+from .core.steps import StepMap
+from .edge.optim import step_map
+from .edge.progress import log
+from .errors import NonFiniteError, NoSignalError, SettingsError
+from .run import ProbeRun
+
+
+def policy_gradient(run: ProbeRun, U: RolloutBatch) -> tuple[ParamTree, int, Objective]:
+    """(g = mean_{n∈U} ∇θ J[n] over all ranks, the global prompt count |U|, the objective J).
+
+    Raises ``ValueError`` when no rank has a prompt and ``NonFiniteError`` for a NaN/inf
+    gradient (naming the parameters), identically on every rank.
+    """
+    objective = policy_gradient_of(run, U)
+    total = run.comm.sum_tree(run.gradient(objective.on_logprobs(run.logprob_fn()), U))
+    (count,) = run.comm.sum_floats([float(U.num_prompts)])
+    if count == 0:
+        raise ValueError("U: there are no update prompts (on any rank)")
+    gradient = tree_map(lambda t: t / count, total)
+    bad = sorted(n for n, g in gradient.items() if not bool(torch.isfinite(g).all()))
+    if bad:  # identical on every rank: decided after the all-reduce
+        weights = sorted(n for n in bad if not bool(torch.isfinite(run.registry.trainable[n]).all()))
+        raise NonFiniteError(
+            f"U: the policy gradient is NaN or inf at {len(bad)} parameter(s): {bad[:8]}"
+            + (f"; the weights themselves are non-finite at {weights[:8]}" if weights else
+               " (check U's advantages and the model's dtype)")
+        )
+    return gradient, int(count), objective
+
+
+def policy_gradient_of(run: ProbeRun, U: RolloutBatch) -> Objective:
+    """J of ``settings.loss_type`` (docs/definitions.md#trl-loss-types), or of the weighting.
+
+    ``dapo``/``bnpo`` need the completion-token count T and sequence count N of the whole
+    U: all-reduced here for ``dapo``; ``bnpo`` (TRL normalises each rank's micro-batch by
+    its own tokens) is refused across ranks.
+    """
+    loss_type = run.settings.loss_type
+    if loss_type is None:
+        return policy_gradient_objective(run.settings.weighting)
+    if loss_type in ("grpo", "dr_grpo"):
+        return policy_gradient_objective("per_token_avg" if loss_type == "grpo" else "dr_grpo")
+    if loss_type == "bnpo" and run.comm.distributed:
+        raise SettingsError("loss_type: 'bnpo' normalises each rank's micro-batch by its own token count, which "
+                            "is not modelled across ranks; use 'dapo' (TRL's default) or one process")
+    tokens, sequences = run.comm.sum_floats([float(U.response_lengths.sum()), float(U.num_prompts * U.group_size)])
+    if tokens == 0:
+        raise ValueError("U: there are no completion tokens (on any rank)")
+    return token_sum_objective(sequences / tokens)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """The step of an update batch and what it was made from.
+
+    Attributes:
+        mu: μY = step(gradient), name → tensor.
+        step: the ``StepMap`` (read from the optimizer).
+        gradient: g = mean_{i∈U} ∇J_i over all ranks.
+        count: |U|, the prompts over all ranks.
+        objective: J, the policy-gradient objective of the settings.
+        signal: whether g is non-zero.
+    """
+
+    mu: ParamTree
+    step: StepMap
+    gradient: ParamTree
+    count: int
+    objective: Objective
+    signal: bool
+
+
+def update_direction(run: ProbeRun, U: RolloutBatch, optimizer: torch.optim.Optimizer | None) -> Direction:
+    """μY of U under the settings' step map, with what made it (``Direction``).
+
+    A zero policy gradient with a non-zero step (Adam's momentum or weight decay under
+    ``adam_step``/``optimizer_step``) is not an error: it is logged, and ``predict`` says
+    so in ``EntropyPrediction.policy_gradient_signal``. Raises ``NoSignalError`` when μY is
+    zero everywhere.
+    """
+    registry = run.registry
+    run.comm.handshake(registry.names, registry.numel(), run.settings.direction_code())
+    step = step_map(run.settings, optimizer, registry)
+    gradient, count, objective = policy_gradient(run, U)
+    mu = step(gradient)
+    if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
+        raise NoSignalError(
+            f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
+            f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"
+        )
+    signal = tree_sq_norm(gradient) > 0.0
+    if not signal:
+        log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
+                    "weight decay only", step.name)
+    return Direction(mu=mu, step=step, gradient=gradient, count=count, objective=objective, signal=signal)
+
+
+def scalars(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor]) -> Tensor:
+    """s ``[B_local]`` float64 = ⟨∇θ LX[n], μY⟩ of this rank's E (μY checked: names, shapes,
+    finite, non-zero)."""
+    check_like(run.registry.trainable, muY, "muY")
+    if tree_sq_norm(muY) == 0.0:  # μY is the same on every rank (update_direction all-reduces it)
+        raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
+    f = entropy_objective(run.settings.weighting).on_logprobs(run.logprob_fn())
+    return run.derivatives(f, muY, E, f"funcprobe s[n] ({run.settings.mode})")
+
+
+def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: float) -> EntropyPrediction:
+    """δH = η·mean s over E (all ranks) with its E-conditional SE (``conditional_variance``)."""
+    registry, settings, comm = run.registry, run.settings, run.comm
+    if not comm.distributed and E.num_prompts < 2:
+        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
+    comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
+    s = scalars(run, E, muY)
+    totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
+    check_scalars(s, totals[2:])
+    if settings.gather_s:
+        s = comm.gather(s)
+    return EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode,
+                                       weighting=settings.weighting)
+
+
+def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float) -> EntropyPrediction:
+    """δH of ``direction``'s step estimated on its own update batch U without self-influence.
+
+    For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step with n's own
+    gradient replaced by the mean of the others' g_{-n} = (|U|·g − ∇J_n)/(|U| − 1),
+    Δ_n = Δ(g) − JΔ(g)·(∇J_n − g_{-n})/|U| (``_without_own``: first order through the exact
+    step map, exactly Δ(g_{-n}) for a step linear in g), and t[n] = ⟨∇LX[n], Δ_n⟩ (a
+    one-prompt JVP). No t[n] scores prompt n's own contribution to the step: for a step
+    linear in g (SGD, frozen Adam) mean t is unbiased for the expected change of the step,
+    E[⟨∇H, Δ⟩] (a U-statistic); for the real Adam step to first order in one prompt's share.
+    s over U along the full step, which counts it, is kept as ``delta_h_same_batch``
+    (docs/derivations.md#leave-one-out). SE: sd(t)/sqrt(|U|), the spread over the evaluation
+    side as for SE_E. Cost: one JVP pass over U (the same-batch value) plus |U| one-prompt
+    backward and JVP passes.
+
+    Raises ``ValueError`` for |U| < 2 (over all ranks) and the errors of ``prediction``.
+    """
+    registry, settings, comm = run.registry, run.settings, run.comm
+    count = direction.count
+    if count < 2:
+        raise ValueError(f"U: the leave-one-out estimate needs at least 2 update prompts, got {count}")
+    same = prediction(run, U, direction.mu, lr)
+    lx = entropy_objective(settings.weighting).on_logprobs(run.logprob_fn())
+    j = direction.objective.on_logprobs(run.logprob_fn())
+    g = direction.gradient
+    t = []
+    for chunk, keep in run.prompts(U):
+        own = run.gradient_over(j, [(chunk, keep)])
+        d = run.derivatives_over(lx, _without_own(direction, own), [(chunk, keep)])
+        if keep:
+            t.append(d)
+    t = torch.cat(t) if t else torch.zeros(0, dtype=torch.float64)
+    totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
+    if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
+        check_scalars(t, totals[2:])
+    if settings.gather_s:
+        t = comm.gather(t)
+    result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
+    return replace(result, estimator="leave_one_out", delta_h_same_batch=same.delta_h, se_same_batch=same.se)
+
+
+def _without_own(direction: Direction, own: ParamTree) -> ParamTree:
+    """Δ(g) − JΔ(g)·(own − g_{-n})/|U|: the step with prompt n's gradient replaced by the mean
+    of the others' (independent of prompt n), to first order through the exact step map (one
+    JVP of the step map: clipping, Adam's moments and learning rates included); for a step
+    linear in g this is exactly Δ(g_{-n}), the step on U without prompt n."""
+    g, count = direction.gradient, direction.count
+    v = {n: (own[n].to(g[n].dtype) - (count * g[n] - own[n].to(g[n].dtype)) / (count - 1)) / count for n in g}
+    mu, dmu = torch.func.jvp(direction.step, (dict(g),), (v,))
+    return {n: mu[n] - dmu[n] for n in mu}
