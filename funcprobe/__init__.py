@@ -30,8 +30,6 @@ communicator, compute dtype, θ; chunk plan, session, the two core calls),
 
 from __future__ import annotations
 
-import warnings
-
 from . import errors
 from .api import (
     EntropyProbe,
@@ -134,17 +132,3 @@ __all__ = [
     "update_direction",
     "weighted_logprobs",
 ]
-
-#: deprecated top-level names → (current object, what to write instead)
-_DEPRECATED = {
-    "ConditionalVariance": (EntropyPrediction, "EntropyPrediction"),
-    "DIRECTIONS": (("sgd", "adam", "adam_step"), "STEPS (with 'frozen_adam' for 'adam')"),
-}
-
-
-def __getattr__(name: str):
-    if name in _DEPRECATED:
-        value, instead = _DEPRECATED[name]
-        warnings.warn(f"funcprobe.{name} is deprecated; use {instead}", DeprecationWarning, stacklevel=2)
-        return value
-    raise AttributeError(f"module 'funcprobe' has no attribute {name!r}")

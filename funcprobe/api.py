@@ -6,7 +6,7 @@ prediction δH ± SE; ``EntropyProbe.predict(E, U)`` chains both.
 
 Each entry point does the same four things, in this order, and nothing else:
 
-1. settings: ``ProbeSettings.resolve`` checks every option once (bad input is
+1. settings: ``ProbeSettings.from_options`` checks every option once (bad input is
    refused here, before any forward);
 2. edge: the registry, the optimizer's step map, the communicator and the probe
    session (``funcprobe.edge``);
@@ -40,7 +40,7 @@ from .run import ProbeRun
 from .settings import ProbeSettings
 
 def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
-                     optimizer: torch.optim.Optimizer | None = None, settings: ProbeSettings | None = None,
+                     optimizer: torch.optim.Optimizer | None = None,
                      **options: Any) -> ParamTree:
     """μY = P(∇θ mean_{n∈U} J[n]), the step per unit learning rate (θ ← θ + η·μY), or
     for ``step="optimizer_step"`` the step Δθ itself (learning rates and clipping inside).
@@ -51,7 +51,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
             may be empty (``RolloutBatch.empty``).
         optimizer: ``torch.optim.Adam``/``AdamW`` for ``step="frozen_adam"``/``"adam_step"``
             (read only).
-        settings, **options: a ``ProbeSettings`` and/or its fields as keywords (``step``,
+        **options: the fields of ``ProbeSettings`` as keywords (``step``,
             ``weighting``, ``chunk_size``, ``params``, ``adapter``,
             ``allow_identity_fallback``, ``keep_dropout``, ``process_group``, ...). With
             ranks, the gradient sum and the prompt count are all-reduced before dividing
@@ -72,7 +72,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
         UnsupportedModelError (``NotImplementedError``): an FSDP1 or DeepSpeed ZeRO-3 model (FSDP2 is probed in place).
         RankMismatchError (``RuntimeError``): ranks that disagree on registry or settings.
     """
-    settings = ProbeSettings.resolve(settings, options, caller="update_direction")
+    settings = ProbeSettings.from_options(options, caller="update_direction")
     comm = Communicator.for_group(settings.process_group)
     with checked_together(comm):
         check_rollouts(U, "U").require_advantages("U")
@@ -85,7 +85,7 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
-                       optimizer: torch.optim.Optimizer | None = None, settings: ProbeSettings | None = None,
+                       optimizer: torch.optim.Optimizer | None = None,
                        **options: Any) -> ParamTree:
     """The step of ``settings.step`` for a given ascent gradient ∇θ J (name→tensor).
 
@@ -100,7 +100,7 @@ def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, 
             non-finite values (listed).
         the errors of ``update_direction`` for the settings and the optimizer.
     """
-    settings = ProbeSettings.resolve(settings, options, caller="step_from_gradient")
+    settings = ProbeSettings.from_options(options, caller="step_from_gradient")
     if settings.step != "sgd":
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
@@ -112,14 +112,14 @@ def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, 
     return step_map(settings, optimizer, registry)(grad)
 
 
-def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
-                  settings: ProbeSettings | None = None, **options: Any) -> Tensor:
+def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor],
+                  **options: Any) -> Tensor:
     """Every per-prompt s[n] = ⟨∇θ LX[n], μY⟩ of E, ``[B]`` float64 (nats per unit lr).
 
     The arguments, checks and errors are those of ``conditional_variance`` without
     ``lr``, for any B ≥ 1, in this process only (no collectives).
     """
-    settings = ProbeSettings.resolve(settings, options, caller="probe_scalars")
+    settings = ProbeSettings.from_options(options, caller="probe_scalars")
     check_rollouts(E, "E")
     registry = ParamRegistry.from_settings(model, settings)
     registry.check_batch(E, "E")
@@ -129,7 +129,7 @@ def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mappin
 
 
 def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
-                         lr: float, settings: ProbeSettings | None = None, **options: Any) -> EntropyPrediction:
+                         lr: float, **options: Any) -> EntropyPrediction:
     """Every s[n] over the evaluation batch E along μY, and δH with its E-conditional SE.
 
     Args:
@@ -141,7 +141,7 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
             dtype and device.
         lr: η > 0, the learning rate of the step (a real number: float, int, numpy
             scalar or 0-d tensor).
-        settings, **options: a ``ProbeSettings`` and/or its fields as keywords
+        **options: the fields of ``ProbeSettings`` as keywords
             (``weighting``, ``mode``, ``chunk_size``, ``params``, ``adapter``,
             ``keep_dropout``, ``process_group``, ``gather_s``, ``progress``).
 
@@ -160,7 +160,7 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
             non-finite s (prompts listed), every s exactly 0, ranks that disagree;
             raised on every rank together.
     """
-    settings = ProbeSettings.resolve(settings, options, caller="conditional_variance")
+    settings = ProbeSettings.from_options(options, caller="conditional_variance")
     comm = Communicator.for_group(settings.process_group)
     with checked_together(comm):
         lr = check_lr(lr)
@@ -198,7 +198,7 @@ class EntropyProbe:
         print(pred.delta_h, pred.se, pred.ci95)
         inf = probe.influence(E, U)        # the same δH split over U's prompts, responses, tokens
 
-    By default (no ``settings`` and no ``step``) the probe predicts ``step="optimizer_step"``:
+    By default (no ``step``) the probe predicts ``step="optimizer_step"``:
     the Δθ that ``optimizer.step()`` will take now, with each param group's current
     learning rate (pass ``max_grad_norm`` for the trainer's clipping). The settings are
     checked here, once. At each ``predict`` the probe looks at the
@@ -212,7 +212,8 @@ class EntropyProbe:
         optimizer: ``torch.optim.Adam``/``AdamW`` (needed for the Adam steps and to read
             the learning rate).
         lr: η; default: the optimizer's current learning rate for the probed parameters.
-        settings, **options: a ``ProbeSettings`` and/or its fields as keywords.
+        **options: the fields of ``ProbeSettings`` as keywords (a holder of a ``ProbeSettings``
+            passes ``**settings.options()``).
 
     Raises:
         SettingsError (``ValueError``): a bad setting or ``lr``; no ``lr`` and no
@@ -223,10 +224,9 @@ class EntropyProbe:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 lr: float | None = None, settings: ProbeSettings | None = None, **options: Any) -> None:
-        if settings is None and not {"step", "direction"} & set(options):
-            options = {"step": "optimizer_step", **options}  # the step the optimizer will take, by default
-        self.settings = ProbeSettings.resolve(settings, options, caller="EntropyProbe")
+                 lr: float | None = None, **options: Any) -> None:
+        options = {"step": "optimizer_step", **options}  # the step the optimizer will take, by default
+        self.settings = ProbeSettings.from_options(options, caller="EntropyProbe")
         self.model = model
         self.optimizer = optimizer
         self._lr = None if lr is None else check_lr(lr)
@@ -344,8 +344,7 @@ class EntropyProbe:
 
 def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
                       optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
-                      request: InfluenceRequest | None = None, settings: ProbeSettings | None = None,
-                      **options: Any) -> EntropyInfluence:
+                      request: InfluenceRequest | None = None, **options: Any) -> EntropyInfluence:
     """The predicted entropy change of the step on U, split over U's prompts, responses
     and tokens, with E-conditional standard errors.
 
@@ -353,7 +352,7 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
         model: ``nn.Module`` (HF / PEFT, possibly DDP-wrapped).
         E: evaluation rollouts, B_E ≥ 2 prompts (over all ranks).
         U: update rollouts with ``advantages`` ``[B_U, G]``.
-        optimizer, lr, settings, **options: as ``EntropyProbe`` (default
+        optimizer, lr, **options: as ``EntropyProbe`` (default
             ``step="optimizer_step"``: the Δθ ``optimizer.step()`` takes now).
         request: ``InfluenceRequest(groups=..., matrix=...)``, what is split besides the
             prompts, responses and tokens (default: nothing):
@@ -373,7 +372,7 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
             errors of ``EntropyProbe`` and ``EntropyProbe.predict``.
     """
     request = request or InfluenceRequest()
-    probe = EntropyProbe(model, optimizer, lr=lr, settings=settings, **options)
+    probe = EntropyProbe(model, optimizer, lr=lr, **options)
     return probe.influence(E, U, groups=request.groups or None, matrix=request.matrix)
 
 

@@ -158,14 +158,13 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
 
     Raises ``ValueError`` for |U| < 2 (over all ranks) and the errors of ``prediction``.
     """
-    registry, settings, comm = run.registry, run.settings, run.comm
+    settings, comm = run.settings, run.comm
     count = direction.count
     if count < 2:
         raise ValueError(f"U: the leave-one-out estimate needs at least 2 update prompts, got {count}")
     same = prediction(run, U, direction.mu, lr)
     lx = entropy_objective(settings.weighting).on_logprobs(run.logprob_fn())
     j = direction.objective.on_logprobs(run.logprob_fn())
-    g = direction.gradient
     t = []
     for chunk, keep in run.prompts(U):
         own = run.gradient_over(j, [(chunk, keep)])

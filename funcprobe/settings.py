@@ -399,21 +399,6 @@ class ProbeSettings:
                 out[f.name] = value
         return out
 
-    @classmethod
-    def resolve(cls, settings: "ProbeSettings | None", options: Mapping[str, Any], *, caller: str) -> "ProbeSettings":
-        """``settings`` (default: all defaults) with the keyword ``options`` applied on top.
-
-        Kept only for the entry points that still take ``settings=``; new code uses
-        ``from_options`` and ``options``. Raises as ``from_options``, and
-        ``SettingsError`` when ``settings`` is not a ``ProbeSettings``.
-        """
-        if settings is not None and not isinstance(settings, ProbeSettings):
-            raise SettingsError(f"settings: expected a ProbeSettings, got {type(settings).__name__}")
-        if settings is None:
-            return cls.from_options(options, caller=caller)
-        _known_keywords(options, caller)
-        return dataclasses.replace(settings, **options) if options else settings
-
     def direction_code(self) -> list[float]:
         """What ranks must share to build one μY (step, weighting, loss type), as numbers (handshake)."""
         loss = -1.0 if self.loss_type is None else float(LOSS_TYPES.index(self.loss_type))

@@ -2,6 +2,7 @@
 loop with the real optimizer's own step(), and unbiased over draws of the batch on a softmax
 bandit whose entropy derivative is known in closed form."""
 
+import copy
 import math
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 from funcprobe import EntropyProbe
 from bandit import SoftmaxBandit, bandit_rollouts, covariance_entropy_derivative
-from helpers import live_params, random_rollouts, reference_LX, reference_S
-from test_influence import MAX_LEN, _dot, _grad, _reference, trained  # noqa: F401  (fixture)
+from helpers import random_rollouts
+from test_influence import MAX_LEN, _dot, _reference, trained  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("max_norm", [None, 1e-3])
@@ -26,7 +27,6 @@ def test_leave_one_out_is_each_prompt_against_the_real_step_without_it(trained, 
     assert pred.estimator == "leave_one_out"
     B = U.num_prompts
     params = ref["params"]
-    import copy
 
     def real_step(grads):  # the optimizer's own step on a copy of its state
         before = [p.detach().clone() for p in params]

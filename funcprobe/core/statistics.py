@@ -13,7 +13,6 @@ validation studies.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -25,8 +24,6 @@ from ..errors import NonFiniteError, UnreachableDirectionError
 #: two-sided 97.5% quantile of N(0, 1)
 Z_95 = 1.959963984540054
 
-#: deprecated attribute → current attribute
-_DEPRECATED = {"bars_dot": "mean_s", "var_e": "var", "se_e": "se", "mu_y_norm": "step_norm", "direction": "step"}
 
 
 @dataclass(frozen=True)
@@ -66,9 +63,6 @@ class EntropyPrediction:
         delta_h_same_batch, se_same_batch: with ``"leave_one_out"``, the value E = U gives
             without it (mean of s over U along the full step; biased upwards in magnitude by
             each prompt's own contribution) and its spread-based SE, for comparison.
-
-    Deprecated attribute names (``bars_dot``, ``var_e``, ``se_e``, ``mu_y_norm``,
-    ``direction``, ``result``) still read, with a ``DeprecationWarning``.
     """
 
     s: Tensor = field(repr=False)
@@ -147,17 +141,6 @@ class EntropyPrediction:
             out.update(step=self.step, step_norm=self.step_norm, num_update_prompts=self.num_update_prompts,
                        seconds=dict(self.seconds), policy_gradient_signal=self.policy_gradient_signal)
         return out
-
-    def __getattr__(self, name: str):
-        if name in _DEPRECATED:
-            warnings.warn(f"EntropyPrediction.{name} is deprecated; use .{_DEPRECATED[name]}", DeprecationWarning,
-                          stacklevel=2)
-            return getattr(self, _DEPRECATED[name])
-        if name == "result":
-            warnings.warn("EntropyPrediction.result is deprecated; the prediction holds every field itself",
-                          DeprecationWarning, stacklevel=2)
-            return self
-        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
 
 def mean_and_sample_var(sum_s: float, sum_s2: float, num: int) -> tuple[float, float]:

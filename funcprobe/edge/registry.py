@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .sharding import Replica, Sharding, refuse_unsupported_sharding, sharding_of
 from ..core.rollouts import RolloutBatch
-from ..errors import SettingsError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..settings import ParamSelection, ProbeSettings, check_params
 
 #: substrings that mark PEFT LoRA-family adapter weights in parameter names
