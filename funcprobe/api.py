@@ -18,6 +18,7 @@ Each entry point does the same four things, in this order, and nothing else:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 import numbers
 import time
 from typing import Any, Mapping
@@ -33,6 +34,7 @@ from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
 from .edge.distributed import Communicator, checked_together
 from .edge.optim import check_adam, optimizer_lr, step_map
+from .edge.progress import log
 from .edge.registry import ParamRegistry
 from .errors import SettingsError, StaleProbeError
 from .influence import InfluenceRequest, check_groups, check_matrix, influence
@@ -280,24 +282,52 @@ class EntropyProbe:
         registry = self._checked(E=E)
         return passes.prediction(ProbeRun.of(registry, self.settings), E, muY, self._current_lr(registry))
 
-    def predict(self, E: RolloutBatch, U: RolloutBatch) -> EntropyPrediction:
+    def predict(self, E: RolloutBatch, U: RolloutBatch, *,
+                gradient: Mapping[str, Tensor] | None = None) -> EntropyPrediction:
         """Predicted entropy change of the step the optimizer would take on U, measured on E.
+
+        Args:
+            E, U: ``RolloutBatch`` es (U with advantages).
+            gradient: the ascent gradient the optimizer will use, name → tensor (a trainer's
+                ``{name: −p.grad}``, already clipped); default: funcprobe's own policy
+                gradient of U. The step is then the settings' step map of this gradient
+                without clipping.
 
         When E is the update batch itself (the same object, or equal token ids and masks, as
         in a trainer that probes its own batch), the estimate is the leave-one-out one
         (``funcprobe.passes.leave_one_out``; ``estimator="leave_one_out"``), unbiased where
         the plain mean over E = U counts each prompt's own contribution to the step; that
-        value stays in ``delta_h_same_batch``.
+        value stays in ``delta_h_same_batch``. With ``gradient`` each prompt's share is put
+        in the trainer's units by fitting funcprobe's model of the loss to it
+        (``passes.given_direction``); where the model does not explain the trainer's gradient
+        (cosine < 0.99: loss terms funcprobe does not model) the plain same-batch value is
+        returned, ``estimator="same_batch"``, with a warning.
         """
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         lr = self._current_lr(run.registry)
         t0 = time.perf_counter()
-        direction = passes.update_direction(run, U, self.optimizer)
+        same, estimator = same_batch(E, U), None
+        if gradient is None:
+            direction = passes.update_direction(run, U, self.optimizer)
+        else:
+            check_like(run.registry.trainable, gradient, "gradient")
+            gradient = {n: run.sharding.read(gradient[n]).to(device=t.device,
+                                                              dtype=torch.promote_types(t.dtype, torch.float32))
+                        for n, t in run.registry.trainable.items()}
+            direction, cosine = passes.given_direction(run, U, gradient, self.optimizer)
+            if same and cosine < MODELLED_COSINE:
+                log.warning("funcprobe: the trainer's gradient is not explained by the modelled loss (cosine %.4f < "
+                            "%.2f): the same-batch value is reported, biased by each prompt's own contribution",
+                            cosine, MODELLED_COSINE)
+                same = False
+                estimator = "same_batch"
         t1 = time.perf_counter()
-        if same_batch(E, U):  # the trainer's own batch: no prompt may score its own contribution
+        if same:  # the trainer's own batch: no prompt may score its own contribution
             result = passes.leave_one_out(run, U, direction, lr)
         else:
             result = passes.prediction(run, E, direction.mu, lr)
+            if estimator is not None:
+                result = replace(result, estimator=estimator)
         t2 = time.perf_counter()
         seconds = {"step": t1 - t0, "probe": t2 - t1}
         if self.settings.split_baseline:
@@ -383,6 +413,11 @@ def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> Entro
     if tree_sq_norm(zero) == 0.0:
         return None
     return passes.prediction(run, E, zero, lr)
+
+
+#: the cosine between a trainer's gradient and funcprobe's model of its loss above which
+#: each prompt's own share is removed in the trainer's units (``EntropyProbe.predict``)
+MODELLED_COSINE = 0.99
 
 
 def same_batch(E: RolloutBatch, U: RolloutBatch) -> bool:

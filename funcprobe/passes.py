@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .core.objectives import Objective, entropy_objective, policy_gradient_objective, token_sum_objective
-from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm
+from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdot
 from .core.rollouts import RolloutBatch
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
@@ -81,6 +81,9 @@ class Direction:
         count: |U|, the prompts over all ranks.
         objective: J, the policy-gradient objective of the settings.
         signal: whether g is non-zero.
+        own_scale: the factor that puts one prompt's ∇J_n in the units of ``gradient``
+            (1 when g is funcprobe's own mean of ∇J; a trainer's clipped gradient: see
+            ``given_direction``).
     """
 
     mu: ParamTree
@@ -89,6 +92,7 @@ class Direction:
     count: int
     objective: Objective
     signal: bool
+    own_scale: float = 1.0
 
 
 def update_direction(run: ProbeRun, U: RolloutBatch, optimizer: torch.optim.Optimizer | None) -> Direction:
@@ -114,6 +118,29 @@ def update_direction(run: ProbeRun, U: RolloutBatch, optimizer: torch.optim.Opti
         log.warning("U carries no policy-gradient signal (all advantages 0?): the %s step is Adam's momentum and "
                     "weight decay only", step.name)
     return Direction(mu=mu, step=step, gradient=gradient, count=count, objective=objective, signal=signal)
+
+
+def given_direction(run: ProbeRun, U: RolloutBatch, gradient: Mapping[str, Tensor],
+                    optimizer: torch.optim.Optimizer | None) -> tuple[Direction, float]:
+    """The step of a gradient a trainer computed on U (``{name: −p.grad}``, already clipped),
+    made by the settings' step map without clipping, and how well funcprobe's model of the
+    loss explains it: (``Direction`` whose ``own_scale`` c puts each prompt's ∇J_n in the
+    trainer's units, the cosine between the trainer's gradient and c·mean ∇J).
+
+    c = ⟨g_trainer, ḡ⟩/⟨ḡ, ḡ⟩ with ḡ = mean_n ∇J_n over all ranks (one backward over U): the
+    trainer's clipping factor when the loss is modelled. A cosine below 1 − 1e-2 means
+    the trainer's loss has terms funcprobe does not model (a KL term, an entropy bonus, ...):
+    the caller should not remove self-influence with it.
+    """
+    step = step_map(replace(run.settings, max_grad_norm=None), optimizer, run.registry)
+    mu = step(dict(gradient))
+    model, count, objective = policy_gradient(run, U)
+    model_sq, given_sq = tree_sq_norm(model), tree_sq_norm(gradient)
+    if model_sq == 0.0 or given_sq == 0.0:
+        return Direction(mu, step, dict(gradient), count, objective, given_sq > 0.0), 0.0
+    dot = float(tree_vdot({n: t.double() for n, t in gradient.items()}, {n: t.double() for n, t in model.items()}))
+    cosine = dot / (model_sq * given_sq) ** 0.5
+    return Direction(mu, step, dict(gradient), count, objective, True, own_scale=dot / model_sq), cosine
 
 
 def scalars(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor]) -> Tensor:
@@ -168,6 +195,7 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     t = []
     for chunk, keep in run.prompts(U):
         own = run.gradient_over(j, [(chunk, keep)])
+        own = {n: t * direction.own_scale for n, t in own.items()}
         d = run.derivatives_over(lx, _without_own(direction, own), [(chunk, keep)])
         if keep:
             t.append(d)

@@ -115,3 +115,24 @@ def test_leave_one_out_is_unbiased_over_draws_where_the_same_batch_value_is_not(
     se_same = float(err_same.std()) / math.sqrt(len(rows))
     assert abs(float(err_loo.mean())) < 4 * se_loo, (float(err_loo.mean()), se_loo)
     assert abs(float(err_same.mean())) > 4 * se_same, (float(err_same.mean()), se_same)
+
+
+def test_a_trainers_gradient_gives_the_same_estimate_and_an_unmodelled_one_falls_back_by_name(trained, caplog):  # noqa: F811
+    """``predict(U, U, gradient=g)`` with funcprobe's own mean gradient is the default path
+    (float64, 1e-10 relative: the same arithmetic in another order); a gradient the modelled
+    loss does not explain (random) gives the same-batch value, named and warned."""
+    from funcprobe import update_direction
+
+    model, opt, _, U = trained
+    probe = EntropyProbe(model, opt)  # optimizer_step, no clipping
+    g = update_direction(model, U, step="sgd")  # sgd's μY is the mean policy gradient itself
+    a = probe.predict(U, U)
+    b = probe.predict(U, U, gradient=g)
+    assert a.estimator == b.estimator == "leave_one_out"
+    assert float((a.s - b.s).abs().max()) <= 1e-10 * float(a.s.abs().max())
+    gen = torch.Generator().manual_seed(0)
+    noise = {n: torch.randn(t.shape, generator=gen, dtype=t.dtype) * float(t.abs().max()) for n, t in g.items()}
+    with caplog.at_level("WARNING", logger="funcprobe"):
+        c = probe.predict(U, U, gradient=noise)
+    assert c.estimator == "same_batch" and c.delta_h_same_batch is None
+    assert "not explained by the modelled loss" in caplog.text

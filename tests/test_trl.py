@@ -139,6 +139,10 @@ def test_predicted_step_is_the_step_the_trainer_takes(tmp_path, gradient, dtype,
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert len(rec.errors) == 3 and len(set(rec.lrs)) == 3  # the schedule moved the lr every step
     assert min(norms) > clip, norms  # clipping was active at every step
-    assert max(rec.errors) < 1e-5, rec.errors
+    # 2e-4: over 10x the largest seen (1.22e-5: recompute, float64 against TRL's float32-accumulated head,
+    # transformers 5.25; 9.2e-6 with 5.23); a wrong step is O(1) off
+    assert max(rec.errors) < 2e-4, rec.errors
     logged = [h for h in trainer.state.log_history if "funcprobe/delta_h" in h]
     assert len(logged) == 3 and all(abs(h["funcprobe/delta_h"]) < 1 for h in logged)
+    assert all("funcprobe/delta_h_same_batch" in h and "funcprobe/mean_s" not in h and "funcprobe/lr" not in h
+               for h in logged)

@@ -57,9 +57,11 @@ class EntropyPrediction:
             delta_h_baseline`` is the part the update batch drives
             (docs/derivations.md#baseline-split).
         estimator: how δH was estimated from E: ``"independent"`` (E is not the update
-            batch: mean of s over E, SE conditional on U) or ``"leave_one_out"`` (E is the
+            batch: mean of s over E, SE conditional on U), ``"leave_one_out"`` (E is the
             update batch U itself: each prompt's s against the step without its own
-            gradient, so no prompt scores its own contribution; docs/derivations.md#leave-one-out).
+            gradient, so no prompt scores its own contribution; docs/derivations.md#leave-one-out)
+            or ``"same_batch"`` (E = U without that correction: biased by each prompt's own
+            contribution; only where the correction could not be made, said where it is used).
         delta_h_same_batch, se_same_batch: with ``"leave_one_out"``, the value E = U gives
             without it (mean of s over U along the full step; biased upwards in magnitude by
             each prompt's own contribution) and its spread-based SE, for comparison.

@@ -7,9 +7,16 @@ generation batch (E = U = the completions just generated and scored, grouped G =
 ``num_generations`` per prompt), and logs into ``trainer.state.log_history`` (hence
 TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
 
-* ``funcprobe/delta_h``: predicted δH of the step (nats / W, see docs/definitions.md#weighting);
+* ``funcprobe/delta_h``: predicted δH of the step (nats / W, see docs/definitions.md#weighting),
+  the leave-one-out estimate: E is the step's own batch, so each prompt is scored against
+  the step without its own gradient (docs/derivations.md#leave-one-out); where funcprobe's
+  model of the loss does not explain the trainer's gradient it is the plain same-batch value
+  (a warning says so);
 * ``funcprobe/se`` and ``funcprobe/ci95_low`` / ``funcprobe/ci95_high``;
-* ``funcprobe/mean_s`` and ``funcprobe/lr``.
+* ``funcprobe/delta_h_same_batch``: the plain mean over E = U (each prompt's own
+  contribution included; biased), for comparison;
+* ``funcprobe/lr``: η, only for steps with one learning rate (not ``optimizer_step``,
+  whose Δθ holds each group's rate).
 
 A diagnostic must never stop the training it watches: a batch with no signal
 (``NoSignalError``: all advantages 0) is skipped with a log line, and any other failure
@@ -36,8 +43,9 @@ refused by name when the trainer is built (``SettingsError``): ``beta != 0`` (KL
 adaptive entropy control, ``top_entropy_quantile < 1``, ``num_iterations > 1``,
 ``steps_per_generation != gradient_accumulation_steps``, ``mask_truncated_completions``,
 vLLM importance-sampling correction, ``off_policy_mask_threshold``, other loss types,
-and ``bnpo`` with gradient accumulation. Using the same batch for E and U adds an
-O(1/B) self-term to s̄ (each prompt's own contribution to μY).
+and ``bnpo`` with gradient accumulation. The same batch serves as E and U; the
+leave-one-out estimate removes each prompt's own contribution to the step (its cost: one
+one-prompt backward and one one-prompt JVP per prompt besides the usual passes).
 
 Tested with trl 1.16 (``pyproject.toml`` pins ``trl>=1.16,<2``).
 """
@@ -139,11 +147,13 @@ class ProbedGRPOTrainer(GRPOTrainer):
             probe = EntropyProbe(self.model, self.optimizer, **self.probe_settings.options())
             if self.probe_gradient == "trainer":
                 registry = probe.registry
-                step = step_from_gradient(registry, trainer_gradient(registry), optimizer=self.optimizer,
+                gradient = trainer_gradient(registry)
+                step = step_from_gradient(registry, gradient, optimizer=self.optimizer,
                                           **self.probe_settings.options())
             else:
+                gradient = None
                 step = probe.update_direction(batch)
-            r = probe.conditional_variance(batch, step)
+            r = probe.predict(batch, batch, gradient=gradient)  # E = U: leave-one-out (no self-influence)
             self.funcprobe_step = step
         except NoSignalError as err:  # a batch with no signal (all advantages 0): nothing to predict
             log.warning("funcprobe: skipped step %d: %s", self.state.global_step, err)
@@ -157,7 +167,11 @@ class ProbedGRPOTrainer(GRPOTrainer):
             return None
         lo, hi = r.ci95
         metrics = {"funcprobe/delta_h": r.delta_h, "funcprobe/se": r.se, "funcprobe/ci95_low": lo,
-                   "funcprobe/ci95_high": hi, "funcprobe/mean_s": r.mean_s, "funcprobe/lr": r.lr}
+                   "funcprobe/ci95_high": hi}
+        if r.delta_h_same_batch is not None:
+            metrics["funcprobe/delta_h_same_batch"] = r.delta_h_same_batch
+        if self.probe_settings.step != "optimizer_step":  # optimizer_step: the group lrs are inside Δθ
+            metrics["funcprobe/lr"] = r.lr
         for k, v in metrics.items():
             self._metrics["train"][k].append(v)
         log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, self.state.global_step)
