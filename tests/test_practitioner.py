@@ -311,7 +311,6 @@ def test_trl_grpo_trainer_logs_the_probe(workspace, tmp_path):
 def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
     """Only a batch with no signal is a quiet skip; any other failure is logged by name
     (and counted) instead of stopping the run, unless probe_raise=True."""
-    from collections import defaultdict
     from types import SimpleNamespace
 
     from funcprobe.integrations.trl import ProbedGRPOTrainer
@@ -329,20 +328,20 @@ def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
                                args=SimpleNamespace(max_completion_length=C), model=model, optimizer=optimizer,
                                probe_settings=ProbeSettings(step=step, progress=False),
                                probe_raise=probe_raise, probe_gradient="recompute",
-                               state=SimpleNamespace(global_step=7),
-                               _metrics={"train": defaultdict(list)})
+                               state=SimpleNamespace(global_step=7), funcprobe_history=[],
+                               _funcprobe_window=[], _funcprobe_failed=0)
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ok = fake(opt)
     metrics = ProbedGRPOTrainer.run_probe(ok)
     assert metrics is not None and all(math.isfinite(v) for v in metrics.values())
     quiet = fake(opt, advantages=torch.zeros(4), step="sgd")
-    assert ProbedGRPOTrainer.run_probe(quiet) is None and "funcprobe/failed" not in quiet._metrics["train"]
+    assert ProbedGRPOTrainer.run_probe(quiet) is None and quiet._funcprobe_failed == 0
     broken = fake(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     with caplog.at_level("ERROR", logger="funcprobe"):
         assert ProbedGRPOTrainer.run_probe(broken) is None
-    assert "the probe failed at step 7" in caplog.text and "TypeError" in caplog.text
-    assert broken._metrics["train"]["funcprobe/failed"] == [1.0]
+    assert "the probe failed at step 8" in caplog.text and "TypeError" in caplog.text  # TRL's number of the step
+    assert broken._funcprobe_failed == 1 and ok._funcprobe_window == [metrics] and ok.funcprobe_history[0]["step"] == 8
     with pytest.raises(TypeError, match="expected torch.optim.Adam or AdamW"):
         ProbedGRPOTrainer.run_probe(fake(broken.optimizer, probe_raise=True))
 

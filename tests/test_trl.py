@@ -1,5 +1,7 @@
 """TRL's own GRPO loss: funcprobe's ∇J equals the autograd gradient of ``GRPOTrainer._compute_loss``."""
 
+import math
+
 import pytest
 import torch
 
@@ -85,14 +87,14 @@ def test_loss_types_differ_where_they_should(trainer):
     assert max(rel_err(a[k], b[k]) for k in a) > 1e-2
 
 
-@pytest.mark.parametrize("gradient, dtype, bf16, lr, clip", [
-    ("trainer", torch.float32, False, 0.1, 0.05),
-    ("trainer", torch.float32, True, 0.1, 0.05),  # TRL's default mixed precision: autocast to bf16
+@pytest.mark.parametrize("gradient, dtype, bf16, lr, clip, logging_steps", [
+    ("trainer", torch.float32, False, 0.1, 0.05, 1),
+    ("trainer", torch.float32, True, 0.1, 0.05, 3),  # TRL's default mixed precision: autocast to bf16
     # recompute: funcprobe's own float64 gradient against TRL's fused log-prob head, which accumulates
     # in float32 (~2e-7 relative); clip and lr keep Adam's first step g/(|g| + eps) from amplifying it
-    ("recompute", torch.float64, False, 1e-2, 0.1),
+    ("recompute", torch.float64, False, 1e-2, 0.1, 1),
 ])
-def test_predicted_step_is_the_step_the_trainer_takes(tmp_path, gradient, dtype, bf16, lr, clip):
+def test_predicted_step_is_the_step_the_trainer_takes(tmp_path, gradient, dtype, bf16, lr, clip, logging_steps):
     """A real ProbedGRPOTrainer run (default loss_type dapo, clipping active, linear LR decay):
     the Δθ the probe predicted before each optimizer step equals the Δθ the step applied."""
     from datasets import Dataset
@@ -111,7 +113,7 @@ def test_predicted_step_is_the_step_the_trainer_takes(tmp_path, gradient, dtype,
     # itself (θ_after − θ_before is measured in the parameters' dtype)
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=G,
                       max_completion_length=LMAX, max_steps=3, learning_rate=lr, max_grad_norm=clip,
-                      weight_decay=0.01, lr_scheduler_type="linear", logging_steps=1, report_to="none",
+                      weight_decay=0.01, lr_scheduler_type="linear", logging_steps=logging_steps, report_to="none",
                       use_cpu=True, save_strategy="no", seed=0, bf16=bf16)
     data = Dataset.from_dict({"prompt": [f"w{3 + i} w{4 + i} w{5 + i}" for i in range(12)]})
     trainer = ProbedGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [-float(len(c)) for c in completions],
@@ -143,6 +145,30 @@ def test_predicted_step_is_the_step_the_trainer_takes(tmp_path, gradient, dtype,
     # transformers 5.25; 9.2e-6 with 5.23); a wrong step is O(1) off
     assert max(rec.errors) < 2e-4, rec.errors
     logged = [h for h in trainer.state.log_history if "funcprobe/delta_h" in h]
-    assert len(logged) == 3 and all(abs(h["funcprobe/delta_h"]) < 1 for h in logged)
     assert all("funcprobe/delta_h_same_batch" in h and "funcprobe/mean_s" not in h and "funcprobe/lr" not in h
                for h in logged)
+    history = trainer.funcprobe_history
+    assert [h["step"] for h in history] == [1, 2, 3] and all(abs(h["delta_h"]) < 1 for h in history)
+    if logging_steps == 1:
+        assert len(logged) == 3 and [h["step"] for h in logged] == [1, 2, 3]
+    else:  # one window of 3 steps: the window's statistics, not TRL's averages of per-step ones
+        from funcprobe.integrations.trl import window_metrics
+
+        (entry,) = logged
+        expected = window_metrics([{k: v for k, v in h.items() if k != "step"} for h in history], failed=0)
+        assert {k: entry[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+
+
+def test_window_metrics_are_the_window_statistics_not_averages_of_them():
+    """Two steps −0.349 ± 0.183 and −0.030 ± 0.016 (issue 24's TRL window): the mean and the
+    SE of the mean sqrt(Σ SE²)/n, counts as counts (float64 arithmetic: 1e-12)."""
+    from funcprobe.integrations.trl import window_metrics
+
+    out = window_metrics([{"delta_h": -0.349, "se": 0.183, "delta_h_same_batch": -0.5},
+                          {"delta_h": -0.030, "se": 0.016, "delta_h_same_batch": -0.1}], failed=2)
+    assert out["funcprobe/delta_h"] == pytest.approx(-0.1895, abs=1e-12)
+    assert out["funcprobe/se"] == pytest.approx(math.sqrt(0.183**2 + 0.016**2) / 2, abs=1e-12)  # 0.0918, not 0.0997
+    assert out["funcprobe/ci95_low"] == pytest.approx(-0.1895 - 1.959964 * out["funcprobe/se"], abs=1e-6)
+    assert out["funcprobe/delta_h_same_batch"] == pytest.approx(-0.3, abs=1e-12)
+    assert out["funcprobe/failed"] == 2.0 and out["funcprobe/probed_steps"] == 2.0 and "funcprobe/lr" not in out
+    assert window_metrics([], failed=1) == {"funcprobe/probed_steps": 0.0, "funcprobe/failed": 1.0}

@@ -16,7 +16,13 @@ TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
 * ``funcprobe/delta_h_same_batch``: the plain mean over E = U (each prompt's own
   contribution included; biased), for comparison;
 * ``funcprobe/lr``: η, only for steps with one learning rate (not ``optimizer_step``,
-  whose Δθ holds each group's rate).
+  whose Δθ holds each group's rate);
+* ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts over the logging window.
+
+TRL averages its own metrics over a logging window (``logging_steps``); the probe's keys are
+computed per window instead (``window_metrics``): δH is the mean per probed step, its SE
+the SE of that mean, the counts are counts. Every probed step's own values are in
+``trainer.funcprobe_history`` (with TRL's step number).
 
 A diagnostic must never stop the training it watches: a batch with no signal
 (``NoSignalError``: all advantages 0) is skipped with a log line, and any other failure
@@ -62,6 +68,7 @@ from trl import GRPOTrainer
 
 from ..api import EntropyProbe, step_from_gradient
 from ..core.rollouts import RolloutBatch
+from ..core.statistics import Z_95
 from ..edge.distributed import Communicator
 from ..edge.progress import log
 from ..errors import NoSignalError, SettingsError
@@ -123,8 +130,19 @@ class ProbedGRPOTrainer(GRPOTrainer):
         self.probe_every = probe_every
         self.probe_raise = bool(probe_raise)
         self.funcprobe_step: dict[str, torch.Tensor] | None = None
+        self.funcprobe_history: list[dict[str, float]] = []  # every probed step's metrics, with "step"
         self._funcprobe_batch: dict[str, Any] | None = None
+        self._funcprobe_window: list[dict[str, float]] = []
+        self._funcprobe_failed = 0
         self.add_callback(_ProbeCallback(self))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's ``log`` with the probe's statistics of the logging window added
+        (``window_metrics``: never averaged by TRL, so the SE is the SE of the window's mean)."""
+        if self.model.training and (self._funcprobe_window or self._funcprobe_failed):
+            logs.update(window_metrics(self._funcprobe_window, self._funcprobe_failed))
+            self._funcprobe_window, self._funcprobe_failed = [], 0
+        super().log(logs, start_time)
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -137,6 +155,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
         """Probe the step about to be taken on the current generation batch; returns the metrics."""
         if self._funcprobe_batch is None:
             return None
+        step_number = self.state.global_step + 1  # the step about to be taken, as TRL numbers it
         batch = generation_batch_to_rollouts(self._funcprobe_batch, self.num_generations,
                                              float(self.args.max_completion_length))
         distributed = Communicator.for_group(self.probe_settings.process_group).distributed
@@ -156,25 +175,23 @@ class ProbedGRPOTrainer(GRPOTrainer):
             r = probe.predict(batch, batch, gradient=gradient)  # E = U: leave-one-out (no self-influence)
             self.funcprobe_step = step
         except NoSignalError as err:  # a batch with no signal (all advantages 0): nothing to predict
-            log.warning("funcprobe: skipped step %d: %s", self.state.global_step, err)
+            log.warning("funcprobe: skipped step %d: %s", step_number, err)
             return None
         except Exception as err:  # a diagnostic must not stop the training it watches
             if self.probe_raise:
                 raise
             log.error("funcprobe: the probe failed at step %d (training goes on; probe_raise=True raises): "
-                      "%s: %s", self.state.global_step, type(err).__name__, err)
-            self._metrics["train"]["funcprobe/failed"].append(1.0)
+                      "%s: %s", step_number, type(err).__name__, err)
+            self._funcprobe_failed += 1
             return None
-        lo, hi = r.ci95
-        metrics = {"funcprobe/delta_h": r.delta_h, "funcprobe/se": r.se, "funcprobe/ci95_low": lo,
-                   "funcprobe/ci95_high": hi}
+        metrics = {"delta_h": r.delta_h, "se": r.se}
         if r.delta_h_same_batch is not None:
-            metrics["funcprobe/delta_h_same_batch"] = r.delta_h_same_batch
+            metrics["delta_h_same_batch"] = r.delta_h_same_batch
         if self.probe_settings.step != "optimizer_step":  # optimizer_step: the group lrs are inside Δθ
-            metrics["funcprobe/lr"] = r.lr
-        for k, v in metrics.items():
-            self._metrics["train"][k].append(v)
-        log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, self.state.global_step)
+            metrics["lr"] = r.lr
+        self._funcprobe_window.append(metrics)
+        self.funcprobe_history.append({"step": float(step_number), **metrics})
+        log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, step_number)
         return metrics
 
 
@@ -188,6 +205,30 @@ class _ProbeCallback(TrainerCallback):
             if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
                 log.warning("funcprobe: non-finite metrics %s", metrics)
         return control
+
+
+def window_metrics(steps: list[dict[str, float]], failed: int) -> dict[str, float]:
+    """The probe's keys for one logging window of probed steps (each ``{"delta_h", "se",
+    ["delta_h_same_batch"], ["lr"]}`` in nats per the weighting's unit) and ``failed`` probes:
+
+    * ``funcprobe/delta_h``: the mean predicted δH per probed step of the window, the unit of
+      TRL's window-averaged ``entropy``; ``funcprobe/se``: the SE of that mean,
+      sqrt(Σ SE_k²)/n (steps' errors independent); ``funcprobe/ci95_low``/``_high``: ± 1.96 SE;
+    * ``funcprobe/delta_h_same_batch``, ``funcprobe/lr``: means, where every step has them;
+    * ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts.
+    """
+    n = len(steps)
+    out = {"funcprobe/probed_steps": float(n), "funcprobe/failed": float(failed)}
+    if not n:
+        return out
+    mean = sum(k["delta_h"] for k in steps) / n
+    se = math.sqrt(sum(k["se"] ** 2 for k in steps)) / n
+    out.update({"funcprobe/delta_h": mean, "funcprobe/se": se, "funcprobe/ci95_low": mean - Z_95 * se,
+                "funcprobe/ci95_high": mean + Z_95 * se})
+    for key in ("delta_h_same_batch", "lr"):
+        if all(key in k for k in steps):
+            out[f"funcprobe/{key}"] = sum(k[key] for k in steps) / n
+    return out
 
 
 def trainer_gradient(registry) -> dict[str, torch.Tensor]:
