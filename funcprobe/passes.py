@@ -171,13 +171,13 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
 def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float) -> EntropyPrediction:
     """δH of ``direction``'s step estimated on its own update batch U without self-influence.
 
-    For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step with n's own
-    gradient replaced by the mean of the others' g_{-n} = (|U|·g − ∇J_n)/(|U| − 1),
-    Δ_n = Δ(g) − JΔ(g)·(∇J_n − g_{-n})/|U| (``_without_own``: first order through the exact
-    step map, exactly Δ(g_{-n}) for a step linear in g), and t[n] = ⟨∇LX[n], Δ_n⟩ (a
-    one-prompt JVP). No t[n] scores prompt n's own contribution to the step: for a step
-    linear in g (SGD, frozen Adam) mean t is unbiased for the expected change of the step,
-    E[⟨∇H, Δ⟩] (a U-statistic); for the real Adam step to first order in one prompt's share.
+    For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step the optimizer
+    would take without it, Δ_n = Δ(g_{-n}) with g_{-n} = (|U|·g − ∇J_n)/(|U| − 1), exactly
+    through the step map (``_without_own``), and t[n] = ⟨∇LX[n], Δ_n⟩ (a one-prompt JVP).
+    No t[n] scores prompt n's own contribution to the step: for a step linear in g (SGD,
+    frozen Adam) mean t is unbiased for the expected change of the step, E[⟨∇H, Δ⟩] (a
+    U-statistic); for the real Adam step it estimates the change of a step on |U| − 1 prompts
+    (measured: docs/derivations.md#leave-one-out).
     s over U along the full step, which counts it, is kept as ``delta_h_same_batch``
     (docs/derivations.md#leave-one-out). SE: sd(t)/sqrt(|U|), the spread over the evaluation
     side as for SE_E. Cost: one JVP pass over U (the same-batch value) plus |U| one-prompt
@@ -210,11 +210,8 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
 
 
 def _without_own(direction: Direction, own: ParamTree) -> ParamTree:
-    """Δ(g) − JΔ(g)·(own − g_{-n})/|U|: the step with prompt n's gradient replaced by the mean
-    of the others' (independent of prompt n), to first order through the exact step map (one
-    JVP of the step map: clipping, Adam's moments and learning rates included); for a step
-    linear in g this is exactly Δ(g_{-n}), the step on U without prompt n."""
+    """The step the optimizer would take on U without one prompt, whose gradient is ``own``:
+    Δ(g_{-n}) with g_{-n} = (|U|·g − own)/(|U| − 1), exactly through the step map (clipping,
+    Adam's moments and learning rates included)."""
     g, count = direction.gradient, direction.count
-    v = {n: (own[n].to(g[n].dtype) - (count * g[n] - own[n].to(g[n].dtype)) / (count - 1)) / count for n in g}
-    mu, dmu = torch.func.jvp(direction.step, (dict(g),), (v,))
-    return {n: mu[n] - dmu[n] for n in mu}
+    return direction.step({n: (count * g[n] - own[n].to(g[n].dtype)) / (count - 1) for n in g})
