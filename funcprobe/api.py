@@ -36,7 +36,7 @@ from .edge.distributed import Communicator, checked_together
 from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.progress import log
 from .edge.registry import ParamRegistry
-from .errors import SettingsError, StaleProbeError
+from .errors import SettingsError, StaleProbeError, UnreachableDirectionError
 from .influence import InfluenceRequest, check_groups, check_matrix, influence
 from .run import ProbeRun
 from .settings import ProbeSettings
@@ -412,7 +412,10 @@ def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> Entro
                  for n, t in run.registry.trainable.items()})
     if tree_sq_norm(zero) == 0.0:
         return None
-    return passes.prediction(run, E, zero, lr)
+    try:
+        return passes.prediction(run, E, zero, lr)
+    except UnreachableDirectionError:  # e.g. weight decay on a fresh LoRA's A while B = 0: no first-order change
+        return None
 
 
 #: the cosine between a trainer's gradient and funcprobe's model of its loss above which

@@ -20,7 +20,7 @@ from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdo
 from .core.rollouts import RolloutBatch
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
-from .edge.optim import step_map
+from .edge.optim import group_lrs, step_map
 from .edge.progress import log
 from .errors import NonFiniteError, NoSignalError, SettingsError
 from .run import ProbeRun
@@ -109,6 +109,12 @@ def update_direction(run: ProbeRun, U: RolloutBatch, optimizer: torch.optim.Opti
     gradient, count, objective = policy_gradient(run, U)
     mu = step(gradient)
     if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
+        if step.name == "optimizer_step" and not any(group_lrs(optimizer, registry).values()):
+            raise NoSignalError(
+                "U: the update direction (optimizer_step) is zero because the optimizer's learning rate is 0 for "
+                "every probed parameter (a schedule at its end or in warm-up); to predict a step of another rate, "
+                "use step='adam_step' with lr="
+            )
         raise NoSignalError(
             f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "
             f"{'zero too' if tree_sq_norm(gradient) == 0.0 else 'not'} (are all advantages 0, is the adapter disabled?)"

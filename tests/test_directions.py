@@ -8,6 +8,7 @@ from funcprobe import (
     AdamHyper,
     AdamState,
     ClipByGlobalNorm,
+    EntropyProbe,
     StepMap,
     adam_next_step,
     adam_preconditioner,
@@ -276,3 +277,35 @@ def test_baseline_split_is_exact_and_is_the_step_of_a_zero_gradient():
     assert pred.se_baseline > 0 and "delta_h_baseline" in pred.to_dict()
     sgd = EntropyProbe(model, lr=0.1, step="sgd", split_baseline=True).predict(E, U)
     assert sgd.delta_h_baseline == 0.0 and sgd.se_baseline == 0.0
+
+
+def test_a_baseline_that_cannot_reach_the_output_is_a_zero_baseline():
+    """A fresh LoRA (B = 0): AdamW's weight decay moves A, which reaches nothing while B = 0,
+    so the zero-gradient step changes no log-prob to first order: baseline 0 and SE 0, not
+    an error."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(gpt2(lora=False), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for p in params:  # one step of state, B stays 0: only A's gradient is non-zero
+        p.grad = torch.randn_like(p) * (0.0 if p.abs().max() == 0 else 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    E, U = random_rollouts(B=3, G=2, seed=4), random_rollouts(B=3, G=2, seed=5)
+    pred = EntropyProbe(model, opt, split_baseline=True).predict(E, U)
+    assert pred.delta_h_baseline == 0.0 and pred.se_baseline == 0.0 and pred.se > 0
+
+
+def test_a_learning_rate_of_zero_is_named_not_a_silent_zero():
+    """TRL's linear schedule ends (and warm-up starts) at lr = 0: every step map says so."""
+    from funcprobe import NoSignalError
+
+    model = gpt2()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    E, U = random_rollouts(B=3, G=2, seed=4), random_rollouts(B=3, G=2, seed=5)
+    with pytest.raises(ValueError, match="lr: the optimizer's current learning rate is 0"):
+        EntropyProbe(model, opt, step="adam_step")
+    with pytest.raises(NoSignalError, match="learning rate is 0 for every probed parameter"):
+        EntropyProbe(model, opt).predict(E, U)
+    assert EntropyProbe(model, opt, step="adam_step", lr=1e-3).predict(E, U).lr == 1e-3  # a given rate

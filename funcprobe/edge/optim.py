@@ -139,6 +139,14 @@ def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> f
         raise KeyError("optimizer: it holds none of the probed parameters (was it built for another model?)")
     if len(lrs) != 1:
         raise ValueError(
-            f"lr: the probed parameters are in param groups with learning rates {sorted(lrs)}; pass lr= explicitly"
+            f"lr: the probed parameters are in param groups with learning rates {sorted(lrs)}; use "
+            "step='optimizer_step', which takes each group's rate"
         )
-    return lrs.pop()
+    lr = lrs.pop()
+    if lr == 0.0:
+        raise ValueError(
+            "lr: the optimizer's current learning rate is 0 for the probed parameters (a schedule at its end or "
+            "in warm-up): the step it takes now is zero, so its entropy change is 0. Pass lr= to predict a step "
+            "of that rate"
+        )
+    return lr
