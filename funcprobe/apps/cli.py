@@ -126,6 +126,7 @@ def _load_inputs(args: argparse.Namespace):
 
 def _run_influence(args: argparse.Namespace) -> int:
     from ..api import EntropyProbe
+    from ..core.statistics import entropy_unit
     from .influence_report import format_influence
 
     if args.top < 1:
@@ -135,7 +136,7 @@ def _run_influence(args: argparse.Namespace) -> int:
     groups = {"positive_adv": U.advantages > 0, "negative_adv": U.advantages < 0}
     inf = probe.influence(E, U, groups=groups, matrix=args.matrix)
     print(f"model             {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
-    print(format_influence(inf, U, tokenizer=tokenizer, top=args.top))
+    print(format_influence(inf, U, tokenizer=tokenizer, top=args.top, unit=entropy_unit(settings.weighting)))
     if args.json:
         out = inf.to_dict()
         out["top_responses"] = [dict(prompt=i, response=g, share=v) for i, g, v in inf.top_responses(args.top)]
@@ -146,7 +147,7 @@ def _run_influence(args: argparse.Namespace) -> int:
     if args.plot:
         from .influence_report import plot_influence
 
-        plot_influence(inf, U, args.plot)
+        plot_influence(inf, U, args.plot, unit=entropy_unit(settings.weighting))
     return 0
 
 
@@ -163,10 +164,10 @@ def _run_probe(args: argparse.Namespace) -> int:
         ("U", f"B = {U.num_prompts} prompts x G = {U.group_size}"),
         ("step", f"{pred.step}, lr {r.lr:g}, weighting {r.weighting}, mode {r.mode}"),
         ("||muY||", f"{pred.step_norm:.6g}"),
-        ("mean s", f"{r.mean_s:+.6g} nats per unit lr"),
-        ("predicted dH", f"{r.delta_h:+.6e} nats"),
-        ("SE_E", f"{r.se:.6e} nats"),
-        ("95% interval", f"[{lo:+.6e}, {hi:+.6e}] nats"),
+        ("mean s", f"{r.mean_s:+.6g} {r.unit} per unit lr"),
+        ("predicted dH", f"{r.delta_h:+.6e} {r.unit}"),
+        ("SE_E", f"{r.se:.6e} {r.unit}"),
+        ("95% interval", f"[{lo:+.6e}, {hi:+.6e}] {r.unit}"),
         ("wall time", f"step {pred.seconds['step']:.2f} s, probe {pred.seconds['probe']:.2f} s"),
     ]
     print("\n".join(f"{k:<14} {v}" for k, v in rows))

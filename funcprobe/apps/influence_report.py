@@ -24,29 +24,32 @@ def token_text(tokenizer, token_id: int) -> str:
     return repr(tokenizer.decode([token_id]))
 
 
-def format_influence(inf: EntropyInfluence, U: RolloutBatch, *, tokenizer=None, top: int = 10) -> str:
-    """A plain-text report (nats throughout). ``U`` is the update batch ``inf`` was made from."""
+def format_influence(inf: EntropyInfluence, U: RolloutBatch, *, tokenizer=None, top: int = 10,
+                     unit: str = "nats") -> str:
+    """A plain-text report, every entropy quantity in ``unit`` (``funcprobe.core.statistics.
+    entropy_unit`` of the weighting). ``U`` is the update batch ``inf`` was made from."""
     lo, hi = inf.ci95
     lines = [
-        f"predicted dH      {inf.delta_h:+.6e} nats   SE_E {inf.se:.3e}   95% [{lo:+.3e}, {hi:+.3e}]",
-        f"  baseline        {inf.delta_h_baseline:+.6e} nats   SE_E {inf.se_baseline:.3e}   "
+        f"units             {unit}",
+        f"predicted dH      {inf.delta_h:+.6e}   SE_E {inf.se:.3e}   95% [{lo:+.3e}, {hi:+.3e}]",
+        f"  baseline        {inf.delta_h_baseline:+.6e}   SE_E {inf.se_baseline:.3e}   "
         "(momentum and weight decay: no update sample drives it)",
-        f"  update samples  {inf.delta_h_update:+.6e} nats   SE_E {inf.se_update:.3e}   "
+        f"  update samples  {inf.delta_h_update:+.6e}   SE_E {inf.se_update:.3e}   "
         f"(sum over {inf.num_update_prompts} prompts x {U.group_size} responses)",
         f"step              {inf.step}, lr {inf.lr:g}, clipping factor {inf.clip:.4g}, "
         f"B_E = {inf.num_eval_prompts}",
     ]
     for name, g in inf.groups.items():
-        lines.append(f"group {name:<11} {g.delta_h:+.6e} nats   SE_E {g.se:.3e}   ({g.num_tokens} tokens)")
+        lines.append(f"group {name:<11} {g.delta_h:+.6e}   SE_E {g.se:.3e}   ({g.num_tokens} tokens)")
     lines.append("")
-    lines.append(f"top {top} responses by |share|        share (nats)   advantage   tokens")
+    lines.append(f"top {top} responses by |share|        share          advantage   tokens")
     lengths = U.response_lengths
     for i, g, v in inf.top_responses(top):
         adv = float(U.advantages[i, g]) if U.advantages is not None else float("nan")
         se = f" +- {float(inf.per_prompt_se[i]):.1e} (prompt)" if inf.per_prompt_se is not None else ""
         lines.append(f"  prompt {i:>4} response {g:>2}       {v:+.3e}{se}   {adv:+.3f}   {int(lengths[i, g])}")
     lines.append("")
-    lines.append(f"top {top} tokens by |share|   share (nats)   token")
+    lines.append(f"top {top} tokens by |share|   share          token")
     start = U.response_start
     for i, g, t, v in inf.top_tokens(top):
         token = token_text(tokenizer, int(U.input_ids[i, g, t]))
@@ -54,7 +57,8 @@ def format_influence(inf: EntropyInfluence, U: RolloutBatch, *, tokenizer=None, 
     return "\n".join(lines)
 
 
-def plot_influence(inf: EntropyInfluence, U: RolloutBatch, path: str | Path, *, title: str | None = None) -> Path:
+def plot_influence(inf: EntropyInfluence, U: RolloutBatch, path: str | Path, *, title: str | None = None,
+                   unit: str = "nats") -> Path:
     """Two panels: every update response's share of δH (sorted, coloured by the sign of
     its advantage) and the cumulative share of the update part carried by the top
     tokens (by |share|). Raises ``ImportError`` with the install hint without matplotlib."""
@@ -67,7 +71,7 @@ def plot_influence(inf: EntropyInfluence, U: RolloutBatch, path: str | Path, *, 
     ax1.bar(range(len(order)), shares[order].tolist(), color=colors, width=1.0)
     ax1.axhline(0.0, color="gray", lw=0.8)
     ax1.set_xlabel("update responses, sorted (green: advantage > 0, red: < 0)")
-    ax1.set_ylabel("share of δH (nats)")
+    ax1.set_ylabel(f"share of δH ({unit})")
     tokens = inf.per_token[U.response_mask]
     by_size = torch.argsort(tokens.abs(), descending=True)
     cumulative = torch.cumsum(tokens[by_size], 0) / (float(tokens.sum()) or 1.0)

@@ -117,6 +117,11 @@ class EntropyPrediction:
         return replace(self, delta_h_baseline=baseline.delta_h, se_baseline=baseline.se)
 
     @property
+    def unit(self) -> str:
+        """The unit of ``delta_h``, ``se`` and ``per_prompt`` (``entropy_unit``)."""
+        return entropy_unit(self.weighting)
+
+    @property
     def ci95(self) -> tuple[float, float]:
         """Normal 95% interval δH ± 1.96·SE (nats)."""
         return (self.delta_h - Z_95 * self.se, self.delta_h + Z_95 * self.se)
@@ -132,6 +137,7 @@ class EntropyPrediction:
             "delta_h": self.delta_h, "se": self.se, "ci95": list(self.ci95), "var": self.var,
             "mean_s": self.mean_s, "lr": self.lr, "num_prompts": self.num_prompts,
             "sum_s": self.sum_s, "sum_s2": self.sum_s2, "mode": self.mode, "weighting": self.weighting,
+            "unit": self.unit,
             "s": [float(x) for x in self.s.tolist()],
         }
         out["estimator"] = self.estimator
@@ -143,6 +149,16 @@ class EntropyPrediction:
             out.update(step=self.step, step_norm=self.step_norm, num_update_prompts=self.num_update_prompts,
                        seconds=dict(self.seconds), policy_gradient_signal=self.policy_gradient_signal)
         return out
+
+
+#: the unit of an entropy quantity under each weighting (docs/definitions.md#weighting)
+UNITS = {"dr_grpo": "nats per Lmax tokens", "per_token_avg": "nats per response token"}
+
+
+def entropy_unit(weighting: str) -> str:
+    """The unit of δH, SE and s·η under ``weighting``: Dr. GRPO divides each sequence's
+    entropy by Lmax, per_token_avg by the response's own length."""
+    return UNITS[weighting]
 
 
 def mean_and_sample_var(sum_s: float, sum_s2: float, num: int) -> tuple[float, float]:

@@ -7,7 +7,9 @@ generation batch (E = U = the completions just generated and scored, grouped G =
 ``num_generations`` per prompt), and logs into ``trainer.state.log_history`` (hence
 TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
 
-* ``funcprobe/delta_h``: predicted δH of the step (nats / W, see docs/definitions.md#weighting),
+* ``funcprobe/delta_h``: predicted δH of the step, in nats per response token (the
+  ``per_token_avg`` weighting: TRL's default ``dapo`` and ``grpo``/``bnpo``) or nats per Lmax
+  tokens (``loss_type="dr_grpo"``; docs/definitions.md#weighting),
   the leave-one-out estimate: E is the step's own batch, so each prompt is scored against
   the step without its own gradient (docs/derivations.md#leave-one-out); where funcprobe's
   model of the loss does not explain the trainer's gradient it is the plain same-batch value
