@@ -49,7 +49,7 @@ def load_policy(
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"float16"``.
         device: where to put the model.
         attn_implementation: passed to ``from_pretrained`` (the probe switches fused
-            implementations itself, see ``funcprobe.attention``).
+            implementations itself, see ``funcprobe.forward.attention_impl``).
 
     Raises:
         FileNotFoundError: a directory does not exist.
