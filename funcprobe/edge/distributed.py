@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch import distributed as dist
 
 from ..core.pytree import ParamTree

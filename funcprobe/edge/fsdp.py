@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from ..core.logprobs import response_token_values, sequence_logprobs, token_logprobs
