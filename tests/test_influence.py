@@ -21,6 +21,24 @@ def _grad(scalar, params, retain=False):
     return [g.detach() for g in torch.autograd.grad(scalar, params, retain_graph=retain)]
 
 
+def real_step(params, opt, grads, max_norm):
+    """(Δθ, the pre-clip norm or None): the optimizer's own step on ascent gradients ``grads``
+    (clip_grad_norm_ first when ``max_norm``), parameters and optimizer state restored after."""
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    for p, gr in zip(params, grads):
+        p.grad = -gr.clone()
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
+    opt.step()
+    delta = [p.detach() - b for p, b in zip(params, before)]
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+            p.grad = None
+    opt.load_state_dict(state)
+    return delta, total
+
+
 def _reference(model, E, U, opt, max_norm):
     """Everything by plain autograd on the live parameters and the real optimizer:
     ∇LX[n], ∇J_i per prompt, the real step Δ(g) (clip_grad_norm_ + step) and Δ(0), c, q."""
@@ -38,23 +56,8 @@ def _reference(model, E, U, opt, max_norm):
         grad_j.append(_grad((sub.advantages * S / MAX_LEN).mean(1)[0], params))
     g = [sum(gj[k] for gj in grad_j) / U.num_prompts for k in range(len(params))]
 
-    def real_step(grads):
-        before = [p.detach().clone() for p in params]
-        state = copy.deepcopy(opt.state_dict())
-        for p, gr in zip(params, grads):
-            p.grad = -gr.clone()
-        total = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else None
-        opt.step()
-        delta = [p.detach() - b for p, b in zip(params, before)]
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
-                p.grad = None
-        opt.load_state_dict(state)
-        return delta, total
-
-    delta_g, total = real_step(g)
-    delta_0, _ = real_step([torch.zeros_like(t) for t in g])
+    delta_g, total = real_step(params, opt, g, max_norm)
+    delta_0, _ = real_step(params, opt, [torch.zeros_like(t) for t in g], max_norm)
     c = 1.0 if max_norm is None else min(1.0, max_norm / (float(total) + 1e-6))
     assert all(bool((t != 0).all()) for t in g)
     q = [(dg - d0) / (c * gk) for dg, d0, gk in zip(delta_g, delta_0, g)]

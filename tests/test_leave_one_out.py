@@ -2,7 +2,6 @@
 loop with the real optimizer's own step(), and unbiased over draws of the batch on a softmax
 bandit whose entropy derivative is known in closed form."""
 
-import copy
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from funcprobe import EntropyProbe
 from bandit import SoftmaxBandit, bandit_rollouts, covariance_entropy_derivative
 from helpers import random_rollouts
-from test_influence import MAX_LEN, _dot, _reference, trained  # noqa: F401  (fixture)
+from test_influence import MAX_LEN, _dot, _reference, real_step, trained  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("max_norm", [None, 1e-3])
@@ -28,27 +27,11 @@ def test_leave_one_out_is_each_prompt_against_the_real_step_without_it(trained, 
     B = U.num_prompts
     params = ref["params"]
 
-    def real_step(grads):  # the optimizer's own step on a copy of its state
-        before = [p.detach().clone() for p in params]
-        state = copy.deepcopy(opt.state_dict())
-        for p, gr in zip(params, grads):
-            p.grad = -gr.clone()
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-        opt.step()
-        delta = [p.detach() - b for p, b in zip(params, before)]
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
-                p.grad = None
-        opt.load_state_dict(state)
-        return delta
-
     g = [sum(gj[k] for gj in ref["grad_j"]) / B for k in range(len(params))]
     t = []
     for n in range(B):
         without = [(B * g[k] - ref["grad_j"][n][k]) / (B - 1) for k in range(len(params))]
-        t.append(_dot(ref["grad_lx"][n], real_step(without)))
+        t.append(_dot(ref["grad_lx"][n], real_step(params, opt, without, max_norm)[0]))
     t = torch.tensor(t, dtype=torch.float64)
     scale = float(t.abs().max())
     assert float((pred.s - t).abs().max()) <= 1e-9 * scale, float((pred.s - t).abs().max()) / scale
