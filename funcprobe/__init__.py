@@ -81,7 +81,7 @@ from .errors import (
 )
 from .settings import MODES, STEPS, WEIGHTINGS, ProbeSettings
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AdamHyper",
