@@ -231,7 +231,7 @@ def test_optimizer_step_settings_are_checked():
 
     with pytest.raises(ValueError, match="lr: step='optimizer_step' \\(EntropyProbe's default\\) takes each param group"):
         EntropyProbe(model, opt, lr=1e-3, step="optimizer_step")
-    with pytest.raises(ValueError, match="pass lr= explicitly"):  # per-unit-lr steps need one lr
+    with pytest.raises(ValueError, match="use step='optimizer_step', which takes each group's rate"):  # per-unit-lr steps need one lr
         EntropyProbe(model, opt, step="adam_step")
     probe = EntropyProbe(model, opt, step="optimizer_step", max_grad_norm=1.0)
     pred = probe.predict(random_rollouts(B=3, G=3, seed=2), U)
