@@ -307,6 +307,8 @@ class EntropyProbe:
         lr = self._current_lr(run.registry)
         t0 = time.perf_counter()
         same, estimator = same_batch(E, U), None
+        (differ,) = run.comm.sum_floats([0.0 if same else 1.0])  # one decision for every rank (empty shards agree)
+        same = differ == 0.0
         if gradient is None:
             direction = passes.update_direction(run, U, self.optimizer)
         else:
