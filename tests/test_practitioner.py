@@ -367,6 +367,15 @@ def test_text_responses_warn_and_mismatched_retokenization_is_counted(tmp_path):
     assert batch.input_ids[0, 0][batch.response_mask[0, 0]].tolist() == [9, 10]  # the ids are what is used
     import warnings
 
+    eos = tok.eos_token_id  # a sampled response ends with EOS, which decode(skip_special_tokens=True) drops
+    ended = {"prompt_ids": [3, 4], "responses": [{"ids": [WORDS.index("w1"), eos], "text": "w1", "reward": 1.0},
+                                                  {"ids": [WORDS.index("w3"), eos], "text": "w3", "reward": 0.0}]}
+    e = tmp_path / "ended.jsonl"
+    e.write_text(json.dumps(ended) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mismatch counted
+        read_rollouts(e, tokenizer=tok, max_len=LMAX)
+
     ids_only = {"prompt_ids": [3, 4], "responses": [{"ids": [9], "reward": 1.0}, {"ids": [10], "reward": 0.0}]}
     h = tmp_path / "ids.jsonl"
     h.write_text(json.dumps(ids_only) + "\n")

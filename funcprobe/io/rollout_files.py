@@ -18,7 +18,9 @@ give back the ids that were sampled (measured: 6 of 32 SmolLM2 responses came ba
 other ids, and δH moved 4.7%): S is then the log-prob of other sequences than those
 sampled. Responses given only as ``"text"`` are read with a ``UserWarning`` saying so; a
 response may give both ``"ids"`` and ``"text"``: the ids are used, and with a tokenizer the
-warning counts how many texts re-tokenize to other ids.
+warning counts how many texts re-tokenize to other ids (special tokens such as a trailing
+end-of-turn, which ``decode(skip_special_tokens=True)`` drops from the text, are not
+counted as a difference).
 
 Malformed lines raise ``ValueError`` with the file and line number; nothing is skipped.
 """
@@ -146,7 +148,9 @@ def _parse_line(obj, where: str, tokenizer, counts: dict[str, int]):
             counts["text"] += 1
             if "ids" in r and tokenizer is not None and isinstance(r["text"], str):
                 counts["checked"] += 1
-                counts["differ"] += list(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) != toks
+                special = set(getattr(tokenizer, "all_special_ids", None) or ())  # dropped by decode(skip_special_tokens)
+                counts["differ"] += (list(tokenizer(r["text"], add_special_tokens=False)["input_ids"])
+                                     != [t for t in toks if t not in special])
             elif "ids" not in r:
                 counts["text_only"] += 1
         if not toks:
