@@ -244,7 +244,7 @@ class EntropyProbe:
         elif self._lr is None:
             if optimizer is None:
                 raise SettingsError("lr: pass the learning rate, or an optimizer to read it from")
-            optimizer_lr(optimizer, registry)
+            optimizer_lr(optimizer, registry, self.settings.optimizer_lr)
 
     @property
     def registry(self) -> ParamRegistry:
@@ -270,7 +270,7 @@ class EntropyProbe:
             return 1.0
         if self._lr is not None:
             return self._lr
-        return optimizer_lr(self.optimizer, registry)
+        return optimizer_lr(self.optimizer, registry, self.settings.optimizer_lr)
 
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""

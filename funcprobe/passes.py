@@ -109,11 +109,12 @@ def update_direction(run: ProbeRun, U: RolloutBatch, optimizer: torch.optim.Opti
     gradient, count, objective = policy_gradient(run, U)
     mu = step(gradient)
     if tree_sq_norm(mu) == 0.0:  # identical on every rank: decided after the all-reduce
-        if step.name == "optimizer_step" and not any(group_lrs(optimizer, registry).values()):
+        if step.name == "optimizer_step" and not any(group_lrs(optimizer, registry,
+                                                               run.settings.optimizer_lr).values()):
             raise NoSignalError(
                 "U: the update direction (optimizer_step) is zero because the optimizer's learning rate is 0 for "
-                "every probed parameter (a schedule at its end or in warm-up); to predict a step of another rate, "
-                "use step='adam_step' with lr="
+                "every probed parameter (a schedule at its end or in warm-up); optimizer_lr='initial' predicts "
+                "the step at the scheduler's base rates, step='adam_step' with lr= a step of one given rate"
             )
         raise NoSignalError(
             f"U: the update direction ({step.name}) is zero everywhere; the policy gradient is "

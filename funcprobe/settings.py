@@ -43,6 +43,8 @@ LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 Mode = Literal["jvp", "vjp"]
 #: compute precisions of the probe's forwards (funcprobe.edge.precision)
 Precision = Literal["auto", "float32", "model"]
+#: which learning rate of each param group the Adam steps read (funcprobe.edge.optim.group_lrs)
+LrSource = Literal["current", "initial"]
 #: attention kernels inside the forward-mode rules (funcprobe.forward.rules.KERNELS)
 Kernels = Literal["off", "triton"]
 #: named parameter selections (besides an explicit sequence of parameter names)
@@ -56,6 +58,7 @@ LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 MODES: tuple[str, ...] = get_args(Mode)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 KERNELS: tuple[str, ...] = get_args(Kernels)
+LR_SOURCES: tuple[str, ...] = get_args(LrSource)
 PARAM_SELECTIONS: tuple[str, ...] = get_args(ParamSelectionName)
 
 #: settings groups, in the order of the class and of ``--help``: name → (title, what it covers)
@@ -206,7 +209,7 @@ class ProbeSettings:
     """How the probe runs. Every field is checked in ``__post_init__``, by its ``check``.
 
     What is predicted (group ``"prediction"``):
-        step, max_grad_norm, weighting, loss_type, params, adapter, keep_dropout,
+        step, max_grad_norm, optimizer_lr, weighting, loss_type, params, adapter, keep_dropout,
         allow_identity_fallback, split_baseline
     How it is computed (group ``"computation"``; the same numbers to rounding):
         mode, precision, chunk_size, memory_budget_gb, attention_block, mlp_chunk,
@@ -238,6 +241,13 @@ class ProbeSettings:
         "TRL/HF max_grad_norm); None: no clipping",
         group="prediction", type=float, flag={"metavar": "C"},
         check=_or_none(_positive_real(""), "or None: no clipping"),
+    )
+    optimizer_lr: LrSource = _opt(
+        "current",
+        "the learning rate the optimizer's steps read from each param group: current (its lr now, what "
+        "optimizer.step() takes) or initial (the scheduler's base rate, the group's initial_lr: for a "
+        "checkpoint saved at the end of a schedule or in warm-up, where the current lr is 0)",
+        group="prediction", type=LrSource,
     )
     weighting: Weighting = _opt(
         "dr_grpo",

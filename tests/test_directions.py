@@ -9,6 +9,7 @@ from funcprobe import (
     AdamState,
     ClipByGlobalNorm,
     EntropyProbe,
+    SettingsError,
     StepMap,
     adam_next_step,
     adam_preconditioner,
@@ -309,3 +310,28 @@ def test_a_learning_rate_of_zero_is_named_not_a_silent_zero():
     with pytest.raises(NoSignalError, match="learning rate is 0 for every probed parameter"):
         EntropyProbe(model, opt).predict(E, U)
     assert EntropyProbe(model, opt, step="adam_step", lr=1e-3).predict(E, U).lr == 1e-3  # a given rate
+
+
+def test_optimizer_lr_initial_predicts_the_step_at_the_schedules_base_rate():
+    """At the end of a linear schedule (lr 0) ``optimizer_lr="initial"`` predicts the step at
+    each group's ``initial_lr``: the same Δθ as the optimizer at that rate (float64, the same
+    arithmetic: 1e-12); without a scheduler it is refused by name."""
+    model = gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.0 if k else 1.0)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    assert opt.param_groups[0]["lr"] == 0.0 and opt.param_groups[0]["initial_lr"] == 1e-3
+    U = random_rollouts(B=3, G=2, seed=5)
+    at_base = update_direction(model, U, optimizer=opt, step="optimizer_step", optimizer_lr="initial")
+    opt.param_groups[0]["lr"] = 1e-3  # the same optimizer at its base rate
+    now = update_direction(model, U, optimizer=opt, step="optimizer_step")
+    assert max(rel_err(at_base[n], now[n]) for n in now) < 1e-12
+    assert EntropyProbe(model, opt, step="adam_step", optimizer_lr="initial").lr == 1e-3
+    bare = torch.optim.AdamW(params, lr=1e-3)
+    with pytest.raises(SettingsError, match="optimizer_lr: 'initial' reads each param group's initial_lr"):
+        update_direction(model, U, optimizer=bare, step="optimizer_step", optimizer_lr="initial")

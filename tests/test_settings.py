@@ -120,7 +120,8 @@ def test_from_options_and_options_round_trip():
         ProbeSettings.from_options({"batch_size": 2}, caller="EntropyProbe")
     assert ProbeSettings.from_options({}, caller="f") == ProbeSettings()
     assert ProbeSettings().options() == {"step": "adam_step"}  # step always: EntropyProbe's default differs
-    full = ProbeSettings(step="optimizer_step", max_grad_norm=1, weighting="per_token_avg", loss_type="dapo",
+    full = ProbeSettings(step="optimizer_step", max_grad_norm=1, optimizer_lr="initial", weighting="per_token_avg",
+                         loss_type="dapo",
                          params=["a", "b"], adapter="x", keep_dropout=True, allow_identity_fallback=True,
                          split_baseline=True, mode="vjp", precision="float32", chunk_size=3, memory_budget_gb=1,
                          attention_block=16, mlp_chunk=None, generic_jvp=True, progress=False, gather_s=True)

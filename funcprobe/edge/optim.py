@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..core.steps import AdamHyper, AdamState, StepMap, adam_next_step, frozen_adam, optimizer_step_map, sgd
+from ..errors import SettingsError
 from ..settings import ProbeSettings
 from .registry import ParamRegistry
 
@@ -112,29 +113,44 @@ def step_map(settings: ProbeSettings, optimizer: torch.optim.Optimizer | None,
     if settings.step == "frozen_adam":
         return frozen_adam(states, allow_identity_fallback=settings.allow_identity_fallback)
     if settings.step == "optimizer_step":
-        return optimizer_step_map(registry.trainable, states, group_lrs(optimizer, registry), settings.max_grad_norm)
+        return optimizer_step_map(registry.trainable, states, group_lrs(optimizer, registry, settings.optimizer_lr),
+                                  settings.max_grad_norm)
     return adam_next_step(registry.trainable, states)
 
 
-def group_lrs(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> dict[str, float]:
-    """Name → the current ``lr`` of the param group that holds each probed parameter
-    (schedulers and per-group rates such as LoRA+ included)."""
+def group_lrs(optimizer: torch.optim.Optimizer, registry: ParamRegistry, source: str = "current") -> dict[str, float]:
+    """Name → the learning rate of the param group that holds each probed parameter: its
+    current ``lr`` (schedulers and per-group rates such as LoRA+ included), or for
+    ``source="initial"`` the scheduler's base rate ``initial_lr``.
+
+    Raises ``SettingsError`` naming ``optimizer_lr`` where a group has no ``initial_lr`` (no
+    scheduler was attached)."""
     optimizer = unwrap_optimizer(optimizer)
-    lr_of = {p: float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    key = "lr" if source == "current" else "initial_lr"
+    missing = [i for i, g in enumerate(optimizer.param_groups) if key not in g]
+    if missing:
+        raise SettingsError(f"optimizer_lr: 'initial' reads each param group's initial_lr, which a learning-rate "
+                            f"scheduler sets; param group(s) {missing} have none (no scheduler attached?)")
+    lr_of = {p: float(g[key]) for g in optimizer.param_groups for p in g["params"]}
     return {n: lr_of[p] for n, p in registry.live_parameters().items()}
 
 
-def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> float:
-    """The learning rate the optimizer uses now for the registry's parameters.
+def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry, source: str = "current") -> float:
+    """The learning rate the optimizer uses now (``source="initial"``: the scheduler's base
+    rate) for the registry's parameters.
 
     Raises:
         KeyError: the optimizer holds none of the probed parameters.
-        ValueError: they sit in param groups with different learning rates (pass
-            ``lr=`` explicitly then).
+        ValueError: they sit in param groups with different learning rates (use
+            ``step="optimizer_step"`` then), or the rate is 0.
+        SettingsError: ``source="initial"`` without a scheduler's ``initial_lr``.
     """
     optimizer = unwrap_optimizer(optimizer)
     live = set(registry.live_parameters().values())
-    lrs = {float(g["lr"]) for g in optimizer.param_groups if any(p in live for p in g["params"])}
+    key = "lr" if source == "current" else "initial_lr"
+    if key != "lr":
+        group_lrs(optimizer, registry, source)  # SettingsError naming optimizer_lr where a group has none
+    lrs = {float(g[key]) for g in optimizer.param_groups if any(p in live for p in g["params"])}
     if not lrs:
         raise KeyError("optimizer: it holds none of the probed parameters (was it built for another model?)")
     if len(lrs) != 1:
@@ -147,6 +163,6 @@ def optimizer_lr(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> f
         raise ValueError(
             "lr: the optimizer's current learning rate is 0 for the probed parameters (a schedule at its end or "
             "in warm-up): the step it takes now is zero, so its entropy change is 0. Pass lr= to predict a step "
-            "of that rate"
+            "of another rate, or optimizer_lr='initial' for the scheduler's base rate"
         )
     return lr
