@@ -82,6 +82,10 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
     got = json.loads(out.read_text())
     model = load_policy(w / "model", w / "adapter", dtype="float64")
     opt = load_optimizer_state(w / "optimizer.pt", model)
+    from_dir = load_optimizer_state(w, model)  # an HF Trainer checkpoint-N/ directory: its optimizer.pt
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(opt.state.values(), from_dir.state.values()))
+    with pytest.raises(FileNotFoundError, match="has no optimizer.pt"):
+        load_optimizer_state(w / "adapter", model)
     E = read_rollouts(w / "E.jsonl", max_len=LMAX)
     U = read_rollouts(w / "U.jsonl", max_len=LMAX)
     ref = EntropyProbe(model, opt, step="adam_step", weighting="dr_grpo").predict(E, U)
@@ -400,6 +404,10 @@ def test_cli_influence_matches_the_library_call(workspace, tmp_path, capsys):
     got = json.loads(out.read_text())
     model = load_policy(w / "model", w / "adapter", dtype="float64")
     opt = load_optimizer_state(w / "optimizer.pt", model)
+    from_dir = load_optimizer_state(w, model)  # an HF Trainer checkpoint-N/ directory: its optimizer.pt
+    assert all(torch.equal(a["exp_avg_sq"], b["exp_avg_sq"]) for a, b in zip(opt.state.values(), from_dir.state.values()))
+    with pytest.raises(FileNotFoundError, match="has no optimizer.pt"):
+        load_optimizer_state(w / "adapter", model)
     E = read_rollouts(w / "E.jsonl", max_len=LMAX)
     U = read_rollouts(w / "U.jsonl", max_len=LMAX)
     ref = EntropyProbe(model, opt, step="adam_step").influence(E, U)  # the CLI's default step

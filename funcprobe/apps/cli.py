@@ -87,8 +87,9 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory, needed for text rollouts")
     p.add_argument("--eval", required=True, metavar="E.jsonl", help="evaluation rollouts E")
     p.add_argument("--update", required=True, metavar="U.jsonl", help="update rollouts U (rewards or advantages)")
-    p.add_argument("--optimizer-state", metavar="FILE",
-                   help="torch.save(optimizer.state_dict()) of the Adam/AdamW (needed for frozen_adam, adam_step)")
+    p.add_argument("--optimizer-state", metavar="FILE|DIR",
+                   help="torch.save(optimizer.state_dict()) of the Adam/AdamW (needed for frozen_adam, adam_step, "
+                        "optimizer_step), or an HF Trainer checkpoint-N/ directory (its optimizer.pt)")
     p.add_argument("--lr", type=float, help="learning rate eta (default: the optimizer state's)")
     p.add_argument("--max-completion-length", type=float, metavar="LMAX", help="Lmax for dr_grpo")
     p.add_argument("--scale-rewards", choices=["group", "none"], default="group",

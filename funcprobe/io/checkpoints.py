@@ -101,7 +101,8 @@ def load_tokenizer(path: str | Path):
 
 def load_optimizer_state(path: str | Path, model: nn.Module | ParamRegistry) -> torch.optim.Optimizer:
     """Rebuild a ``torch.optim.Adam``/``AdamW`` over the model's trainable parameters from a
-    saved ``optimizer.state_dict()`` (e.g. a Trainer checkpoint's ``optimizer.pt``).
+    saved ``optimizer.state_dict()``: a file, or an HF Trainer ``checkpoint-N/`` directory
+    (its ``optimizer.pt``).
 
     Parameters are matched by the ``param_names`` that torch saves when the optimizer was
     built from ``named_parameters()``; otherwise by position: the saved parameter
@@ -110,11 +111,16 @@ def load_optimizer_state(path: str | Path, model: nn.Module | ParamRegistry) -> 
     p.requires_grad]`` and the HF Trainer use for a LoRA model). Shapes are checked.
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file (or a directory without ``optimizer.pt``).
         ValueError: not an Adam/AdamW state dict, a parameter count, name or shape that
             does not match the model (each named).
     """
     p = Path(path)
+    if p.is_dir():  # an HF Trainer checkpoint-N/ directory
+        if not (p / "optimizer.pt").is_file():
+            raise FileNotFoundError(f"optimizer_state: the directory {str(p)!r} has no optimizer.pt (an HF Trainer "
+                                    "checkpoint-N/ directory has one)")
+        p = p / "optimizer.pt"
     if not p.is_file():
         raise FileNotFoundError(f"optimizer_state: {str(p)!r} is not an existing file")
     try:
