@@ -106,12 +106,18 @@ def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, 
     if settings.step != "sgd":
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
-    if isinstance(gradient, Mapping):  # FSDP2: the trainer's DTensor .grad, in full
+    return step_map(settings, optimizer, registry)(_full_gradient(registry, gradient))
+
+
+def _full_gradient(registry: ParamRegistry, gradient: Mapping[str, Tensor]) -> ParamTree:
+    """A trainer's gradient name → tensor, read in full (FSDP2: its DTensor ``.grad``),
+    checked against the registry (``check_like``: names, shapes, finite) and cast to each
+    parameter's device in float32 or wider."""
+    if isinstance(gradient, Mapping):
         gradient = {n: registry.sharding.read(g) if isinstance(g, Tensor) else g for n, g in gradient.items()}
     check_like(registry.trainable, gradient, "gradient")
-    grad = {n: gradient[n].to(device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
+    return {n: gradient[n].to(device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
             for n, t in registry.trainable.items()}
-    return step_map(settings, optimizer, registry)(grad)
 
 
 def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor],
@@ -306,30 +312,23 @@ class EntropyProbe:
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         lr = self._current_lr(run.registry)
         t0 = time.perf_counter()
-        same, estimator = same_batch(E, U), None
-        (differ,) = run.comm.sum_floats([0.0 if same else 1.0])  # one decision for every rank (empty shards agree)
-        same = differ == 0.0
+        (differ,) = run.comm.sum_floats([0.0 if same_batch(E, U) else 1.0])  # one decision for every rank
+        same, modelled = differ == 0.0, True  # (an empty shard's E and U are equal)
         if gradient is None:
             direction = passes.update_direction(run, U, self.optimizer)
         else:
-            check_like(run.registry.trainable, gradient, "gradient")
-            gradient = {n: run.sharding.read(gradient[n]).to(device=t.device,
-                                                              dtype=torch.promote_types(t.dtype, torch.float32))
-                        for n, t in run.registry.trainable.items()}
-            direction, cosine = passes.given_direction(run, U, gradient, self.optimizer)
-            if same and cosine < MODELLED_COSINE:
-                log.warning("funcprobe: the trainer's gradient is not explained by the modelled loss (cosine %.4f < "
-                            "%.2f): the same-batch value is reported, biased by each prompt's own contribution",
-                            cosine, MODELLED_COSINE)
-                same = False
-                estimator = "same_batch"
+            direction, cosine = passes.given_direction(run, U, _full_gradient(run.registry, gradient), self.optimizer)
+            modelled = cosine >= MODELLED_COSINE
         t1 = time.perf_counter()
-        if same:  # the trainer's own batch: no prompt may score its own contribution
+        if same and modelled:  # the trainer's own batch: no prompt may score its own contribution
             result = passes.leave_one_out(run, U, direction, lr)
+        elif same:
+            log.warning("funcprobe: the trainer's gradient is not explained by the modelled loss (cosine %.4f < "
+                        "%.2f): the same-batch value is reported, biased by each prompt's own contribution",
+                        cosine, MODELLED_COSINE)
+            result = replace(passes.prediction(run, E, direction.mu, lr), estimator="same_batch")
         else:
             result = passes.prediction(run, E, direction.mu, lr)
-            if estimator is not None:
-                result = replace(result, estimator=estimator)
         t2 = time.perf_counter()
         seconds = {"step": t1 - t0, "probe": t2 - t1}
         if self.settings.split_baseline:

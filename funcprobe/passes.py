@@ -201,8 +201,7 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     j = direction.objective.on_logprobs(run.logprob_fn())
     t = []
     for chunk, keep in run.prompts(U):
-        own = run.gradient_over(j, [(chunk, keep)])
-        own = {n: t * direction.own_scale for n, t in own.items()}
+        own = {n: g * direction.own_scale for n, g in run.gradient_over(j, [(chunk, keep)]).items()}
         d = run.derivatives_over(lx, _without_own(direction, own), [(chunk, keep)])
         if keep:
             t.append(d)

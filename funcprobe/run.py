@@ -38,12 +38,8 @@ from .edge.precision import compute_dtype, primal
 from .edge.progress import chunk_progress
 from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
-from .edge.sharding import Sharding
+from .edge.sharding import Sharding, no_progress
 from .settings import ProbeSettings
-
-#: the transforms a chunk size is planned for (``funcprobe.edge.memory``)
-TRANSFORMS = ("gradient", "jvp", "vjp")
-
 
 @dataclass(frozen=True)
 class ProbeRun:
@@ -76,9 +72,9 @@ class ProbeRun:
         return self.registry.sharding
 
     def logprob_fn(self, *, per_token: bool = False):
-        """S(θ, batch) ``[B, G]`` (or token log-probs ``[B, G, T]``) of the model, by its
-        sharding strategy (``ParamRegistry.logprob_fn``)."""
-        return self.sharding.logprob_fn(self.registry.module, self.registry.frozen, per_token=per_token)
+        """S(θ, batch) ``[B, G]`` (or token log-probs ``[B, G, T]``) of the model
+        (``ParamRegistry.logprob_fn`` / ``token_logprob_fn``)."""
+        return self.registry.token_logprob_fn() if per_token else self.registry.logprob_fn()
 
     # ------------------------------------------------------------ inputs
     def batch(self, batch: RolloutBatch) -> RolloutBatch:
@@ -91,12 +87,11 @@ class ProbeRun:
 
     # ------------------------------------------------------------ plan and session
     def chunks(self, batch: RolloutBatch, transform: str, label: str | None = None) -> Chunks:
-        """The ``(chunk, keep)`` pairs a pass of ``transform`` (``TRANSFORMS``) runs over this
-        rank's ``batch``; ``label``: a progress bar over the chunks (``settings.progress``)."""
+        """The ``(chunk, keep)`` pairs a pass of ``transform`` (``"gradient"``, ``"jvp"`` or
+        ``"vjp"``: the memory estimate of ``funcprobe.edge.memory``) runs over this rank's
+        ``batch``; ``label``: a progress bar over the chunks (``settings.progress``)."""
         size = chunk_size_for(self.settings, self.registry, batch, transform)
-        wrap = chunk_progress(label, self.settings.progress) if label else None
-        if wrap is None:
-            return self.sharding.chunks(batch, size, self.comm)
+        wrap = chunk_progress(label, self.settings.progress) if label else no_progress
         return self.sharding.chunks(batch, size, self.comm, wrap)
 
     @contextlib.contextmanager
@@ -145,8 +140,6 @@ class ProbeRun:
         """``[B, G, T]`` float64 d/dε log π(y_t) along ``tangent``: one JVP pass over ``batch``
         (forward mode whatever ``settings.mode``; zeros for an empty batch)."""
         batch = self.batch(batch)
-        if batch.num_prompts == 0 and not self.sharding.collective_forwards:
-            return torch.zeros(batch.input_ids.shape, dtype=torch.float64, device=batch.input_ids.device)
         tangent, chunks = self.tangent(tangent), self.chunks(batch, "jvp", label)
         with self.session(forward_mode=True):
             out = directional_derivatives(self.logprob_fn(per_token=True), mode="jvp")(self.theta, tangent, chunks)

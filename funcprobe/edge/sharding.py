@@ -39,7 +39,8 @@ LogprobFn = Callable[[dict[str, Tensor], RolloutBatch], Tensor]
 ChunkWrapper = Callable[[Iterable, int], Iterable]
 
 
-def _plain(chunks: Iterable, count: int) -> Iterable:
+def no_progress(chunks: Iterable, count: int) -> Iterable:
+    """The ``ChunkWrapper`` that shows nothing."""
     return chunks
 
 
@@ -70,7 +71,7 @@ class Replica:
         return logprob_function(module, frozen, per_token=per_token)
 
     def chunks(self, batch: RolloutBatch, chunk_size: int, comm: Communicator,
-               wrap: ChunkWrapper = _plain) -> Iterator[tuple[RolloutBatch, bool]]:
+               wrap: ChunkWrapper = no_progress) -> Iterator[tuple[RolloutBatch, bool]]:
         """This rank's chunks of ``batch``, in order, all kept."""
         yield from wrap(chunked(batch, chunk_size), chunk_count(batch, chunk_size))
 
@@ -104,7 +105,7 @@ class FSDP2:
         return sharded_logprob_function(module, per_token=per_token)
 
     def chunks(self, batch: RolloutBatch, chunk_size: int, comm: Communicator,
-               wrap: ChunkWrapper = _plain) -> Iterator[tuple[RolloutBatch, bool]]:
+               wrap: ChunkWrapper = no_progress) -> Iterator[tuple[RolloutBatch, bool]]:
         """This rank's chunks, then dropped chunks on a stand-in batch up to the most chunks
         of any rank (an all-reduce: called by every rank together)."""
         own = chunk_count(batch, chunk_size)
