@@ -330,7 +330,8 @@ def test_optimizer_lr_initial_predicts_the_step_at_the_schedules_base_rate():
     at_base = update_direction(model, U, optimizer=opt, step="optimizer_step", optimizer_lr="initial")
     opt.param_groups[0]["lr"] = 1e-3  # the same optimizer at its base rate
     now = update_direction(model, U, optimizer=opt, step="optimizer_step")
-    assert max(rel_err(at_base[n], now[n]) for n in now) < 1e-12
+    # seen 0 (bit-identical); 1e-12 allows float64 reordering by another torch build
+    assert max(rel_err(at_base[n], now[n]) for n in now) < 1e-12, max(rel_err(at_base[n], now[n]) for n in now)
     assert EntropyProbe(model, opt, step="adam_step", optimizer_lr="initial").lr == 1e-3
     bare = torch.optim.AdamW(params, lr=1e-3)
     with pytest.raises(SettingsError, match="optimizer_lr: 'initial' reads each param group's initial_lr"):
