@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import passes
+from .core.effects import check_rewards
 from .core.influence import EntropyInfluence
 from .core.pytree import ParamTree, check_like, tree_sq_norm
 from .core.rollouts import RolloutBatch, check_rollouts
@@ -289,7 +290,7 @@ class EntropyProbe:
         return passes.prediction(ProbeRun.of(registry, self.settings), E, muY, self._current_lr(registry))
 
     def predict(self, E: RolloutBatch, U: RolloutBatch, *,
-                gradient: Mapping[str, Tensor] | None = None) -> EntropyPrediction:
+                gradient: Mapping[str, Tensor] | None = None, rewards: Any = None) -> EntropyPrediction:
         """Predicted entropy change of the step the optimizer would take on U, measured on E.
 
         Args:
@@ -298,6 +299,14 @@ class EntropyProbe:
                 ``{name: −p.grad}``, already clipped); default: funcprobe's own policy
                 gradient of U. The step is then the settings' step map of this gradient
                 without clipping.
+            rewards: with ``effects=True``, ``[B_E, G]`` finite rewards of E's responses (a
+                tensor or array-like; this rank's E), for the predicted change of the mean
+                reward (``result.effects["reward"]``).
+
+        With the setting ``effects=True`` the result's ``effects`` holds the step's predicted
+        effects on the logged token entropy (every aggregation), the KL, the completion
+        length and the reward (``funcprobe.core.effects.Effects``), from the same JVP pass
+        over E as δH and with the same estimator (docs/derivations.md#predicted-effects).
 
         When E is the update batch itself (the same object, or equal token ids and masks, as
         in a trainer that probes its own batch), the estimate is the leave-one-out one
@@ -309,7 +318,11 @@ class EntropyProbe:
         (cosine < 0.99: loss terms funcprobe does not model) the plain same-batch value is
         returned, ``estimator="same_batch"``, with a warning.
         """
-        run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
+        checked_rewards: list = []
+        run = ProbeRun.of(self._checked(E=E, U=U, extra=lambda: checked_rewards.append(
+            check_rewards(rewards, E, effects=self.settings.effects))), self.settings)
+        rewards = checked_rewards[0]
+        effects = self.settings.effects
         lr = self._current_lr(run.registry)
         t0 = time.perf_counter()
         (differ,) = run.comm.sum_floats([0.0 if same_batch(E, U) else 1.0])  # one decision for every rank
@@ -321,14 +334,16 @@ class EntropyProbe:
             modelled = cosine >= MODELLED_COSINE
         t1 = time.perf_counter()
         if same and modelled:  # the trainer's own batch: no prompt may score its own contribution
-            result = passes.leave_one_out(run, U, direction, lr)
+            result = passes.leave_one_out(run, U, direction, lr, effects=effects, rewards=rewards)
         elif same:
             log.warning("funcprobe: the trainer's gradient is not explained by the modelled loss (cosine %.4f < "
                         "%.2f): the same-batch value is reported, biased by each prompt's own contribution",
                         cosine, MODELLED_COSINE)
-            result = replace(passes.prediction(run, E, direction.mu, lr), estimator="same_batch")
+            result = replace(_predicted(run, E, direction.mu, lr, effects, rewards), estimator="same_batch")
+            if result.effects is not None:
+                result = replace(result, effects=replace(result.effects, estimator="same_batch"))
         else:
-            result = passes.prediction(run, E, direction.mu, lr)
+            result = _predicted(run, E, direction.mu, lr, effects, rewards)
         t2 = time.perf_counter()
         seconds = {"step": t1 - t0, "probe": t2 - t1}
         if self.settings.split_baseline:
@@ -371,6 +386,14 @@ class EntropyProbe:
                     registry.check_batch(batch, name)
         return registry
 
+
+
+def _predicted(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: float, effects: bool,
+               rewards: Tensor | None) -> EntropyPrediction:
+    """``passes.prediction``, or with ``effects`` ``passes.prediction_with_effects``."""
+    if effects:
+        return passes.prediction_with_effects(run, E, muY, lr, rewards)
+    return passes.prediction(run, E, muY, lr)
 
 
 def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,

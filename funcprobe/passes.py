@@ -15,10 +15,15 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .core.objectives import Objective, entropy_objective, policy_gradient_objective, token_sum_objective
+from torch.func import jvp
+
+from .core.effects import Effects, moment_sums, prompt_components
+from .core.objectives import (Objective, entropy_objective, entropy_surrogate, policy_gradient_objective,
+                              token_sum_objective)
 from .core.pytree import ParamTree, check_like, tree_map, tree_sq_norm, tree_vdot
 from .core.rollouts import RolloutBatch
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
+from .core.token_stats import LOGPROB, LOGPROB_TANGENT
 from .core.steps import StepMap
 from .edge.optim import group_lrs, step_map
 from .edge.progress import log
@@ -175,7 +180,8 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
                                        weighting=settings.weighting)
 
 
-def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float) -> EntropyPrediction:
+def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float, *, effects: bool = False,
+                  rewards: Tensor | None = None) -> EntropyPrediction:
     """δH of ``direction``'s step estimated on its own update batch U without self-influence.
 
     For each prompt n of U: its gradient ∇J_n (a one-prompt backward), the step the optimizer
@@ -188,7 +194,9 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     s over U along the full step, which counts it, is kept as ``delta_h_same_batch``
     (docs/derivations.md#leave-one-out). SE: sd(t)/sqrt(|U|), the spread over the evaluation
     side as for SE_E. Cost: one JVP pass over U (the same-batch value) plus |U| one-prompt
-    backward and JVP passes.
+    backward and JVP passes. With ``effects``, each one-prompt JVP is the effects pass
+    (``ProbeRun.token_stats``), so the effects are leave-one-out too (``rewards``: ``[B_local, G]``
+    of this rank's U, or None).
 
     Raises ``ValueError`` for |U| < 2 (over all ranks) and the errors of ``prediction``.
     """
@@ -196,22 +204,43 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     count = direction.count
     if count < 2:
         raise ValueError(f"U: the leave-one-out estimate needs at least 2 update prompts, got {count}")
-    same = prediction(run, U, direction.mu, lr)
+    if effects:
+        same = prediction_with_effects(run, U, direction.mu, lr, rewards)
+    else:
+        same = prediction(run, U, direction.mu, lr)
     lx = entropy_objective(settings.weighting).on_logprobs(run.logprob_fn())
     j = direction.objective.on_logprobs(run.logprob_fn())
-    t = []
+    t, parts, sdots, offset = [], [], [], 0
     for chunk, keep in run.prompts(U):
         own = {n: g * direction.own_scale for n, g in run.gradient_over(j, [(chunk, keep)]).items()}
-        d = run.derivatives_over(lx, _without_own(direction, own), [(chunk, keep)])
+        step = _without_own(direction, own)
+        if effects:
+            stats = run.token_stats_over(step, [(chunk, keep)], chunk)
+            if keep:
+                r = None if rewards is None else _on(rewards[offset:offset + 1], stats)
+                d, part, sdot = scalars_and_components(stats, chunk, settings.weighting, r)
+                parts.append(part)
+                sdots.append(sdot)
+        else:
+            d = run.derivatives_over(lx, step, [(chunk, keep)])
         if keep:
             t.append(d)
+            offset += chunk.num_prompts
     t = torch.cat(t) if t else torch.zeros(0, dtype=torch.float64)
-    totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
-    if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
-        check_scalars(t, totals[2:])
-    if settings.gather_s:
-        t = comm.gather(t)
-    result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
+    if effects:
+        if not parts:  # an empty shard: no prompt here, but the all-reduce needs the shapes
+            stats = torch.zeros((*U.input_ids.shape, 5), dtype=torch.float64)
+            _, empty, sdot = scalars_and_components(stats, U, settings.weighting, None)
+            parts, sdots = [empty], [sdot]
+        result, _ = _assemble(run, t, torch.cat(parts), torch.cat(sdots), lr, has_rewards=rewards is not None,
+                              has_max_len=U.max_len is not None, estimator="leave_one_out", require_signal=False)
+    else:
+        totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
+        if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
+            check_scalars(t, totals[2:])
+        if settings.gather_s:
+            t = comm.gather(t)
+        result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
     return replace(result, estimator="leave_one_out", delta_h_same_batch=same.delta_h, se_same_batch=same.se)
 
 
@@ -221,3 +250,54 @@ def _without_own(direction: Direction, own: ParamTree) -> ParamTree:
     Adam's moments and learning rates included)."""
     g, count = direction.gradient, direction.count
     return direction.step({n: (count * g[n] - own[n].to(g[n].dtype)) / (count - 1) for n in g})
+
+
+# ---------------------------------------------------------------------------- effects
+def scalars_and_components(stats: Tensor, batch: RolloutBatch, weighting: str,
+                           rewards: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """From ``token_stats`` ``[B, G, T, 5]`` of ``batch``: (s ``[B]`` = the tangent of LX, the
+    same scalars as ``scalars``; the effects' components ``[B, K]``; Ṡ ``[B, G]``)."""
+    S, sdot = stats[..., LOGPROB].sum(-1), stats[..., LOGPROB_TANGENT].sum(-1)
+    _, s = jvp(lambda x: entropy_surrogate(x, batch, weighting), (S,), (sdot,))
+    return s, prompt_components(stats, batch, rewards), sdot
+
+
+def _assemble(run: ProbeRun, s: Tensor, components: Tensor, sdot: Tensor, lr: float, *, has_rewards: bool,
+              has_max_len: bool, estimator: str, require_signal: bool = True) -> tuple[EntropyPrediction, Effects]:
+    """δH ± SE and the effects from this rank's s, components and Ṡ (one all-reduce);
+    ``require_signal``: refuse all-zero s (not for leave-one-out, where all 0 is possible)."""
+    settings, comm = run.settings, run.comm
+    counts = scalar_counts(s)
+    totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *counts, *moment_sums(components)])
+    if require_signal or totals[3] > 0:
+        check_scalars(s, totals[2:2 + len(counts)])
+    effects = Effects.from_moments(totals[2 + len(counts):], lr=lr, components=components,
+                                   logprob_change=lr * sdot, has_rewards=has_rewards, has_max_len=has_max_len,
+                                   estimator=estimator)
+    if settings.gather_s:
+        s = comm.gather(s)
+    result = EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
+    return replace(result, estimator=estimator, effects=effects), effects
+
+
+def prediction_with_effects(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: float,
+                            rewards: Tensor | None) -> EntropyPrediction:
+    """``prediction`` and the step's predicted effects (``funcprobe.core.effects``) from one
+    forward-mode pass over E (``ProbeRun.token_stats``): s is the tangent of LX from the same
+    per-token log-prob tangents. ``rewards``: ``[B_local, G]`` of this rank's E, or None."""
+    registry, settings, comm = run.registry, run.settings, run.comm
+    if not comm.distributed and E.num_prompts < 2:
+        raise ValueError(f"E: the conditional variance needs at least 2 prompts, got {E.num_prompts}")
+    comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
+    check_like(registry.trainable, muY, "muY")
+    if tree_sq_norm(muY) == 0.0:
+        raise NoSignalError("muY: the update direction is zero everywhere; there is no step to probe")
+    batch = run.batch(E)
+    stats = run.token_stats(muY, batch, "funcprobe effects (jvp)")
+    s, components, sdot = scalars_and_components(stats, batch, settings.weighting, _on(rewards, stats))
+    return _assemble(run, s, components, sdot, lr, has_rewards=rewards is not None,
+                     has_max_len=E.max_len is not None, estimator="independent")[0]
+
+
+def _on(rewards: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if rewards is None else rewards.to(device=like.device, dtype=torch.float64)

@@ -31,6 +31,7 @@ from .forward.rules import jvp_rules
 from .core.objectives import PromptFn
 from .core.pytree import ParamTree, tree_map
 from .core.rollouts import RolloutBatch
+from .core.token_stats import TOKEN_STATS, token_stats
 from .core.transforms import Chunks, directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
 from .edge.memory import chunk_size_for
@@ -39,6 +40,7 @@ from .edge.progress import chunk_progress
 from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
 from .edge.sharding import Sharding, no_progress
+from .errors import SettingsError
 from .settings import ProbeSettings
 
 @dataclass(frozen=True)
@@ -146,3 +148,30 @@ class ProbeRun:
         if batch.num_prompts == 0:
             return torch.zeros(batch.input_ids.shape, dtype=torch.float64, device=batch.input_ids.device)
         return out
+
+    def token_stats(self, tangent: Mapping[str, Tensor], batch: RolloutBatch, label: str | None = None) -> Tensor:
+        """``[B, G, T, 5]`` float64 per-token statistics along ``tangent`` (``funcprobe.core.
+        token_stats``: log-probs, entropies, their tangents, the tangent variances) over this
+        rank's ``batch``: the effects pass, one forward-mode pass (whatever ``settings.mode``)."""
+        batch = self.batch(batch)
+        return self.token_stats_over(tangent, self.chunks(batch, "jvp", label), batch)
+
+    def token_stats_over(self, tangent: Mapping[str, Tensor], chunks: Chunks, batch: RolloutBatch) -> Tensor:
+        """``token_stats`` over given ``(chunk, keep)`` pairs of ``batch`` (its shape for no kept chunk).
+
+        Raises ``SettingsError`` on FSDP2 (the head split runs the body and the head with
+        ``functional_call`` outside FSDP's hooks: not supported)."""
+        if self.sharding.name != "replica":
+            raise SettingsError("effects: the predicted effects are not supported on a sharded (FSDP2) model yet; "
+                                "probe without effects=True there")
+        tangent = self.tangent(tangent)
+        out = []
+        with self.session(forward_mode=True):
+            for chunk, keep in chunks:
+                st = token_stats(self.registry.module, self.registry.frozen, self.theta, tangent, chunk)
+                if keep:
+                    out.append(st)
+        if not out:
+            return torch.zeros((*batch.input_ids.shape, len(TOKEN_STATS)), dtype=torch.float64,
+                               device=batch.input_ids.device)
+        return torch.cat(out)

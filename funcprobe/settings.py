@@ -210,7 +210,7 @@ class ProbeSettings:
 
     What is predicted (group ``"prediction"``):
         step, max_grad_norm, optimizer_lr, weighting, loss_type, params, adapter, keep_dropout,
-        allow_identity_fallback, split_baseline
+        allow_identity_fallback, split_baseline, effects
     How it is computed (group ``"computation"``; the same numbers to rounding):
         mode, precision, chunk_size, memory_budget_gb, attention_block, mlp_chunk,
         generic_jvp, kernels
@@ -284,6 +284,13 @@ class ProbeSettings:
         False,
         "EntropyProbe.predict: also report the entropy change of the part of the step that does not depend "
         "on U (Adam's momentum and weight decay, the step of a zero gradient), at one more JVP pass over E",
+        group="prediction", type=bool,
+    )
+    effects: bool = _opt(
+        False,
+        "EntropyProbe.predict: also predict the step's effects on what trainers log (the token entropy under "
+        "each aggregation, the KL of the step, the completion length, the reward), from the same JVP pass over "
+        "E (docs/derivations.md#predicted-effects)",
         group="prediction", type=bool,
     )
     # ------------------------------------------------------------ computation
@@ -416,7 +423,7 @@ class ProbeSettings:
 
     def probe_code(self) -> list[float]:
         """What ranks must share to probe E along μY (weighting, mode), as numbers (handshake)."""
-        return [float(WEIGHTINGS.index(self.weighting)), float(MODES.index(self.mode))]
+        return [float(WEIGHTINGS.index(self.weighting)), float(MODES.index(self.mode)), float(self.effects)]
 
 
 def _known_keywords(options: Mapping[str, Any], caller: str) -> None:

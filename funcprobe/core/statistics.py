@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError, UnreachableDirectionError
+
+if TYPE_CHECKING:
+    from .effects import Effects
 
 #: two-sided 97.5% quantile of N(0, 1)
 Z_95 = 1.959963984540054
@@ -65,6 +68,9 @@ class EntropyPrediction:
         delta_h_same_batch, se_same_batch: with ``"leave_one_out"``, the value E = U gives
             without it (mean of s over U along the full step; biased upwards in magnitude by
             each prompt's own contribution) and its spread-based SE, for comparison.
+        effects: with ``effects=True``, the step's predicted effects on the logged token
+            entropy, KL, completion length and reward (``funcprobe.core.effects.Effects``),
+            from the same pass and with the same estimator; else None.
     """
 
     s: Tensor = field(repr=False)
@@ -88,6 +94,7 @@ class EntropyPrediction:
     seconds: dict[str, float] = field(default_factory=dict)
     delta_h_baseline: float | None = None
     se_baseline: float | None = None
+    effects: "Effects | None" = field(default=None, repr=False)
 
     @classmethod
     def from_sums(cls, s: Tensor, totals: Sequence[float], *, lr: float, mode: str,
@@ -145,6 +152,8 @@ class EntropyPrediction:
             out.update(delta_h_same_batch=self.delta_h_same_batch, se_same_batch=self.se_same_batch)
         if self.delta_h_baseline is not None:
             out.update(delta_h_baseline=self.delta_h_baseline, se_baseline=self.se_baseline)
+        if self.effects is not None:
+            out["effects"] = self.effects.to_dict()
         if self.step is not None:
             out.update(step=self.step, step_norm=self.step_norm, num_update_prompts=self.num_update_prompts,
                        seconds=dict(self.seconds), policy_gradient_signal=self.policy_gradient_signal)

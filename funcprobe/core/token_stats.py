@@ -1,0 +1,154 @@
+"""Per-token statistics of the next-token distributions and their tangents along a direction.
+
+The effects pass (docs/derivations.md#predicted-effects) needs, at every response position
+t of every sequence, reductions over the vocabulary of the logits z_t and of their tangent
+ż_t = d/dε z_t(θ + ε·Δ), with p_t = softmax(z_t), log p_t = log_softmax(z_t),
+ż̄_t = Σ_v p_t(v) ż_t(v) (all in nats):
+
+========================  ============================================  ==========
+column (``TOKEN_STATS``)  value                                          order
+========================  ============================================  ==========
+``logprob``               log p_t(y_t)                                   primal
+``entropy``               H_t = −Σ_v p_t(v) log p_t(v)                   primal
+``logprob_tangent``       ṡ_t = ż_t(y_t) − ż̄_t  (d/dε log p_t(y_t))       tangent
+``entropy_tangent``       Ḣ_t = −Σ_v p_t(v) (ż_t(v) − ż̄_t) log p_t(v)     tangent
+``tangent_variance``      V_t = Σ_v p_t(v) (ż_t(v) − ż̄_t)²               quadratic
+========================  ============================================  ==========
+
+V_t is not a tangent of any function of θ (it is quadratic in Δ): it is the second
+derivative of KL(p_t(θ) ‖ p_t(θ + εΔ)) in ε at 0, so ½ε²·V_t is that KL to second order.
+It cannot come out of a ``torch.func.jvp`` of a function of θ, so the pass is cut where the
+model is: one ``jvp`` of the body (θ ↦ the hidden states of response tokens, the costly
+part) gives h and ḣ; then the LM head is applied ``token_chunk`` tokens at a time with its
+own ``jvp`` (z, ż from h, ḣ and the head's tangent, if the head is probed), and the five
+reductions are taken from z and ż in float32 or wider. No ``[N, T, V]`` logits or tangents
+are held (as in ``funcprobe.core.lm_head``). A model the head split cannot drive runs its
+whole forward under one ``jvp`` to response logits (exact, heavier).
+
+Pure: no module state, no ``.grad``; the caller (``funcprobe.run``) runs it inside the
+probe session. Sources: docs/derivations.md#predicted-effects.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+
+from .lm_head import head_split, token_chunk_size
+from .logprobs import (_accepted_kwargs, _forward_owner, _left_aligned, _prompt_lengths,
+                       _unsplit_token_values)
+from .rollouts import RolloutBatch
+
+#: the columns of ``token_stats``'s last dimension
+TOKEN_STATS = ("logprob", "entropy", "logprob_tangent", "entropy_tangent", "tangent_variance")
+LOGPROB, ENTROPY, LOGPROB_TANGENT, ENTROPY_TANGENT, TANGENT_VARIANCE = range(len(TOKEN_STATS))
+
+
+def vocab_reductions(z: Tensor, zdot: Tensor, targets: Tensor) -> Tensor:
+    """The ``TOKEN_STATS`` of logits ``z`` ``[m, V]`` with tangent ``zdot`` ``[m, V]`` and
+    targets ``[m]`` (int64 in ``[0, V)``): ``[m, 5]`` in the promoted dtype (float32 or wider).
+
+    A logit of −inf (a masked vocabulary entry) has p = 0 and contributes 0 (never NaN).
+    """
+    dtype = torch.promote_types(torch.promote_types(z.dtype, zdot.dtype), torch.float32)
+    z, zdot = z.to(dtype), zdot.to(dtype)
+    logp = torch.log_softmax(z, dim=-1)
+    p = logp.exp()
+    logp0 = torch.where(p > 0, logp, torch.zeros((), dtype=dtype, device=z.device))  # 0·log 0 = 0
+    dev = zdot - (p * zdot).sum(-1, keepdim=True)
+    y = targets.unsqueeze(-1)
+    pdev = p * dev
+    return torch.stack([
+        logp.gather(-1, y).squeeze(-1),
+        -(p * logp0).sum(-1),
+        dev.gather(-1, y).squeeze(-1),
+        -(pdev * logp0).sum(-1),
+        (pdev * dev).sum(-1),
+    ], -1)
+
+
+def token_stats(module: nn.Module, frozen: Mapping[str, Tensor], theta: Mapping[str, Tensor],
+                tangent: Mapping[str, Tensor], batch: RolloutBatch, *, token_chunk: int | None = None) -> Tensor:
+    """``[B, G, T, 5]`` float64 ``TOKEN_STATS`` at every response token of ``batch`` along ``tangent``.
+
+    Args:
+        module: the canonical module (``ParamRegistry.module``), Hugging Face causal-LM
+            calling convention (see ``funcprobe.core.logprobs.sequence_logprobs``).
+        frozen: the parameters not probed, name → tensor (passed to ``functional_call``).
+        theta: the probed parameters, name → tensor (the primal).
+        tangent: Δ, with ``theta``'s names, shapes, dtypes and devices.
+        batch: the rollouts (B prompts × G responses × T columns).
+        token_chunk: response tokens per LM-head chunk; None: ``token_chunk_size`` of the
+            vocabulary.
+
+    Entry ``[n, g, t]`` belongs to the token at column t (predicted from the columns
+    before it); prompt and padding columns are 0 (set by selection). Summed over T, the
+    ``logprob`` column is S and the ``logprob_tangent`` column is dS/dε along ``tangent``.
+
+    Raises:
+        ValueError: the module returns hidden states or logits of an unexpected shape.
+    """
+    B, G, T = batch.input_ids.shape
+    N = B * G
+    ids, mask, resp, shift = _left_aligned(batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(),
+                                           batch.response_mask.reshape(N, T))
+    owner = _forward_owner(module)
+    extra = {"use_cache": False} if "use_cache" in _accepted_kwargs(owner) else {}
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **extra}
+    theta, tangent, frozen = dict(theta), dict(tangent), dict(frozen)
+    split = head_split(module, owner, extra)
+    L = ids.shape[1]
+    if split is None:
+        per_column = _unsplit_stats(module, frozen, theta, tangent, kwargs, resp,
+                                    _prompt_lengths(batch).reshape(N))
+    else:
+        flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
+
+        def hidden(t: dict) -> Tensor:
+            h = split.hidden({**frozen, **t}, kwargs)
+            if h.ndim != 3 or h.shape[:2] != (N, L):
+                raise ValueError(f"model: expected hidden states of shape [{N}, {L}, D], got {tuple(h.shape)}")
+            return h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat)
+
+        h, hdot = jvp(hidden, (theta,), (tangent,))
+        targets = ids[:, 1:].reshape(-1).index_select(0, flat)
+        head_names = [full for full in split.head_params.values() if full in theta]
+        rest = {**frozen, **{n: v for n, v in theta.items() if n not in head_names}}
+        head_theta = {n: theta[n] for n in head_names}
+        head_tangent = {n: tangent[n] for n in head_names}
+
+        def logits(hp: dict, x: Tensor) -> Tensor:
+            return split.logits_fn({**rest, **hp})(x)
+
+        chunk = token_chunk or token_chunk_size(split.vocab_size)
+        out = []
+        for a in range(0, h.shape[0], chunk):
+            z, zdot = jvp(logits, (head_theta, h[a:a + chunk]), (head_tangent, hdot[a:a + chunk]))
+            out.append(vocab_reductions(z, zdot, targets[a:a + chunk]).double())
+        per_token = torch.cat(out) if out else h.new_zeros((0, len(TOKEN_STATS)), dtype=torch.float64)
+        per_column = per_token.new_zeros((N * (L - 1), len(TOKEN_STATS))).index_copy(0, flat, per_token)
+        per_column = per_column.reshape(N, L - 1, len(TOKEN_STATS))
+    # aligned column j holds the target at aligned column j + 1, i.e. at column j + 1 + shift
+    cols = (torch.arange(1, L, device=shift.device).unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
+    index = cols.unsqueeze(-1).expand(-1, -1, len(TOKEN_STATS))
+    placed = per_column.new_zeros((N, T, len(TOKEN_STATS))).scatter_add(1, index, per_column)  # padding adds 0
+    return placed.reshape(B, G, T, len(TOKEN_STATS))
+
+
+def _unsplit_stats(module: nn.Module, frozen: dict, theta: dict, tangent: dict, kwargs: dict, resp: Tensor,
+                   prompt_lens: Tensor) -> Tensor:
+    """``[N, L - 1, 5]`` from the model's own logits under one ``jvp`` (models without a head split)."""
+
+    def logits(t: dict) -> Tensor:
+        return _unsplit_token_values(module, (frozen, t), kwargs, resp, prompt_lens, lambda z, y: z)
+
+    z, zdot = jvp(logits, (theta,), (tangent,))  # [N, L - 1, V], zeros off response targets
+    targets = kwargs["input_ids"][:, 1:]
+    N, L1, V = z.shape
+    stats = vocab_reductions(z.reshape(N * L1, V), zdot.reshape(N * L1, V), targets.reshape(-1)).double()
+    keep = resp[:, 1:].reshape(-1, 1)
+    stats = torch.where(keep, stats, torch.zeros((), dtype=stats.dtype, device=stats.device))
+    return stats.reshape(N, L1, len(TOKEN_STATS))
