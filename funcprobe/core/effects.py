@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .rollouts import RolloutBatch
 from .statistics import Z_95
-from .token_stats import ENTROPY, ENTROPY_TANGENT, LOGPROB_TANGENT, TANGENT_VARIANCE
+from .token_stats import ENTROPY, ENTROPY_TANGENT, LOGPROB, LOGPROB_TANGENT, TANGENT_VARIANCE
 
 #: per-prompt components, in the order of ``prompt_components``'s columns
 COMPONENTS = ("d_entropy_sum", "d_entropy_mean", "d_entropy_sum_norm", "d_length", "d_reward",
@@ -101,6 +101,19 @@ def score_function(f: Tensor, sdot: Tensor) -> Tensor:
     return ((f - baseline) * sdot).mean(-1)
 
 
+def sequence_values(stats: Tensor, batch: RolloutBatch) -> dict[str, Tensor]:
+    """Per-response sums of ``stats`` (``[B, G, T, 5]`` ``token_stats`` of ``batch``), each ``[B, G]``
+    float64: ``logprob`` S, ``logprob_tangent`` Ṡ, ``entropy_sum`` Σ_t H_t and its tangent,
+    ``entropy_mean`` Σ_t H_t / |y| and its tangent, ``variance_sum`` Σ_t V_t, ``length`` |y|."""
+    st = stats.double()
+    length = batch.response_lengths.double()
+    h_sum, hdot_sum = st[..., ENTROPY].sum(-1), st[..., ENTROPY_TANGENT].sum(-1)
+    return {"logprob": st[..., LOGPROB].sum(-1), "logprob_tangent": st[..., LOGPROB_TANGENT].sum(-1),
+            "entropy_sum": h_sum, "entropy_sum_tangent": hdot_sum, "entropy_mean": h_sum / length,
+            "entropy_mean_tangent": hdot_sum / length, "variance_sum": st[..., TANGENT_VARIANCE].sum(-1),
+            "length": length}
+
+
 def prompt_components(stats: Tensor, batch: RolloutBatch, rewards: Tensor | None = None) -> Tensor:
     """``[B, len(COMPONENTS)]`` float64 per-prompt components of ``stats`` (``[B, G, T, 5]``
     ``token_stats`` of ``batch``).
@@ -109,23 +122,20 @@ def prompt_components(stats: Tensor, batch: RolloutBatch, rewards: Tensor | None
     and unused). ``d_entropy_sum_norm`` divides by the batch's ``max_len`` (0 and unused
     without it).
     """
-    st = stats.double()
-    length = batch.response_lengths.double()  # [B, G]
-    sdot = st[..., LOGPROB_TANGENT].sum(-1)
-    h_sum, hdot_sum = st[..., ENTROPY].sum(-1), st[..., ENTROPY_TANGENT].sum(-1)
-    h_mean, hdot_mean = h_sum / length, hdot_sum / length
-    d_sum = hdot_sum.mean(-1) + score_function(h_sum, sdot)
+    v = sequence_values(stats, batch)
+    sdot = v["logprob_tangent"]
+    d_sum = v["entropy_sum_tangent"].mean(-1) + score_function(v["entropy_sum"], sdot)
     zeros = torch.zeros_like(d_sum)
     norm = batch.max_len_tensor(torch.float64).reshape(-1) if batch.max_len is not None else None
     columns = {
         "d_entropy_sum": d_sum,
-        "d_entropy_mean": hdot_mean.mean(-1) + score_function(h_mean, sdot),
+        "d_entropy_mean": v["entropy_mean_tangent"].mean(-1) + score_function(v["entropy_mean"], sdot),
         "d_entropy_sum_norm": d_sum / norm if norm is not None else zeros,
-        "d_length": score_function(length, sdot),
+        "d_length": score_function(v["length"], sdot),
         "d_reward": score_function(rewards.to(sdot), sdot) if rewards is not None else zeros,
-        "entropy_sum": h_sum.mean(-1),
-        "length": length.mean(-1),
-        "kl_sum": 0.5 * st[..., TANGENT_VARIANCE].sum(-1).mean(-1),
+        "entropy_sum": v["entropy_sum"].mean(-1),
+        "length": v["length"].mean(-1),
+        "kl_sum": 0.5 * v["variance_sum"].mean(-1),
     }
     return torch.stack([columns[name] for name in COMPONENTS], -1)
 
