@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from funcprobe import EntropyProbe, SettingsError
+from funcprobe import EntropyProbe, RolloutBatch, SettingsError
 from funcprobe.core.influence import split_step
 from funcprobe import AdamHyper, AdamState, StepMap, frozen_adam, optimizer_step_map, sgd
 from funcprobe.api import entropy_influence
@@ -131,11 +131,65 @@ def test_influence_is_an_exact_split_and_matches_the_per_sample_reference(traine
     q_scale = ref["c"] / U.num_prompts
     s_ref = torch.tensor([[q_scale * _dot([q * x for q, x in zip(ref["q"], gl)], gj) for gj in ref["grad_j"]]
                           for gl in ref["grad_lx"]], dtype=torch.float64)
-    wide = probe.influence(E, U, matrix=True)  # B_E = 5 > B_U = 4: a JVP over E per update prompt
-    narrow = probe.influence(E.select(0, 3), U, matrix=True)  # B_E = 3 < 4: a JVP over U per evaluation prompt
+    wide = probe.influence(E, U, matrix=True)  # rows over E whichever batch is larger: B_E = 5 > B_U = 4
+    narrow = probe.influence(E.select(0, 3), U, matrix=True)  # and B_E = 3 < 4
     assert rel_err(wide.matrix, s_ref) < 1e-8 and rel_err(narrow.matrix, s_ref[:3]) < 1e-8
     assert float((wide.matrix.mean(0) - wide.per_prompt).abs().max()) < 1e-12
     assert torch.allclose(wide.per_prompt_se, s_ref.std(0) / math.sqrt(5), rtol=1e-8, atol=0)
+
+
+def _twice(E, n):
+    """Prompt n of E twice: a B_E = 2 batch whose μX is ∇LX[n] (the API needs B_E >= 2)."""
+    idx = torch.tensor([n, n])
+    return RolloutBatch(E.input_ids[idx], E.attention_mask[idx], E.response_start,
+                        None if E.advantages is None else E.advantages[idx], E.max_len[idx])
+
+
+def test_per_token_and_response_ses_are_the_spread_of_single_prompt_evaluations(trained):
+    """The SE of every share with ``matrix=True`` against a loop of the default path over
+    E batches of one prompt (twice): x_n = that run's shares, SE = sd_n(x_n)/sqrt(B_E)."""
+    model, opt, E, U = trained
+    probe = EntropyProbe(model, opt, max_grad_norm=1e-3, chunk_size=2)
+    inf = probe.influence(E, U, matrix=True)
+    runs = [probe.influence(_twice(E, n), U) for n in range(E.num_prompts)]
+    x_token = torch.stack([r.per_token for r in runs])  # [B_E, B_U, G, T]
+    x_response, x_prompt = x_token.sum(-1), x_token.sum((-1, -2))
+    root_b = math.sqrt(E.num_prompts)
+    # both sides are float64 sums of the same products in other orders and chunkings, so they
+    # differ by rounding: a few eps = 2.2e-16 of max |x| per term, times the ~30 terms of a
+    # prompt's share. Seen (of max |x|): means 1.6e-16, SEs 2.0e-16, matrix 1.2e-15; bound 1e-13
+    scale = float(x_token.abs().max())
+    assert float((x_token.mean(0) - inf.per_token).abs().max()) < 1e-13 * scale
+    # (an SE is an sd over B_E = 5 values: its rounding error is the values', not amplified)
+    for got, x in ((inf.per_token_se, x_token), (inf.per_response_se, x_response), (inf.per_prompt_se, x_prompt)):
+        ref = x.std(0, correction=1) / root_b
+        assert got.shape == ref.shape
+        assert float((got - ref).abs().max()) < 1e-13 * scale, float((got - ref).abs().max()) / scale
+    assert float(inf.per_token_se[U.response_mask].min()) > 0  # a real spread on every response token
+    assert bool((inf.per_token_se[~U.response_mask] == 0).all())
+    assert torch.allclose(inf.matrix, x_prompt, rtol=0, atol=1e-13 * scale)
+    d = inf.to_dict()
+    assert torch.tensor(d["per_response_se"], dtype=torch.float64).equal(inf.per_response_se)
+    plain = probe.influence(E, U)
+    assert plain.per_token_se is None and plain.per_response_se is None and "per_response_se" not in plain.to_dict()
+
+
+def test_share_spread_is_the_sample_se_without_cancellation():
+    """Shifted sums: values 1e8 + O(1) whose sd is O(1), where Σx² − (Σx)²/B in float64 gives
+    0 instead of 0.42 (every digit lost)."""
+    from funcprobe.core.influence import ShareSpread
+
+    gen = torch.Generator().manual_seed(4)
+    x = 1e8 + torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    spread = ShareSpread(x.mean(0) + 1e-3)  # a centre a little off the mean: the correction term
+    for row in x:
+        spread.add(row)
+    ref = x.std(0, correction=1) / math.sqrt(7)
+    # float64: d_n = x_n − centre is rounded by eps·1e8 ≈ 2e-8, relative ~1e-8 of an sd of 0.3-0.4;
+    # seen 2.4e-9, bound 1e-6
+    assert rel_err(spread.se(), ref) < 1e-6
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        ShareSpread(x[0]).se()
 
 
 def test_groups_carry_their_share_with_an_se(trained):
