@@ -371,3 +371,107 @@ def test_token_covariance_is_verls_score_and_spearman_handles_ties():
     assert abs(spearman(a, b) - float((ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt())) < 1e-7
     assert top_fraction_mask(b, 0.4).tolist() == [True, False, True, False, False]
     assert int(top_fraction_mask(b, 1e-9).sum()) == 1
+
+
+class _LetterTokenizer:
+    """Token id k decodes to the k-th letter (id 1 is 'a'), id 27 to a newline."""
+
+    @staticmethod
+    def decode(ids):
+        return "".join("\n" if k == 27 else chr(ord("a") + k - 1) for k in ids)
+
+
+def _hand_made(per_token, U, *, se=False):
+    """An ``EntropyInfluence`` with given token shares (and SEs = |share|/10 when ``se``)."""
+    from funcprobe.core.influence import EntropyInfluence
+
+    per_response = per_token.sum(-1)
+    return EntropyInfluence(
+        delta_h=float(per_token.sum()), se=1e-3, delta_h_baseline=0.0, se_baseline=0.0,
+        delta_h_update=float(per_token.sum()), se_update=1e-3, per_prompt=per_response.sum(-1),
+        per_response=per_response, per_token=per_token, clip=1.0, step="sgd", lr=1.0, num_eval_prompts=2,
+        num_update_prompts=U.num_prompts,
+        per_prompt_se=per_response.sum(-1).abs() / 10 if se else None,
+        per_response_se=per_response.abs() / 10 if se else None, per_token_se=per_token.abs() / 10 if se else None)
+
+
+def _letters_batch():
+    """One prompt 'xy', responses 'abcdefghij⏎klmnopqrstu' (22 tokens) and 'zz'."""
+    long = list(range(1, 11)) + [27] + list(range(11, 22))
+    return RolloutBatch.from_lists([[24, 25]], [[long, [26, 26]]], pad_token_id=0,
+                                   advantages=torch.tensor([[1.0, -1.0]], dtype=torch.float64))
+
+
+def test_report_shows_each_top_token_in_its_response_text_with_its_se():
+    from funcprobe.apps.influence_report import format_influence, token_context
+
+    U = _letters_batch()
+    tok, start = _LetterTokenizer(), U.response_start
+    per_token = torch.zeros(U.input_ids.shape, dtype=torch.float64)
+    per_token[0, 0, start + 12] = -0.5  # 'l', after the newline: 8 tokens either side and more beyond
+    per_token[0, 0, start + 1] = 0.25  # 'b': one token before it
+    per_token[0, 1, start + 1] = 0.15  # the last 'z' of the short response
+    inf = _hand_made(per_token, U, se=True)
+    assert token_context(tok, U, 0, 0, start + 12) == "…efghij\\nk⟦l⟧mnopqrst…"
+    assert token_context(tok, U, 0, 0, start + 1) == "a⟦b⟧cdefghij…"
+    assert token_context(tok, U, 0, 1, start + 1) == "z⟦z⟧"
+    with pytest.raises(ValueError, match="column: 0 is not a response token"):
+        token_context(tok, U, 0, 0, 0)
+    text = format_influence(inf, U, tokenizer=tok, top=3)
+    lines = text.splitlines()
+    tokens = lines[lines.index(next(x for x in lines if x.startswith("top 3 tokens"))) + 1:]
+    assert "share ± SE_E" in text and "in its response" in text
+    assert "-5.000e-01 ± 5.0e-02" in tokens[0] and "'l'" in tokens[0] and tokens[0].endswith("…efghij\\nk⟦l⟧mnopqrst…")
+    assert "+2.500e-01 ± 2.5e-02" in tokens[1] and tokens[1].endswith("a⟦b⟧cdefghij…")
+    assert tokens[2].endswith("z⟦z⟧") and "position    1" in tokens[2]
+    responses = lines[lines.index(next(x for x in lines if x.startswith("top 3 responses"))) + 1:][:2]
+    assert "-2.500e-01 ± 2.5e-02" in responses[0] and responses[0].endswith("abcdefghij\\nklmnopqrstu")
+    assert "+1.500e-01 ± 1.5e-02" in responses[1] and responses[1].endswith("zz")
+    # without a tokenizer: ids, no text; without the matrix: no SEs, and the report says where they are
+    plain = format_influence(_hand_made(per_token, U), U, top=3)
+    assert "#12" in plain and "⟦" not in plain and "±" not in plain and "matrix=True" in plain
+
+
+def test_report_cuts_a_long_response_text():
+    from funcprobe.apps.influence_report import response_text
+
+    U = _letters_batch()
+    assert response_text(_LetterTokenizer(), U, 0, 0, max_chars=5) == "abcde…"
+    assert response_text(_LetterTokenizer(), U, 0, 0, max_chars=11) == "abcdefghij\\n…"
+    assert response_text(_LetterTokenizer(), U, 0, 1, max_chars=2) == "zz"
+
+
+def _right_panel(monkeypatch, inf, U, path):
+    """The token-concentration axes of ``plot_influence`` (its figure captured)."""
+    import funcprobe.apps.influence_report as report
+
+    figures = []
+
+    def capture(size):
+        figures.append(report_new_figure(size))
+        return figures[-1]
+
+    report_new_figure = report.new_figure
+    monkeypatch.setattr(report, "new_figure", capture)
+    report.plot_influence(inf, U, path)
+    return figures[0].axes[1]
+
+
+def test_plot_normalises_the_token_concentration_by_the_sum_of_absolute_shares(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    U = _letters_batch()
+    start = U.response_start
+    per_token = torch.zeros(U.input_ids.shape, dtype=torch.float64)
+    per_token[0, 0, start:start + 4] = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)  # Σ share = 0
+    ax = _right_panel(monkeypatch, _hand_made(per_token, U), U, tmp_path / "cancel.png")
+    y = torch.tensor(ax.lines[0].get_ydata(), dtype=torch.float64)
+    # |shares| 1, 1, .5, .5 of Σ 3, then 20 zeros: 1/3, 2/3, 5/6, 1, 1, ... (exact in float64 to rounding)
+    assert len(y) == int(U.response_mask.sum()) == 24
+    assert torch.allclose(y[:4], torch.tensor([1 / 3, 2 / 3, 5 / 6, 1.0], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert float(y.min()) >= 0 and float(y.max()) <= 1 + 1e-15 and bool((y.diff() >= 0).all())
+    assert ax.get_ylabel() == "cumulative |share| / Σ|share|"
+    assert (tmp_path / "cancel.png").stat().st_size > 5000
+    # every share 0: no curve (no division by zero), the panel says why
+    ax = _right_panel(monkeypatch, _hand_made(torch.zeros_like(per_token), U), U, tmp_path / "zero.png")
+    assert [list(line.get_ydata()) for line in ax.lines] == [[1.0, 1.0]]  # the y = 1 guide only
+    assert any("Σ|share| = 0" in t.get_text() for t in ax.texts)
