@@ -13,6 +13,7 @@ from funcprobe import AdamHyper, AdamState, StepMap, frozen_adam, optimizer_step
 from funcprobe.api import entropy_influence
 from bandit import SoftmaxBandit, bandit_rollouts
 from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
+from test_practitioner import workspace  # noqa: F401  (fixture)
 
 MAX_LEN = 6.0
 
@@ -475,3 +476,38 @@ def test_plot_normalises_the_token_concentration_by_the_sum_of_absolute_shares(m
     ax = _right_panel(monkeypatch, _hand_made(torch.zeros_like(per_token), U), U, tmp_path / "zero.png")
     assert [list(line.get_ydata()) for line in ax.lines] == [[1.0, 1.0]]  # the y = 1 guide only
     assert any("Σ|share| = 0" in t.get_text() for t in ax.texts)
+
+
+def test_cli_influence_matrix_writes_the_ses_and_the_response_text(workspace, tmp_path, capsys):
+    """``funcprobe influence --matrix --tokenizer``: the library's SEs in the JSON's top
+    entries, "± SE" and ⟦token⟧ windows in the text."""
+    import json
+
+    from funcprobe.apps.cli import main
+    from funcprobe.io.checkpoints import load_optimizer_state, load_policy
+    from funcprobe.io.rollout_files import read_rollouts
+    from test_practitioner import LMAX
+
+    w, out = workspace, tmp_path / "influence.json"
+    args = ["influence", "--model", w / "model", "--adapter", w / "adapter", "--tokenizer", w / "tokenizer",
+            "--eval", w / "E.jsonl", "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt",
+            "--max-completion-length", LMAX, "--dtype", "float64", "--top", 3, "--json", out, "--matrix",
+            "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    text = capsys.readouterr().out
+    assert "share ± SE_E" in text and "⟦w" in text and "response text" in text
+    got = json.loads(out.read_text())
+    model = load_policy(w / "model", w / "adapter", dtype="float64")
+    opt = load_optimizer_state(w / "optimizer.pt", model)
+    U = read_rollouts(w / "U.jsonl", max_len=LMAX)
+    ref = EntropyProbe(model, opt, step="adam_step").influence(read_rollouts(w / "E.jsonl", max_len=LMAX), U,
+                                                               matrix=True)
+    # the same float64 computation in the same order (JSON keeps a float64 exactly): seen equal;
+    # bound 1e-12 relative, room for float64 reordering
+    for entry in got["top_tokens"]:
+        se = float(ref.per_token_se[entry["prompt"], entry["response"], entry["column"]])
+        assert se > 0 and abs(entry["se"] - se) <= 1e-12 * se
+    for entry in got["top_responses"]:
+        se = float(ref.per_response_se[entry["prompt"], entry["response"]])
+        assert se > 0 and abs(entry["se"] - se) <= 1e-12 * se
+    assert len(got["per_response_se"]) == U.num_prompts
