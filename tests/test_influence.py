@@ -13,7 +13,9 @@ from funcprobe import AdamHyper, AdamState, StepMap, frozen_adam, optimizer_step
 from funcprobe.api import entropy_influence
 from bandit import SoftmaxBandit, bandit_rollouts
 from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
-from test_practitioner import workspace  # noqa: F401  (fixture)
+import test_practitioner
+
+workspace = test_practitioner.workspace  # fixture: a saved tiny Qwen2 + LoRA, tokenizer, optimizer state, rollouts
 
 MAX_LEN = 6.0
 
@@ -422,7 +424,8 @@ def test_report_shows_each_top_token_in_its_response_text_with_its_se():
     lines = text.splitlines()
     tokens = lines[lines.index(next(x for x in lines if x.startswith("top 3 tokens"))) + 1:]
     assert "share ± SE_E" in text and "in its response" in text
-    assert "-5.000e-01 ± 5.0e-02" in tokens[0] and "'l'" in tokens[0] and tokens[0].endswith("…efghij\\nk⟦l⟧mnopqrst…")
+    assert "-5.000e-01 ± 5.0e-02" in tokens[0] and "'l'" in tokens[0]
+    assert tokens[0].endswith("…efghij\\nk⟦l⟧mnopqrst…")
     assert "+2.500e-01 ± 2.5e-02" in tokens[1] and tokens[1].endswith("a⟦b⟧cdefghij…")
     assert tokens[2].endswith("z⟦z⟧") and "position    1" in tokens[2]
     responses = lines[lines.index(next(x for x in lines if x.startswith("top 3 responses"))) + 1:][:2]
@@ -486,12 +489,11 @@ def test_cli_influence_matrix_writes_the_ses_and_the_response_text(workspace, tm
     from funcprobe.apps.cli import main
     from funcprobe.io.checkpoints import load_optimizer_state, load_policy
     from funcprobe.io.rollout_files import read_rollouts
-    from test_practitioner import LMAX
 
-    w, out = workspace, tmp_path / "influence.json"
+    w, out, lmax = workspace, tmp_path / "influence.json", test_practitioner.LMAX
     args = ["influence", "--model", w / "model", "--adapter", w / "adapter", "--tokenizer", w / "tokenizer",
             "--eval", w / "E.jsonl", "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt",
-            "--max-completion-length", LMAX, "--dtype", "float64", "--top", 3, "--json", out, "--matrix",
+            "--max-completion-length", lmax, "--dtype", "float64", "--top", 3, "--json", out, "--matrix",
             "--no-progress"]
     assert main([str(a) for a in args]) == 0
     text = capsys.readouterr().out
@@ -499,8 +501,8 @@ def test_cli_influence_matrix_writes_the_ses_and_the_response_text(workspace, tm
     got = json.loads(out.read_text())
     model = load_policy(w / "model", w / "adapter", dtype="float64")
     opt = load_optimizer_state(w / "optimizer.pt", model)
-    U = read_rollouts(w / "U.jsonl", max_len=LMAX)
-    ref = EntropyProbe(model, opt, step="adam_step").influence(read_rollouts(w / "E.jsonl", max_len=LMAX), U,
+    U = read_rollouts(w / "U.jsonl", max_len=lmax)
+    ref = EntropyProbe(model, opt, step="adam_step").influence(read_rollouts(w / "E.jsonl", max_len=lmax), U,
                                                                matrix=True)
     # the same float64 computation in the same order (JSON keeps a float64 exactly): seen equal;
     # bound 1e-12 relative, room for float64 reordering

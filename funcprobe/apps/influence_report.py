@@ -54,8 +54,8 @@ def token_context(tokenizer, U: RolloutBatch, i: int, g: int, column: int, *, wi
         raise ValueError(f"column: {column} is not a response token of prompt {i} response {g}")
     k = cols.index(column)
     before, after = ids[max(0, k - width):k], ids[k + 1:k + 1 + width]
-    return ("…" if k > width else "") + escaped(tokenizer.decode(before)) + "⟦" + escaped(tokenizer.decode([ids[k]])) \
-        + "⟧" + escaped(tokenizer.decode(after)) + ("…" if k + 1 + width < len(ids) else "")
+    left, token, right = (escaped(tokenizer.decode(part)) for part in (before, [ids[k]], after))
+    return ("…" if k > width else "") + f"{left}⟦{token}⟧{right}" + ("…" if k + 1 + width < len(ids) else "")
 
 
 def _share(value: float, se) -> str:
