@@ -16,8 +16,10 @@ with δH_baseline = η⟨μX, Δ(0)⟩ (Adam's momentum and weight decay) and
 * one JVP pass over E along Δ (SE of δH) and one along Δ(0) (SE of the baseline;
   skipped where Δ(0) = 0, e.g. SGD);
 * per named group: one backward over U and one JVP pass over E;
-* ``matrix=True``: min(B_E, B_U) × (one single-prompt backward + one JVP pass over the
-  other batch), for every s[n, i] and a SE per update prompt.
+* ``matrix=True``: B_E × (one single-prompt backward over E + one JVP pass of U's token
+  log-probs), for every s[n, i] and a SE per update prompt, response and token (the
+  token work of the JVPs, B_E·B_U·G·T, is the same whichever batch the rows run over;
+  rows over E are what give each token's per-prompt contributions).
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from . import passes
 from .core.influence import (
     EntropyInfluence,
     GroupInfluence,
+    ShareSpread,
     StepSplit,
     response_coefficients,
     scaled_direction,
     split_step,
     vdot,
 )
-from .core.objectives import Objective, entropy_objective
+from .core.objectives import entropy_objective
 from .core.pytree import ParamTree, tree_map, tree_sq_norm
 from .core.rollouts import RolloutBatch
 from .core.statistics import check_scalars, mean_and_sample_var, scalar_counts
@@ -133,15 +136,16 @@ def influence(run: ProbeRun, E: RolloutBatch, U: RolloutBatch, step: StepMap, lr
     # the means of s are ⟨μX, Δ⟩ and ⟨μX, Δ(0)⟩ up to rounding (tested); the deltas come from μX
     (update_sum,) = comm.sum_floats([float(per_prompt.sum())])
     shares_of = _Shares(run=run, E=E, U=U, a=a, per_token=per_token, split=split, scale=scale)
-    matrix = _matrix(run, E, U, objective, shares_of) if request.matrix else None
+    spread = _per_eval_prompt(run, E, shares_of) if request.matrix else _Spread()
     return EntropyInfluence(
         delta_h=lr * vdot(mu_x, full), se=_se(comm, s_total, lr),
         delta_h_baseline=lr * vdot(mu_x, split.baseline), se_baseline=_se(comm, s_base, lr),
         delta_h_update=update_sum, se_update=_se(comm, s_total - s_base, lr), per_prompt=per_prompt,
         per_response=per_response, per_token=per_token, clip=split.clip, step=step.name, lr=lr,
         num_eval_prompts=int(num_eval), num_update_prompts=count,
-        groups={name: shares_of.group(mask) for name, mask in groups.items()}, matrix=matrix,
-        per_prompt_se=None if matrix is None else matrix.std(0, correction=1) / matrix.shape[0] ** 0.5,
+        groups={name: shares_of.group(mask) for name, mask in groups.items()}, matrix=spread.matrix,
+        per_prompt_se=spread.per_prompt_se, per_response_se=spread.per_response_se,
+        per_token_se=spread.per_token_se,
     )
 
 
@@ -202,16 +206,37 @@ def _token_weighted_gradient(run: ProbeRun, U: RolloutBatch, weights: Tensor) ->
     return total
 
 
-def _matrix(run: ProbeRun, E: RolloutBatch, U: RolloutBatch, objective: Objective, shares: _Shares) -> Tensor:
-    """``[B_E, B_U]`` s[n, i] = scale·⟨q ⊙ ∇LX[n], ∇J_i⟩ by min(B_E, B_U) passes (one process)."""
+@dataclass(frozen=True)
+class _Spread:
+    """The matrix s[n, i] ``[B_E, B_U]`` and the SEs over E of every prompt's ``[B_U]``,
+    response's ``[B_U, G]`` and token's ``[B_U, G, T]`` share (None without the matrix)."""
+
+    matrix: Tensor | None = None
+    per_prompt_se: Tensor | None = None
+    per_response_se: Tensor | None = None
+    per_token_se: Tensor | None = None
+
+
+def _per_eval_prompt(run: ProbeRun, E: RolloutBatch, shares: _Shares) -> _Spread:
+    """Every share's per-prompt contributions over E (one process): per E prompt n, a
+    single-prompt backward of LX[n] and one JVP of U's token log-probs along
+    scale·q ⊙ ∇LX[n] give x_n[i, g, t] = a[i, g]·d/dε log π(y_{i,g,t}), whose mean over n
+    is ``per_token``. Rows s[n, i] = Σ_{g,t} x_n; the token SEs are accumulated
+    (``ShareSpread``), the ``[B_E, B_U, G]`` response rows kept."""
     lx = entropy_objective(run.settings.weighting).on_logprobs(run.logprob_fn())
-    j = objective.on_logprobs(run.logprob_fn())
-    E, U = run.batch(E), run.batch(U)
-    one, other, fn_one, fn_other = (E, U, lx, j) if E.num_prompts <= U.num_prompts else (U, E, j, lx)
-    rows = []
-    for k in chunk_progress("funcprobe s[n, i] matrix", run.settings.progress)(range(one.num_prompts),
-                                                                             one.num_prompts):
-        single = run.gradient(fn_one, one.select(k, k + 1))
-        rows.append(run.derivatives(fn_other, scaled_direction(shares.split, single, shares.scale), other))
-    out = torch.stack(rows)
-    return out if one is E else out.T
+    E, U = run.batch(E), shares.U
+    zero = torch.zeros((), dtype=torch.float64)
+    tokens = ShareSpread(shares.per_token)
+    responses = []
+    for n in chunk_progress("funcprobe s[n, i] matrix", run.settings.progress)(range(E.num_prompts),
+                                                                             E.num_prompts):
+        single = run.gradient(lx, E.select(n, n + 1))
+        derivatives = run.token_derivatives(scaled_direction(shares.split, single, shares.scale), U)
+        x = torch.where(U.response_mask, shares.a.unsqueeze(-1) * derivatives, zero)
+        tokens.add(x)
+        responses.append(x.sum(-1))
+    per_response = torch.stack(responses)  # [B_E, B_U, G]
+    matrix = per_response.sum(-1)
+    root_b = E.num_prompts ** 0.5
+    return _Spread(matrix=matrix, per_prompt_se=matrix.std(0, correction=1) / root_b,
+                   per_response_se=per_response.std(0, correction=1) / root_b, per_token_se=tokens.se())

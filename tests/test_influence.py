@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
-from funcprobe import EntropyProbe, SettingsError
+from funcprobe import EntropyProbe, RolloutBatch, SettingsError
 from funcprobe.core.influence import split_step
 from funcprobe import AdamHyper, AdamState, StepMap, frozen_adam, optimizer_step_map, sgd
 from funcprobe.api import entropy_influence
 from bandit import SoftmaxBandit, bandit_rollouts
 from helpers import gpt2, live_params, random_rollouts, reference_LX, reference_S, rel_err
+import test_practitioner
+
+workspace = test_practitioner.workspace  # fixture: a saved tiny Qwen2 + LoRA, tokenizer, optimizer state, rollouts
 
 MAX_LEN = 6.0
 
@@ -131,11 +134,65 @@ def test_influence_is_an_exact_split_and_matches_the_per_sample_reference(traine
     q_scale = ref["c"] / U.num_prompts
     s_ref = torch.tensor([[q_scale * _dot([q * x for q, x in zip(ref["q"], gl)], gj) for gj in ref["grad_j"]]
                           for gl in ref["grad_lx"]], dtype=torch.float64)
-    wide = probe.influence(E, U, matrix=True)  # B_E = 5 > B_U = 4: a JVP over E per update prompt
-    narrow = probe.influence(E.select(0, 3), U, matrix=True)  # B_E = 3 < 4: a JVP over U per evaluation prompt
+    wide = probe.influence(E, U, matrix=True)  # rows over E whichever batch is larger: B_E = 5 > B_U = 4
+    narrow = probe.influence(E.select(0, 3), U, matrix=True)  # and B_E = 3 < 4
     assert rel_err(wide.matrix, s_ref) < 1e-8 and rel_err(narrow.matrix, s_ref[:3]) < 1e-8
     assert float((wide.matrix.mean(0) - wide.per_prompt).abs().max()) < 1e-12
     assert torch.allclose(wide.per_prompt_se, s_ref.std(0) / math.sqrt(5), rtol=1e-8, atol=0)
+
+
+def _twice(E, n):
+    """Prompt n of E twice: a B_E = 2 batch whose μX is ∇LX[n] (the API needs B_E >= 2)."""
+    idx = torch.tensor([n, n])
+    return RolloutBatch(E.input_ids[idx], E.attention_mask[idx], E.response_start,
+                        None if E.advantages is None else E.advantages[idx], E.max_len[idx])
+
+
+def test_per_token_and_response_ses_are_the_spread_of_single_prompt_evaluations(trained):
+    """The SE of every share with ``matrix=True`` against a loop of the default path over
+    E batches of one prompt (twice): x_n = that run's shares, SE = sd_n(x_n)/sqrt(B_E)."""
+    model, opt, E, U = trained
+    probe = EntropyProbe(model, opt, max_grad_norm=1e-3, chunk_size=2)
+    inf = probe.influence(E, U, matrix=True)
+    runs = [probe.influence(_twice(E, n), U) for n in range(E.num_prompts)]
+    x_token = torch.stack([r.per_token for r in runs])  # [B_E, B_U, G, T]
+    x_response, x_prompt = x_token.sum(-1), x_token.sum((-1, -2))
+    root_b = math.sqrt(E.num_prompts)
+    # both sides are float64 sums of the same products in other orders and chunkings, so they
+    # differ by rounding: a few eps = 2.2e-16 of max |x| per term, times the ~30 terms of a
+    # prompt's share. Seen (of max |x|): means 1.6e-16, SEs 2.0e-16, matrix 1.2e-15; bound 1e-13
+    scale = float(x_token.abs().max())
+    assert float((x_token.mean(0) - inf.per_token).abs().max()) < 1e-13 * scale
+    # (an SE is an sd over B_E = 5 values: its rounding error is the values', not amplified)
+    for got, x in ((inf.per_token_se, x_token), (inf.per_response_se, x_response), (inf.per_prompt_se, x_prompt)):
+        ref = x.std(0, correction=1) / root_b
+        assert got.shape == ref.shape
+        assert float((got - ref).abs().max()) < 1e-13 * scale, float((got - ref).abs().max()) / scale
+    assert float(inf.per_token_se[U.response_mask].min()) > 0  # a real spread on every response token
+    assert bool((inf.per_token_se[~U.response_mask] == 0).all())
+    assert torch.allclose(inf.matrix, x_prompt, rtol=0, atol=1e-13 * scale)
+    d = inf.to_dict()
+    assert torch.tensor(d["per_response_se"], dtype=torch.float64).equal(inf.per_response_se)
+    plain = probe.influence(E, U)
+    assert plain.per_token_se is None and plain.per_response_se is None and "per_response_se" not in plain.to_dict()
+
+
+def test_share_spread_is_the_sample_se_without_cancellation():
+    """Shifted sums: values 1e8 + O(1) whose sd is O(1), where Σx² − (Σx)²/B in float64 gives
+    0 instead of 0.42 (every digit lost)."""
+    from funcprobe.core.influence import ShareSpread
+
+    gen = torch.Generator().manual_seed(4)
+    x = 1e8 + torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    spread = ShareSpread(x.mean(0) + 1e-3)  # a centre a little off the mean: the correction term
+    for row in x:
+        spread.add(row)
+    ref = x.std(0, correction=1) / math.sqrt(7)
+    # float64: d_n = x_n − centre is rounded by eps·1e8 ≈ 2e-8, relative ~1e-8 of an sd of 0.3-0.4;
+    # seen 2.4e-9, bound 1e-6
+    assert rel_err(spread.se(), ref) < 1e-6
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        ShareSpread(x[0]).se()
 
 
 def test_groups_carry_their_share_with_an_se(trained):
@@ -317,3 +374,142 @@ def test_token_covariance_is_verls_score_and_spearman_handles_ties():
     assert abs(spearman(a, b) - float((ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt())) < 1e-7
     assert top_fraction_mask(b, 0.4).tolist() == [True, False, True, False, False]
     assert int(top_fraction_mask(b, 1e-9).sum()) == 1
+
+
+class _LetterTokenizer:
+    """Token id k decodes to the k-th letter (id 1 is 'a'), id 27 to a newline."""
+
+    @staticmethod
+    def decode(ids):
+        return "".join("\n" if k == 27 else chr(ord("a") + k - 1) for k in ids)
+
+
+def _hand_made(per_token, U, *, se=False):
+    """An ``EntropyInfluence`` with given token shares (and SEs = |share|/10 when ``se``)."""
+    from funcprobe.core.influence import EntropyInfluence
+
+    per_response = per_token.sum(-1)
+    return EntropyInfluence(
+        delta_h=float(per_token.sum()), se=1e-3, delta_h_baseline=0.0, se_baseline=0.0,
+        delta_h_update=float(per_token.sum()), se_update=1e-3, per_prompt=per_response.sum(-1),
+        per_response=per_response, per_token=per_token, clip=1.0, step="sgd", lr=1.0, num_eval_prompts=2,
+        num_update_prompts=U.num_prompts,
+        per_prompt_se=per_response.sum(-1).abs() / 10 if se else None,
+        per_response_se=per_response.abs() / 10 if se else None, per_token_se=per_token.abs() / 10 if se else None)
+
+
+def _letters_batch():
+    """One prompt 'xy', responses 'abcdefghij⏎klmnopqrstu' (22 tokens) and 'zz'."""
+    long = list(range(1, 11)) + [27] + list(range(11, 22))
+    return RolloutBatch.from_lists([[24, 25]], [[long, [26, 26]]], pad_token_id=0,
+                                   advantages=torch.tensor([[1.0, -1.0]], dtype=torch.float64))
+
+
+def test_report_shows_each_top_token_in_its_response_text_with_its_se():
+    from funcprobe.apps.influence_report import format_influence, token_context
+
+    U = _letters_batch()
+    tok, start = _LetterTokenizer(), U.response_start
+    per_token = torch.zeros(U.input_ids.shape, dtype=torch.float64)
+    per_token[0, 0, start + 12] = -0.5  # 'l', after the newline: 8 tokens either side and more beyond
+    per_token[0, 0, start + 1] = 0.25  # 'b': one token before it
+    per_token[0, 1, start + 1] = 0.15  # the last 'z' of the short response
+    inf = _hand_made(per_token, U, se=True)
+    assert token_context(tok, U, 0, 0, start + 12) == "…efghij\\nk⟦l⟧mnopqrst…"
+    assert token_context(tok, U, 0, 0, start + 1) == "a⟦b⟧cdefghij…"
+    assert token_context(tok, U, 0, 1, start + 1) == "z⟦z⟧"
+    with pytest.raises(ValueError, match="column: 0 is not a response token"):
+        token_context(tok, U, 0, 0, 0)
+    text = format_influence(inf, U, tokenizer=tok, top=3)
+    lines = text.splitlines()
+    tokens = lines[lines.index(next(x for x in lines if x.startswith("top 3 tokens"))) + 1:]
+    assert "share ± SE_E" in text and "in its response" in text
+    assert "-5.000e-01 ± 5.0e-02" in tokens[0] and "'l'" in tokens[0]
+    assert tokens[0].endswith("…efghij\\nk⟦l⟧mnopqrst…")
+    assert "+2.500e-01 ± 2.5e-02" in tokens[1] and tokens[1].endswith("a⟦b⟧cdefghij…")
+    assert tokens[2].endswith("z⟦z⟧") and "position    1" in tokens[2]
+    responses = lines[lines.index(next(x for x in lines if x.startswith("top 3 responses"))) + 1:][:2]
+    assert "-2.500e-01 ± 2.5e-02" in responses[0] and responses[0].endswith("abcdefghij\\nklmnopqrstu")
+    assert "+1.500e-01 ± 1.5e-02" in responses[1] and responses[1].endswith("zz")
+    # without a tokenizer: ids, no text; without the matrix: no SEs, and the report says where they are
+    plain = format_influence(_hand_made(per_token, U), U, top=3)
+    assert "#12" in plain and "⟦" not in plain and "±" not in plain and "matrix=True" in plain
+
+
+def test_report_cuts_a_long_response_text():
+    from funcprobe.apps.influence_report import response_text
+
+    U = _letters_batch()
+    assert response_text(_LetterTokenizer(), U, 0, 0, max_chars=5) == "abcde…"
+    assert response_text(_LetterTokenizer(), U, 0, 0, max_chars=11) == "abcdefghij\\n…"
+    assert response_text(_LetterTokenizer(), U, 0, 1, max_chars=2) == "zz"
+
+
+def _right_panel(monkeypatch, inf, U, path):
+    """The token-concentration axes of ``plot_influence`` (its figure captured)."""
+    import funcprobe.apps.influence_report as report
+
+    figures = []
+
+    def capture(size):
+        figures.append(report_new_figure(size))
+        return figures[-1]
+
+    report_new_figure = report.new_figure
+    monkeypatch.setattr(report, "new_figure", capture)
+    report.plot_influence(inf, U, path)
+    return figures[0].axes[1]
+
+
+def test_plot_normalises_the_token_concentration_by_the_sum_of_absolute_shares(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    U = _letters_batch()
+    start = U.response_start
+    per_token = torch.zeros(U.input_ids.shape, dtype=torch.float64)
+    per_token[0, 0, start:start + 4] = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)  # Σ share = 0
+    ax = _right_panel(monkeypatch, _hand_made(per_token, U), U, tmp_path / "cancel.png")
+    y = torch.tensor(ax.lines[0].get_ydata(), dtype=torch.float64)
+    # |shares| 1, 1, .5, .5 of Σ 3, then 20 zeros: 1/3, 2/3, 5/6, 1, 1, ... (exact in float64 to rounding)
+    assert len(y) == int(U.response_mask.sum()) == 24
+    assert torch.allclose(y[:4], torch.tensor([1 / 3, 2 / 3, 5 / 6, 1.0], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert float(y.min()) >= 0 and float(y.max()) <= 1 + 1e-15 and bool((y.diff() >= 0).all())
+    assert ax.get_ylabel() == "cumulative |share| / Σ|share|"
+    assert (tmp_path / "cancel.png").stat().st_size > 5000
+    # every share 0: no curve (no division by zero), the panel says why
+    ax = _right_panel(monkeypatch, _hand_made(torch.zeros_like(per_token), U), U, tmp_path / "zero.png")
+    assert [list(line.get_ydata()) for line in ax.lines] == [[1.0, 1.0]]  # the y = 1 guide only
+    assert any("Σ|share| = 0" in t.get_text() for t in ax.texts)
+
+
+def test_cli_influence_matrix_writes_the_ses_and_the_response_text(workspace, tmp_path, capsys):
+    """``funcprobe influence --matrix --tokenizer``: the library's SEs in the JSON's top
+    entries, "± SE" and ⟦token⟧ windows in the text."""
+    import json
+
+    from funcprobe.apps.cli import main
+    from funcprobe.io.checkpoints import load_optimizer_state, load_policy
+    from funcprobe.io.rollout_files import read_rollouts
+
+    w, out, lmax = workspace, tmp_path / "influence.json", test_practitioner.LMAX
+    args = ["influence", "--model", w / "model", "--adapter", w / "adapter", "--tokenizer", w / "tokenizer",
+            "--eval", w / "E.jsonl", "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt",
+            "--max-completion-length", lmax, "--dtype", "float64", "--top", 3, "--json", out, "--matrix",
+            "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    text = capsys.readouterr().out
+    assert "share ± SE_E" in text and "⟦w" in text and "response text" in text
+    got = json.loads(out.read_text())
+    model = load_policy(w / "model", w / "adapter", dtype="float64")
+    opt = load_optimizer_state(w / "optimizer.pt", model)
+    U = read_rollouts(w / "U.jsonl", max_len=lmax)
+    ref = EntropyProbe(model, opt, step="adam_step").influence(read_rollouts(w / "E.jsonl", max_len=lmax), U,
+                                                               matrix=True)
+    # the same float64 computation in the same order (JSON keeps a float64 exactly): seen equal;
+    # bound 1e-12 relative, room for float64 reordering
+    for entry in got["top_tokens"]:
+        se = float(ref.per_token_se[entry["prompt"], entry["response"], entry["column"]])
+        assert se > 0 and abs(entry["se"] - se) <= 1e-12 * se
+    for entry in got["top_responses"]:
+        se = float(ref.per_response_se[entry["prompt"], entry["response"]])
+        assert se > 0 and abs(entry["se"] - se) <= 1e-12 * se
+    assert len(got["per_response_se"]) == U.num_prompts

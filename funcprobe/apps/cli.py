@@ -75,8 +75,8 @@ def _influence_parser(sub: argparse._SubParsersAction) -> None:
     _input_arguments(p)
     p.add_argument("--top", type=int, default=10, metavar="K", help="responses and tokens listed (default: 10)")
     p.add_argument("--matrix", action="store_true",
-                   help="also compute s[n, i] for every E prompt x U prompt and a SE per update prompt "
-                   "(min(B_E, B_U) extra passes)")
+                   help="also compute s[n, i] for every E prompt x U prompt and a SE per update prompt, "
+                   "response and token (B_E extra passes: a single-prompt backward and a JVP over U each)")
     p.add_argument("--plot", metavar="FILE.png", help="save the response shares and the token concentration")
 
 
@@ -140,8 +140,11 @@ def _run_influence(args: argparse.Namespace) -> int:
     print(format_influence(inf, U, tokenizer=tokenizer, top=args.top, unit=entropy_unit(settings.weighting)))
     if args.json:
         out = inf.to_dict()
-        out["top_responses"] = [dict(prompt=i, response=g, share=v) for i, g, v in inf.top_responses(args.top)]
-        out["top_tokens"] = [dict(prompt=i, response=g, column=t, token_id=int(U.input_ids[i, g, t]), share=v)
+        se_r, se_t = inf.per_response_se, inf.per_token_se  # None without --matrix
+        out["top_responses"] = [dict(prompt=i, response=g, share=v, se=None if se_r is None else float(se_r[i, g]))
+                                for i, g, v in inf.top_responses(args.top)]
+        out["top_tokens"] = [dict(prompt=i, response=g, column=t, token_id=int(U.input_ids[i, g, t]), share=v,
+                                  se=None if se_t is None else float(se_t[i, g, t]))
                              for i, g, t, v in inf.top_tokens(args.top)]
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

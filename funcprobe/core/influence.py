@@ -149,7 +149,13 @@ class EntropyInfluence:
         groups: name → ``GroupInfluence`` for the groups the caller named.
         matrix: optional ``[B_E, B_U]`` s[n, i] = η·c/|U|·⟨q ⊙ ∇LX[n], ∇J_i⟩ (nats): its
             column means are ``per_prompt``.
-        per_prompt_se: ``[B_U]`` SE of each δH_i (from ``matrix``), else None.
+        per_prompt_se, per_response_se, per_token_se: ``[B_U]``, ``[B_U, G]``,
+            ``[B_U, G, T]`` E-conditional SE of each prompt's, response's and token's share
+            (nats; 0 at prompt and padding columns): sd_n/sqrt(B_E) of its per-prompt
+            contributions over E, from the ``matrix`` passes; None without the matrix.
+            Each share is a mean over E, so its SE is defined, but the default passes
+            only form the mean μX, not the B_E per-prompt ∇LX[n] that the per-prompt
+            contributions need (one JVP pass over U per E prompt: what ``matrix`` costs).
         clip: c, the clipping factor of the gradient (1.0 without clipping).
         step, lr: the step map and η (1.0 for ``optimizer_step``).
         num_eval_prompts, num_update_prompts: B_E and |U| (over all ranks).
@@ -172,6 +178,8 @@ class EntropyInfluence:
     groups: dict[str, GroupInfluence] = field(default_factory=dict)
     matrix: Tensor | None = field(default=None, repr=False)
     per_prompt_se: Tensor | None = field(default=None, repr=False)
+    per_response_se: Tensor | None = field(default=None, repr=False)
+    per_token_se: Tensor | None = field(default=None, repr=False)
 
     @property
     def ci95(self) -> tuple[float, float]:
@@ -191,8 +199,9 @@ class EntropyInfluence:
         return _top_entries(self.per_response, k, by)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict: the totals, ``per_prompt``, ``per_response``, ``groups``
-        (``per_token`` is left out: ``top_tokens`` or the tensor itself)."""
+        """JSON-ready dict: the totals, ``per_prompt``, ``per_response``, ``groups``, and
+        with the matrix ``per_prompt_se`` and ``per_response_se`` (``per_token`` and
+        ``per_token_se`` are left out: ``top_tokens`` or the tensors themselves)."""
         out = {
             "delta_h": self.delta_h, "se": self.se, "ci95": list(self.ci95),
             "delta_h_baseline": self.delta_h_baseline, "se_baseline": self.se_baseline,
@@ -202,9 +211,43 @@ class EntropyInfluence:
             "per_prompt": self.per_prompt.tolist(), "per_response": self.per_response.tolist(),
             "groups": {name: g.to_dict() for name, g in self.groups.items()},
         }
-        if self.per_prompt_se is not None:
-            out["per_prompt_se"] = self.per_prompt_se.tolist()
+        for name in ("per_prompt_se", "per_response_se"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.tolist()
         return out
+
+
+class ShareSpread:
+    """The E-conditional SE of shares that are means over E of per-prompt contributions
+    x_n (any shape), added one E prompt at a time without holding all B_E of them.
+
+    Sums of d_n = x_n − ``centre`` and d_n² with ``centre`` close to the mean (the share
+    from μX): Σ_n (x_n − x̄)² = Σ d_n² − (Σ d_n)²/B exactly, without the cancellation of
+    raw sums of squares. ``se()`` is sd_n(x_n)/sqrt(B) elementwise, float64.
+    """
+
+    def __init__(self, centre: Tensor) -> None:
+        self.centre = centre.to(torch.float64)
+        self.total = torch.zeros_like(self.centre)
+        self.total_sq = torch.zeros_like(self.centre)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        """One E prompt's contributions, the shape of ``centre``."""
+        d = x.to(torch.float64) - self.centre
+        self.total += d
+        self.total_sq += d * d
+        self.count += 1
+
+    def se(self) -> Tensor:
+        """sd_n(x_n)/sqrt(B) (B ≥ 2, else ``ValueError``)."""
+        B = self.count
+        if B < 2:
+            raise ValueError(f"ShareSpread: the SE needs at least 2 prompts, got {B}")
+        squares = self.total_sq - self.total * self.total / B
+        # ≥ 0 exactly; rounding can leave -ulp where every x_n is equal (the SE is then 0)
+        return (squares.clamp_min(0.0) / (B - 1) / B).sqrt()
 
 
 def _top_entries(values: Tensor, k: int, by: str) -> list[tuple]:
