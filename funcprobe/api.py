@@ -413,8 +413,8 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
             ``groups``: name → bool mask over this rank's U, ``[B_U, G]`` (responses) or
             ``[B_U, G, T]`` (tokens; only response tokens count), e.g.
             ``{"correct": rewards > 0}``: each gets δH_S (the sum of its tokens' shares)
-            and SE_E; ``matrix``: also compute s[n, i] ``[B_E, B_U]`` and a SE per update
-            prompt (one process only; cost in ``funcprobe.influence``).
+            and SE_E; ``matrix``: also compute s[n, i] ``[B_E, B_U]`` and the SE of every update
+            prompt's, response's and token's share (one process only; cost in ``funcprobe.influence``).
 
     Returns:
         ``EntropyInfluence``: ``delta_h`` = ``delta_h_baseline`` + ``per_prompt.sum()``
