@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from funcprobe.integrations.realized import realized_change, sample_held_out  # noqa: E402
+from funcprobe.integrations.realized import realized_change, sample_held_out, sampling_config  # noqa: E402
 from funcprobe.validation.entropy_change import is_change  # noqa: E402
 from test_trl import _tokenizer  # noqa: E402
 
@@ -124,8 +124,8 @@ def test_held_out_responses_are_drawn_from_the_temperature_one_policy():
     rng = torch.get_rng_state()
     prompt = [5, 6, 7]
     n = 20000
-    H = sample_held_out(model, [prompt], group_size=n, max_new_tokens=1, eos_token_ids=[EOS], pad_token_id=0,
-                        seed=1)
+    H = sample_held_out(model, [prompt], sampling_config(group_size=n, max_new_tokens=1, eos_token_ids=[EOS],
+                                                         pad_token_id=0), seed=1)
     assert torch.equal(torch.get_rng_state(), rng) and base.generation_config.to_dict() == saved_config
     assert all(m.training for m in model.modules())
     first = H.input_ids[0, :, H.response_start]
@@ -142,8 +142,8 @@ def test_held_out_responses_are_drawn_from_the_temperature_one_policy():
 
 def test_held_out_responses_end_at_the_first_eos_kept():
     model = _qwen(dropout=0.0)
-    H = sample_held_out(model, [[5, 6], [7]], group_size=40, max_new_tokens=LMAX, eos_token_ids=[EOS, 9],
-                        pad_token_id=0, seed=0, max_len=float(LMAX))
+    config = sampling_config(group_size=40, max_new_tokens=LMAX, eos_token_ids=[EOS, 9], pad_token_id=0)
+    H = sample_held_out(model, [[5, 6], [7]], config, seed=0, max_len=float(LMAX))
     lengths = H.response_lengths
     resp = H.input_ids[..., H.response_start:]
     for b in range(2):
@@ -158,8 +158,8 @@ def test_held_out_responses_end_at_the_first_eos_kept():
 def test_realized_change_is_is_change_of_the_weighted_entropy(weighting):
     """float64 arithmetic on the same numbers: 1e-12."""
     model = _qwen(dropout=0.0)
-    H = sample_held_out(model, [[5, 6], [7], [8, 9, 10]], group_size=4, max_new_tokens=LMAX, eos_token_ids=[EOS],
-                        pad_token_id=0, seed=3, max_len=float(LMAX))
+    config = sampling_config(group_size=4, max_new_tokens=LMAX, eos_token_ids=[EOS], pad_token_id=0)
+    H = sample_held_out(model, [[5, 6], [7], [8, 9, 10]], config, seed=3, max_len=float(LMAX))
     gen = torch.Generator().manual_seed(0)
     S0 = -3 * torch.rand(3, 4, generator=gen, dtype=torch.float64)
     S1 = S0 + 0.1 * torch.randn(3, 4, generator=gen, dtype=torch.float64)

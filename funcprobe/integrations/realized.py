@@ -3,7 +3,7 @@ measured on held-out rollouts sampled from the policy before the step.
 
 Around one optimizer step θ → θ':
 
-1. ``sample_held_out``: before the step, G responses for each of B held-out prompts are
+1. ``sample_held_out`` with ``sampling_config``: before the step, G responses for each of B held-out prompts are
    sampled from π_θ itself (``model.generate`` in eval mode at temperature 1, with no
    top-k / top-p / min-p / repetition penalty or any other logits processor: the model's own
    ``generation_config`` is replaced for the call and put back), in a seeded block that
@@ -67,32 +67,15 @@ def _sampling_state(model: nn.Module, config: GenerationConfig) -> Iterator[None
                 m.train(training)
 
 
-@torch.no_grad()
-def sample_held_out(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, group_size: int, max_new_tokens: int,
-                    eos_token_ids: Sequence[int], pad_token_id: int, seed: int,
-                    max_len: float | None = None) -> RolloutBatch:
-    """G responses per prompt sampled from π_θ (temperature 1, no truncation, eval mode).
-
-    Args:
-        model: a Hugging Face causal LM (or a PEFT model around one) with ``generate``.
-        prompt_ids: B prompts, each a list of token ids (a chat template already applied).
-        group_size: G responses per prompt.
-        max_new_tokens: the most tokens per response (the trainer's ``max_completion_length``).
-        eos_token_ids: the ids that end a response (kept as its last token, as TRL does).
-        pad_token_id: the id of padding.
-        seed: seeds the sampling; the caller's CPU and CUDA generators are restored after.
-        max_len: Lmax of the batch (``dr_grpo``); None: none.
-
-    Returns:
-        the ``RolloutBatch`` of B prompts × G responses (no advantages), on the CPU.
+def sampling_config(*, group_size: int, max_new_tokens: int, eos_token_ids: Sequence[int],
+                    pad_token_id: int) -> GenerationConfig:
+    """The ``GenerationConfig`` that samples from π_θ itself: G = ``group_size`` responses per
+    prompt of at most ``max_new_tokens`` tokens, ending at any of ``eos_token_ids``,
+    temperature 1, no top-k / top-p truncation and no other logits processor.
 
     Raises:
-        ValueError: no prompts, an empty prompt, ``group_size`` < 2, ``max_new_tokens`` < 1,
-            no ``eos_token_ids``, and the errors of ``RolloutBatch.from_lists``.
+        ValueError: ``group_size`` < 2, ``max_new_tokens`` < 1, no ``eos_token_ids``.
     """
-    prompts = [list(p) for p in prompt_ids]
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("prompt_ids: expected B >= 1 non-empty prompts")
     if group_size < 2:
         raise ValueError(f"group_size: expected >= 2 responses per prompt, got {group_size}")
     if max_new_tokens < 1:
@@ -100,9 +83,37 @@ def sample_held_out(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, gr
     eos = [int(e) for e in eos_token_ids]
     if not eos:
         raise ValueError("eos_token_ids: expected at least one id")
-    config = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, num_return_sequences=int(group_size), pad_token_id=int(pad_token_id),
-                              eos_token_id=eos, disable_compile=True)
+    return GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=True, temperature=1.0, top_k=0,
+                            top_p=1.0, num_return_sequences=int(group_size), pad_token_id=int(pad_token_id),
+                            eos_token_id=eos, disable_compile=True)
+
+
+@torch.no_grad()
+def sample_held_out(model: nn.Module, prompt_ids: Sequence[Sequence[int]], config: GenerationConfig, *, seed: int,
+                    max_len: float | None = None) -> RolloutBatch:
+    """``config.num_return_sequences`` = G responses per prompt sampled from π_θ in eval mode.
+
+    Args:
+        model: a Hugging Face causal LM (or a PEFT model around one) with ``generate``.
+        prompt_ids: B prompts, each a list of token ids (a chat template already applied).
+        config: from ``sampling_config`` (temperature 1, no truncation); it stands in for
+            the model's own ``generation_config`` during the call.
+        seed: seeds the sampling; the caller's CPU and CUDA generators are restored after.
+        max_len: Lmax of the batch (``dr_grpo``); None: none.
+
+    Returns:
+        the ``RolloutBatch`` of B prompts × G responses (no advantages), on the CPU; a
+        response ends at its first id of ``config.eos_token_id`` (kept, as TRL does).
+
+    Raises:
+        ValueError: no prompts or an empty one, and the errors of ``RolloutBatch.from_lists``.
+    """
+    prompts = [list(p) for p in prompt_ids]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("prompt_ids: expected B >= 1 non-empty prompts")
+    group_size, pad_token_id = int(config.num_return_sequences), int(config.pad_token_id)
+    eos = config.eos_token_id
+    eos_set = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
     device = next(model.parameters()).device
     P = max(len(p) for p in prompts)
     x = torch.tensor([[pad_token_id] * (P - len(p)) + p for p in prompts], device=device)
@@ -110,7 +121,6 @@ def sample_held_out(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, gr
     with seeded(seed, device), _sampling_state(model, config):
         out = model.generate(input_ids=x, attention_mask=mask.long(), generation_config=config)
     responses: list[list[list[int]]] = []
-    eos_set = set(eos)
     for i in range(len(prompts)):
         group = []
         for g in range(group_size):
@@ -118,7 +128,7 @@ def sample_held_out(model: nn.Module, prompt_ids: Sequence[Sequence[int]], *, gr
             end = next((t for t, tok in enumerate(tokens) if tok in eos_set), None)
             group.append(tokens if end is None else tokens[: end + 1])
         responses.append(group)
-    return RolloutBatch.from_lists(prompts, responses, pad_token_id=int(pad_token_id), max_len=max_len)
+    return RolloutBatch.from_lists(prompts, responses, pad_token_id=pad_token_id, max_len=max_len)
 
 
 @torch.no_grad()

@@ -19,12 +19,29 @@ TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
   contribution included; biased), for comparison;
 * ``funcprobe/lr``: η, only for steps with one learning rate (not ``optimizer_step``,
   whose Δθ holds each group's rate);
-* ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts over the logging window.
+* ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts over the logging window;
+* with ``probe_realized=B`` (off by default), the realized companion
+  (``funcprobe.integrations.realized``): for each probed step, before ``optimizer.step()``,
+  G = ``num_generations`` responses to each of B prompts drawn at random from
+  ``probe_realized_dataset`` (held out: never trained on) are sampled from π_θ (temperature
+  1, no truncation, eval mode: the policy whose entropy is predicted, whatever the trainer
+  samples with; in a seeded block that leaves the global CPU/CUDA generators as they were,
+  so training is bit-identical with it off) and scored; after the step they are rescored
+  and ``funcprobe/realized_delta_h`` is the importance-sampling change of the weighted
+  entropy on them (``is_change``: unbiased for every G), in the unit of
+  ``funcprobe/delta_h``, with ``funcprobe/realized_se`` (SE over the B prompts),
+  ``funcprobe/z`` (predicted − realized over sqrt(SE² + SE_realized²), of the window's
+  mean difference), ``funcprobe/realized_steps`` and ``funcprobe/realized_failed``. Its
+  cost per probed step: one generation of B·G responses, two no-grad forwards over them.
+  Not supported (refused by name): vLLM, continuous batching, ``rollout_func``, tools or
+  environments, vision-language processors, FSDP, DeepSpeed, devices other than cpu/cuda.
+  Under DDP every rank samples and scores the same H (same seed) by itself.
 
 TRL averages its own metrics over a logging window (``logging_steps``); the probe's keys are
 computed per window instead (``window_metrics``): δH is the mean per probed step, its SE
 the SE of that mean, the counts are counts. Every probed step's own values are in
-``trainer.funcprobe_history`` (with TRL's step number).
+``trainer.funcprobe_history`` (with TRL's step number; with ``probe_realized``, also its
+``realized_delta_h``, ``realized_se`` and ``z``).
 
 A diagnostic must never stop the training it watches: a batch with no signal
 (``NoSignalError``: all advantages 0) is skipped with a log line, and any other failure
@@ -75,7 +92,7 @@ from ..edge.distributed import Communicator
 from ..edge.progress import log
 from ..errors import NoSignalError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
-from .realized import held_out_logprobs, realized_change, sample_held_out
+from .realized import held_out_logprobs, realized_change, sample_held_out, sampling_config
 
 
 def generation_batch_to_rollouts(batch: dict[str, Any], group_size: int, max_len: float | None) -> RolloutBatch:
@@ -233,10 +250,11 @@ class ProbedGRPOTrainer(GRPOTrainer):
             prompt_ids, images, _ = self._tokenize_prompts([data[i]["prompt"] for i in rows])
             if images is not None:
                 raise ValueError("probe_realized_dataset: prompts with images are not supported")
-            H = sample_held_out(self.accelerator.unwrap_model(self.model), prompt_ids,
-                                group_size=self.num_generations, max_new_tokens=int(self.args.max_completion_length),
-                                eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
-                                seed=seed, max_len=float(self.args.max_completion_length))
+            config = sampling_config(group_size=self.num_generations,
+                                     max_new_tokens=int(self.args.max_completion_length),
+                                     eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id)
+            H = sample_held_out(self.accelerator.unwrap_model(self.model), prompt_ids, config, seed=seed,
+                                max_len=float(self.args.max_completion_length))
             S0 = held_out_logprobs(self.model, H, self.probe_settings)
         except Exception as err:  # a diagnostic must not stop the training it watches
             self._realized_failed(int(entry["step"]), err)
