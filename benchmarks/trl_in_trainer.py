@@ -8,10 +8,14 @@ AdamW lr --lr, ``max_grad_norm`` 1.0, float32 on CPU) on integer arithmetic thro
 chat template (reward 1 for a correct last integer). Each step the probe predicts, from the
 step's own generation batch (E = U), the entropy change of the step the optimizer takes:
 the leave-one-out estimate (``funcprobe/delta_h``) and the plain same-batch mean
-(``funcprobe/delta_h_same_batch``). Around the same step a callback samples a held-out
-batch H (fresh problems, G responses each, temperature 1) before ``optimizer.step()`` and
-measures the realized change on it after (importance sampling, unbiased for any G:
+(``funcprobe/delta_h_same_batch``). Around the same step the trainer's realized companion
+(``probe_realized=--held-out``, ``funcprobe.integrations.realized``) samples a held-out batch
+H (--held-out problems drawn from a pool of fresh ones never trained on, G responses each,
+temperature 1, eval mode) before ``optimizer.step()`` and measures the realized change on it
+after (importance sampling, unbiased for any G:
 ``funcprobe.validation.entropy_change.is_change``), in the same unit (nats per Lmax tokens).
+(The results file's first runs used a callback of this script instead: its own sampler, on
+consecutive problems of the pool, drawing from the global RNG; estimator and unit are the same.)
 
 Each step is appended to ``benchmarks/results/trl-in-trainer.jsonl`` as it is measured
 (a run cut short keeps its steps; ``--resume`` adds steps of a new run with another seed
@@ -60,12 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
-    from funcprobe import ParamRegistry
-    from funcprobe.apps.demo import _held_out
     from funcprobe.integrations.trl import ProbedGRPOTrainer
     from funcprobe.io.pretrained import load_gguf, smollm2_gguf
-    from funcprobe.validation.arithmetic import reward, sample_problems, sample_rollouts
-    from funcprobe.validation.entropy_change import is_change
+    from funcprobe.validation.arithmetic import reward, sample_problems
 
     path = smollm2_gguf()
     if path is None:
@@ -91,46 +92,30 @@ def main(argv: list[str] | None = None) -> int:
                         max_steps=args.steps, learning_rate=args.lr, max_grad_norm=1.0, loss_type="dr_grpo",
                         beta=0.0, temperature=1.0, top_p=1.0, logging_steps=1, report_to="none", use_cpu=True,
                         save_strategy="no", seed=args.seed, bf16=False, shuffle_dataset=False)
+    held = sample_problems(args.held_out * (args.steps + 1), torch.Generator().manual_seed(10_000 + args.seed))
+    held_data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in held]})
     trainer = ProbedGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=config, train_dataset=data,
-                                processing_class=tok, probe_raise=True)
+                                processing_class=tok, probe_raise=True, probe_realized=args.held_out,
+                                probe_realized_dataset=held_data)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "trl-in-trainer.jsonl"
     if not args.resume and jsonl.exists():
         jsonl.unlink()
-    held = sample_problems(args.held_out * (args.steps + 1), torch.Generator().manual_seed(10_000 + args.seed))
-    Lmax = float(args.max_len)
 
-    class Realized(TrainerCallback):
-        """H sampled and scored under θ before the step, rescored under θ' after it."""
+    class Rows(TrainerCallback):
+        """Each step's prediction and realized change, appended as it is measured."""
 
-        def on_pre_optimizer_step(self, a, state, control, **kw):
-            k = state.global_step
-            self.t0 = time.perf_counter()
-            m = trainer.model
-            was = m.training
-            m.eval()
-            rollouts = sample_rollouts(m, tok, held[k * args.held_out:(k + 1) * args.held_out],
-                                       group_size=args.group_size, max_new_tokens=args.max_len)
-            m.train(was)
-            self.H = rollouts.batch
-            self.registry = ParamRegistry.from_model(m)
-            self.before = _held_out(self.registry, self.H)
-
-        def on_optimizer_step(self, a, state, control, **kw):
-            after = _held_out(self.registry, self.H)
-            realized = is_change(self.before[0], after[0], -self.before[0] / Lmax, -after[0] / Lmax)
-            probed = [h for h in trainer.funcprobe_history if h["step"] == state.global_step + 1]
+        def on_step_end(self, a, state, control, **kw):
+            probed = [h for h in trainer.funcprobe_history if h["step"] == state.global_step]
             if not probed:  # skipped by the probe (no signal: every reward of the batch equal)
-                print(f"step {state.global_step + 1}: not probed (no signal), realized {realized.delta_h:+.3e}",
-                      flush=True)
+                print(f"step {state.global_step}: not probed (no signal)", flush=True)
                 return
             probe = probed[0]
-            row = {"run_seed": args.seed, "step": state.global_step + 1, "prompts": args.prompts,
+            row = {"run_seed": args.seed, "step": state.global_step, "prompts": args.prompts,
                    "group_size": args.group_size, "lr": args.lr,
                    "predicted": probe["delta_h"], "se": probe["se"], "same_batch": probe["delta_h_same_batch"],
-                   "realized": realized.delta_h, "se_realized": realized.se,
-                   "seconds_realize": time.perf_counter() - self.t0}
+                   "realized": probe["realized_delta_h"], "se_realized": probe["realized_se"]}
             denom = math.sqrt(row["se"] ** 2 + row["se_realized"] ** 2)
             row["z"] = (row["predicted"] - row["realized"]) / denom
             row["z_same_batch"] = (row["same_batch"] - row["realized"]) / denom
@@ -140,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['same_batch']:+.3e}), realized {row['realized']:+.3e} ± {row['se_realized']:.2e}, "
                   f"z {row['z']:+.2f} (same batch {row['z_same_batch']:+.2f})", flush=True)
 
-    trainer.add_callback(Realized())
+    trainer.add_callback(Rows())
     del answers
     t0 = time.perf_counter()
     trainer.train()
@@ -150,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_summary(jsonl: Path, md: Path, command: str) -> None:
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    lines_in = jsonl.read_text().splitlines() if jsonl.exists() else []  # absent: no step was probed
+    rows = [json.loads(line) for line in lines_in if line.strip()]
     lines = ["# In-trainer prediction vs realized change (TRL GRPOTrainer, SmolLM2-135M-Instruct + LoRA)", "",
              f"`python benchmarks/trl_in_trainer.py {command}` ({len(rows)} steps in the file). Units: nats per "
              "Lmax tokens (Dr. GRPO). predicted: leave-one-out on the step's own batch (E = U); same batch: the "

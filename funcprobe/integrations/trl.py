@@ -19,12 +19,29 @@ TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
   contribution included; biased), for comparison;
 * ``funcprobe/lr``: η, only for steps with one learning rate (not ``optimizer_step``,
   whose Δθ holds each group's rate);
-* ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts over the logging window.
+* ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts over the logging window;
+* with ``probe_realized=B`` (off by default), the realized companion
+  (``funcprobe.integrations.realized``): for each probed step, before ``optimizer.step()``,
+  G = ``num_generations`` responses to each of B prompts drawn at random from
+  ``probe_realized_dataset`` (held out: never trained on) are sampled from π_θ (temperature
+  1, no truncation, eval mode: the policy whose entropy is predicted, whatever the trainer
+  samples with; in a seeded block that leaves the global CPU/CUDA generators as they were,
+  so training is bit-identical with it off) and scored; after the step they are rescored
+  and ``funcprobe/realized_delta_h`` is the importance-sampling change of the weighted
+  entropy on them (``is_change``: unbiased for every G), in the unit of
+  ``funcprobe/delta_h``, with ``funcprobe/realized_se`` (SE over the B prompts),
+  ``funcprobe/z`` (predicted − realized over sqrt(SE² + SE_realized²), of the window's
+  mean difference), ``funcprobe/realized_steps`` and ``funcprobe/realized_failed``. Its
+  cost per probed step: one generation of B·G responses, two no-grad forwards over them.
+  Not supported (refused by name): vLLM, continuous batching, ``rollout_func``, tools or
+  environments, vision-language processors, FSDP, DeepSpeed, devices other than cpu/cuda.
+  Under DDP every rank samples and scores the same H (same seed) by itself.
 
 TRL averages its own metrics over a logging window (``logging_steps``); the probe's keys are
 computed per window instead (``window_metrics``): δH is the mean per probed step, its SE
 the SE of that mean, the counts are counts. Every probed step's own values are in
-``trainer.funcprobe_history`` (with TRL's step number).
+``trainer.funcprobe_history`` (with TRL's step number; with ``probe_realized``, also its
+``realized_delta_h``, ``realized_se`` and ``z``).
 
 A diagnostic must never stop the training it watches: a batch with no signal
 (``NoSignalError``: all advantages 0) is skipped with a log line, and any other failure
@@ -62,7 +79,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -75,6 +92,7 @@ from ..edge.distributed import Communicator
 from ..edge.progress import log
 from ..errors import NoSignalError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
+from .realized import held_out_logprobs, realized_change, sample_held_out, sampling_config
 
 
 def generation_batch_to_rollouts(batch: dict[str, Any], group_size: int, max_len: float | None) -> RolloutBatch:
@@ -109,17 +127,27 @@ class ProbedGRPOTrainer(GRPOTrainer):
         probe_gradient: ``"trainer"`` (the ``.grad`` the optimizer will use) or
             ``"recompute"`` (funcprobe's gradient of the modelled loss); see the module
             docstring.
+        probe_realized: B held-out prompts on which each probed step's realized change is
+            measured (``funcprobe/realized_delta_h``; see the module docstring); 0: off.
+        probe_realized_dataset: where those prompts come from: a map-style dataset
+            (``datasets.Dataset`` or a sequence of dicts) with a ``"prompt"`` column in the
+            train dataset's format, held out from training; needed with ``probe_realized``.
 
     Raises:
-        ValueError: a bad ``probe_every``; ``SettingsError`` (a ``ValueError``): a bad
-            ``probe_gradient`` or ``probe_settings`` (not a ``ProbeSettings``), and the
+        ValueError: a bad ``probe_every``, ``probe_realized`` (0 or an int >= 2) or
+            ``probe_realized_dataset`` (missing, unused, without ``"prompt"``, fewer rows than
+            ``probe_realized``); ``SettingsError`` (a ``ValueError``): a bad
+            ``probe_gradient`` or ``probe_settings`` (not a ``ProbeSettings``), a trainer
+            setting ``probe_realized`` does not support (``realized_refusals``), and the
             errors of ``trainer_settings``.
     """
 
     def __init__(self, *args, probe_every: int = 1, probe_settings: ProbeSettings | None = None,
-                 probe_raise: bool = False, probe_gradient: str = "trainer", **kwargs):
+                 probe_raise: bool = False, probe_gradient: str = "trainer", probe_realized: int = 0,
+                 probe_realized_dataset: Any = None, **kwargs):
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every: expected an int >= 1, got {probe_every!r}")
+        check_realized_options(probe_realized, probe_realized_dataset)
         if probe_gradient not in PROBE_GRADIENTS:
             raise SettingsError(f"probe_gradient: expected one of {PROBE_GRADIENTS}, got {probe_gradient!r}")
         if probe_settings is not None and not isinstance(probe_settings, ProbeSettings):
@@ -127,6 +155,11 @@ class ProbedGRPOTrainer(GRPOTrainer):
         base = probe_settings if probe_settings is not None else ProbeSettings(step="optimizer_step")
         base = replace(base, progress=False)
         super().__init__(*args, **kwargs)
+        if probe_realized:
+            refused = realized_refusals(self)
+            if refused:
+                raise SettingsError(f"probe_realized: not supported with {'; '.join(refused)} (the held-out "
+                                    "rollouts are sampled with model.generate on each process's own full model)")
         self.probe_gradient = probe_gradient
         self.probe_settings = trainer_settings(self, base, recompute=probe_gradient == "recompute")
         self.probe_every = probe_every
@@ -136,14 +169,23 @@ class ProbedGRPOTrainer(GRPOTrainer):
         self._funcprobe_batch: dict[str, Any] | None = None
         self._funcprobe_window: list[dict[str, float]] = []
         self._funcprobe_failed = 0
+        self.probe_realized = probe_realized
+        self.probe_realized_dataset = probe_realized_dataset
+        # the held-out prompts and sampling seeds: a generator of their own, never the global one
+        self._funcprobe_realized_rng = torch.Generator().manual_seed(int(self.args.seed))
+        self._funcprobe_pending: tuple | None = None  # (metrics, history entry, H, S0) between the two callbacks
+        self._funcprobe_realized_failed = 0
         self.add_callback(_ProbeCallback(self))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """TRL's ``log`` with the probe's statistics of the logging window added
         (``window_metrics``: never averaged by TRL, so the SE is the SE of the window's mean)."""
-        if self.model.training and (self._funcprobe_window or self._funcprobe_failed):
-            logs.update(window_metrics(self._funcprobe_window, self._funcprobe_failed))
-            self._funcprobe_window, self._funcprobe_failed = [], 0
+        if self.model.training and (self._funcprobe_window or self._funcprobe_failed
+                                    or self._funcprobe_realized_failed):
+            logs.update(window_metrics(self._funcprobe_window, self._funcprobe_failed,
+                                       realized_failed=self._funcprobe_realized_failed if self.probe_realized
+                                       else None))
+            self._funcprobe_window, self._funcprobe_failed, self._funcprobe_realized_failed = [], 0, 0
         super().log(logs, start_time)
 
     def _generate_and_score_completions(self, inputs):
@@ -196,6 +238,58 @@ class ProbedGRPOTrainer(GRPOTrainer):
         log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, step_number)
         return metrics
 
+    def realize_before(self, metrics: dict[str, float]) -> None:
+        """Before the step: sample the held-out rollouts H of this probed step (``metrics``:
+        its prediction, as ``run_probe`` returned it) from π_θ and score them (S0)."""
+        self._funcprobe_pending = None
+        entry = self.funcprobe_history[-1]
+        try:
+            data, B = self.probe_realized_dataset, self.probe_realized
+            rows = torch.randperm(len(data), generator=self._funcprobe_realized_rng)[:B].tolist()
+            seed = int(torch.randint(2**62, (1,), generator=self._funcprobe_realized_rng))
+            prompt_ids, images, _ = self._tokenize_prompts([data[i]["prompt"] for i in rows])
+            if images is not None:
+                raise ValueError("probe_realized_dataset: prompts with images are not supported")
+            config = sampling_config(group_size=self.num_generations,
+                                     max_new_tokens=int(self.args.max_completion_length),
+                                     eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id)
+            H = sample_held_out(self.accelerator.unwrap_model(self.model), prompt_ids, config, seed=seed,
+                                max_len=float(self.args.max_completion_length))
+            S0 = held_out_logprobs(self.model, H, self.probe_settings)
+        except Exception as err:  # a diagnostic must not stop the training it watches
+            self._realized_failed(int(entry["step"]), err)
+            return
+        self._funcprobe_pending = (metrics, entry, H, S0)
+
+    def realize_after(self) -> dict[str, float] | None:
+        """After the step: rescore H under θ' (S1) and add the realized change of the step
+        (``realized_delta_h``, ``realized_se`` and ``z``) to its metrics; returns those."""
+        if self._funcprobe_pending is None:
+            return None
+        metrics, entry, H, S0 = self._funcprobe_pending
+        self._funcprobe_pending = None
+        try:
+            S1 = held_out_logprobs(self.model, H, self.probe_settings)
+            r = realized_change(S0, S1, H, self.probe_settings.weighting)
+        except Exception as err:  # a diagnostic must not stop the training it watches
+            self._realized_failed(int(entry["step"]), err)
+            return None
+        values = {"realized_delta_h": r.delta_h, "realized_se": r.se}
+        denom = math.sqrt(metrics["se"] ** 2 + r.se ** 2)
+        if denom > 0:
+            values["z"] = (metrics["delta_h"] - r.delta_h) / denom
+        metrics.update(values)
+        entry.update(values)
+        log.info("funcprobe: realized dH %+.4e ± %.2e at step %d", r.delta_h, r.se, int(entry["step"]))
+        return values
+
+    def _realized_failed(self, step_number: int, err: Exception) -> None:
+        if self.probe_raise:
+            raise err
+        log.error("funcprobe: the realized change failed at step %d (training goes on; probe_raise=True raises): "
+                  "%s: %s", step_number, type(err).__name__, err)
+        self._funcprobe_realized_failed += 1
+
 
 class _ProbeCallback(TrainerCallback):
     def __init__(self, trainer: ProbedGRPOTrainer):
@@ -206,21 +300,39 @@ class _ProbeCallback(TrainerCallback):
             metrics = self.trainer.run_probe()
             if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
                 log.warning("funcprobe: non-finite metrics %s", metrics)
+            if metrics is not None and self.trainer.probe_realized:
+                self.trainer.realize_before(metrics)
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        values = self.trainer.realize_after()
+        if values is not None and not all(math.isfinite(v) for v in values.values()):
+            log.warning("funcprobe: non-finite realized values %s", values)
         return control
 
 
-def window_metrics(steps: list[dict[str, float]], failed: int) -> dict[str, float]:
+def window_metrics(steps: list[dict[str, float]], failed: int, *,
+                   realized_failed: int | None = None) -> dict[str, float]:
     """The probe's keys for one logging window of probed steps (each ``{"delta_h", "se",
-    ["delta_h_same_batch"], ["lr"]}`` in nats per the weighting's unit) and ``failed`` probes:
+    ["delta_h_same_batch"], ["lr"], ["realized_delta_h", "realized_se"]}`` in nats per the
+    weighting's unit) and ``failed`` probes:
 
     * ``funcprobe/delta_h``: the mean predicted δH per probed step of the window, the unit of
       TRL's window-averaged ``entropy``; ``funcprobe/se``: the SE of that mean,
       sqrt(Σ SE_k²)/n (steps' errors independent); ``funcprobe/ci95_low``/``_high``: ± 1.96 SE;
     * ``funcprobe/delta_h_same_batch``, ``funcprobe/lr``: means, where every step has them;
     * ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts.
+
+    With ``realized_failed`` (a count: the realized companion is on), also
+    ``funcprobe/realized_steps`` and ``funcprobe/realized_failed`` (counts) and, over the m
+    steps that have a realized change, ``funcprobe/realized_delta_h`` (its mean) and
+    ``funcprobe/realized_se`` (sqrt(Σ SE_k²)/m) and ``funcprobe/z``: Σ_k (δH_k − realized_k)
+    / sqrt(Σ_k (SE_k² + SE_realized,k²)), the z of the window's mean difference.
     """
     n = len(steps)
     out = {"funcprobe/probed_steps": float(n), "funcprobe/failed": float(failed)}
+    if realized_failed is not None:
+        out.update(_realized_window(steps, realized_failed))
     if not n:
         return out
     mean = sum(k["delta_h"] for k in steps) / n
@@ -231,6 +343,72 @@ def window_metrics(steps: list[dict[str, float]], failed: int) -> dict[str, floa
         if all(key in k for k in steps):
             out[f"funcprobe/{key}"] = sum(k[key] for k in steps) / n
     return out
+
+
+def _realized_window(steps: list[dict[str, float]], failed: int) -> dict[str, float]:
+    real = [k for k in steps if "realized_delta_h" in k]
+    m = len(real)
+    out = {"funcprobe/realized_steps": float(m), "funcprobe/realized_failed": float(failed)}
+    if not m:
+        return out
+    out["funcprobe/realized_delta_h"] = sum(k["realized_delta_h"] for k in real) / m
+    out["funcprobe/realized_se"] = math.sqrt(sum(k["realized_se"] ** 2 for k in real)) / m
+    var = sum(k["se"] ** 2 + k["realized_se"] ** 2 for k in real)
+    if var > 0:
+        out["funcprobe/z"] = sum(k["delta_h"] - k["realized_delta_h"] for k in real) / math.sqrt(var)
+    return out
+
+
+def check_realized_options(probe_realized: object, dataset: object) -> None:
+    """Refuse a bad ``probe_realized`` (0, or an int >= 2: the SE needs 2 prompts) or
+    ``probe_realized_dataset`` (needed exactly when ``probe_realized`` is on; map-style, rows
+    with a ``"prompt"``, at least ``probe_realized`` of them), naming the argument (``ValueError``)."""
+    if isinstance(probe_realized, bool) or not isinstance(probe_realized, int) or probe_realized < 0 \
+            or probe_realized == 1:
+        raise ValueError("probe_realized: expected 0 (off) or an int >= 2 (held-out prompts per probed step; "
+                         f"the standard error needs 2), got {probe_realized!r}")
+    if not probe_realized:
+        if dataset is not None:
+            raise ValueError("probe_realized_dataset: given, but probe_realized=0 (off); pass probe_realized=B "
+                             "(B >= 2 held-out prompts per probed step) to measure the realized change")
+        return
+    if dataset is None:
+        raise ValueError(f"probe_realized_dataset: probe_realized={probe_realized} needs a dataset of held-out "
+                         "prompts (rows with a 'prompt', as in the train dataset, not trained on)")
+    try:
+        size = len(dataset)
+        first = dataset[0] if size else None
+    except Exception as err:  # an iterable dataset, or an object without rows
+        raise ValueError(f"probe_realized_dataset: expected a map-style dataset (len() and rows by index), got "
+                         f"{type(dataset).__name__} ({type(err).__name__}: {err})") from None
+    if size < probe_realized:
+        raise ValueError(f"probe_realized_dataset: {size} row(s), fewer than probe_realized={probe_realized} "
+                         "prompts per probed step")
+    if not isinstance(first, Mapping) or "prompt" not in first:
+        raise ValueError("probe_realized_dataset: expected rows with a 'prompt' (as in the train dataset), got a "
+                         f"first row of type {type(first).__name__}"
+                         + (f" with keys {sorted(first)}" if isinstance(first, Mapping) else ""))
+
+
+def realized_refusals(trainer: GRPOTrainer) -> list[str]:
+    """The trainer settings under which ``probe_realized`` cannot sample its held-out
+    rollouts as documented (empty: none)."""
+    args = trainer.args
+    device = trainer.accelerator.device
+    checks = [
+        (bool(getattr(trainer, "use_vllm", False)), "use_vllm=True"),
+        (bool(getattr(trainer, "use_transformers_continuous_batching", False)),
+         "transformers continuous batching"),
+        (getattr(trainer, "rollout_func", None) is not None, "a rollout_func"),
+        (bool(getattr(trainer, "tools", None)) or getattr(trainer, "environment_factories", None) is not None,
+         "tools or environments"),
+        (bool(getattr(trainer, "_is_vlm", False)), "a vision-language processor"),
+        (bool(getattr(trainer, "is_fsdp_enabled", False)), "FSDP"),
+        (bool(getattr(trainer, "is_deepspeed_enabled", False)), "DeepSpeed"),
+        (device.type not in ("cpu", "cuda"), f"device {device} (cpu or cuda: their generators are restored)"),
+        (args.max_completion_length is None, "max_completion_length=None"),
+    ]
+    return [what for bad, what in checks if bad]
 
 
 def trainer_gradient(registry) -> dict[str, torch.Tensor]:
