@@ -172,3 +172,45 @@ def test_window_metrics_are_the_window_statistics_not_averages_of_them():
     assert out["funcprobe/delta_h_same_batch"] == pytest.approx(-0.3, abs=1e-12)
     assert out["funcprobe/failed"] == 2.0 and out["funcprobe/probed_steps"] == 2.0 and "funcprobe/lr" not in out
     assert window_metrics([], failed=1) == {"funcprobe/probed_steps": 0.0, "funcprobe/failed": 1.0}
+
+
+def test_effects_are_logged_beside_trls_metrics(tmp_path):
+    """``ProbeSettings(effects=True)`` in a real ProbedGRPOTrainer run (TRL's default ``dapo``):
+    the predicted effects are logged with their SEs, and the rewards they use are the step's
+    own (their mean is the ``reward`` TRL logs for that step; float32 rewards: 1e-6)."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+    from trl import GRPOConfig
+
+    from funcprobe import ProbeSettings
+    from funcprobe.integrations.trl import PREDICTED_KEYS, ProbedGRPOTrainer
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=None)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                             init_lora_weights=False))
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=G,
+                      max_completion_length=LMAX, max_steps=2, learning_rate=0.05, logging_steps=1,
+                      report_to="none", use_cpu=True, save_strategy="no", seed=0)
+    data = Dataset.from_dict({"prompt": [f"w{3 + i} w{4 + i} w{5 + i}" for i in range(12)]})
+    trainer = ProbedGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [-float(len(c)) for c in completions],
+                                args=args, train_dataset=data, processing_class=_tokenizer(), probe_raise=True,
+                                probe_settings=ProbeSettings(step="optimizer_step", effects=True))
+    seen = []
+
+    class Rewards(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            seen.append(trainer._funcprobe_rewards.clone())
+
+    trainer.add_callback(Rewards())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "funcprobe/delta_h" in h]
+    assert len(logged) == 2
+    for entry, rewards in zip(logged, seen):
+        for key in PREDICTED_KEYS:
+            assert math.isfinite(entry[f"funcprobe/{key}"]) and entry[f"funcprobe/{key}_se"] >= 0, key
+        assert entry["funcprobe/pred/kl"] > 0  # second order: positive for any non-zero step
+        assert rewards.shape == (6 // G, G)
+        assert float(rewards.mean()) == pytest.approx(entry["reward"], rel=1e-6)

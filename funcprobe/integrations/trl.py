@@ -20,6 +20,14 @@ TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
 * ``funcprobe/lr``: η, only for steps with one learning rate (not ``optimizer_step``,
   whose Δθ holds each group's rate);
 * ``funcprobe/probed_steps`` and ``funcprobe/failed``: counts over the logging window;
+* with ``probe_settings=ProbeSettings(effects=True, ...)``, the step's predicted effects
+  (``funcprobe.core.effects``; leave-one-out like ``delta_h``), each beside the TRL metric
+  whose change it predicts, in that metric's unit, with ``_se``: ``funcprobe/pred/entropy``
+  (change of TRL's ``entropy``, nats per completion token), ``funcprobe/pred/kl`` (the step's
+  KL(π_old ‖ π_new) per completion token, second order), ``funcprobe/pred/completion_length``
+  (change of ``completions/mean_length``, tokens) and ``funcprobe/pred/reward`` (change of
+  ``reward``, the weighted sum of the reward functions; absent at a step with an unscorable
+  completion);
 * with ``probe_realized=B`` (off by default), the realized companion
   (``funcprobe.integrations.realized``): for each probed step, before ``optimizer.step()``,
   G = ``num_generations`` responses to each of B prompts drawn at random from
@@ -168,6 +176,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
         self.funcprobe_history: list[dict[str, float]] = []  # every probed step's metrics, with "step"
         self._funcprobe_batch: dict[str, Any] | None = None
         self._funcprobe_window: list[dict[str, float]] = []
+        self._funcprobe_rewards: torch.Tensor | None = None  # [B, G] of this process's batch (effects)
         self._funcprobe_failed = 0
         self.probe_realized = probe_realized
         self.probe_realized_dataset = probe_realized_dataset
@@ -187,6 +196,17 @@ class ProbedGRPOTrainer(GRPOTrainer):
                                        else None))
             self._funcprobe_window, self._funcprobe_failed, self._funcprobe_realized_failed = [], 0, 0
         super().log(logs, start_time)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.model.training and self.probe_settings.effects:  # this process's rows of the weighted reward
+            n, rank = len(prompts), self.accelerator.process_index
+            local = rewards_per_func[rank * n:(rank + 1) * n]
+            rewards = (local * self.reward_weights.to(local.device).unsqueeze(0)).nansum(dim=1)
+            unscorable = torch.isnan(local).all(dim=1)
+            self._funcprobe_rewards = None if bool(unscorable.any()) else (
+                rewards.detach().double().reshape(-1, self.num_generations))
+        return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -216,7 +236,9 @@ class ProbedGRPOTrainer(GRPOTrainer):
             else:
                 gradient = None
                 step = probe.update_direction(batch)
-            r = probe.predict(batch, batch, gradient=gradient)  # E = U: leave-one-out (no self-influence)
+            rewards = self._funcprobe_rewards if self.probe_settings.effects else None
+            r = probe.predict(batch, batch, gradient=gradient,  # E = U: leave-one-out (no self-influence)
+                              rewards=rewards)
             self.funcprobe_step = step
         except NoSignalError as err:  # a batch with no signal (all advantages 0): nothing to predict
             log.warning("funcprobe: skipped step %d: %s", step_number, err)
@@ -233,6 +255,10 @@ class ProbedGRPOTrainer(GRPOTrainer):
             metrics["delta_h_same_batch"] = r.delta_h_same_batch
         if self.probe_settings.step != "optimizer_step":  # optimizer_step: the group lrs are inside Δθ
             metrics["lr"] = r.lr
+        if r.effects is not None:
+            for key, name in PREDICTED_KEYS.items():
+                if name in r.effects.effects:
+                    metrics[key], metrics[key + "_se"] = r.effects[name].value, r.effects[name].se
         self._funcprobe_window.append(metrics)
         self.funcprobe_history.append({"step": float(step_number), **metrics})
         log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, step_number)
@@ -342,7 +368,21 @@ def window_metrics(steps: list[dict[str, float]], failed: int, *,
     for key in ("delta_h_same_batch", "lr"):
         if all(key in k for k in steps):
             out[f"funcprobe/{key}"] = sum(k[key] for k in steps) / n
+    for key in PREDICTED_KEYS:
+        if all(key in k for k in steps):
+            out[f"funcprobe/{key}"] = sum(k[key] for k in steps) / n
+            out[f"funcprobe/{key}_se"] = math.sqrt(sum(k[key + "_se"] ** 2 for k in steps)) / n
     return out
+
+
+#: the predicted effects logged with ``effects=True`` (key → ``funcprobe.core.effects.EFFECTS`` name),
+#: each beside the TRL metric it predicts the change of, in that metric's unit
+PREDICTED_KEYS = {
+    "pred/entropy": "entropy_token_mean",  # TRL's `entropy`: nats per completion token
+    "pred/kl": "kl_per_token",  # KL(π_old ‖ π_new) of the step per completion token (second order)
+    "pred/completion_length": "completion_length",  # TRL's `completions/mean_length`: tokens
+    "pred/reward": "reward",  # TRL's `reward` (weighted sum of the reward functions)
+}
 
 
 def _realized_window(steps: list[dict[str, float]], failed: int) -> dict[str, float]:
