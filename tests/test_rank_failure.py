@@ -237,3 +237,15 @@ def test_a_rank_failing_mid_probe_on_fsdp2_is_skipped_together_or_stops_every_ra
     assert outs[1]["in_forward"]["ranks"] == (1,) and OOM in outs[1]["in_forward"]["message"], outs[1]["in_forward"]
     for n, p in outs[0]["params"].items():
         assert torch.equal(p, outs[1]["params"][n]), n
+
+
+def test_probe_rank_error_keeps_its_ranks_causes_and_verdict_across_processes():
+    """Errors travel between processes pickled (multiprocessing, torchelastic's error files)."""
+    import pickle
+
+    err = ProbeRankError("funcprobe: the probe failed on rank(s) [1] of 2", ranks=(1,),
+                         causes={1: "RuntimeError: out of memory"}, agreed=False)
+    back = pickle.loads(pickle.dumps(err))
+    assert (str(back), back.ranks, back.causes, back.agreed) == (str(err), (1,), {1: "RuntimeError: out of memory"},
+                                                                 False)
+    assert isinstance(back, RuntimeError)
