@@ -356,8 +356,8 @@ class Communicator:
                 "instead of waiting for them in a collective"))
         raise _settle_mark(ProbeRankError(
             f"funcprobe: the probe failed on rank(s) {sorted(failed)} of {world} ({named}); every rank stopped the "
-            "probe at the same agreement point, so no collective of it is left pending (this is rank "
-            f"{rank}; training can go on)", ranks=tuple(sorted(failed)), causes=failed, agreed=True)) from error
+            "probe at the same agreement point, so no collective of it is left pending and the ranks stay in step "
+            f"(this is rank {rank})", ranks=tuple(sorted(failed)), causes=failed, agreed=True)) from error
 
     def max_int(self, value: int) -> int:
         """The largest ``value`` over ranks."""
