@@ -73,6 +73,7 @@ from .influence import InfluenceRequest
 from .errors import (
     NoSignalError,
     NonFiniteError,
+    ProbeRankError,
     RankMismatchError,
     SettingsError,
     StaleProbeError,
@@ -97,6 +98,7 @@ __all__ = [
     "NonFiniteError",
     "Objective",
     "ParamRegistry",
+    "ProbeRankError",
     "ProbeSettings",
     "RankMismatchError",
     "RolloutBatch",

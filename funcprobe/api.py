@@ -33,7 +33,7 @@ from .core.pytree import ParamTree, check_like, tree_sq_norm
 from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
-from .edge.distributed import Communicator, checked_together
+from .edge.distributed import Communicator, checked_together, failing_together
 from .edge.optim import check_adam, optimizer_lr, step_map
 from .edge.progress import log
 from .edge.registry import ParamRegistry
@@ -74,17 +74,20 @@ def update_direction(model: nn.Module | ParamRegistry, U: RolloutBatch, *,
         KeyError: probed parameters in no param group of the optimizer.
         UnsupportedModelError (``NotImplementedError``): an FSDP1 or DeepSpeed ZeRO-3 model (FSDP2 is probed in place).
         RankMismatchError (``RuntimeError``): ranks that disagree on registry or settings.
+        ProbeRankError (``RuntimeError``): the probe failed on some ranks only (every rank
+            raises it together; docs/sharding.md#rank-failures).
     """
     settings = ProbeSettings.from_options(options, caller="update_direction")
     comm = Communicator.for_group(settings.process_group)
-    with checked_together(comm):
-        check_rollouts(U, "U").require_advantages("U")
-        if settings.step != "sgd":
-            check_adam(optimizer, settings)
-    registry = ParamRegistry.from_settings(model, settings)
-    with checked_together(comm):
-        registry.check_batch(U, "U")
-    return passes.update_direction(ProbeRun.of(registry, settings), U, optimizer).mu
+    with failing_together(comm, _module(model)):
+        with checked_together(comm):
+            check_rollouts(U, "U").require_advantages("U")
+            if settings.step != "sgd":
+                check_adam(optimizer, settings)
+        registry = ParamRegistry.from_settings(model, settings)
+        with checked_together(comm):
+            registry.check_batch(U, "U")
+        return passes.update_direction(ProbeRun.of(registry, settings), U, optimizer).mu
 
 
 def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, Tensor], *,
@@ -107,15 +110,19 @@ def step_from_gradient(model: nn.Module | ParamRegistry, gradient: Mapping[str, 
     if settings.step != "sgd":
         check_adam(optimizer, settings)
     registry = ParamRegistry.from_settings(model, settings)
-    return step_map(settings, optimizer, registry)(_full_gradient(registry, gradient))
+    return step_map(settings, optimizer, registry)(
+        _full_gradient(registry, gradient, Communicator.for_group(settings.process_group)))
 
 
-def _full_gradient(registry: ParamRegistry, gradient: Mapping[str, Tensor]) -> ParamTree:
+def _full_gradient(registry: ParamRegistry, gradient: Mapping[str, Tensor], comm: Communicator) -> ParamTree:
     """A trainer's gradient name → tensor, read in full (FSDP2: its DTensor ``.grad``),
     checked against the registry (``check_like``: names, shapes, finite) and cast to each
-    parameter's device in float32 or wider."""
+    parameter's device in float32 or wider. On FSDP2 the reads are collectives: an agreement
+    point follows them, so a failed check is decided on by every rank together."""
     if isinstance(gradient, Mapping):
         gradient = {n: registry.sharding.read(g) if isinstance(g, Tensor) else g for n, g in gradient.items()}
+    if registry.sharding.collective_forwards:
+        comm.checkpoint()
     check_like(registry.trainable, gradient, "gradient")
     return {n: gradient[n].to(device=t.device, dtype=torch.promote_types(t.dtype, torch.float32))
             for n, t in registry.trainable.items()}
@@ -168,16 +175,19 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
         NonFiniteError, UnreachableDirectionError, RankMismatchError (``RuntimeError``):
             non-finite s (prompts listed), every s exactly 0, ranks that disagree;
             raised on every rank together.
+        ProbeRankError (``RuntimeError``): the probe failed on some ranks only (every rank
+            raises it together; docs/sharding.md#rank-failures).
     """
     settings = ProbeSettings.from_options(options, caller="conditional_variance")
     comm = Communicator.for_group(settings.process_group)
-    with checked_together(comm):
-        lr = check_lr(lr)
-        check_rollouts(E, "E")
-    registry = ParamRegistry.from_settings(model, settings)
-    with checked_together(comm):
-        registry.check_batch(E, "E")
-    return passes.prediction(ProbeRun.of(registry, settings), E, muY, lr)
+    with failing_together(comm, _module(model)):
+        with checked_together(comm):
+            lr = check_lr(lr)
+            check_rollouts(E, "E")
+        registry = ParamRegistry.from_settings(model, settings)
+        with checked_together(comm):
+            registry.check_batch(E, "E")
+        return passes.prediction(ProbeRun.of(registry, settings), E, muY, lr)
 
 
 def check_lr(lr: object) -> float:
@@ -215,6 +225,12 @@ class EntropyProbe:
     replaced by ``.to()`` or ``load_state_dict`` are seen) and the learning rate is
     re-read from the optimizer (LR schedulers are followed). Nothing about the model,
     its ``.grad``s or the optimizer is changed by the probe.
+
+    With ranks, each method that communicates (``update_direction``,
+    ``conditional_variance``, ``predict``, ``influence``) is left by every rank together:
+    a failure on some ranks only (an out-of-memory in one rank's forward) makes every rank
+    raise ``ProbeRankError`` at the same point, with no collective of the probe left
+    pending (docs/sharding.md#rank-failures).
 
     Args:
         model: ``nn.Module`` (HF / PEFT, possibly DDP-wrapped).
@@ -257,6 +273,8 @@ class EntropyProbe:
     def registry(self) -> ParamRegistry:
         """The registry of the model as it is now (re-extracted; names and shapes checked)."""
         registry = ParamRegistry.from_settings(self.model, self.settings)
+        if registry.sharding.collective_forwards:  # θ was all-gathered: agree before the checks
+            Communicator.for_group(self.settings.process_group).checkpoint()
         layout = _layout(registry)
         if layout != self._layout:
             changed = sorted(set(layout.items()) ^ set(self._layout.items()))
@@ -281,13 +299,15 @@ class EntropyProbe:
 
     def update_direction(self, U: RolloutBatch) -> ParamTree:
         """μY for the update batch U (see ``update_direction``)."""
-        registry = self._checked(U=U)
-        return passes.update_direction(ProbeRun.of(registry, self.settings), U, self.optimizer).mu
+        with self._together():
+            registry = self._checked(U=U)
+            return passes.update_direction(ProbeRun.of(registry, self.settings), U, self.optimizer).mu
 
     def conditional_variance(self, E: RolloutBatch, muY: Mapping[str, Tensor]) -> EntropyPrediction:
         """s over E along ``muY`` and the prediction (see ``conditional_variance``)."""
-        registry = self._checked(E=E)
-        return passes.prediction(ProbeRun.of(registry, self.settings), E, muY, self._current_lr(registry))
+        with self._together():
+            registry = self._checked(E=E)
+            return passes.prediction(ProbeRun.of(registry, self.settings), E, muY, self._current_lr(registry))
 
     def predict(self, E: RolloutBatch, U: RolloutBatch, *,
                 gradient: Mapping[str, Tensor] | None = None, rewards: Any = None) -> EntropyPrediction:
@@ -318,6 +338,11 @@ class EntropyProbe:
         (cosine < 0.99: loss terms funcprobe does not model) the plain same-batch value is
         returned, ``estimator="same_batch"``, with a warning.
         """
+        with self._together():
+            return self._predict(E, U, gradient, rewards)
+
+    def _predict(self, E: RolloutBatch, U: RolloutBatch, gradient: Mapping[str, Tensor] | None,
+                 rewards: Any) -> EntropyPrediction:
         checked_rewards: list = []
         run = ProbeRun.of(self._checked(E=E, U=U, extra=lambda: checked_rewards.append(
             check_rewards(rewards, E, effects=self.settings.effects))), self.settings)
@@ -330,7 +355,8 @@ class EntropyProbe:
         if gradient is None:
             direction = passes.update_direction(run, U, self.optimizer)
         else:
-            direction, cosine = passes.given_direction(run, U, _full_gradient(run.registry, gradient), self.optimizer)
+            direction, cosine = passes.given_direction(run, U, _full_gradient(run.registry, gradient, run.comm),
+                                                       self.optimizer)
             modelled = cosine >= MODELLED_COSINE
         t1 = time.perf_counter()
         if same and modelled:  # the trainer's own batch: no prompt may score its own contribution
@@ -358,12 +384,17 @@ class EntropyProbe:
         (``entropy_influence`` documents the arguments, cost and result)."""
         named: dict[str, Tensor] = {}
         comm = Communicator.for_group(self.settings.process_group)
-        registry = self._checked(E=E, U=U, extra=lambda: (check_matrix(matrix, comm),
-                                                          named.update(check_groups(groups, U))))
-        run = ProbeRun.of(registry, self.settings)
-        lr = self._current_lr(registry)
-        step = step_map(self.settings, self.optimizer, registry)
-        return influence(run, E, U, step, lr, InfluenceRequest(groups=named, matrix=matrix))
+        with failing_together(comm, self.model):
+            registry = self._checked(E=E, U=U, extra=lambda: (check_matrix(matrix, comm),
+                                                              named.update(check_groups(groups, U))))
+            run = ProbeRun.of(registry, self.settings)
+            lr = self._current_lr(registry)
+            step = step_map(self.settings, self.optimizer, registry)
+            return influence(run, E, U, step, lr, InfluenceRequest(groups=named, matrix=matrix))
+
+    def _together(self):
+        """``failing_together`` over this probe's process group and model."""
+        return failing_together(Communicator.for_group(self.settings.process_group), self.model)
 
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
                  extra=None) -> ParamRegistry:
@@ -454,6 +485,10 @@ def same_batch(E: RolloutBatch, U: RolloutBatch) -> bool:
         return True
     return (E.input_ids.shape == U.input_ids.shape and torch.equal(E.input_ids.cpu(), U.input_ids.cpu())
             and torch.equal(E.attention_mask.cpu(), U.attention_mask.cpu()))
+
+
+def _module(model: nn.Module | ParamRegistry) -> nn.Module:
+    return model.module if isinstance(model, ParamRegistry) else model
 
 
 def _layout(registry: ParamRegistry) -> dict[str, tuple[int, ...]]:

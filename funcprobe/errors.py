@@ -31,6 +31,34 @@ class RankMismatchError(RuntimeError):
     """Data-parallel ranks disagree on the parameter registry or the settings."""
 
 
+class ProbeRankError(RuntimeError):
+    """The probe failed on one or more data-parallel ranks after its collectives had started.
+
+    Attributes:
+        ranks: the ranks (in the probe's process group) whose probe failed, ascending.
+        causes: rank → ``"ExceptionType: message"`` of each failing rank's own error.
+        agreed: True when every rank raised this error at the same agreement point, so no
+            collective of the probe is left pending and training can go on (the TRL
+            integration skips the probe then); False when the ranks could not agree (a
+            collective failed, or a rank failed after a collective of an FSDP2 model, e.g.
+            inside its forward): the process group can no longer be trusted, stop the job.
+    """
+
+    def __init__(self, message: str, *, ranks: tuple[int, ...] = (), causes: dict[int, str] | None = None,
+                 agreed: bool = True) -> None:
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+        self.causes = dict(causes or {})
+        self.agreed = bool(agreed)
+
+    def __reduce__(self):  # picklable across processes with its keyword-only fields
+        return (_probe_rank_error, (str(self), self.ranks, self.causes, self.agreed))
+
+
+def _probe_rank_error(message: str, ranks: tuple[int, ...], causes: dict[int, str], agreed: bool) -> ProbeRankError:
+    return ProbeRankError(message, ranks=ranks, causes=causes, agreed=agreed)
+
+
 class UnsupportedModelError(NotImplementedError):
     """A model layout the probe cannot differentiate (FSDP1 flat parameters, DeepSpeed ZeRO-3 partitions)."""
 

@@ -176,6 +176,7 @@ def test_a_rank_with_bad_input_stops_every_rank_with_a_message(tmp_path):
     results = _run(2, "bad_input", tmp_path)
     assert "U: the batch has no advantages" in results[1]["error"], results[1]
     assert "RankMismatchError" in results[0]["error"] and "1 other rank(s) refused" in results[0]["error"], results[0]
+    assert "rank 1: ValueError: U: the batch has no advantages" in results[0]["error"], results[0]  # who and why
 
 
 def test_ranks_probing_different_registries_fail_together(tmp_path):
@@ -187,7 +188,8 @@ def test_ranks_probing_different_registries_fail_together(tmp_path):
 def test_a_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     results = _run(2, "dead_peer", tmp_path)
     assert results[1] is None  # it died without a word
-    assert "error" in results[0]
+    assert "ProbeRankError: funcprobe: a collective failed on rank 0 of 2 during the probe" in results[0]["error"], \
+        results[0]
 
 
 def test_fsdp1_is_refused_with_the_reason_and_fsdp2_is_probed(tmp_path):

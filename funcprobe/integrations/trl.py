@@ -54,7 +54,13 @@ the SE of that mean, the counts are counts. Every probed step's own values are i
 A diagnostic must never stop the training it watches: a batch with no signal
 (``NoSignalError``: all advantages 0) is skipped with a log line, and any other failure
 of the probe is logged with its reason (``funcprobe/failed`` counts them) while
-training goes on, unless ``probe_raise=True``.
+training goes on, unless ``probe_raise=True``. With ranks, a failure on one rank only
+(an out-of-memory in its forward) is decided on by every rank before any of them
+returns to the trainer's collectives: every rank skips the probe (or, with
+``probe_raise``, raises ``ProbeRankError`` naming the failing rank and cause). Where the
+ranks cannot agree (a rank failed inside a forward of an FSDP2 model) every rank raises
+``ProbeRankError(agreed=False)`` whatever ``probe_raise``: the process group cannot go on
+(docs/sharding.md#rank-failures).
 
 What is predicted: the step the trainer takes now, ``step="optimizer_step"`` (unless
 ``probe_settings`` names another step), through the live AdamW with each param group's
@@ -96,9 +102,9 @@ from trl import GRPOTrainer
 from ..api import EntropyProbe, step_from_gradient
 from ..core.rollouts import RolloutBatch
 from ..core.statistics import Z_95
-from ..edge.distributed import Communicator
+from ..edge.distributed import Communicator, failing_together
 from ..edge.progress import log
-from ..errors import NoSignalError, SettingsError
+from ..errors import NoSignalError, ProbeRankError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
 from .realized import held_out_logprobs, realized_change, sample_held_out, sampling_config
 
@@ -222,30 +228,33 @@ class ProbedGRPOTrainer(GRPOTrainer):
         step_number = self.state.global_step + 1  # the step about to be taken, as TRL numbers it
         batch = generation_batch_to_rollouts(self._funcprobe_batch, self.num_generations,
                                              float(self.args.max_completion_length))
-        distributed = Communicator.for_group(self.probe_settings.process_group).distributed
-        if batch.num_prompts < 2 and not distributed:  # with ranks, every rank must take part (collectives)
+        comm = Communicator.for_group(self.probe_settings.process_group)
+        if batch.num_prompts < 2 and not comm.distributed:  # with ranks, every rank must take part (collectives)
             log.warning("funcprobe: skipped, the step's batch has %d prompt(s); the SE needs 2", batch.num_prompts)
             return None
         try:
-            probe = EntropyProbe(self.model, self.optimizer, **self.probe_settings.options())
-            if self.probe_gradient == "trainer":
-                registry = probe.registry
-                gradient = trainer_gradient(registry)
-                step = step_from_gradient(registry, gradient, optimizer=self.optimizer,
-                                          **self.probe_settings.options())
-            else:
-                gradient = None
-                step = probe.update_direction(batch)
-            rewards = self._funcprobe_rewards if self.probe_settings.effects else None
-            r = probe.predict(batch, batch, gradient=gradient,  # E = U: leave-one-out (no self-influence)
-                              rewards=rewards)
+            # every rank leaves together (docs/sharding.md#rank-failures): a failure on one rank is
+            # raised on all before any rank reaches the trainer's next collective
+            with failing_together(comm, self.model):
+                probe = EntropyProbe(self.model, self.optimizer, **self.probe_settings.options())
+                if self.probe_gradient == "trainer":
+                    registry = probe.registry
+                    gradient = trainer_gradient(registry)
+                    step = step_from_gradient(registry, gradient, optimizer=self.optimizer,
+                                              **self.probe_settings.options())
+                else:
+                    gradient = None
+                    step = probe.update_direction(batch)
+                rewards = self._funcprobe_rewards if self.probe_settings.effects else None
+                r = probe.predict(batch, batch, gradient=gradient,  # E = U: leave-one-out (no self-influence)
+                                  rewards=rewards)
             self.funcprobe_step = step
         except NoSignalError as err:  # a batch with no signal (all advantages 0): nothing to predict
             log.warning("funcprobe: skipped step %d: %s", step_number, err)
             return None
         except Exception as err:  # a diagnostic must not stop the training it watches
-            if self.probe_raise:
-                raise
+            if self.probe_raise or (isinstance(err, ProbeRankError) and not err.agreed):
+                raise  # not agreed: a collective is left pending, the process group cannot go on
             log.error("funcprobe: the probe failed at step %d (training goes on; probe_raise=True raises): "
                       "%s: %s", step_number, type(err).__name__, err)
             self._funcprobe_failed += 1
