@@ -250,7 +250,10 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     t = torch.cat(t) if t else torch.zeros(0, dtype=torch.float64)
     totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
     if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
-        check_scalars(t, totals[2:])
+        try:
+            check_scalars(t, totals[2:])
+        except NonFiniteError as err:
+            raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
     if settings.gather_s:
         t = comm.gather(t)
     result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)

@@ -16,7 +16,6 @@ import torch
 
 from funcprobe import EntropyProbe, NonFiniteError, RolloutBatch, conditional_variance, update_direction
 from funcprobe.apps.cli import main
-from funcprobe.core.advantages import group_advantages
 from funcprobe.edge.registry import ParamRegistry
 from funcprobe.io.rollout_files import write_rollouts
 from helpers import VOCAB, qwen2, random_direction, random_rollouts, rel_err
@@ -191,11 +190,15 @@ def test_a_non_finite_result_without_bad_weights_says_so():
     ("banana", "device: 'banana' is not a torch device"),
     (3.5, "device: expected a torch device"),
 ])
-def test_a_device_the_machine_lacks_is_named(device, pattern):
+def test_a_device_the_machine_lacks_is_named(workspace, device, pattern):
+    from funcprobe.io.checkpoints import load_policy
+
     with pytest.raises(ValueError, match=pattern):
         RolloutBatch.from_lists([[3, 4]], [[[5], [6]]], pad_token_id=0, device=device)
     with pytest.raises(ValueError, match=pattern):
         random_rollouts().to(device)
+    with pytest.raises(ValueError, match=pattern):  # before the model is read
+        load_policy(workspace / "model", device=device)
 
 
 def test_cuda_on_a_build_without_it_is_named():

@@ -210,7 +210,7 @@ def format_matrix(matrix, unit: str, *, saved_to: str | None, show: int = 8) -> 
 
 #: library argument names → the command line's flags, for error messages
 _FLAGS = {"model_dir:": "--model:", "adapter_dir:": "--adapter:", "tokenizer:": "--tokenizer:",
-          "optimizer_state:": "--optimizer-state:", "dtype:": "--dtype:"}
+          "optimizer_state:": "--optimizer-state:", "dtype:": "--dtype:", "device:": "--device:"}
 
 
 def check_outputs(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.rollouts import check_device
 from ..edge.progress import quiet_loading
 from ..edge.registry import ParamRegistry
 
@@ -56,7 +57,8 @@ def load_policy(
 
     Raises:
         FileNotFoundError: a directory does not exist.
-        ValueError: a directory is not a saved model/adapter, or an unknown ``dtype``;
+        ValueError: a directory is not a saved model/adapter, an unknown ``dtype``, a
+            ``device`` torch does not know or this machine lacks (``check_device``);
             loading errors are re-raised as ``ValueError`` naming the directory; an
             adapter saved for another base model (weights of other shapes) names
             ``adapter_dir``, the model directory and the first mismatching parameter.
@@ -65,6 +67,7 @@ def load_policy(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    device = check_device(device, "device")
     mdir = _local_dir(model_dir, "model_dir", "config.json", "transformers model")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": DTYPES[dtype]}
     if attn_implementation is not None:
