@@ -34,7 +34,7 @@ from .core.rollouts import RolloutBatch, check_rollouts
 from .core.statistics import EntropyPrediction, check_scalars, scalar_counts
 from .core.steps import StepMap
 from .edge.distributed import Communicator, checked_together, failing_together
-from .edge.optim import check_adam, optimizer_lr, step_map
+from .edge.optim import check_adam, optimizer_lr, step_map, unwrap_optimizer
 from .edge.progress import log
 from .edge.registry import ParamRegistry
 from .errors import SettingsError, StaleProbeError, UnreachableDirectionError
@@ -190,6 +190,27 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
         return passes.prediction(ProbeRun.of(registry, settings), E, muY, lr)
 
 
+def check_optimizer_holds(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> None:
+    """Every probed parameter of ``registry`` is in a param group of ``optimizer`` (looked
+    through wrappers such as accelerate's), by identity: the optimizer steps this model.
+
+    Raises ``TypeError`` naming ``optimizer`` for an object without ``param_groups``, and
+    ``KeyError`` naming ``optimizer`` with the missing parameters (all of them: built for
+    another model, or for a copy of this one)."""
+    inner = unwrap_optimizer(optimizer)
+    groups = getattr(inner, "param_groups", None)
+    if not isinstance(groups, list):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for g in groups for p in g["params"]}
+    live = registry.live_parameters()
+    missing = [n for n, p in live.items() if id(p) not in held]
+    if missing:
+        what = ("it holds none of them: was it built for another model, or for a copy of this one?"
+                if len(missing) == len(live) else f"{len(missing)} of them are in none of its param groups")
+        raise KeyError(f"optimizer: it must hold the model's {len(live)} probed parameter(s) (the same tensors), "
+                       f"but {what} ({missing[:4]})")
+
+
 def check_lr(lr: object) -> float:
     """``lr`` as a float: a finite real number > 0 (Python, numpy or a 0-d tensor).
 
@@ -243,9 +264,11 @@ class EntropyProbe:
     Raises:
         SettingsError (``ValueError``): a bad setting or ``lr``; no ``lr`` and no
             optimizer to read it from.
-        ValueError, TypeError, KeyError: an Adam step without an Adam/AdamW optimizer, an
-            optimizer that holds none of the probed parameters, and the errors of
-            ``ParamRegistry.from_model``.
+        ValueError, TypeError: an Adam step without an Adam/AdamW optimizer, and the
+            errors of ``ParamRegistry.from_model``.
+        KeyError: an ``optimizer`` that does not hold every probed parameter (the same
+            objects as the model's, by identity: an optimizer built for another model or
+            a copy of it), the missing names listed.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -259,6 +282,8 @@ class EntropyProbe:
             check_adam(optimizer, self.settings)
         registry = ParamRegistry.from_settings(model, self.settings)
         self._layout = _layout(registry)
+        if optimizer is not None:
+            check_optimizer_holds(optimizer, registry)
         if self.settings.step == "optimizer_step":
             if self._lr is not None:
                 raise SettingsError("lr: step='optimizer_step' (EntropyProbe's default) takes each param group's "

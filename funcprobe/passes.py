@@ -9,6 +9,7 @@ the entry points) or re-extracts the registry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -38,20 +39,25 @@ def policy_gradient(run: ProbeRun, U: RolloutBatch) -> tuple[ParamTree, int, Obj
     gradient (naming the parameters), identically on every rank.
     """
     objective = policy_gradient_of(run, U)
-    total = run.comm.sum_tree(run.gradient(objective.on_logprobs(run.logprob_fn()), U))
+    total = run.comm.sum_tree(run.gradient(objective.on_logprobs(run.logprob_fn()), U, "funcprobe grad J over U"))
     (count,) = run.comm.sum_floats([float(U.num_prompts)])
     if count == 0:
         raise ValueError("U: there are no update prompts (on any rank)")
     gradient = tree_map(lambda t: t / count, total)
     bad = sorted(n for n, g in gradient.items() if not bool(torch.isfinite(g).all()))
     if bad:  # identical on every rank: decided after the all-reduce
-        weights = sorted(n for n in bad if not bool(torch.isfinite(run.registry.trainable[n]).all()))
-        raise NonFiniteError(
-            f"U: the policy gradient is NaN or inf at {len(bad)} parameter(s): {bad[:8]}"
-            + (f"; the weights themselves are non-finite at {weights[:8]}" if weights else
-               " (check U's advantages and the model's dtype)")
-        )
+        raise NonFiniteError(f"U: the policy gradient is NaN or inf at {len(bad)} parameter(s): {bad[:8]}"
+                             + _non_finite_weights(run))
     return gradient, int(count), objective
+
+
+def _non_finite_weights(run: ProbeRun) -> str:
+    """The end of a non-finite result's message: the model's weights and buffers that are
+    themselves NaN/inf, probed or frozen (``ParamRegistry.non_finite``), else what to check."""
+    weights = run.registry.non_finite()
+    if weights:
+        return f"; the model's own weights are non-finite at {weights}"
+    return " (no weight or buffer of the model is non-finite: check the advantages and the model's dtype)"
 
 
 def policy_gradient_of(run: ProbeRun, U: RolloutBatch) -> Objective:
@@ -173,11 +179,47 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
     comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
     s = scalars(run, E, muY)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
-    check_scalars(s, totals[2:])
+    try:
+        check_scalars(s, totals[2:])
+    except NonFiniteError as err:
+        raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
     if settings.gather_s:
         s = comm.gather(s)
-    return EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode,
-                                       weighting=settings.weighting)
+    result = EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
+    warn_beyond_first_order(run, lr * tree_sq_norm(muY) ** 0.5, result)
+    return result
+
+
+#: ‖Δθ‖ / ‖θ‖ over the probed parameters above which ``warn_beyond_first_order`` warns:
+#: a step as large as the weights themselves (a heuristic scale, set high so that it does
+#: not fire on ordinary steps)
+FIRST_ORDER_RELATIVE_STEP = 1.0
+
+
+def warn_beyond_first_order(run: ProbeRun, step_norm: float, result: EntropyPrediction) -> None:
+    """Log one warning when the prediction is outside the range where a first-order
+    (linear) prediction can hold:
+
+    * |δH| > log V: the entropy per token lies in [0, log V] (V the vocabulary), and both
+      weightings' units (nats per Lmax tokens, nats per token) are averages of it, so no
+      step can change it by more: a larger prediction is certainly not the change;
+    * ‖Δθ‖ > ``FIRST_ORDER_RELATIVE_STEP``·‖θ‖ over the probed parameters: the step is as
+      large as the weights themselves, far outside the neighbourhood a Taylor expansion
+      describes (a heuristic scale; η·‖μY‖ is ``step_norm``).
+
+    The prediction is returned all the same (it is the first-order term, exactly)."""
+    theta = tree_sq_norm(run.registry.trainable) ** 0.5
+    vocab = run.registry.vocab_size
+    reasons = []
+    if vocab is not None and vocab > 1 and abs(result.delta_h) > math.log(vocab):
+        reasons.append(f"|dH| = {abs(result.delta_h):.3g} {result.unit} exceeds log V = {math.log(vocab):.3g}, "
+                       "the most an entropy per token can change")
+    if theta > 0 and step_norm > FIRST_ORDER_RELATIVE_STEP * theta:
+        reasons.append(f"the step moves the probed parameters by ||dtheta|| / ||theta|| = {step_norm / theta:.3g} "
+                       f"(> {FIRST_ORDER_RELATIVE_STEP:g})")
+    if reasons:
+        log.warning("funcprobe: the predicted dH = %+.3g %s is beyond first order and unreliable: %s (a smaller "
+                    "learning rate?)", result.delta_h, result.unit, "; ".join(reasons))
 
 
 def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: float, *, effects: bool = False,
@@ -211,7 +253,7 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     lx = entropy_objective(settings.weighting).on_logprobs(run.logprob_fn())
     j = direction.objective.on_logprobs(run.logprob_fn())
     t, parts, sdots, offset = [], [], [], 0
-    for chunk, keep in run.prompts(U):
+    for chunk, keep in run.prompts(U, "funcprobe leave-one-out over U"):
         own = {n: g * direction.own_scale for n, g in run.gradient_over(j, [(chunk, keep)]).items()}
         step = _without_own(direction, own)
         if effects:
@@ -237,7 +279,10 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     else:
         totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
         if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
-            check_scalars(t, totals[2:])
+            try:
+                check_scalars(t, totals[2:])
+            except NonFiniteError as err:
+                raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
         if settings.gather_s:
             t = comm.gather(t)
         result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
@@ -270,7 +315,10 @@ def _assemble(run: ProbeRun, s: Tensor, components: Tensor, sdot: Tensor, lr: fl
     counts = scalar_counts(s)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *counts, *moment_sums(components)])
     if require_signal or totals[3] > 0:
-        check_scalars(s, totals[2:2 + len(counts)])
+        try:
+            check_scalars(s, totals[2:2 + len(counts)])
+        except NonFiniteError as err:
+            raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
     effects = Effects.from_moments(totals[2 + len(counts):], lr=lr, components=components,
                                    logprob_change=lr * sdot, has_rewards=has_rewards, has_max_len=has_max_len,
                                    estimator=estimator)
@@ -295,8 +343,10 @@ def prediction_with_effects(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Te
     batch = run.batch(E)
     stats = run.token_stats(muY, batch, "funcprobe effects (jvp)")
     s, components, sdot = scalars_and_components(stats, batch, settings.weighting, _on(rewards, stats))
-    return _assemble(run, s, components, sdot, lr, has_rewards=rewards is not None,
-                     has_max_len=E.max_len is not None, estimator="independent")[0]
+    result, _ = _assemble(run, s, components, sdot, lr, has_rewards=rewards is not None,
+                          has_max_len=E.max_len is not None, estimator="independent")
+    warn_beyond_first_order(run, lr * tree_sq_norm(muY) ** 0.5, result)
+    return result
 
 
 def _on(rewards: Tensor | None, like: Tensor) -> Tensor | None:

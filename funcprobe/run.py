@@ -108,10 +108,12 @@ class ProbeRun:
             yield
 
     # ------------------------------------------------------------ the two core calls
-    def prompts(self, batch: RolloutBatch) -> Chunks:
+    def prompts(self, batch: RolloutBatch, label: str | None = None) -> Chunks:
         """This rank's prompts of ``batch`` one at a time, as ``(one-prompt batch, keep)`` pairs
-        (equal counts on every rank where forwards are collective)."""
-        return self.sharding.chunks(self.batch(batch), 1, self.comm)
+        (equal counts on every rank where forwards are collective); ``label``: a progress
+        bar over them (``settings.progress``)."""
+        wrap = chunk_progress(label, self.settings.progress) if label else no_progress
+        return self.sharding.chunks(self.batch(batch), 1, self.comm, wrap)
 
     def gradient(self, f: PromptFn, batch: RolloutBatch, label: str | None = None) -> ParamTree:
         """Σ_n ∇θ f(θ, batch)[n] over this rank's prompts of ``batch`` (float32 or wider; not

@@ -313,7 +313,7 @@ def test_a_nan_weight_raises_by_name_not_a_nan_direction():
     name = next(n for n, p in model.named_parameters() if p.requires_grad)
     with torch.no_grad():
         dict(model.named_parameters())[name][0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match=f"weights themselves are non-finite at \\['{name}'"):
+    with pytest.raises(NonFiniteError, match=f"own weights are non-finite at \\['{name} \\(probed\\)'"):
         update_direction(model, random_rollouts(), step="sgd")
 
 

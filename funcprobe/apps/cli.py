@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 
+from ..core.rollouts import check_device
 from ..settings import add_arguments, from_arguments
 
 
@@ -32,7 +33,8 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     defaults = DemoConfig()
     helps = {"model": "smollm2 (embedded), tiny (random Qwen2 config, fast), or a local .gguf file / model directory",
              "quick": "smoke-test sizes: 2 steps, 4 prompts, 16 new tokens",
-             "plot": "save predicted vs realized per step to this PNG file",
+             "plot": "save predicted vs realized per step to this figure file; its extension gives the format "
+                     "(.png, .pdf, .svg, ...: those matplotlib writes)",
              "levels": "comma-separated arithmetic levels: 1 one-digit sums, 2 two-digit sums, 3 products",
              "prompts": "prompts per step in each of U, E and the held-out batch"}
     for f in dataclasses.fields(DemoConfig):
@@ -59,7 +61,8 @@ def _probe_parser(sub: argparse._SubParsersAction) -> None:
         "direction muY, and print the predicted entropy change of the step with its standard error SE_E.",
     )
     _input_arguments(p)
-    p.add_argument("--plot", metavar="FILE.png", help="save a figure of the s distribution and contributions")
+    p.add_argument("--plot", metavar="FILE", help="save a figure of the s distribution and contributions; the "
+                   "extension gives the format (.png, .pdf, .svg, ...: those matplotlib writes)")
 
 
 def _influence_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,8 +79,11 @@ def _influence_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, metavar="K", help="responses and tokens listed (default: 10)")
     p.add_argument("--matrix", action="store_true",
                    help="also compute s[n, i] for every E prompt x U prompt and a SE per update prompt, "
-                   "response and token (B_E extra passes: a single-prompt backward and a JVP over U each)")
-    p.add_argument("--plot", metavar="FILE.png", help="save the response shares and the token concentration")
+                   "response and token (B_E extra passes: a single-prompt backward and a JVP over U each); a "
+                   "summary is printed, the whole [B_E, B_U] matrix (nats) is saved in the --json output as "
+                   "'matrix' (a list of B_E rows)")
+    p.add_argument("--plot", metavar="FILE", help="save the response shares and the token concentration; the "
+                   "extension gives the format (.png, .pdf, .svg, ...: those matplotlib writes)")
 
 
 def _input_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,7 +113,7 @@ def _load_inputs(args: argparse.Namespace):
 
     settings = from_arguments(args)
     check_outputs(args)
-    check_device(args.device)
+    check_device(args.device, "--device")
     if args.progress is False:
         _quiet_transformers()
     if settings.step != "sgd" and not args.optimizer_state:
@@ -138,8 +144,12 @@ def _run_influence(args: argparse.Namespace) -> int:
     inf = probe.influence(E, U, groups=groups, matrix=args.matrix)
     print(f"model             {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
     print(format_influence(inf, U, tokenizer=tokenizer, top=args.top, unit=entropy_unit(settings.weighting)))
+    if inf.matrix is not None:
+        print(format_matrix(inf.matrix, entropy_unit(settings.weighting), saved_to=args.json))
     if args.json:
         out = inf.to_dict()
+        if inf.matrix is not None:
+            out["matrix"] = inf.matrix.tolist()
         se_r, se_t = inf.per_response_se, inf.per_token_se  # None without --matrix
         out["top_responses"] = [dict(prompt=i, response=g, share=v, se=None if se_r is None else float(se_r[i, g]))
                                 for i, g, v in inf.top_responses(args.top)]
@@ -185,53 +195,35 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_matrix(matrix, unit: str, *, saved_to: str | None, show: int = 8) -> str:
+    """A compact summary of the influence matrix s[n, i] ``[B_E, B_U]``: its extremes and
+    mean, the whole table when both sides have at most ``show`` prompts, and where it is saved."""
+    B_E, B_U = matrix.shape
+    m = matrix.double()
+    lo, hi = int(m.argmin()), int(m.argmax())
+    lines = [f"matrix s[n, i]  [B_E x B_U] = [{B_E} x {B_U}] ({unit}; rows: E prompts n, columns: U prompts i; "
+             "the column means are the per-prompt shares)",
+             f"  min {float(m.flatten()[lo]):+.3e} at (n={lo // B_U}, i={lo % B_U}), "
+             f"max {float(m.flatten()[hi]):+.3e} at (n={hi // B_U}, i={hi % B_U}), mean {float(m.mean()):+.3e}"]
+    if B_E <= show and B_U <= show:
+        lines.append("  n \\ i " + " ".join(f"{i:>10}" for i in range(B_U)))
+        lines += [f"  {n:>5} " + " ".join(f"{float(v):>+10.2e}" for v in row) for n, row in enumerate(m)]
+    lines.append(f"  saved in {saved_to} as 'matrix'" if saved_to else "  (give --json FILE to save the whole matrix)")
+    return "\n".join(lines)
+
+
 #: library argument names → the command line's flags, for error messages
 _FLAGS = {"model_dir:": "--model:", "adapter_dir:": "--adapter:", "tokenizer:": "--tokenizer:",
-          "optimizer_state:": "--optimizer-state:", "dtype:": "--dtype:"}
+          "optimizer_state:": "--optimizer-state:", "dtype:": "--dtype:", "device:": "--device:"}
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """``--json`` and ``--plot`` writable, and matplotlib there for ``--plot``: before any work."""
+    """``--json`` writable, and ``--plot`` writable in a format matplotlib writes
+    (``funcprobe.apps.plots.check_output`` / ``check_figure_path``): before any work."""
+    from .plots import check_figure_path, check_output
+
     check_output(args.json, "--json")
-    check_output(args.plot or None, "--plot")
-    if args.plot:
-        from .plots import require_matplotlib
-
-        require_matplotlib()
-
-
-def check_output(path: str | None, flag: str) -> None:
-    """An output file the command can write: not a directory, in an existing writable folder.
-
-    Checked before any work, so a long run is not wasted. Raises ``ValueError`` naming ``flag``.
-    """
-    if path is None:
-        return
-    import os
-    from pathlib import Path
-
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag}: {path!r} is a directory; give a file name")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ValueError(f"{flag}: the folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"{flag}: {path!r} is not writable")
-
-
-def check_device(device: str) -> None:
-    """A device torch knows and this build has. Raises ``ValueError`` naming ``--device``."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"--device: {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {device!r} but this torch build has no CUDA device available")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device: {device!r} but MPS is not available")
+    check_figure_path(args.plot or None, "--plot")
 
 
 def _quiet_transformers() -> None:

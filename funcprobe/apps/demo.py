@@ -44,7 +44,7 @@ from ..core.objectives import policy_gradient_surrogate
 from ..core.pytree import tree_sq_norm
 from ..core.rollouts import RolloutBatch
 from ..core.statistics import EntropyPrediction
-from ..edge.progress import progress_bar
+from ..edge.progress import progress_bar, quiet_loading
 from ..edge.registry import ParamRegistry
 from ..edge.rng import seeded
 from ..edge.session import probe_session
@@ -56,6 +56,7 @@ from ..validation.entropy_change import EntropyChange, is_change
 from ..validation.models import PolicySpec, qwen2_lora_policy
 
 PAD, EOS = 0, 1  # the tiny model's special tokens
+TINY_HEADS, TINY_KV_HEADS = 4, 2  # the tiny model's attention heads and key/value heads
 MODELS = ("smollm2", "tiny")
 
 
@@ -78,8 +79,15 @@ class DemoConfig:
         lora_rank: r of the LoRA adapter on q/k/v/o.
         seed: seeds sampling and the adapter's initialisation.
         quick: smoke-test sizes (overrides prompts, max_new_tokens, steps).
-        plot: PNG file for predicted ± 95% interval against realized ("" for none).
-        vocab, hidden, layers: the tiny model's shape.
+        plot: figure file for predicted ± 95% interval against realized ("" for none); its
+            extension gives the format (``funcprobe.apps.plots.figure_format``).
+        vocab, hidden, layers: the tiny model's shape (``TINY_HEADS`` attention heads,
+            ``TINY_KV_HEADS`` key/value heads: ``hidden`` must be a multiple of
+            2·``TINY_HEADS``, an even head size for the rotary embedding).
+
+    Raises ``SettingsError`` (``ValueError``) naming the field, before anything is loaded:
+    a wrong type or range, an unknown model or level, a tiny-model shape Qwen2 cannot
+    build, a ``plot`` file that cannot be written or has no format matplotlib writes.
     """
 
     model: str = "smollm2"
@@ -125,6 +133,17 @@ class DemoConfig:
             raise SettingsError(f"levels: expected comma-separated levels from {sorted(LEVELS)}, got {self.levels!r}")
         if self.vocab < 8:
             raise SettingsError(f"vocab: the tiny model needs at least 8 token ids, got {self.vocab}")
+        if self.hidden % (2 * TINY_HEADS):
+            raise SettingsError(f"hidden: the tiny model has {TINY_HEADS} attention heads, so hidden must be divisible "
+                                f"by the number of heads with an even head size (rotary embedding): a multiple of "
+                                f"{2 * TINY_HEADS}, got {self.hidden}")
+        if self.plot:
+            from .plots import check_figure_path
+
+            try:
+                check_figure_path(self.plot, "plot")
+            except ValueError as err:
+                raise SettingsError(str(err)) from None
         if self.prompts < 2 or self.group_size < 2:
             raise SettingsError("prompts, group_size: the standard errors need at least 2 prompts and 2 responses each")
         if self.probe.weighting != "dr_grpo":
@@ -140,7 +159,8 @@ class DemoConfig:
 def build_policy(cfg: DemoConfig) -> nn.Module:
     """The tiny model: a Qwen2-architecture causal LM built from a config, LoRA on q/k/v/o."""
     return qwen2_lora_policy(PolicySpec(vocab_size=cfg.vocab, hidden=cfg.hidden, layers=cfg.layers,
-                                        lora_rank=cfg.lora_rank, eos_token_id=EOS, pad_token_id=PAD))
+                                        heads=TINY_HEADS, kv_heads=TINY_KV_HEADS, lora_rank=cfg.lora_rank,
+                                        eos_token_id=EOS, pad_token_id=PAD))
 
 
 def reward(response: list[int]) -> float:
@@ -256,7 +276,15 @@ def run_demo(cfg: DemoConfig | None = None) -> DemoResult:
 
 
 def load_policy_and_task(cfg: DemoConfig) -> tuple[nn.Module, Callable[[nn.Module, int, torch.Generator], Rollouts], str]:
-    """(LoRA policy, ``sample(model, num_prompts, gen) → Rollouts``, description) for ``cfg.model``."""
+    """(LoRA policy, ``sample(model, num_prompts, gen) → Rollouts``, description) for ``cfg.model``.
+
+    Loading is quiet (``quiet_loading``): no PEFT deprecation warning and, unless
+    ``probe.progress`` is True, no transformers loading bars; global state is restored."""
+    with quiet_loading(bars=cfg.probe.progress is True):
+        return _load_policy_and_task(cfg)
+
+
+def _load_policy_and_task(cfg: DemoConfig):
     if cfg.model == "tiny":
         model = build_policy(cfg)
 

@@ -1,8 +1,10 @@
-"""Figures for a probe report (matplotlib, written to PNG files).
+"""Figures for a probe report (matplotlib), and the checks of output files.
 
 Figures are built as ``matplotlib.figure.Figure`` objects and written through the Agg
 canvas directly: the caller's pyplot state and backend are never touched (inline
-plots in notebooks keep working).
+plots in notebooks keep working). The file format is the path's extension, one of those
+matplotlib can write (``figure_format``: ``.png``, ``.pdf``, ``.svg``, ...), checked
+before any work together with the path itself (``check_output``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,80 @@ def require_matplotlib() -> None:
         raise ImportError("plots need matplotlib: pip install 'funcprobe[plots]'") from err
 
 
+def check_output(path: str | Path | None, argname: str) -> None:
+    """An output file that can be written: not a directory, in an existing folder, and
+    opened for appending right now (so permissions, read-only and virtual file systems
+    such as ``/proc`` and ``/sys`` are judged by the system itself, for root too). An
+    existing file is left unchanged; a file that did not exist is removed again.
+
+    Checked before any work, so a long run is not wasted. ``None``: nothing to check.
+    Raises ``ValueError`` naming ``argname`` and the reason.
+    """
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{argname}: {str(path)!r} is a directory; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{argname}: the folder {str(parent)!r} does not exist")
+    existed = p.exists()
+    try:
+        with open(p, "a"):  # append mode: an existing file's contents are not touched
+            pass
+    except OSError as err:
+        raise ValueError(f"{argname}: cannot write {str(path)!r}: {err.strerror or err}") from None
+    if not existed:
+        p.unlink(missing_ok=True)
+
+
+def figure_formats() -> list[str]:
+    """The file extensions matplotlib writes figures in here: its Agg canvas's
+    ``get_supported_filetypes``, less ``pgf`` when the TeX program it needs
+    (``rcParams["pgf.texsystem"]``, xelatex by default) is not installed.
+
+    Raises ``ImportError`` when matplotlib is missing."""
+    require_matplotlib()
+    import shutil
+
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = set(FigureCanvasAgg.get_supported_filetypes())
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        formats.discard("pgf")
+    return sorted(formats)
+
+
+def figure_format(path: str | Path, argname: str) -> str:
+    """The format of the figure file ``path``: its extension (lower case), which must be
+    one matplotlib writes (``figure_formats``), so a figure is never written under another
+    name or format than the one asked for.
+
+    Raises ``ValueError`` naming ``argname`` and the accepted extensions (no extension,
+    or one matplotlib cannot write); ``ImportError`` when matplotlib is missing.
+    """
+    formats = figure_formats()
+    accepted = ", ".join(f".{f}" for f in formats)
+    suffix = Path(path).suffix
+    if not suffix:
+        raise ValueError(f"{argname}: {str(path)!r} has no extension, which names the figure's format; "
+                         f"give one of {accepted}")
+    ext = suffix[1:].lower()
+    if ext not in formats:
+        raise ValueError(f"{argname}: matplotlib cannot write {suffix!r} files ({str(path)!r}); give one of {accepted}")
+    return ext
+
+
+def check_figure_path(path: str | Path | None, argname: str) -> None:
+    """``figure_format`` and ``check_output`` of a figure file, before any work (``None``:
+    nothing to check)."""
+    if path is None:
+        return
+    figure_format(path, argname)
+    check_output(path, argname)
+
+
 def new_figure(figsize: tuple[float, float]):
     """A ``Figure`` on its own Agg canvas (pyplot's state and backend untouched)."""
     require_matplotlib()
@@ -34,10 +110,13 @@ def new_figure(figsize: tuple[float, float]):
 
 def plot_probe(result: EntropyPrediction, path: str | Path, *, title: str | None = None) -> Path:
     """Two panels: the distribution of η·s[n] with δH and its 95% interval, and the
-    per-prompt contributions η·s[n]/B to δH (sorted) with their running sum.
+    per-prompt contributions η·s[n]/B to δH (sorted) with their running sum. The format
+    is ``path``'s extension (``figure_format``).
 
-    Raises ``ImportError`` with the install hint when matplotlib is missing.
+    Raises ``ValueError`` naming ``path`` for an extension matplotlib cannot write (or
+    none); ``ImportError`` with the install hint when matplotlib is missing.
     """
+    fmt = figure_format(path, "path")
     lr, B = result.lr, result.num_prompts
     scaled = (result.s * lr).tolist()
     lo, hi = result.ci95
@@ -61,7 +140,7 @@ def plot_probe(result: EntropyPrediction, path: str | Path, *, title: str | None
     fig.suptitle(title or f"predicted entropy change δH = {result.delta_h:+.3e} ± {result.se:.1e} (SE_E), B = {B}")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format=fmt)
     return out
 
 
@@ -69,7 +148,9 @@ def plot_demo(records, path: str | Path, *, title: str | None = None) -> Path:
     """The demo's figure: per step, predicted δH ± 95% interval (SE_E) against the realized
     change ± 95% interval (SE_H): left, realized against predicted with the diagonal;
     right, both along the steps. ``records``: ``funcprobe.apps.demo.StepRecord`` list.
+    The format is ``path``'s extension; errors as ``plot_probe``.
     """
+    fmt = figure_format(path, "path")
     k = [r.step for r in records]
     pred = [r.prediction.delta_h for r in records]
     pred_ci = [1.96 * r.prediction.se for r in records]
@@ -98,5 +179,5 @@ def plot_demo(records, path: str | Path, *, title: str | None = None) -> Path:
     fig.suptitle(title or "predicted vs realized entropy change per step")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format=fmt)
     return out

@@ -50,6 +50,11 @@ class RolloutBatch:
     max_len: float | Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name in ("input_ids", "attention_mask", "advantages", "max_len"):  # numpy arrays as tensors, same dtype
+            value = getattr(self, name)
+            converted = _array_like(value)
+            if converted is not value:
+                object.__setattr__(self, name, converted)
         _validate(self)
         if self.max_len is not None:
             object.__setattr__(self, "max_len", _max_len_tensor(self.max_len, self.num_prompts, self.input_ids.device))
@@ -101,7 +106,9 @@ class RolloutBatch:
         return self._derived(lambda t: t[start:stop])
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
-        """The same batch on ``device``."""
+        """The same batch on ``device``. Raises ``ValueError`` naming ``device`` for a
+        device torch does not know or this machine does not have (``check_device``)."""
+        device = check_device(device, "device")
         return self._derived(lambda t: t.to(device))
 
     def with_tensors(self, fn: Callable[[Tensor], Tensor]) -> "RolloutBatch":
@@ -156,25 +163,39 @@ class RolloutBatch:
         """Pad token-id lists into a batch.
 
         Args:
-            prompts: B prompts, each a list of token ids.
-            responses: B lists of G responses each (G equal for all prompts), token ids.
+            prompts: B prompts, each a list of token ids (or a ``[B, P]`` integer tensor /
+                numpy array, or B integer tensors / arrays).
+            responses: B lists of G responses each (G equal for all prompts), token ids
+                (lists, integer tensors or numpy arrays, as ``prompts``).
             pad_token_id: the id written in padding (masked out; any valid id works).
-            advantages: optional B × G advantages.
-            max_len: optional Lmax (number or B numbers) for ``dr_grpo``.
+            advantages: optional B × G advantages: lists of real numbers, or a floating
+                ``[B, G]`` tensor / numpy array (rows may be floating 1-d arrays).
+            max_len: optional Lmax (a number, numpy scalar, 0-d or ``[B]`` tensor / array,
+                or B numbers) for ``dr_grpo``.
+            device: where the batch is put (``torch.device`` or its string; default: CPU).
+
+        Arrays are converted explicitly: integer dtypes only for token ids, floating
+        dtypes only for advantages (an integer or bool array is refused, never cast).
 
         Raises ``ValueError`` naming the argument (and the prompt / response) for: a flat
         or ragged layout, empty prompts or responses, token ids that are not non-negative
         integers (floats are never truncated), a ``pad_token_id`` that is not a
         non-negative int (``None``: tokenizers without a pad token, e.g. GPT-2 and Llama,
         should pass ``eos_token_id``; padding is masked out), advantages that are not
-        B × G real numbers, and a ``max_len`` that is not a positive number or B of them.
+        B × G real numbers, a ``max_len`` that is not a positive number or B of them, and a
+        ``device`` torch does not know or this machine does not have.
         """
+        if device is not None:
+            device = check_device(device, "device")
         pad = _token_id(pad_token_id, "pad_token_id")
         prompts = _id_lists(prompts, "prompts", "prompt {i}")
         if len(prompts) == 0:
             raise ValueError("prompts: need at least one prompt")
+        responses = _array_like(responses)
+        if isinstance(responses, Tensor) and responses.ndim >= 1:  # [B, G, R]: one [G, R] per prompt
+            responses = list(responses)
         if not isinstance(responses, Sequence) or isinstance(responses, (str, bytes)):
-            raise ValueError(f"responses: expected B lists of G token-id lists, got {type(responses).__name__}")
+            raise ValueError(f"responses: expected B lists of G token-id lists, got {_desc(responses)}")
         if len(responses) != len(prompts):
             raise ValueError(f"responses: {len(responses)} groups for {len(prompts)} prompts")
         responses = [_id_lists(group, "responses", f"response {{i}} of prompt {n}", group_of=n)
@@ -224,16 +245,20 @@ def _token_id(value: object, argname: str) -> int:
 
 def _id_lists(rows: object, argname: str, what: str, group_of: int | None = None) -> list[list[int]]:
     """``rows`` as lists of int token ids, or ``ValueError`` naming ``argname`` and the row."""
+    given, rows = rows, _array_like(rows)
     if isinstance(rows, Tensor):
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise ValueError(f"{argname}: got {_desc(given)}; token ids are integers (floats are not truncated)")
         rows = rows.tolist()
     if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):
         where = "" if group_of is None else f" for prompt {group_of}"
         raise ValueError(f"{argname}: expected a list of token-id lists{where}, got {type(rows).__name__}")
     out = []
     for i, row in enumerate(rows):
+        given, row = row, _array_like(row)
         if isinstance(row, Tensor):
-            if row.is_floating_point() or row.dtype == torch.bool:
-                raise ValueError(f"{argname}: {what.format(i=i)} holds {row.dtype} values; token ids are integers")
+            if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+                raise ValueError(f"{argname}: {what.format(i=i)} holds {_dtype(given)} values; token ids are integers")
             row = row.tolist()
         if isinstance(row, numbers.Number) or not isinstance(row, Sequence) or isinstance(row, (str, bytes)):
             raise ValueError(
@@ -250,26 +275,37 @@ def _id_lists(rows: object, argname: str, what: str, group_of: int | None = None
 
 def _real_table(values: object, B: int, G: int) -> Tensor:
     """B × G real numbers as float64, or ``ValueError`` naming ``advantages``."""
+    given, values = values, _array_like(values)
     if isinstance(values, Tensor):
-        if tuple(values.shape) != (B, G) or not values.is_floating_point():
-            raise ValueError(f"advantages: expected a floating [B, G] = [{B}, {G}] tensor, got {_desc(values)} "
-                             f"of {values.dtype}")
+        if not values.is_floating_point():
+            raise ValueError(f"advantages: expected floating values, got {_desc(given)} (convert explicitly, "
+                             "e.g. .astype(float) or .double(); integer and bool values are not cast)")
+        if tuple(values.shape) != (B, G):
+            raise ValueError(f"advantages: expected shape [B, G] = [{B}, {G}], got {_desc(given)}")
         return values.to(torch.float64)
     rows = list(values) if isinstance(values, Sequence) and not isinstance(values, (str, bytes)) else None
     if rows is None or len(rows) != B:
         raise ValueError(f"advantages: expected B = {B} rows of G = {G} numbers, got {type(values).__name__}"
                          + (f" of {len(rows)} rows" if rows is not None else ""))
+    table = []
     for n, row in enumerate(rows):
+        given, row = row, _array_like(row)
+        if isinstance(row, Tensor):
+            if not row.is_floating_point() or row.ndim != 1:
+                raise ValueError(f"advantages: row {n} is {_desc(given)}; expected G = {G} floating values")
+            row = row.tolist()
         if not isinstance(row, Sequence) or isinstance(row, (str, bytes)) or len(row) != G:
             raise ValueError(f"advantages: row {n} must hold G = {G} numbers, got {row!r}")
         bad = [v for v in row if isinstance(v, bool) or not isinstance(v, numbers.Real)]
         if bad:
             raise ValueError(f"advantages: row {n} holds {bad[:3]!r}; expected real numbers")
-    return torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+        table.append([float(v) for v in row])
+    return torch.tensor(table, dtype=torch.float64)
 
 
 def _max_len_value(value: object, B: int) -> float | Tensor | None:
     """Lmax: None, a positive number, or B positive numbers (as a float64 tensor)."""
+    value = _array_like(value)
     if value is None or isinstance(value, Tensor):
         return value
     if isinstance(value, (list, tuple)):
@@ -285,6 +321,49 @@ def _max_len_tensor(value: float | Tensor, B: int, device: torch.device) -> Tens
     """A validated Lmax (a number, a 0-d or a ``[B]`` tensor) as a ``[B]`` float64 tensor on
     ``device`` (exact: float64 holds every float32 and Python float)."""
     return torch.as_tensor(value, dtype=torch.float64).to(device).reshape(-1).expand(B).clone()
+
+
+def _array_like(value: object) -> object:
+    """A numpy array (any object with ``__array__`` that is not a tensor, number or string)
+    as a tensor of the same dtype (``torch.as_tensor``: nothing cast); an object array
+    (ragged rows) as the list of its rows; anything else, and arrays of a dtype torch has
+    no tensor for, unchanged (the caller's check names them)."""
+    if isinstance(value, (Tensor, numbers.Number, str, bytes, list, tuple)) or not hasattr(value, "__array__"):
+        return value
+    import numpy as np
+
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        return list(arr) if arr.ndim >= 1 else value
+    try:
+        return torch.as_tensor(arr)
+    except (TypeError, RuntimeError):
+        return value
+
+
+def check_device(device: object, argname: str) -> torch.device:
+    """``device`` as a ``torch.device``: one torch knows (``"cpu"``, ``"cuda:1"``, a
+    ``torch.device``) and this machine has (CUDA/MPS/XPU available, the index in range).
+
+    Raises ``ValueError`` naming ``argname`` and what was expected."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(f"{argname}: expected a torch device (e.g. 'cpu', 'cuda', 'cuda:1'), got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{argname}: {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type, getattr(torch, dev.type, None))
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ValueError(f"{argname}: {device!r} but this torch build has no {dev.type.upper()} device available "
+                         "(use 'cpu')")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"{argname}: {device!r} but there are {count()} {dev.type.upper()} device(s) "
+                         f"(indices 0..{count() - 1})")
+    return dev
 
 
 def check_rollouts(batch: object, argname: str) -> RolloutBatch:
@@ -341,6 +420,8 @@ def _validate(b: RolloutBatch) -> None:
         if not isinstance(b.max_len, Tensor) and (isinstance(b.max_len, bool) or not isinstance(b.max_len, numbers.Real)):
             raise ValueError(f"max_len: expected a number or a [B] tensor (Lmax, tokens), got {b.max_len!r}")
         ml = torch.as_tensor(b.max_len)
+        if ml.dtype == torch.bool or ml.is_complex():
+            raise ValueError(f"max_len: expected real numbers (Lmax, tokens), got {_dtype(ml)} values")
         if ml.ndim > 1 or (ml.ndim == 1 and ml.shape[0] != B):
             raise ValueError(f"max_len: expected a number or a [B] = [{B}] tensor, got shape {tuple(ml.shape)}")
         if not bool(torch.isfinite(ml.double()).all()) or not bool((ml > 0).all()):
@@ -356,7 +437,14 @@ def _validate(b: RolloutBatch) -> None:
             )
 
 
+def _dtype(x: object) -> str:
+    """The dtype of a tensor or array, without torch's ``torch.`` prefix."""
+    return str(getattr(x, "dtype", type(x).__name__)).replace("torch.", "")
+
+
 def _desc(x: object) -> str:
     if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)}"
+        return f"a tensor of shape {tuple(x.shape)} and dtype {_dtype(x)}"
+    if hasattr(x, "__array__") and hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"a {type(x).__module__}.{type(x).__name__} of shape {tuple(x.shape)} and dtype {_dtype(x)}"
     return type(x).__name__

@@ -175,7 +175,7 @@ class ParamRegistry:
         if ids.numel() == 0:
             return
         real = batch.attention_mask.bool()
-        vocab = _vocab_size(self.module)
+        vocab = self.vocab_size
         if vocab is not None:
             real_ids = torch.where(real, ids, 0)  # padding ids are never looked up
             top = int(real_ids.max())
@@ -189,6 +189,27 @@ class ParamRegistry:
             if longest > positions:
                 raise ValueError(f"{argname}: a sequence has {longest} tokens, more than the model's {positions} "
                                  "learned positions")
+
+    def non_finite(self, limit: int = 8) -> list[str]:
+        """The module's parameters and buffers that hold NaN or inf, probed and frozen alike
+        (on FSDP2 this rank's shards), up to ``limit``, in module order, each marked
+        ``(probed)``, ``(frozen)`` or ``(buffer)``.
+
+        For the error of a non-finite result, so it names the weights that caused it. Reads
+        every tensor once (SmolLM2-135M: a fraction of a second on a CPU core)."""
+        found: list[str] = []
+        tensors = [(n, t, "probed" if n in self.trainable else "frozen") for n, t in self.module.named_parameters()]
+        tensors += [(n, t, "buffer") for n, t in self.module.named_buffers()]
+        for name, t, kind in tensors:
+            local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor shard: no collective
+            if (not (local.is_floating_point() or local.is_complex()) or local.numel() == 0
+                    or local.device.type == "meta"):
+                continue
+            if not bool(torch.isfinite(local.detach()).all()):
+                found.append(f"{name} ({kind})")
+                if len(found) >= limit:
+                    break
+        return found
 
     def __repr__(self) -> str:
         return (
@@ -220,6 +241,11 @@ class ParamRegistry:
         """
         named = dict(self.module.named_parameters())
         return {n: named[n] for n in self.trainable}
+
+    @property
+    def vocab_size(self) -> int | None:
+        """V, the rows of the model's input embedding table (None if it has none)."""
+        return _vocab_size(self.module)
 
     @property
     def device(self) -> torch.device:

@@ -6,13 +6,17 @@ malformed directory is a clear error, never a download attempt.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.rollouts import check_device
+from ..edge.progress import quiet_loading
 from ..edge.registry import ParamRegistry
 
 log = logging.getLogger(__name__)
@@ -53,13 +57,17 @@ def load_policy(
 
     Raises:
         FileNotFoundError: a directory does not exist.
-        ValueError: a directory is not a saved model/adapter, or an unknown ``dtype``;
-            loading errors are re-raised as ``ValueError`` naming the directory.
+        ValueError: a directory is not a saved model/adapter, an unknown ``dtype``, a
+            ``device`` torch does not know or this machine lacks (``check_device``);
+            loading errors are re-raised as ``ValueError`` naming the directory; an
+            adapter saved for another base model (weights of other shapes) names
+            ``adapter_dir``, the model directory and the first mismatching parameter.
     """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    device = check_device(device, "device")
     mdir = _local_dir(model_dir, "model_dir", "config.json", "transformers model")
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": DTYPES[dtype]}
     if attn_implementation is not None:
@@ -74,13 +82,40 @@ def load_policy(
 
         adir = _local_dir(adapter_dir, "adapter_dir", "adapter_config.json", "PEFT adapter")
         try:
-            model = PeftModel.from_pretrained(model, str(adir), adapter_name=adapter_name, is_trainable=True,
-                                              local_files_only=True)
+            with quiet_loading(bars=True):
+                model = PeftModel.from_pretrained(model, str(adir), adapter_name=adapter_name, is_trainable=True,
+                                                  local_files_only=True)
+        except RuntimeError as err:
+            raise ValueError(_adapter_mismatch(err, adir, mdir)) from err
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"adapter_dir: could not load a PEFT adapter from {str(adir)!r}: {err}") from err
         model.to(device)
     log.info("loaded %s from %s (adapter: %s)", type(model).__name__, mdir, adapter_dir)
     return model
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+def _adapter_mismatch(err: RuntimeError, adapter_dir: Path, model_dir: Path) -> str:
+    """The message of a PEFT adapter that does not fit the base model (torch's size-mismatch
+    ``RuntimeError`` from ``load_state_dict``): the base it was saved for, the count and the
+    first mismatching parameter with both shapes; other errors' first line."""
+    text = str(err)
+    found = _SIZE_MISMATCH.findall(text)
+    if not found:
+        return f"adapter_dir: could not load a PEFT adapter from {str(adapter_dir)!r}: {text.splitlines()[0]}"
+    name, saved, here = found[0]
+    recorded = None
+    try:
+        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        pass
+    base = f" (it records the base model {recorded!r})" if recorded else ""
+    return (f"adapter_dir: the adapter in {str(adapter_dir)!r} was saved for another base model than "
+            f"{str(model_dir)!r}{base}: {len(found)} of its weights have other shapes, the first {name} "
+            f"[{saved}] in the adapter but [{here}] in this model")
 
 
 def load_tokenizer(path: str | Path):
