@@ -145,7 +145,7 @@ def probe_scalars(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mappin
 
 
 def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY: Mapping[str, Tensor], *,
-                         lr: float, **options: Any) -> EntropyPrediction:
+                         lr: float, rewards: Any = None, **options: Any) -> EntropyPrediction:
     """Every s[n] over the evaluation batch E along μY, and δH with its E-conditional SE.
 
     Args:
@@ -157,13 +157,16 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
             dtype and device.
         lr: η > 0, the learning rate of the step (a real number: float, int, numpy
             scalar or 0-d tensor).
+        rewards: with ``effects=True``, ``[B, G]`` rewards of this rank's E (see
+            ``EntropyProbe.predict``).
         **options: the fields of ``ProbeSettings`` as keywords
             (``weighting``, ``mode``, ``chunk_size``, ``params``, ``adapter``,
-            ``keep_dropout``, ``process_group``, ``gather_s``, ``progress``).
+            ``keep_dropout``, ``effects``, ``process_group``, ``gather_s``, ``progress``).
 
     Returns:
-        ``EntropyPrediction`` (``delta_h``, ``se``, ``ci95``, ``s``, ``mean_s``, ...); the
-        statistics are global, ``s`` is this rank's unless ``gather_s``.
+        ``EntropyPrediction`` (``delta_h``, ``se``, ``ci95``, ``s``, ``mean_s``, ...; with
+        ``effects=True`` also ``effects``); the statistics are global, ``s`` is this rank's
+        unless ``gather_s``.
 
     Raises:
         SettingsError (``ValueError``): a bad setting or ``lr``, named.
@@ -184,10 +187,11 @@ def conditional_variance(model: nn.Module | ParamRegistry, E: RolloutBatch, muY:
         with checked_together(comm):
             lr = check_lr(lr)
             check_rollouts(E, "E")
+            rewards = check_rewards(rewards, E, effects=settings.effects)
         registry = ParamRegistry.from_settings(model, settings)
         with checked_together(comm):
             registry.check_batch(E, "E")
-        return passes.prediction(ProbeRun.of(registry, settings), E, muY, lr)
+        return _predicted(ProbeRun.of(registry, settings), E, muY, lr, settings.effects, rewards)
 
 
 def check_optimizer_holds(optimizer: torch.optim.Optimizer, registry: ParamRegistry) -> None:

@@ -11,7 +11,7 @@ import torch
 from funcprobe import EntropyProbe, conditional_variance
 from funcprobe.io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
 from funcprobe.core.advantages import group_advantages
-from funcprobe.io.rollout_files import read_rollouts, write_rollouts
+from funcprobe.io.rollout_files import read_rollouts, read_rollouts_and_rewards, write_rollouts
 from helpers import gpt2, rel_err
 
 WORDS = ["[PAD]", "[UNK]", "[EOS]"] + [f"w{i}" for i in range(29)]
@@ -76,9 +76,10 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
     proc = _cli("probe", "--model", w / "model", "--adapter", w / "adapter", "--eval", w / "E.jsonl",
                 "--update", w / "U.jsonl", "--optimizer-state", w / "optimizer.pt", "--step", "adam_step",
                 "--weighting", "dr_grpo", "--max-completion-length", LMAX, "--dtype", "float64",
-                "--json", out, "--plot", png, "--no-progress")
+                "--json", out, "--plot", png, "--no-progress", "--effects")
     assert proc.returncode == 0, proc.stderr
     assert "predicted dH" in proc.stdout and "SE_E" in proc.stdout
+    assert "entropy_token_mean" in proc.stdout and "reward" in proc.stdout  # --effects, E's file has rewards
     got = json.loads(out.read_text())
     model = load_policy(w / "model", w / "adapter", dtype="float64")
     opt = load_optimizer_state(w / "optimizer.pt", model)
@@ -88,10 +89,14 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
         load_optimizer_state(w / "adapter", model)
     E = read_rollouts(w / "E.jsonl", max_len=LMAX)
     U = read_rollouts(w / "U.jsonl", max_len=LMAX)
-    ref = EntropyProbe(model, opt, step="adam_step", weighting="dr_grpo").predict(E, U)
+    _, rewards_E = read_rollouts_and_rewards(w / "E.jsonl", max_len=LMAX)
+    ref = EntropyProbe(model, opt, step="adam_step", weighting="dr_grpo", effects=True).predict(E, U, rewards=rewards_E)
     assert got["lr"] == 1e-3 and got["step"] == "adam_step" and got["num_prompts"] == 5
     for key in ("delta_h", "se", "mean_s", "var", "step_norm"):
         assert rel_err(got[key], ref.to_dict()[key]) < 1e-9, key
+    assert set(got["effects"]["effects"]) == set(ref.effects.effects) and "reward" in ref.effects.effects
+    for name, e in ref.effects.effects.items():  # float64 both sides: 1e-9
+        assert rel_err(got["effects"]["effects"][name]["value"], e.value) < 1e-9, name
     assert png.stat().st_size > 5000
 
 

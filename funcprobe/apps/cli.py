@@ -107,9 +107,10 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_inputs(args: argparse.Namespace):
-    """Check every flag and output path, then load (settings, model, tokenizer, E, U, optimizer)."""
+    """Check every flag and output path, then load (settings, model, tokenizer, E, U, optimizer,
+    E's rewards: ``[B, G]`` or None where E's file gives advantages)."""
     from ..io.checkpoints import load_optimizer_state, load_policy, load_tokenizer
-    from ..io.rollout_files import read_rollouts
+    from ..io.rollout_files import read_rollouts, read_rollouts_and_rewards
 
     settings = from_arguments(args)
     check_outputs(args)
@@ -125,10 +126,10 @@ def _load_inputs(args: argparse.Namespace):
     model = load_policy(args.model, args.adapter, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     kw = dict(tokenizer=tokenizer, max_len=args.max_completion_length, scale_rewards=args.scale_rewards)
-    E = read_rollouts(args.eval, **kw)
+    E, rewards_E = read_rollouts_and_rewards(args.eval, **kw)
     U = read_rollouts(args.update, **kw)
     optimizer = load_optimizer_state(args.optimizer_state, model) if args.optimizer_state else None
-    return settings, model, tokenizer, E, U, optimizer
+    return settings, model, tokenizer, E, U, optimizer, rewards_E
 
 
 def _run_influence(args: argparse.Namespace) -> int:
@@ -138,7 +139,7 @@ def _run_influence(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ValueError(f"--top: expected an integer >= 1, got {args.top}")
-    settings, model, tokenizer, E, U, optimizer = _load_inputs(args)
+    settings, model, tokenizer, E, U, optimizer, _ = _load_inputs(args)
     probe = EntropyProbe(model, optimizer, lr=args.lr, **settings.options())
     groups = {"positive_adv": U.advantages > 0, "negative_adv": U.advantages < 0}
     inf = probe.influence(E, U, groups=groups, matrix=args.matrix)
@@ -168,9 +169,9 @@ def _run_influence(args: argparse.Namespace) -> int:
 def _run_probe(args: argparse.Namespace) -> int:
     from ..api import EntropyProbe
 
-    settings, model, tokenizer, E, U, optimizer = _load_inputs(args)
+    settings, model, tokenizer, E, U, optimizer, rewards_E = _load_inputs(args)
     probe = EntropyProbe(model, optimizer, lr=args.lr, **settings.options())
-    pred = r = probe.predict(E, U)
+    pred = r = probe.predict(E, U, rewards=rewards_E if settings.effects else None)
     lo, hi = r.ci95
     rows = [
         ("model", args.model + (f" + adapter {args.adapter}" if args.adapter else "")),
@@ -185,6 +186,8 @@ def _run_probe(args: argparse.Namespace) -> int:
         ("wall time", f"step {pred.seconds['step']:.2f} s, probe {pred.seconds['probe']:.2f} s"),
     ]
     print("\n".join(f"{k:<14} {v}" for k, v in rows))
+    if r.effects is not None:
+        print(format_effects(r.effects, rewards_given=rewards_E is not None))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(pred.to_dict(), fh, indent=2)
@@ -193,6 +196,20 @@ def _run_probe(args: argparse.Namespace) -> int:
 
         plot_probe(r, args.plot)
     return 0
+
+
+def format_effects(effects, *, rewards_given: bool) -> str:
+    """The predicted effects (``funcprobe.core.effects.Effects``) as a table: value ± SE, unit,
+    order in η, and what each is."""
+    from ..core.effects import EFFECTS
+
+    lines = [f"predicted effects of the step ({effects.estimator}; docs/derivations.md#predicted-effects)"]
+    for name, e in effects.effects.items():
+        lines.append(f"  {name:<32} {e.value:+.4e} ± {e.se:.2e}  {e.unit:<20} order {e.order}  "
+                     f"{EFFECTS[name][2].split(':')[0]}")
+    if not rewards_given:
+        lines.append("  (no reward effect: E's file gives advantages, not rewards)")
+    return "\n".join(lines)
 
 
 def format_matrix(matrix, unit: str, *, saved_to: str | None, show: int = 8) -> str:

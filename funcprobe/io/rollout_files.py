@@ -45,7 +45,22 @@ def read_rollouts(
     scale_rewards: str = "group",
     pad_token_id: int | None = None,
 ) -> RolloutBatch:
-    """Read a rollout file into a ``RolloutBatch`` (advantages included).
+    """Read a rollout file into a ``RolloutBatch`` (advantages included); arguments and errors
+    as ``read_rollouts_and_rewards``."""
+    return read_rollouts_and_rewards(path, tokenizer=tokenizer, max_len=max_len, scale_rewards=scale_rewards,
+                                     pad_token_id=pad_token_id)[0]
+
+
+def read_rollouts_and_rewards(
+    path: str | Path,
+    *,
+    tokenizer=None,
+    max_len: float | None = None,
+    scale_rewards: str = "group",
+    pad_token_id: int | None = None,
+) -> tuple[RolloutBatch, torch.Tensor | None]:
+    """Read a rollout file into a ``RolloutBatch`` (advantages included) and its rewards
+    ``[B, G]`` float64 (None for a file that gives advantages).
 
     Args:
         path: the JSONL file.
@@ -97,7 +112,8 @@ def read_rollouts(
     adv = table if kinds[0] == "advantage" else group_advantages(table, scale_rewards)
     if pad_token_id is None:
         pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
-    return RolloutBatch.from_lists(prompts, responses, pad_token_id=pad_token_id, advantages=adv, max_len=max_len)
+    batch = RolloutBatch.from_lists(prompts, responses, pad_token_id=pad_token_id, advantages=adv, max_len=max_len)
+    return batch, (table if kinds[0] == "reward" else None)
 
 
 def _warn_retokenized(path: Path, counts: dict[str, int]) -> None:
