@@ -274,8 +274,8 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
             stats = torch.zeros((*U.input_ids.shape, 5), dtype=torch.float64)
             _, empty, sdot = scalars_and_components(stats, U, settings.weighting, None)
             parts, sdots = [empty], [sdot]
-        result, _ = _assemble(run, t, torch.cat(parts), torch.cat(sdots), lr, has_rewards=rewards is not None,
-                              has_max_len=U.max_len is not None, estimator="leave_one_out", require_signal=False)
+        result, _ = _assemble(run, (t, torch.cat(parts), torch.cat(sdots)), lr, U, rewards is not None,
+                              "leave_one_out")
     else:
         totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
         if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
@@ -307,11 +307,13 @@ def scalars_and_components(stats: Tensor, batch: RolloutBatch, weighting: str,
     return s, prompt_components(stats, batch, rewards), sdot
 
 
-def _assemble(run: ProbeRun, s: Tensor, components: Tensor, sdot: Tensor, lr: float, *, has_rewards: bool,
-              has_max_len: bool, estimator: str, require_signal: bool = True) -> tuple[EntropyPrediction, Effects]:
-    """δH ± SE and the effects from this rank's s, components and Ṡ (one all-reduce);
-    ``require_signal``: refuse all-zero s (not for leave-one-out, where all 0 is possible)."""
+def _assemble(run: ProbeRun, values: tuple[Tensor, Tensor, Tensor], lr: float, batch: RolloutBatch,
+              has_rewards: bool, estimator: str) -> tuple[EntropyPrediction, Effects]:
+    """δH ± SE and the effects from this rank's (s, components, Ṡ) of ``batch`` (one all-reduce);
+    all-zero s is refused except for leave-one-out (where every t = 0 is a possible estimate)."""
     settings, comm = run.settings, run.comm
+    s, components, sdot = values
+    require_signal = estimator != "leave_one_out"
     counts = scalar_counts(s)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *counts, *moment_sums(components)])
     if require_signal or totals[3] > 0:
@@ -319,9 +321,10 @@ def _assemble(run: ProbeRun, s: Tensor, components: Tensor, sdot: Tensor, lr: fl
             check_scalars(s, totals[2:2 + len(counts)])
         except NonFiniteError as err:
             raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
+    optional = (["reward"] if has_rewards else []) + (
+        ["entropy_seq_mean_token_sum_norm"] if batch.max_len is not None else [])
     effects = Effects.from_moments(totals[2 + len(counts):], lr=lr, components=components,
-                                   logprob_change=lr * sdot, has_rewards=has_rewards, has_max_len=has_max_len,
-                                   estimator=estimator)
+                                   logprob_change=lr * sdot, optional=optional, estimator=estimator)
     if settings.gather_s:
         s = comm.gather(s)
     result = EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
@@ -343,8 +346,7 @@ def prediction_with_effects(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Te
     batch = run.batch(E)
     stats = run.token_stats(muY, batch, "funcprobe effects (jvp)")
     s, components, sdot = scalars_and_components(stats, batch, settings.weighting, _on(rewards, stats))
-    result, _ = _assemble(run, s, components, sdot, lr, has_rewards=rewards is not None,
-                          has_max_len=E.max_len is not None, estimator="independent")
+    result, _ = _assemble(run, (s, components, sdot), lr, E, rewards is not None, "independent")
     warn_beyond_first_order(run, lr * tree_sq_norm(muY) ** 0.5, result)
     return result
 

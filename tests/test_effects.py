@@ -15,7 +15,7 @@ from torch.func import functional_call, jvp
 
 from funcprobe import EntropyProbe, ParamRegistry, RolloutBatch
 from funcprobe.core import token_stats as token_stats_module
-from funcprobe.core.effects import COMPONENTS, Effects, moment_sums, prompt_components, sequence_values
+from funcprobe.core.effects import COMPONENTS, OPTIONAL, Effects, moment_sums, prompt_components, sequence_values
 from funcprobe.core.token_stats import TOKEN_STATS, token_stats
 from helpers import gpt2, random_direction, random_rollouts
 
@@ -181,7 +181,7 @@ def test_sampled_effects_are_within_4_se_of_the_exact_derivatives(setup):
     r = rewards[idx].reshape(2 * groups, G)
     comps = prompt_components(st, sampled, r)
     eff = Effects.from_moments(moment_sums(comps), lr=1.0, components=comps, logprob_change=torch.zeros(1),
-                               has_rewards=True, has_max_len=True)
+                               optional=OPTIONAL)
     for name, value in exact.items():
         e = eff[name]
         assert abs(e.value - value) < 4 * e.se, (name, e.value, value, e.se)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +56,9 @@ EFFECTS = {
     "completion_length": ("tokens", 1, "mean completion length"),
     "reward": ("reward units", 1, "mean reward of a response"),
 }
+
+#: the effects that need an input besides E and the step (rewards; E's ``max_len``)
+OPTIONAL = ("reward", "entropy_seq_mean_token_sum_norm")
 
 #: how the logged-entropy aggregations are named by verl (``loss_agg_mode``) and TRL
 AGGREGATIONS = {"token-mean": "entropy_token_mean", "seq-mean-token-mean": "entropy_seq_mean_token_mean",
@@ -205,8 +208,11 @@ class Effects:
 
     @classmethod
     def from_moments(cls, sums: Sequence[float], *, lr: float, components: Tensor, logprob_change: Tensor,
-                     has_rewards: bool, has_max_len: bool, estimator: str = "independent") -> "Effects":
+                     optional: Collection[str] = (), estimator: str = "independent") -> "Effects":
         """The effects from ``sums`` = ``moment_sums`` over all ranks (``[Σx, Σxxᵀ, B]``).
+
+        ``optional``: which of ``OPTIONAL`` to include (``"reward"`` with rewards,
+        ``"entropy_seq_mean_token_sum_norm"`` with the batch's ``max_len``).
 
         Linear effects: η·mean, SE η·sqrt(var/B); ratios (token-mean entropy, KL per token)
         by the delta method: the gradient a of the ratio at the means, SE = sqrt(aᵀ C a / B)
@@ -234,10 +240,10 @@ class Effects:
         eta, eta2 = float(lr), float(lr) ** 2
         out["entropy_seq_mean_token_sum"] = linear({"d_entropy_sum": 1.0}, eta)
         out["entropy_seq_mean_token_mean"] = linear({"d_entropy_mean": 1.0}, eta)
-        if has_max_len:
+        if "entropy_seq_mean_token_sum_norm" in optional:
             out["entropy_seq_mean_token_sum_norm"] = linear({"d_entropy_sum_norm": 1.0}, eta)
         out["completion_length"] = linear({"d_length": 1.0}, eta)
-        if has_rewards:
+        if "reward" in optional:
             out["reward"] = linear({"d_reward": 1.0}, eta)
         out["kl"] = linear({"kl_sum": 1.0}, eta2)
         ell, hs, dl, dh = c["length"], c["entropy_sum"], c["d_length"], c["d_entropy_sum"]
