@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError, UnreachableDirectionError
-
-if TYPE_CHECKING:
-    from .effects import Effects
 
 #: two-sided 97.5% quantile of N(0, 1)
 Z_95 = 1.959963984540054
@@ -94,7 +91,7 @@ class EntropyPrediction:
     seconds: dict[str, float] = field(default_factory=dict)
     delta_h_baseline: float | None = None
     se_baseline: float | None = None
-    effects: "Effects | None" = field(default=None, repr=False)
+    effects: Any = field(default=None, repr=False)  # funcprobe.core.effects.Effects (which imports this module)
 
     @classmethod
     def from_sums(cls, s: Tensor, totals: Sequence[float], *, lr: float, mode: str,

@@ -115,8 +115,7 @@ def token_stats(module: nn.Module, frozen: Mapping[str, Tensor], theta: Mapping[
     split = head_split(module, owner, extra)
     L = ids.shape[1]
     if split is None:
-        per_column = _unsplit_stats(module, frozen, theta, tangent, kwargs, resp,
-                                    _prompt_lengths(batch).reshape(N))
+        per_column = _unsplit_stats(module, (frozen, theta, tangent), kwargs, resp, _prompt_lengths(batch).reshape(N))
     else:
         flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
 
@@ -151,9 +150,11 @@ def token_stats(module: nn.Module, frozen: Mapping[str, Tensor], theta: Mapping[
     return placed.reshape(B, G, T, len(TOKEN_STATS))
 
 
-def _unsplit_stats(module: nn.Module, frozen: dict, theta: dict, tangent: dict, kwargs: dict, resp: Tensor,
+def _unsplit_stats(module: nn.Module, params: tuple[dict, dict, dict], kwargs: dict, resp: Tensor,
                    prompt_lens: Tensor) -> Tensor:
-    """``[N, L - 1, 5]`` from the model's own logits under one ``jvp`` (models without a head split)."""
+    """``[N, L - 1, 5]`` from the model's own logits under one ``jvp`` (models without a head split);
+    ``params``: (frozen, θ, tangent)."""
+    frozen, theta, tangent = params
 
     def logits(t: dict) -> Tensor:
         return _unsplit_token_values(module, (frozen, t), kwargs, resp, prompt_lens, lambda z, y: z)
