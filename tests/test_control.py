@@ -12,6 +12,7 @@ from funcprobe import (EntropyProbe, EntropySchedule, EntropyTarget, ParamRegist
                        choose_knob)
 from funcprobe.control import entropy_bonus_gradient
 from funcprobe.core.control import ControlRequest
+from funcprobe.passes import prediction_with_effects
 from funcprobe.run import ProbeRun
 from helpers import gpt2, live_params, random_rollouts, reference_policy_gradient, rel_err
 
@@ -162,15 +163,17 @@ def test_kl_budget_scale_makes_the_predicted_kl_equal_the_budget():
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM, effects=True)
     full = probe.predict(E, U).effects["kl"].value
     for same in (False, True):
-        e = U if same else E
-        d = probe.choose(e, U, EntropyTarget(kl_budget=full / 9), knob="lr_scale")
-        if not same:
-            assert abs(d.value - 1 / 3) < 1e-10  # KL(c) = c²·KL(1)
-        assert d.reachable and abs(d.kl - full / 9 if not same else d.kl - d.target.kl_budget) < 1e-10 * full
-        # an independent effects pass along the chosen step gives the same KL (second order is exact in c²)
-        if not same:
-            check = probe.conditional_variance(E, d.step)  # δH along the chosen step, one JVP
-            assert abs(check.delta_h - d.delta_h) < 1e-10 * abs(d.delta_h)
+        d = probe.choose(U if same else E, U, EntropyTarget(kl_budget=full / 9), knob="lr_scale")
+        assert d.reachable and d.value < 1 and abs(d.kl - full / 9) < 1e-10 * full  # binds (seen ~1e-16)
+    assert abs(d.value - 1 / 3) > 1e-3  # with E = U the leave-one-out KL(1) decides, not the E one
+    d = probe.choose(E, U, EntropyTarget(kl_budget=full / 9), knob="lr_scale")
+    assert abs(d.value - 1 / 3) < 1e-10  # KL(c) = c²·KL(1)
+    # an effects pass along the chosen (scaled) step gives the budget: the second-order KL is c²·KL(1)
+    settings = probe.settings
+    run = ProbeRun.of(ParamRegistry.from_settings(model, settings), settings)
+    along = prediction_with_effects(run, E, d.step, 1.0, None)
+    assert abs(along.effects["kl"].value - full / 9) < 1e-10 * full  # (seen ~1e-15)
+    assert abs(along.delta_h - d.delta_h) < 1e-10 * abs(d.delta_h)
     loose = probe.choose(E, U, EntropyTarget(kl_budget=full * 4), knob="lr_scale")
     assert loose.reachable and loose.value == 1.0 and abs(loose.kl - full) < 1e-10 * full
     # a band that needs more step than the budget allows: not reachable, the budget's c returned
