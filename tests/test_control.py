@@ -188,7 +188,12 @@ def test_schedule_aims_at_the_next_level_from_the_measured_entropy():
     U = random_rollouts(B=4, G=3, seed=8)
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
     schedule = EntropySchedule(start=2.0, end=1.0, steps=10)
-    d = probe.choose(U, U, EntropyTarget(schedule=schedule), knob="lr_scale", step_index=3)
+    before = copy.deepcopy((dict(model.named_parameters()), opt.state_dict()))
+    d = probe.choose(U, U, EntropyTarget(schedule=schedule), knob="beta", beta_max=1.0, step_index=3)
+    after = (dict(model.named_parameters()), opt.state_dict())
+    assert all(torch.equal(before[0][n], after[0][n]) and after[0][n].grad is None for n in before[0])
+    assert all(torch.equal(before[1]["state"][k]["exp_avg"], after[1]["state"][k]["exp_avg"])
+               and before[1]["state"][k]["step"] == after[1]["state"][k]["step"] for k in before[1]["state"])
     # Ĥ = mean over U of Σ_t H_t / Lmax (dr_grpo), by the plain model
     model.eval()
     per = []
