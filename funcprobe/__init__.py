@@ -11,6 +11,9 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
 * ``EntropyProbe``: both in one call, following the live model and optimizer;
 * ``entropy_influence(model, E, U, optimizer=...)`` / ``EntropyProbe.influence``: δH
   split exactly over U's prompts, responses and tokens, with SEs (``funcprobe.influence``);
+* ``choose_knob(model, E, U, EntropyTarget(...), knob=...)`` / ``EntropyProbe.choose``: the
+  entropy-bonus coefficient or step-size scale of the next step that meets an entropy
+  target or a KL budget (``funcprobe.control``, docs/control.md);
 * the pure core: ``sequence_logprobs`` (S), ``entropy_surrogate`` (LX),
   ``policy_gradient_surrogate`` (J), the transforms (``funcprobe.core``);
 * the step maps as optax-style ``StepMap`` values: ``sgd``, ``frozen_adam``,
@@ -23,7 +26,7 @@ kernels), ``funcprobe.core`` (pure maths), ``funcprobe.edge`` (side effects; sha
 strategy), ``funcprobe.io`` (files), ``funcprobe.run`` (the run value: registry, settings,
 communicator, compute dtype, θ; chunk plan, session, the two core calls),
 ``funcprobe.passes`` (policy gradient, step, s, δH ± SE, leave-one-out),
-``funcprobe.influence`` (the split), ``funcprobe.api`` (entry points),
+``funcprobe.influence`` (the split), ``funcprobe.control`` (choosing a knob), ``funcprobe.api`` (entry points),
 ``funcprobe.validation`` (demo studies), ``funcprobe.integrations`` (TRL),
 ``funcprobe.apps`` (demo, command line, plots).
 """
@@ -33,12 +36,14 @@ from __future__ import annotations
 from . import errors
 from .api import (
     EntropyProbe,
+    choose_knob,
     conditional_variance,
     entropy_influence,
     probe_scalars,
     step_from_gradient,
     update_direction,
 )
+from .core.control import ControlDecision, EntropySchedule, EntropyTarget
 from .core.influence import EntropyInfluence, GroupInfluence
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
@@ -88,9 +93,12 @@ __all__ = [
     "AdamHyper",
     "AdamState",
     "ClipByGlobalNorm",
+    "ControlDecision",
     "EntropyInfluence",
     "EntropyPrediction",
     "EntropyProbe",
+    "EntropySchedule",
+    "EntropyTarget",
     "GroupInfluence",
     "InfluenceRequest",
     "MODES",
@@ -112,6 +120,7 @@ __all__ = [
     "adam_next_step",
     "adam_preconditioner",
     "chain",
+    "choose_knob",
     "clip_by_global_norm",
     "conditional_variance",
     "directional_derivatives",

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import passes
+from . import control, passes
+from .core.control import ControlDecision, ControlRequest, EntropyTarget
 from .core.effects import check_rewards
 from .core.influence import EntropyInfluence
 from .core.pytree import ParamTree, check_like, tree_sq_norm
@@ -425,6 +426,49 @@ class EntropyProbe:
         """``failing_together`` over this probe's process group and model."""
         return failing_together(Communicator.for_group(self.settings.process_group), self.model)
 
+    def choose(self, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *, knob: str = "lr_scale",
+               beta_max: float = 1.0, step_index: int | None = None) -> ControlDecision:
+        """The value of a knob of the next step that meets ``target``, chosen before the step
+        (docs/control.md), and the step's predicted δH ± SE (and KL) at it.
+
+        Args:
+            E, U: ``RolloutBatch`` es (U with advantages). When E is U (the same object or
+                the same tokens, as in a trainer), every decision uses the leave-one-out
+                estimate: each prompt of U is scored against the step without its own
+                gradient (never the same-batch value, which each prompt's own contribution
+                biases).
+            target: ``EntropyTarget`` (δH*, a band, a schedule, a KL budget, ``risk``).
+            knob: ``"lr_scale"`` (c ∈ (0, 1] on every param group's learning rate, this
+                step only; LoRA+ ratios kept) or ``"beta"`` (the entropy-bonus coefficient
+                β ∈ [0, beta_max] in the ascent gradient g_pg + β·g_H, g_H the gradient of
+                TRL's bonus, the mean token entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
+            beta_max: the largest β tried (> 0).
+            step_index: the optimizer step t (an int ≥ 0), for a schedule only.
+
+        Returns:
+            ``ControlDecision``: ``value`` (β or c), ``reachable`` (and ``reason`` when not:
+            the value is then the in-range one that comes closest, never clamped silently),
+            ``delta_h``/``se`` at the value (nats per W), ``kl``/``kl_se`` (with the setting
+            ``effects=True`` or a KL budget), the uncontrolled step's δH, ``step`` (Δ at
+            the value: under ``optimizer_step`` the Δθ that ``optimizer.step()`` adds with
+            the learning rates scaled by c, or with ``−(g_pg + β·g_H)`` in ``.grad``).
+
+        Cost: one backward over U (g_pg), one more for β (g_H), one single-prompt backward
+        per prompt of E (with E = U: two or three per prompt of U), memory for that many
+        flat gradient copies (float64); then step-map evaluations and dot products only;
+        one effects JVP pass for the KL.
+
+        Raises:
+            SettingsError (``ValueError``): a bad ``target``, ``knob``, ``beta_max`` or
+                ``step_index`` (named), a KL budget with ``knob="beta"``, a process group or
+                a sharded model.
+            the errors of ``predict``.
+        """
+        request = _request(target, knob, beta_max, step_index)
+        run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
+        same = same_batch(E, U)
+        return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry))
+
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
                  extra=None) -> ParamRegistry:
         """Check the batches (U needs advantages) and ``extra()``, then re-extract the
@@ -488,6 +532,34 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
     request = request or InfluenceRequest()
     probe = EntropyProbe(model, optimizer, lr=lr, **options)
     return probe.influence(E, U, groups=request.groups or None, matrix=request.matrix)
+
+
+def _request(target: object, knob: object, beta_max: object, step_index: object) -> ControlRequest:
+    """The checked ``ControlRequest`` (``SettingsError`` naming the argument)."""
+    if not isinstance(target, EntropyTarget):
+        raise SettingsError(f"target: expected an EntropyTarget, got {type(target).__name__}")
+    return ControlRequest(target=target, knob=knob, beta_max=beta_max, step_index=step_index)
+
+
+def choose_knob(model: nn.Module, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *,
+                optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
+                **options: Any) -> ControlDecision:
+    """The knob value of the next step that meets ``target`` (``EntropyProbe.choose``).
+
+    Args:
+        model, optimizer, lr: as ``EntropyProbe`` (default ``step="optimizer_step"``).
+        E, U, target: as ``EntropyProbe.choose``.
+        **options: ``knob``, ``beta_max``, ``step_index`` (``EntropyProbe.choose``) and the
+            fields of ``ProbeSettings`` as keywords.
+
+    Returns and raises: as ``EntropyProbe.choose`` and ``EntropyProbe``.
+    """
+    knob = options.pop("knob", "lr_scale")
+    beta_max = options.pop("beta_max", 1.0)
+    step_index = options.pop("step_index", None)
+    _request(target, knob, beta_max, step_index)  # checked before any model work
+    probe = EntropyProbe(model, optimizer, lr=lr, **options)
+    return probe.choose(E, U, target, knob=knob, beta_max=beta_max, step_index=step_index)
 
 
 def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> EntropyPrediction | None:

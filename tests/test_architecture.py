@@ -26,6 +26,7 @@ LAYERS = [
     ("run value", ("funcprobe.run",)),
     ("passes", ("funcprobe.passes",)),
     ("influence", ("funcprobe.influence",)),
+    ("control", ("funcprobe.control",)),
     ("api", ("funcprobe.api",)),
     ("validation", ("funcprobe.validation",)),
     ("integrations and apps", ("funcprobe.integrations", "funcprobe.apps")),
