@@ -218,9 +218,8 @@ def _kl(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, model: _Model, b
         s.append(d)
         parts.append(part)
         sdots.append(sdot)
-    _, effects = passes._assemble(run, torch.cat(s), torch.cat(parts), torch.cat(sdots), model.lr,
-                                  has_rewards=False, has_max_len=U.max_len is not None,
-                                  estimator="leave_one_out", require_signal=False)
+    _, effects = passes.assemble(run, (torch.cat(s), torch.cat(parts), torch.cat(sdots)), model.lr, U, False,
+                                 "leave_one_out")
     return effects["kl"].value, effects["kl"].se
 
 

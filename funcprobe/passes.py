@@ -274,7 +274,7 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
             stats = torch.zeros((*U.input_ids.shape, 5), dtype=torch.float64)
             _, empty, sdot = scalars_and_components(stats, U, settings.weighting, None)
             parts, sdots = [empty], [sdot]
-        result, _ = _assemble(run, (t, torch.cat(parts), torch.cat(sdots)), lr, U, rewards is not None,
+        result, _ = assemble(run, (t, torch.cat(parts), torch.cat(sdots)), lr, U, rewards is not None,
                               "leave_one_out")
     else:
         totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
@@ -307,7 +307,7 @@ def scalars_and_components(stats: Tensor, batch: RolloutBatch, weighting: str,
     return s, prompt_components(stats, batch, rewards), sdot
 
 
-def _assemble(run: ProbeRun, values: tuple[Tensor, Tensor, Tensor], lr: float, batch: RolloutBatch,
+def assemble(run: ProbeRun, values: tuple[Tensor, Tensor, Tensor], lr: float, batch: RolloutBatch,
               has_rewards: bool, estimator: str) -> tuple[EntropyPrediction, Effects]:
     """δH ± SE and the effects from this rank's (s, components, Ṡ) of ``batch`` (one all-reduce);
     all-zero s is refused except for leave-one-out (where every t = 0 is a possible estimate)."""
@@ -346,7 +346,7 @@ def prediction_with_effects(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Te
     batch = run.batch(E)
     stats = run.token_stats(muY, batch, "funcprobe effects (jvp)")
     s, components, sdot = scalars_and_components(stats, batch, settings.weighting, _on(rewards, stats))
-    result, _ = _assemble(run, (s, components, sdot), lr, E, rewards is not None, "independent")
+    result, _ = assemble(run, (s, components, sdot), lr, E, rewards is not None, "independent")
     warn_beyond_first_order(run, lr * tree_sq_norm(muY) ** 0.5, result)
     return result
 
