@@ -123,7 +123,7 @@ def test_from_options_and_options_round_trip():
     full = ProbeSettings(step="optimizer_step", max_grad_norm=1, optimizer_lr="initial", weighting="per_token_avg",
                          loss_type="dapo",
                          params=["a", "b"], adapter="x", keep_dropout=True, allow_identity_fallback=True,
-                         split_baseline=True, mode="vjp", precision="float32", chunk_size=3, memory_budget_gb=1,
+                         split_baseline=True, effects=True, mode="vjp", precision="float32", chunk_size=3, memory_budget_gb=1,
                          attention_block=16, mlp_chunk=None, generic_jvp=True, progress=False, gather_s=True)
     # every field but process_group (a live group) and kernels ("triton" needs Triton installed)
     assert set(full.options()) == {f.name for f in dataclasses.fields(ProbeSettings)} - {"process_group", "kernels"}
