@@ -31,7 +31,8 @@ def test_tiny_preset_all_methods(bench, tmp_path):
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0, name
         assert math.isfinite(r["time_ratio"]) and r["peak_bytes"] >= 0, name
     for name in ("funcprobe_jvp", "funcprobe_vjp", "seeds_alpha", "seeds_s_boundary"):
-        assert rows[name]["max_rel_diff"] < 1e-5, name  # Qwen2 float32 internals, float64 elsewhere
+        # Qwen2 float32 internals, float64 elsewhere: seen 3.3e-7 (~3 float32 ulps), bound 30x
+        assert rows[name]["max_rel_diff"] < 1e-5, name
     assert len(report["group_sweep"]) == 6 and len(report["length_sweep"]) == 6
     assert set(report["largest_group_in_budget"]) == {"nograd_forward", "funcprobe_jvp", "seeds_alpha"}
     assert "| funcprobe_jvp |" in (tmp_path / "cpu-tiny.md").read_text()
@@ -56,5 +57,9 @@ def test_flash_jvp_benchmark_harness(bench, tmp_path):
                                            "kernel_forward_jvp", "rule_forward_jvp", "generic_forward_jvp"]
     assert all(r["median_s"] > 0 for r in rows)
     agree = rows[3]["vs_rule"]
-    assert agree["value"] < 1e-2 and agree["tangent"] < 1e-2
+    # bf16 outputs both sides (eps 2^-8 = 3.9e-3 of the max): seen 2e-6 on CPU (the interpreter
+    # multiplies in float32), up to 1.0e-2 on an H200 (benchmarks/results/cuda-nvidia-h200-flash-jvp.json,
+    # T = 8192); bound 5e-2, ~13 bf16 ulps (was 1e-2, which the H200 run exceeded); a wrong tangent
+    # term is O(1) off
+    assert agree["value"] < 5e-2 and agree["tangent"] < 5e-2
     assert "| 40 | kernel_forward_jvp |" in report.with_suffix(".md").read_text()

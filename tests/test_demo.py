@@ -31,7 +31,10 @@ def test_demo_tiny_model_steps_are_predicted_and_realized(tmp_path):
         nums = (r.prediction.delta_h, r.prediction.se, r.realized.delta_h, r.realized.se, r.z,
                 r.realized_tokens.delta_h, r.logged_entropy)
         assert all(math.isfinite(x) for x in nums) and r.prediction.se > 0 and r.realized.se > 0
-        assert r.step_error < 1e-4  # the predicted Δθ is the one AdamW.step() applied
+        # the predicted Δθ is the one AdamW.step() applied: float32 weights, so θ_after − θ_before
+        # keeps ~eps32·|θ|/|Δθ| (seen 1.7e-5); bound 1e-3 (60x; was 1e-4, 6x); a wrong lr, clip or
+        # moment is >= 1e-2 off
+        assert r.step_error < 1e-3
         assert r.prediction.num_prompts == 3 and r.prediction.step == "optimizer_step"
     report = format_report(res)
     assert "predicted dH" in report and "realized dH" in report and "nan" not in report.lower()
@@ -77,5 +80,5 @@ def test_demo_quick_on_smollm2(tmp_path):
     assert "SmolLM2" in data["model"] and len(data["steps"]) == 2
     for step in data["steps"]:
         assert all(math.isfinite(step[k]) for k in ("predicted", "se_predicted", "realized", "se_realized", "z"))
-        assert step["step_error"] < 1e-4
+        assert step["step_error"] < 1e-3  # as the tiny demo's (float32): seen 4.2e-6
     assert (tmp_path / "demo.png").stat().st_size > 0

@@ -31,7 +31,7 @@ def test_sgd_direction_is_the_mean_policy_gradient():
     for weighting in ("dr_grpo", "per_token_avg"):
         mu = update_direction(model, U, step="sgd", weighting=weighting, chunk_size=2)
         ref = reference_policy_gradient(model, U, list(mu), weighting)
-        for k in mu:
+        for k in mu:  # float64, batched vs per-sequence autograd: seen 1.5e-15, bound 1e-10 (> 1e4x)
             assert rel_err(mu[k], ref[k]) < 1e-10, k
 
 
@@ -71,6 +71,8 @@ def test_adam_step_equals_the_optimizer_step_per_unit_lr(opt_cls, kw):
         p.grad = sign * grad_j[n]
     opt.step()
     lr = kw["lr"]
+    # float64; (p − b) / lr loses the digits of |p| / |Δp| ~ 1e3: seen 1.5e-13, bound 1e-6
+    # (> 1e6x); a wrong moment, bias correction or decay is O(1e-3) relative or more
     for n, p, b in zip(names, params, before):
         assert rel_err(mu[n], (p.detach() - b) / lr) < 1e-6, n
 
@@ -85,6 +87,7 @@ def test_adam_preconditioner_reads_state_by_name_and_refuses_missing_state():
     g = update_direction(model, U, step="sgd")
     st = opt.state[params[0]]
     v_hat = st["exp_avg_sq"] / (1 - 0.999 ** int(st["step"]))
+    # the same float64 formula: seen exactly equal; bounds 1e-12 (a few ops' rounding) and 1e-15
     assert rel_err(mu[names[0]], g[names[0]] / (v_hat.sqrt() + 1e-8)) < 1e-12
     assert rel_err(mu[names[-1]], g[names[-1]]) < 1e-15  # identity fallback
 
@@ -95,7 +98,7 @@ def test_adam_preconditioner_pure_function():
     g = torch.tensor([1.0, -2.0], dtype=torch.float64)
     v = torch.tensor([4.0, 1.0], dtype=torch.float64)
     out = adam_preconditioner(g, AdamState(hyper=hyper, step=1, exp_avg_sq=v))
-    assert torch.allclose(out, g / ((v / 0.01).sqrt() + 1e-8))
+    assert torch.allclose(out, g / ((v / 0.01).sqrt() + 1e-8))  # float64: seen 2.8e-16 relative, rtol 1e-5
     with pytest.raises(ValueError, match="no Adam state"):
         adam_preconditioner(g, AdamState(hyper=hyper))
 
@@ -126,6 +129,7 @@ def test_step_blocks_are_typed_values_that_match_torch():
     opt.step()
     for p, n in zip(params, ("a", "b")):
         assert torch.equal(delta[n], delta2[n])
+        # float64; p − θ after the step loses |θ|/|Δ| ~ 1e2-1e3 in digits: seen 4.6e-14, bound 1e-12 (22x)
         assert rel_err(delta[n], p.detach() - theta[n]) < 1e-12, n
     split = split_step(step, g)
     assert split.clip == float(ClipByGlobalNorm(0.5).coefficient(g)) < 1
@@ -216,6 +220,8 @@ def test_optimizer_step_equals_clip_grad_norm_and_optimizer_step(opt_cls, kw, ma
         total = torch.nn.utils.clip_grad_norm_(params, max_norm)
         assert float(total) > max_norm  # clipping is active in this case
     opt.step()
+    # float64; p − b loses |p|/|Δp| in digits: seen 5.5e-13, bound 1e-6 (> 1e6x); a wrong lr,
+    # clip or state is O(1e-3) relative or more
     for n, p, b in zip(names, params, before):
         assert rel_err(delta[n], p.detach() - b) < 1e-6, n
 
@@ -273,6 +279,8 @@ def test_baseline_split_is_exact_and_is_the_step_of_a_zero_gradient():
     base = conditional_variance(model, E, delta0, lr=1.0)
     rest = conditional_variance(model, E, {n: delta[n] - delta0[n] for n in names}, lr=1.0)
     assert pred.step == "optimizer_step" and pred.lr == 1.0
+    # float64: seen 1.4e-15 relative (delta0 from the real step, p − b), bound 1e-6; the sum: seen
+    # 5e-16 relative, bound 1e-10
     assert abs(pred.delta_h_baseline - base.delta_h) <= 1e-6 * abs(base.delta_h)
     assert abs(pred.delta_h - (base.delta_h + rest.delta_h)) <= 1e-10 * (abs(base.delta_h) + abs(rest.delta_h))
     assert pred.se_baseline > 0 and "delta_h_baseline" in pred.to_dict()

@@ -38,7 +38,8 @@ def _shard(batch, lo, hi):
 
 
 def _model():
-    """GPT-2 config + LoRA, float64 throughout (so 1e-10 is a meaningful tolerance); dropout off."""
+    """GPT-2 config + LoRA, float64 throughout (so 1e-10 is a meaningful tolerance: seen <= 1.1e-15
+    against the unsharded answer, > 1e4x; a missing shard's share is O(1/world) off); dropout off."""
     return gpt2().eval()
 
 
@@ -189,14 +190,16 @@ def test_fsdp2_probe_equals_the_unsharded_answer(world, tmp_path):
             assert rel_err(out["layers"]["per_token"], inf_ref.per_token[lo:hi]) < 1e-10
         train = out["train"]
         assert train["grads_equal"] and train["params_equal"], rank
-        for k in adam_ref:
+        for k in adam_ref:  # float64: seen <= 2.5e-14 (0 for TRL's δH and SE), bound 1e-8 (> 1e5x)
             assert rel_err(train["adam_step"][k], adam_ref[k]) < 1e-8, (rank, k)
             assert rel_err(train["from_trainer"][k], adam_ref[k]) < 1e-8, (rank, k)
         for key in ("delta_h", "se"):  # the TRL callback's path on the FSDP2 model
             assert rel_err(train["trl"][key], trl_ref[key]) < 1e-8, (rank, key)
         if world == 2:  # bf16 all-gathers: runs, finite, and close to float32 (measured in the README)
             s32, s16 = (torch.tensor(out["bf16"][k]["s"], dtype=torch.float64) for k in ("float32", "bf16"))
-            assert torch.isfinite(s16).all() and rel_err(s16, s32) < 0.1, rel_err(s16, s32)
+            # bf16 (eps 3.9e-3) gathered weights: seen 1.3e-2 (docs/sharding.md recorded 0.64%),
+            # bound 0.2 (15x; was 0.1, 7.8x); a wrong shard or a dropped tangent is O(1) off
+            assert torch.isfinite(s16).all() and rel_err(s16, s32) < 0.2, rel_err(s16, s32)
             print(f"bf16 MixedPrecisionPolicy vs float32: s {rel_err(s16, s32):.2e}, delta_h "
                   f"{abs(out['bf16']['bf16']['delta_h'] / out['bf16']['float32']['delta_h'] - 1):.2e} relative")
 

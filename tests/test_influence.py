@@ -99,16 +99,24 @@ def test_influence_is_an_exact_split_and_matches_the_per_sample_reference(traine
     probe = EntropyProbe(model, opt, max_grad_norm=max_norm, chunk_size=2)
     pred = probe.predict(E, U)
     inf = probe.influence(E, U)
+    # Tolerances here, float64 throughout. Same-code agreements (the split, predict vs influence,
+    # sums of shares) are rounding only: seen <= 1.4e-19 absolute (1e-15 relative), bounds 1e-10
+    # relative (>= 1e5x). Against the reference (autograd per sample + the real optimizer's step):
+    # its secant (Δ(g) − Δ(0))/g cancels digits, seen 9.4e-11 relative (tokens), 6.9e-11 (matrix),
+    # 4.5e-11 (SEs), 1.5e-10 (per prompt, of the max); bounds 1e-8 (>= 65x). A wrong
+    # preconditioner, clip factor or weighting is off by O(1) relative.
     # the split is exact: baseline + Σ_i δH_i = δH (float64)
     assert abs(inf.delta_h_baseline + float(inf.per_prompt.sum()) - inf.delta_h) < 1e-10 * max(abs(inf.delta_h), 1e-3)
     assert abs(inf.delta_h - pred.delta_h) < 1e-10 * abs(pred.delta_h)
     assert abs(inf.se - pred.se) < 1e-10 * pred.se
+    # seen exactly equal (values up to 1.3e-4; 1e-16 is ~3000 float64 ulps of them)
     assert torch.allclose(inf.per_response.sum(-1), inf.per_prompt, rtol=0, atol=1e-16)
     assert torch.allclose(inf.per_token.sum(-1), inf.per_response, rtol=0, atol=1e-16)
     assert bool((inf.per_token[~U.response_mask] == 0).all())
     ref = _reference(model, E, U, opt, max_norm)
     if max_norm is not None:
-        assert ref["c"] < 1 and abs(inf.clip - ref["c"]) < 1e-12  # clipping is active here
+        # clipping is active here; c ~ 7e-3, seen 1.7e-18 off (float64 rounding), bound 1e-12
+        assert ref["c"] < 1 and abs(inf.clip - ref["c"]) < 1e-12
     mu_x = [sum(gl[k] for gl in ref["grad_lx"]) / E.num_prompts for k in range(len(ref["params"]))]
     # δH from the real step, and its baseline from the real step of a zero gradient
     assert rel_err(inf.delta_h, _dot(mu_x, ref["delta_g"])) < 1e-8
@@ -137,7 +145,7 @@ def test_influence_is_an_exact_split_and_matches_the_per_sample_reference(traine
     wide = probe.influence(E, U, matrix=True)  # rows over E whichever batch is larger: B_E = 5 > B_U = 4
     narrow = probe.influence(E.select(0, 3), U, matrix=True)  # and B_E = 3 < 4
     assert rel_err(wide.matrix, s_ref) < 1e-8 and rel_err(narrow.matrix, s_ref[:3]) < 1e-8
-    assert float((wide.matrix.mean(0) - wide.per_prompt).abs().max()) < 1e-12
+    assert float((wide.matrix.mean(0) - wide.per_prompt).abs().max()) < 1e-12  # seen 6.8e-20 (values ~1e-6)
     assert torch.allclose(wide.per_prompt_se, s_ref.std(0) / math.sqrt(5), rtol=1e-8, atol=0)
 
 
@@ -203,6 +211,7 @@ def test_groups_carry_their_share_with_an_se(trained):
     inf = probe.influence(E, U, groups={"positive": U.advantages > 0, "negative": U.advantages < 0,
                                         "first_tokens": first})
     pos, neg, tok = inf.groups["positive"], inf.groups["negative"], inf.groups["first_tokens"]
+    # float64 rounding only (values ~1e-4): seen 0 (first), 5.4e-20 (loop), 0 (last); bounds >= 1e5x
     assert abs(pos.delta_h + neg.delta_h - inf.delta_h_update) < 1e-12
     for group in (pos, neg, tok):  # independent paths: token JVP over U = backward over U then JVP over E
         assert abs(float(group.s.mean()) - group.delta_h) < 1e-10 * max(abs(group.delta_h), 1e-6)
@@ -225,6 +234,7 @@ def test_split_step_is_exact_and_the_secant_is_the_preconditioner_for_linear_ste
     hyper = AdamHyper(0.9, 0.999, 1e-8, 0.0, True, False)
     state = {"w": AdamState(hyper, step=3, exp_avg=torch.zeros(6, dtype=torch.float64), exp_avg_sq=v)}
     split = split_step(frozen_adam(state), g)
+    # rtol 1e-14 ~ 50 float64 eps for a few-operation formula; seen exactly equal
     assert torch.allclose(split.secant["w"], 1 / ((v / (1 - 0.999**3)).sqrt() + 1e-8), rtol=1e-14, atol=0)
     # Adam at step 0 with weight decay and clipping: Δ(g) = Δ(0) + q ⊙ c·g, and at g_k = 0 q is A'(0),
     # finite although sqrt(v) has no derivative there (v = 0)
@@ -234,12 +244,15 @@ def test_split_step_is_exact_and_the_secant_is_the_preconditioner_for_linear_ste
     split = split_step(step, g)
     full = step(g)["w"]
     assert split.clip < 1
+    # rtol 1e-14 ~ 50 float64 eps; seen 4.3e-16 relative (the linear step's rounding)
     assert torch.allclose(split.baseline["w"] + split.secant["w"] * split.clip * g["w"], full, rtol=1e-14, atol=0)
     # Adam's first step is lr·g/(|g| + ε) (bias-corrected), whose derivative at g = 0 is lr/ε
+    # (float64, a few operations: seen exact, bound 1e-12)
     assert rel_err(split.secant["w"][2], 1e-3 / 1e-8) < 1e-12
     # a coordinate-wise map without a closed-form secant: the difference, and one JVP at g_k = 0
     custom = StepMap("tanh_step", lambda name, g: torch.tanh(g) + 0.5)
     split = split_step(custom, g)
+    # float64 of O(1) values: seen 1.1e-16 absolute (one ulp), bounds rtol 1e-14 / atol 1e-15 (~10 ulps)
     assert torch.allclose(split.baseline["w"] + split.secant["w"] * g["w"], custom(g)["w"], rtol=1e-14, atol=1e-15)
     assert float(split.secant["w"][2]) == 1.0  # tanh'(0)
 
@@ -294,6 +307,8 @@ def test_adam_secant_has_no_cancellation(decoupled, amsgrad, step):
         else:
             ref = (_adam_mp(g[k], p[k], m0[k], v0[k], vmax[k], step, hyper)
                    - _adam_mp(0, p[k], m0[k], v0[k], vmax[k], step, hyper)) / float(g[k])
+        # float64 secant vs 60 digits: seen <= 5.5e-16 relative (a few eps), bound 1e-12 (> 1e3x);
+        # the float64 difference of the two steps would be off by up to 4.7e-4
         assert abs(float(q[k]) - float(ref)) <= 1e-12 * abs(float(ref)), (k, float(q[k]), float(ref))
 
 
@@ -317,6 +332,7 @@ def test_bandit_per_action_influence_is_the_closed_form():
     c = S - (S.sum(1, keepdim=True) - S) / (G - 1)
     mu_x = (-(c.unsqueeze(-1) * (onehot - p)).mean(1)).mean(0)
     closed = lr / 5 * adv / G * ((mu_x[u_actions]) - (p * mu_x).sum())
+    # float64 closed form, a few operations: seen 8e-17 of the max (a few ulps), bound 1e-12 (1e4x)
     assert float((inf.per_response - closed).abs().max()) < 1e-12 * float(closed.abs().max())
     assert inf.delta_h_baseline == 0.0 and inf.se_baseline == 0.0
 
@@ -362,16 +378,19 @@ def test_token_covariance_is_verls_score_and_spearman_handles_ties():
     tokens = [(i, g, t) for i in range(2) for g in range(3) for t in range(5) if mask[i, g, t]]
     mean_a = sum(float(adv[i, g]) for i, g, t in tokens) / len(tokens)  # token-weighted, as verl's masked_mean
     mean_l = sum(float(logp[i, g, t]) for i, g, t in tokens) / len(tokens)
+    # float64 products of O(1) values: seen 1.2e-16 (one ulp); bound 1e-14 (~50 ulps); an
+    # unweighted or per-response mean would be O(0.1) off
     for i, g, t in tokens:
-        assert abs(float(cov[i, g, t]) - (float(adv[i, g]) - mean_a) * (float(logp[i, g, t]) - mean_l)) < 1e-15
+        assert abs(float(cov[i, g, t]) - (float(adv[i, g]) - mean_a) * (float(logp[i, g, t]) - mean_l)) < 1e-14
     assert bool((cov[~mask] == 0).all())
     a = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0], dtype=torch.float64)
-    assert abs(spearman(a, a ** 3) - 1.0) < 1e-15 and abs(spearman(a, -a) + 1.0) < 1e-15
+    assert abs(spearman(a, a ** 3) - 1.0) < 1e-15 and abs(spearman(a, -a) + 1.0) < 1e-15  # seen exact (float64)
     b = torch.tensor([5.0, 3.0, 4.0, 1.0, 2.0], dtype=torch.float64)
     # ranks of a with the tie averaged: 1, 2.5, 2.5, 4, 5; of b: 5, 3, 4, 1, 2 -> Pearson of the ranks
-    ra, rb = torch.tensor([1, 2.5, 2.5, 4, 5]), torch.tensor([5.0, 3, 4, 1, 2])
+    ra, rb = (torch.tensor(x, dtype=torch.float64) for x in ([1, 2.5, 2.5, 4, 5], [5.0, 3, 4, 1, 2]))
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    assert abs(spearman(a, b) - float((ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt())) < 1e-7
+    # float64, a 5-term correlation: seen exact, bound 1e-12; ties not averaged give −0.8 (0.07 off)
+    assert abs(spearman(a, b) - float((ra * rb).sum() / ((ra * ra).sum() * (rb * rb).sum()).sqrt())) < 1e-12
     assert top_fraction_mask(b, 0.4).tolist() == [True, False, True, False, False]
     assert int(top_fraction_mask(b, 1e-9).sum()) == 1
 
@@ -469,10 +488,11 @@ def test_plot_normalises_the_token_concentration_by_the_sum_of_absolute_shares(m
     per_token[0, 0, start:start + 4] = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)  # Σ share = 0
     ax = _right_panel(monkeypatch, _hand_made(per_token, U), U, tmp_path / "cancel.png")
     y = torch.tensor(ax.lines[0].get_ydata(), dtype=torch.float64)
-    # |shares| 1, 1, .5, .5 of Σ 3, then 20 zeros: 1/3, 2/3, 5/6, 1, 1, ... (exact in float64 to rounding)
+    # |shares| 1, 1, .5, .5 of Σ 3, then 20 zeros: 1/3, 2/3, 5/6, 1, 1, ... (exact in float64 to rounding:
+    # seen exact; atol 1e-15 ~ 5 ulps of 1)
     assert len(y) == int(U.response_mask.sum()) == 24
     assert torch.allclose(y[:4], torch.tensor([1 / 3, 2 / 3, 5 / 6, 1.0], dtype=torch.float64), rtol=0, atol=1e-15)
-    assert float(y.min()) >= 0 and float(y.max()) <= 1 + 1e-15 and bool((y.diff() >= 0).all())
+    assert float(y.min()) >= 0 and float(y.max()) <= 1 + 1e-15 and bool((y.diff() >= 0).all())  # 1e-15: ~5 ulps of 1
     assert ax.get_ylabel() == "cumulative |share| / Σ|share|"
     assert (tmp_path / "cancel.png").stat().st_size > 5000
     # every share 0: no curve (no division by zero), the panel says why

@@ -65,7 +65,7 @@ def test_a_pad_id_outside_the_vocabulary_is_never_looked_up():
     with probe_session(reg), torch.no_grad():
         Sa = sequence_logprobs(reg.module, reg.params(reg.trainable), a)
         Sb = sequence_logprobs(reg.module, reg.params(reg.trainable), b)
-    assert torch.isfinite(Sb).all() and rel_err(Sb, Sa) < 1e-12
+    assert torch.isfinite(Sb).all() and rel_err(Sb, Sa) < 1e-12  # float64, the pad id never read: seen 0
 
 
 def test_muY_that_is_not_a_tree_of_real_tensors_is_named():

@@ -92,7 +92,7 @@ def test_cli_matches_the_library_call(workspace, tmp_path):
     _, rewards_E = read_rollouts_and_rewards(w / "E.jsonl", max_len=LMAX)
     ref = EntropyProbe(model, opt, step="adam_step", weighting="dr_grpo", effects=True).predict(E, U, rewards=rewards_E)
     assert got["lr"] == 1e-3 and got["step"] == "adam_step" and got["num_prompts"] == 5
-    for key in ("delta_h", "se", "mean_s", "var", "step_norm"):
+    for key in ("delta_h", "se", "mean_s", "var", "step_norm"):  # float64 both sides, JSON exact: seen 0
         assert rel_err(got[key], ref.to_dict()[key]) < 1e-9, key
     assert set(got["effects"]["effects"]) == set(ref.effects.effects) and "reward" in ref.effects.effects
     for name, e in ref.effects.effects.items():  # float64 both sides: 1e-9
@@ -234,6 +234,7 @@ def test_rollout_files_text_and_advantages(workspace, tmp_path):
     b = read_rollouts(f, tokenizer=tok, max_len=4)
     assert b.input_ids[0, 0].tolist()[:5] == [6, 7, 8, 9, 10] and b.response_lengths.tolist() == [[2, 1, 3]]
     r = torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64)
+    # the same float formulas: seen exactly equal (default rtol 1e-5)
     assert torch.allclose(b.advantages, (r - r.mean()) / (r.std() + 1e-4))  # TRL's group normalisation
     assert torch.allclose(read_rollouts(f, tokenizer=tok, scale_rewards="none").advantages, r - r.mean())
     assert torch.allclose(group_advantages(r, "none"), r - r.mean())
@@ -417,6 +418,7 @@ def test_cli_influence_matches_the_library_call(workspace, tmp_path, capsys):
     U = read_rollouts(w / "U.jsonl", max_len=LMAX)
     ref = EntropyProbe(model, opt, step="adam_step").influence(E, U)  # the CLI's default step
     assert got["step"] == "adam_step" and got["lr"] == 1e-3
+    # float64 both sides, JSON exact: seen 0 (1e-9 allows reordering); the groups' sum: seen 3.4e-21
     assert rel_err(got["delta_h"], ref.delta_h) < 1e-9 and rel_err(torch.tensor(got["per_prompt"], dtype=torch.float64), ref.per_prompt) < 1e-9
     assert abs(got["groups"]["positive_adv"]["delta_h"] + got["groups"]["negative_adv"]["delta_h"]
                - ref.delta_h_update) < 1e-12
