@@ -16,7 +16,7 @@ from torch.func import functional_call
 from funcprobe import ParamRegistry, RolloutBatch
 from funcprobe.validation import effects_change
 from funcprobe.validation.effects_change import (COMPARISON, REALIZED, TERMS, realized_effects, response_terms,
-                                                 token_comparison)
+                                                 token_comparison, token_comparisons)
 from helpers import gpt2, random_direction
 
 V, LMAX, EOS, PAD = 5, 3, 2, 0
@@ -76,11 +76,19 @@ def test_token_comparison_equals_the_reference_per_position_values(setup):
     assert comparison[~batch.response_mask].abs().max() == 0
 
 
-def test_a_model_without_a_head_split_gives_the_same_comparison(setup, monkeypatch):
+@pytest.mark.parametrize("split", [True, False])
+def test_several_steps_share_the_old_forward(setup, monkeypatch, split):
+    """``token_comparisons`` of old against [new, old]: the first is ``token_comparison``,
+    the second has KL 0 and equal old and new columns; without a head split (the model's
+    own logits) the same."""
     registry, batch, _, old, new, _, comparison = setup
-    monkeypatch.setattr(effects_change, "head_split", lambda *a, **k: None)
-    unsplit = token_comparison(registry.module, registry.params(old), registry.params(new), batch)
-    assert (unsplit - comparison).abs().max() < EXACT
+    if not split:
+        monkeypatch.setattr(effects_change, "head_split", lambda *a, **k: None)
+    a, b = token_comparisons(registry.module, registry.params(old), [registry.params(new), registry.params(old)],
+                             batch)
+    assert (a - comparison).abs().max() < EXACT
+    assert b[..., 4].abs().max() < EXACT
+    assert (b[..., 0] - b[..., 1]).abs().max() == 0 and (b[..., 2] - b[..., 3]).abs().max() == 0
 
 
 def _exact_changes(registry, responses, old, new, rewards):

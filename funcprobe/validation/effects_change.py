@@ -19,8 +19,8 @@ prompt, without bias for every G:
   E_old[S_old − S_new] with the same expectation and a larger variance (``kl_logratio``);
   per token: Σ KL / Σ |y| (ratio, delta method).
 
-``token_comparison`` gives the per-position values of both parameter sets from one pass
-over H; ``response_terms`` turns them into per-response terms (``TERMS``) whose per-prompt
+``token_comparison`` gives the per-position values of both parameter sets on H
+(``token_comparisons``: one old against several new, the old forward run once); ``response_terms`` turns them into per-response terms (``TERMS``) whose per-prompt
 means ``realized_effects`` turns into each effect's realized change and its standard
 error over H's prompts (the prompts are i.i.d., so the SE is their standard deviation /
 sqrt(B), by the delta method for the ratios). With each prompt's terms weighted by π_old
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +75,6 @@ class Change:
         return {"value": self.value, "se": self.se}
 
 
-@torch.no_grad()
 def token_comparison(module: nn.Module, old: Params, new: Params, batch: RolloutBatch, *,
                      token_chunk: int | None = None) -> Tensor:
     """``[B, G, T, 5]`` float64 ``COMPARISON`` at every response token of ``batch``.
@@ -91,12 +90,20 @@ def token_comparison(module: nn.Module, old: Params, new: Params, batch: Rollout
     Entry ``[n, g, t]`` belongs to the token at column t: log p_t^old(y_t), log p_t^new(y_t),
     H_t^old, H_t^new and KL(p_t^old ‖ p_t^new) over the whole vocabulary, the logits of
     both promoted to float64 before the log-softmax (a small step's KL is a difference of
-    nearly equal terms); prompt and padding columns are 0 (set by selection). Two forwards
-    of the body, one per parameter set; no ``[N, T, V]`` logits where the head can be split.
+    nearly equal terms); prompt and padding columns are 0 (set by selection). One forward
+    of the body per parameter set; no ``[N, T, V]`` logits where the head can be split.
 
     Raises:
         ValueError: the module returns hidden states of an unexpected shape.
     """
+    return token_comparisons(module, old, [new], batch, token_chunk=token_chunk)[0]
+
+
+@torch.no_grad()
+def token_comparisons(module: nn.Module, old: Params, news: Sequence[Params], batch: RolloutBatch, *,
+                      token_chunk: int | None = None) -> list[Tensor]:
+    """``token_comparison`` of ``old`` against each of ``news`` (e.g. the steps of several
+    learning rates), with the old forward run once: a list of ``[B, G, T, 5]``."""
     B, G, T = batch.input_ids.shape
     N = B * G
     ids, mask, resp, shift = _left_aligned(batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(),
@@ -107,33 +114,43 @@ def token_comparison(module: nn.Module, old: Params, new: Params, batch: Rollout
     split = head_split(module, owner, extra)
     L = ids.shape[1]
     K = len(COMPARISON)
-    if split is None:
-        prompt_lens = _prompt_lengths(batch).reshape(N)
-        z0, z1 = (_unsplit_token_values(module, p, kwargs, resp, prompt_lens, lambda z, y: z) for p in (old, new))
-        stats = compare(z0.reshape(-1, z0.shape[-1]), z1.reshape(-1, z1.shape[-1]), ids[:, 1:].reshape(-1))
-        keep = resp[:, 1:].reshape(-1, 1)
-        per_column = torch.where(keep, stats, torch.zeros((), dtype=stats.dtype)).reshape(N, L - 1, K)
-    else:
-        flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
-        targets = ids[:, 1:].reshape(-1).index_select(0, flat)
-        heads, hs = [], []
-        for p in (old, new):
-            merged = _merged(p)
-            h = split.hidden(merged, kwargs)
-            if h.ndim != 3 or h.shape[:2] != (N, L):
-                raise ValueError(f"model: expected hidden states of shape [{N}, {L}, D], got {tuple(h.shape)}")
-            hs.append(h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat))
-            heads.append(split.logits_fn(merged))
-        chunk = token_chunk or token_chunk_size(split.vocab_size)
-        out = [compare(heads[0](hs[0][a:a + chunk]), heads[1](hs[1][a:a + chunk]), targets[a:a + chunk])
-               for a in range(0, flat.numel(), chunk)]
-        per_token = torch.cat(out) if out else torch.zeros((0, K), dtype=torch.float64)
-        per_column = per_token.new_zeros((N * (L - 1), K)).index_copy(0, flat, per_token).reshape(N, L - 1, K)
     # aligned column j holds the target at aligned column j + 1, i.e. at column j + 1 + shift
     cols = (torch.arange(1, L, device=shift.device).unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
     index = cols.unsqueeze(-1).expand(-1, -1, K)
-    placed = per_column.new_zeros((N, T, K)).scatter_add(1, index, per_column)  # padding adds 0
-    return placed.reshape(B, G, T, K)
+
+    def placed(per_column: Tensor) -> Tensor:
+        return per_column.new_zeros((N, T, K)).scatter_add(1, index, per_column).reshape(B, G, T, K)  # padding adds 0
+
+    out = []
+    if split is None:
+        prompt_lens = _prompt_lengths(batch).reshape(N)
+        targets = ids[:, 1:].reshape(-1)
+        keep = resp[:, 1:].reshape(-1, 1)
+        z0 = _unsplit_token_values(module, old, kwargs, resp, prompt_lens, lambda z, y: z)
+        for new in news:
+            z1 = _unsplit_token_values(module, new, kwargs, resp, prompt_lens, lambda z, y: z)
+            stats = compare(z0.reshape(-1, z0.shape[-1]), z1.reshape(-1, z1.shape[-1]), targets)
+            out.append(placed(torch.where(keep, stats, torch.zeros((), dtype=stats.dtype)).reshape(N, L - 1, K)))
+        return out
+    flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
+    targets = ids[:, 1:].reshape(-1).index_select(0, flat)
+    chunk = token_chunk or token_chunk_size(split.vocab_size)
+
+    def side(p: Params):
+        merged = _merged(p)
+        h = split.hidden(merged, kwargs)
+        if h.ndim != 3 or h.shape[:2] != (N, L):
+            raise ValueError(f"model: expected hidden states of shape [{N}, {L}, D], got {tuple(h.shape)}")
+        return h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat), split.logits_fn(merged)
+
+    h0, head0 = side(old)
+    for new in news:
+        h1, head1 = side(new)
+        parts = [compare(head0(h0[a:a + chunk]), head1(h1[a:a + chunk]), targets[a:a + chunk])
+                 for a in range(0, flat.numel(), chunk)]
+        per_token = torch.cat(parts) if parts else torch.zeros((0, K), dtype=torch.float64)
+        out.append(placed(per_token.new_zeros((N * (L - 1), K)).index_copy(0, flat, per_token).reshape(N, L - 1, K)))
+    return out
 
 
 def compare(z_old: Tensor, z_new: Tensor, targets: Tensor) -> Tensor:
