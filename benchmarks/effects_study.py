@@ -340,6 +340,9 @@ def summarize(rows: list[dict]) -> dict:
         holds = [c for c in scales if all(q[d]["verdict"] == "within 10%" for d in scales if d <= c)]
         q["holds_to"] = max(holds) if holds else None
         q["departs_from"] = min((c for c in scales if q[c]["verdict"] == "departs"), default=None)
+        lin = [c for c in scales if all(verdict(*q[d]["linearity_ci"]) == "within 10%" for d in scales if d <= c)]
+        q["linear_to"] = max(lin) if lin else None
+        q["nonlinear_from"] = min((c for c in scales if verdict(*q[c]["linearity_ci"]) == "departs"), default=None)
         q["order"] = order
         out["q"][name] = q
     if "kl" in out["q"] and len(scales) >= 2:
@@ -443,13 +446,16 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
             holds += f"; departs from c = {q['departs_from']:g}"
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {holds} |")
     lines += ["", "Linearity (paired, relative to the smallest scale):", "",
-              "| quantity | " + " | ".join(f"c={c:g}" for c in s["scales"]) + " |",
-              "|---|" + "---|" * len(s["scales"])]
+              "| quantity | " + " | ".join(f"c={c:g}" for c in s["scales"]) + " | own order within 10% (paired) up to c |",
+              "|---|" + "---|" * (len(s["scales"]) + 1)]
     for n in s["names"]:
         q = s["q"][n]
+        to = f"{q['linear_to']:g}" if q["linear_to"] is not None else "none resolved"
+        if q["nonlinear_from"] is not None:
+            to += f"; departs from c = {q['nonlinear_from']:g}"
         lines.append(f"| {n} | " + " | ".join(
             f"{q[c]['linearity']:.3f} [{q[c]['linearity_ci'][0]:.3f}, {q[c]['linearity_ci'][1]:.3f}]"
-            for c in s["scales"]) + " |")
+            for c in s["scales"]) + f" | {to} |")
     if "kl_slope_y" in s:
         lines += ["", "## The KL's quadratic scaling", "",
                   f"Log-log slope of the mean realized KL against η over c ∈ {s['scales']}: "
