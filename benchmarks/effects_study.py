@@ -312,7 +312,11 @@ def summarize(rows: list[dict]) -> dict:
 
     from funcprobe.core.effects import EFFECTS
 
-    reps = [r for r in rows if r.get("kind") == "rep"]
+    first: dict = {}
+    for r in rows:  # a repetition written twice (two runs on one file) counts once
+        if r.get("kind") == "rep":
+            first.setdefault((r["rep"], r["scale"]), r)
+    reps = list(first.values())
     scales = sorted({r["scale"] for r in reps})
     names = [n for n in (*EFFECTS, "kl_logratio") if reps and n in reps[0]["realized"]]
     by = {c: sorted((r for r in reps if r["scale"] == c), key=lambda r: r["rep"]) for c in scales}
