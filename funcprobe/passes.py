@@ -179,10 +179,7 @@ def prediction(run: ProbeRun, E: RolloutBatch, muY: Mapping[str, Tensor], lr: fl
     comm.handshake(registry.names, registry.numel(), [lr, *settings.probe_code()])
     s = scalars(run, E, muY)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *scalar_counts(s)])
-    try:
-        check_scalars(s, totals[2:])
-    except NonFiniteError as err:
-        raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
+    _check_scalars(run, s, totals[2:])
     if settings.gather_s:
         s = comm.gather(s)
     result = EntropyPrediction.from_sums(s, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
@@ -279,14 +276,19 @@ def leave_one_out(run: ProbeRun, U: RolloutBatch, direction: Direction, lr: floa
     else:
         totals = comm.sum_floats([float(t.sum()), float((t * t).sum()), *scalar_counts(t)])
         if totals[3] > 0:  # non-finite t (every t = 0 is a possible estimate here: no prompt sees another's step)
-            try:
-                check_scalars(t, totals[2:])
-            except NonFiniteError as err:
-                raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
+            _check_scalars(run, t, totals[2:])
         if settings.gather_s:
             t = comm.gather(t)
         result = EntropyPrediction.from_sums(t, totals[:3], lr=lr, mode=settings.mode, weighting=settings.weighting)
     return replace(result, estimator="leave_one_out", delta_h_same_batch=same.delta_h, se_same_batch=same.se)
+
+
+def _check_scalars(run: ProbeRun, s: Tensor, counts: list[float]) -> None:
+    """``check_scalars``, with the model's own non-finite weights named in a ``NonFiniteError``."""
+    try:
+        check_scalars(s, counts)
+    except NonFiniteError as err:
+        raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
 
 
 def _without_own(direction: Direction, own: ParamTree) -> ParamTree:
@@ -317,10 +319,7 @@ def assemble(run: ProbeRun, values: tuple[Tensor, Tensor, Tensor], lr: float, ba
     counts = scalar_counts(s)
     totals = comm.sum_floats([float(s.sum()), float((s * s).sum()), *counts, *moment_sums(components)])
     if require_signal or totals[3] > 0:
-        try:
-            check_scalars(s, totals[2:2 + len(counts)])
-        except NonFiniteError as err:
-            raise NonFiniteError(str(err) + _non_finite_weights(run)) from None
+        _check_scalars(run, s, totals[2:2 + len(counts)])
     optional = (["reward"] if has_rewards else []) + (
         ["entropy_seq_mean_token_sum_norm"] if batch.max_len is not None else [])
     effects = Effects.from_moments(totals[2 + len(counts):], lr=lr, components=components,

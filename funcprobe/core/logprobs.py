@@ -138,10 +138,11 @@ def response_token_values(module: nn.Module, params: Params, batch: RolloutBatch
     return out.reshape(B, G, T)
 
 
-def _response_columns(module: nn.Module, params: Params, batch: RolloutBatch, token_fn: TokenFn,
-                      token_chunk: int | None, full_logits: bool) -> tuple[Tensor, Tensor]:
-    """(``[N, L - 1, ...]`` token values in left-aligned columns, zeros off response
-    targets; ``[N]`` the left padding each row was shifted by)."""
+def aligned_inputs(module: nn.Module, batch: RolloutBatch) -> tuple[dict, Tensor, Tensor, nn.Module, dict]:
+    """The forward's keyword inputs for ``batch`` with every row left-aligned (``_left_aligned``):
+    (kwargs with ``input_ids``/``attention_mask``/``position_ids`` ``[N, L]`` and ``use_cache=False``
+    where accepted, the response mask ``[N, L]``, the shift ``[N]`` of each row, the causal-LM
+    module whose signature was read, the extra keywords)."""
     B, G, T = batch.input_ids.shape
     N = B * G
     ids, mask, resp, shift = _left_aligned(
@@ -150,6 +151,17 @@ def _response_columns(module: nn.Module, params: Params, batch: RolloutBatch, to
     owner = _forward_owner(module)
     extra = {"use_cache": False} if "use_cache" in _accepted_kwargs(owner) else {}
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **extra}
+    return kwargs, resp, shift, owner, extra
+
+
+def _response_columns(module: nn.Module, params: Params, batch: RolloutBatch, token_fn: TokenFn,
+                      token_chunk: int | None, full_logits: bool) -> tuple[Tensor, Tensor]:
+    """(``[N, L - 1, ...]`` token values in left-aligned columns, zeros off response
+    targets; ``[N]`` the left padding each row was shifted by)."""
+    B, G, T = batch.input_ids.shape
+    N = B * G
+    kwargs, resp, shift, owner, extra = aligned_inputs(module, batch)
+    ids = kwargs["input_ids"]
     split = None if full_logits else head_split(module, owner, extra)
     if split is None:
         prompt_lens = _prompt_lengths(batch).reshape(N)

@@ -38,8 +38,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from .lm_head import head_split, token_chunk_size
-from .logprobs import (_accepted_kwargs, _forward_owner, _left_aligned, _prompt_lengths,
-                       _unsplit_token_values)
+from .logprobs import _prompt_lengths, _unsplit_token_values, aligned_inputs
 from .rollouts import RolloutBatch
 
 #: the columns of ``token_stats``'s last dimension
@@ -106,11 +105,8 @@ def token_stats(module: nn.Module, frozen: Mapping[str, Tensor], theta: Mapping[
     """
     B, G, T = batch.input_ids.shape
     N = B * G
-    ids, mask, resp, shift = _left_aligned(batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(),
-                                           batch.response_mask.reshape(N, T))
-    owner = _forward_owner(module)
-    extra = {"use_cache": False} if "use_cache" in _accepted_kwargs(owner) else {}
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **extra}
+    kwargs, resp, shift, owner, extra = aligned_inputs(module, batch)
+    ids = kwargs["input_ids"]
     theta, tangent, frozen = dict(theta), dict(tangent), dict(frozen)
     split = head_split(module, owner, extra)
     L = ids.shape[1]

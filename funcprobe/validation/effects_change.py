@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..core.effects import EFFECTS
 from ..core.lm_head import head_split, token_chunk_size
-from ..core.logprobs import Params, _accepted_kwargs, _forward_owner, _left_aligned, _merged, _prompt_lengths
+from ..core.logprobs import Params, _merged, _prompt_lengths, aligned_inputs
 from ..core.logprobs import _unsplit_token_values
 from ..core.rollouts import RolloutBatch
 
@@ -106,11 +106,8 @@ def token_comparisons(module: nn.Module, old: Params, news: Sequence[Params], ba
     learning rates), with the old forward run once: a list of ``[B, G, T, 5]``."""
     B, G, T = batch.input_ids.shape
     N = B * G
-    ids, mask, resp, shift = _left_aligned(batch.input_ids.reshape(N, T), batch.attention_mask.reshape(N, T).long(),
-                                           batch.response_mask.reshape(N, T))
-    owner = _forward_owner(module)
-    extra = {"use_cache": False} if "use_cache" in _accepted_kwargs(owner) else {}
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), **extra}
+    kwargs, resp, shift, owner, extra = aligned_inputs(module, batch)
+    ids = kwargs["input_ids"]
     split = head_split(module, owner, extra)
     L = ids.shape[1]
     K = len(COMPARISON)
