@@ -7,36 +7,19 @@ seen ≤ 5e-16); 4 SE for the sampled estimators; the coverage of the 95% interv
 4 binomial SDs of 95%.
 """
 
-import itertools
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from funcprobe import ParamRegistry, RolloutBatch
 from funcprobe.validation import effects_change
 from funcprobe.validation.effects_change import (COMPARISON, REALIZED, TERMS, realized_effects, response_terms,
                                                  token_comparison, token_comparisons)
 from helpers import gpt2, random_direction
+from test_effects import LMAX, PAD, PROMPTS, V, _reference_logprobs, _responses  # the same enumeration
 
-V, LMAX, EOS, PAD = 5, 3, 2, 0
-PROMPTS = [[1, 3], [1, 4, 0]]
 ETA = 0.3  # a step whose changes are far from 0 and not linear in η
 EXACT = 1e-10  # float64 identities: seen ≤ 5e-16
-
-
-def _responses():
-    other = [v for v in range(V) if v != EOS]
-    return [[EOS]] + [[a, EOS] for a in other] + [[a, b, c] for a, b in itertools.product(other, repeat=2)
-                                                  for c in range(V)]
-
-
-def _reference_logprobs(registry, theta, responses, prompt):
-    """``[85, LMAX, V]`` next-token log-probs at the response positions (unpadded prompt,
-    responses right-padded with EOS; causal, so no position sees the padding after it)."""
-    ids = torch.tensor([prompt + y + [EOS] * (LMAX - len(y)) for y in responses])
-    logits = functional_call(registry.module, {**registry.frozen, **theta}, (), {"input_ids": ids}).logits
-    return torch.log_softmax(logits[:, len(prompt) - 1:-1], -1)
 
 
 @pytest.fixture(scope="module")
