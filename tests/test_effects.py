@@ -16,7 +16,7 @@ from torch.func import functional_call, jvp
 from funcprobe import EntropyProbe, ParamRegistry, RolloutBatch
 from funcprobe.core import token_stats as token_stats_module
 from funcprobe.core.effects import COMPONENTS, OPTIONAL, Effects, moment_sums, prompt_components, sequence_values
-from funcprobe.core.token_stats import TOKEN_STATS, token_stats
+from funcprobe.core.token_stats import TOKEN_STATS, token_stats, vocab_reductions
 from helpers import gpt2, random_direction, random_rollouts
 
 V, LMAX, EOS, PAD = 5, 3, 2, 0
@@ -257,6 +257,29 @@ def test_a_model_without_a_head_split_gives_the_same_statistics(setup, monkeypat
     monkeypatch.setattr(token_stats_module, "head_split", lambda *a, **k: None)
     unsplit = token_stats(registry.module, registry.frozen, registry.trainable, tangent, batch)
     assert (unsplit - stats).abs().max() < EXACT
+
+
+def test_vocab_reductions_treat_a_masked_logit_as_a_dropped_entry_and_leave_inputs_alone():
+    """A logit of −inf (p = 0) gives the statistics of the same row without that entry: an
+    exact reference, float64 (seen 8.9e-16, bound 1e-12: float64 sums over V = 7); float32
+    rows against float64 within 1e-5 relative (float32 rounding over V = 7, seen 1.2e-7)."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 7, generator=gen, dtype=torch.float64) * 3
+    zdot = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([0, 6, 2, 3])
+    masked = z.clone()
+    masked[1, 4] = masked[2, 0] = masked[2, 5] = float("-inf")
+    before = (masked.clone(), zdot.clone())
+    got = vocab_reductions(masked, zdot, targets)
+    assert torch.equal(masked, before[0]) and torch.equal(zdot, before[1])  # inputs untouched
+    for row, dropped in ((0, []), (1, [4]), (2, [0, 5]), (3, [])):
+        keep = [v for v in range(7) if v not in dropped]
+        want = vocab_reductions(z[row:row + 1, keep], zdot[row:row + 1, keep],
+                                torch.tensor([keep.index(int(targets[row]))]))
+        assert (got[row] - want[0]).abs().max() < 1e-12
+    single = vocab_reductions(masked.float(), zdot.float(), targets)
+    assert single.dtype == torch.float32 and torch.isfinite(single).all()
+    assert ((single.double() - got).abs() / got.abs().clamp(min=1)).max() < 1e-5
 
 
 @pytest.mark.parametrize("rewards, effects, match", [
