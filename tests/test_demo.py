@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from funcprobe.apps.demo import DemoConfig, format_report, run_demo
+from funcprobe.apps.demo import LOGGED, DemoConfig, format_report, run_demo
 from funcprobe.errors import SettingsError
 
 
@@ -36,8 +36,17 @@ def test_demo_tiny_model_steps_are_predicted_and_realized(tmp_path):
         # moment is >= 1e-2 off
         assert r.step_error < 1e-3
         assert r.prediction.num_prompts == 3 and r.prediction.step == "optimizer_step"
+        # the effects: predicted from E and realized on H for every quantity the report shows
+        for name, _ in LOGGED:
+            e, q = r.prediction.effects[name], r.realized_effects[name]
+            assert all(math.isfinite(x) for x in (e.value, e.se, q.value, q.se)) and e.se >= 0
+        assert r.prediction.effects["entropy_token_mean"].se > 0  # (lengths can all be Lmax: length's SE 0)
+        # two routes to the realized change of Σ_t H_t / Lmax on H (is_change on response sums;
+        # effects_change's per-response terms), float64 sums of the same float32 values:
+        # seen 0 to 1e-17, bound 1e-12
+        assert abs(r.realized_effects["entropy_seq_mean_token_sum_norm"].value - r.realized_tokens.delta_h) < 1e-12
     report = format_report(res)
-    assert "predicted dH" in report and "realized dH" in report and "nan" not in report.lower()
+    assert "KL(old || new)" in report and "predicted dH" in report and "realized dH" in report and "nan" not in report.lower()
     assert (tmp_path / "demo.png").stat().st_size > 0
 
 

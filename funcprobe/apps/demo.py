@@ -14,15 +14,19 @@ Each step k:
 2. the trainer's Dr. GRPO loss −mean J over U is back-propagated into ``.grad``;
    ``step_from_gradient(step="optimizer_step")`` maps that gradient to the exact Δθ that
    ``AdamW.step()`` is about to take;
-3. **predict**: ``conditional_variance(model, E, Δθ)``: δH ± SE_E (sequence entropy, Dr. GRPO
-   weighting: nats per Lmax tokens);
+3. **predict**: ``conditional_variance(model, E, Δθ, effects=True)``: δH ± SE_E (sequence
+   entropy, Dr. GRPO weighting: nats per Lmax tokens) and, from the same JVP pass, the step's
+   effects on what trainers log (``funcprobe.core.effects.EFFECTS``: TRL's token entropy,
+   the KL between the old and the new policy, the completion length, the reward);
 4. take the step (``optimizer.step()``);
 5. **realize**: the importance-sampling (IS) estimate of the entropy change on H from its
    log-probs before and after the step (``funcprobe.validation.entropy_change.is_change``:
    unbiased for every G; the self-normalised estimate is (G-1)/G too small), with its own SE,
    and z = (predicted − realized) / sqrt(SE_E² + SE_H²). Beside it, the same estimate for
    Σ_t H_t / Lmax, the next-token entropies that TRL logs as ``entropy`` (summed, not
-   averaged): by the chain rule of entropy both have the same expectation.
+   averaged): by the chain rule of entropy both have the same expectation; and the realized
+   change of every effect on H (``funcprobe.validation.effects_change``: importance sampling,
+   the KL from per-position full-vocabulary KLs).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import nn
 
 from ..api import conditional_variance, step_from_gradient
 from ..core.advantages import group_advantages, no_signal_prompts
-from ..core.logprobs import logprobs_and_entropies, response_sums, sequence_logprobs
+from ..core.logprobs import sequence_logprobs
 from ..core.objectives import policy_gradient_surrogate
 from ..core.pytree import tree_sq_norm
 from ..core.rollouts import RolloutBatch
@@ -52,6 +56,7 @@ from ..errors import SettingsError
 from ..settings import ProbeSettings
 from ..validation.arithmetic import LEVELS, Rollouts, sample_problems
 from ..validation.arithmetic import sample_rollouts as sample_arithmetic
+from ..validation.effects_change import Change, realized_effects, response_terms, token_comparison
 from ..validation.entropy_change import EntropyChange, is_change
 from ..validation.models import PolicySpec, qwen2_lora_policy
 
@@ -221,6 +226,8 @@ class StepRecord:
         logged_entropy: TRL's ``entropy`` on H before the step: mean next-token entropy
             over completion tokens (nats per token).
         mean_length: mean completion length of H (tokens).
+        realized_effects: the realized change of each effect on H (``realized_effects``),
+            name → ``Change`` in the units of ``EFFECTS``.
         step_error: max |Δθ predicted − Δθ applied| / max |Δθ applied| over the adapter.
         seconds: wall time of the step's phases (sample, gradient, predict, step and realize).
     """
@@ -233,6 +240,7 @@ class StepRecord:
     realized_tokens: EntropyChange
     logged_entropy: float
     mean_length: float
+    realized_effects: dict[str, Change]
     step_error: float
     seconds: dict[str, float]
 
@@ -244,6 +252,8 @@ class StepRecord:
                 "se_realized": self.realized.se, "z": self.z, "realized_token_entropies": self.realized_tokens.delta_h,
                 "se_realized_token_entropies": self.realized_tokens.se, "logged_entropy": self.logged_entropy,
                 "mean_length": self.mean_length, "step_error": self.step_error, "seconds": self.seconds,
+                "effects": {name: {"predicted": e.to_dict(), "realized": self.realized_effects[name].to_dict()}
+                            for name, e in p.effects.effects.items() if name in self.realized_effects},
                 "s": p.s.tolist()}
 
     @property
@@ -328,7 +338,7 @@ def _run(cfg: DemoConfig) -> DemoResult:
     model, sample, name = load_policy_and_task(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
     seconds = {"load model": time.perf_counter() - t}
-    settings = dataclasses.replace(cfg.probe, step="optimizer_step", max_grad_norm=None)
+    settings = dataclasses.replace(cfg.probe, step="optimizer_step", max_grad_norm=None, effects=True)
     records = []
     t_run = time.perf_counter()
     for k in progress_bar(range(1, cfg.steps + 1), total=cfg.steps, desc="GRPO steps", enabled=cfg.probe.progress):
@@ -352,7 +362,7 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     rollouts = sample(model, 3 * B, gen)
     phases = {"sample": time.perf_counter() - t0}
     U, E, H = (rollouts.batch.select(i * B, (i + 1) * B) for i in range(3))
-    rewards_U = rollouts.rewards[:B]
+    rewards_U, rewards_E, rewards_H = (rollouts.rewards[i * B:(i + 1) * B] for i in range(3))
     # the trainer's step: Dr. GRPO loss −mean J over U into .grad
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -363,35 +373,31 @@ def _step(k: int, model: nn.Module, optimizer: torch.optim.Optimizer, sample, ge
     registry = ParamRegistry.from_model(model)
     gradient = {n: -p.grad for n, p in model.named_parameters() if p.requires_grad and n in registry.trainable}
     delta = step_from_gradient(registry, gradient, optimizer=optimizer, **settings.options())
-    prediction = conditional_variance(registry, E, delta, lr=1.0, **settings.options())
+    prediction = conditional_variance(registry, E, delta, lr=1.0, rewards=rewards_E, **settings.options())
     phases["predict"] = time.perf_counter() - t0 - sum(phases.values())
     prediction = prediction.with_step(settings.step, math.sqrt(tree_sq_norm(delta)), U.num_prompts,
                                       {"probe": phases["predict"]}, tree_sq_norm(gradient) > 0.0)
-    before = _held_out(registry, H)
     theta0 = {n: p.detach().clone() for n, p in trainable.items()}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     applied = {n: p.detach() - theta0[n] for n, p in trainable.items()}
-    after = _held_out(registry, H)  # the registry views the parameters AdamW updated in place
+    # H's per-token log-probs and entropies before (θ0) and after (the registry views the
+    # parameters AdamW updated in place) the step, with the per-position KLs between them
+    with probe_session(registry):
+        comparison = token_comparison(registry.module, registry.params(theta0), registry.params(registry.trainable), H)
+    S_old, S_new, H_old, H_new = comparison.sum(2).unbind(-1)[:4]  # [B, G] each: S and Σ_t H_t
     Lmax = float(H.max_len[0])  # one Lmax for every prompt of H
-    realized = is_change(before[0], after[0], -before[0] / Lmax, -after[0] / Lmax)
-    realized_tokens = is_change(before[0], after[0], before[1] / Lmax, after[1] / Lmax)
+    realized = is_change(S_old, S_new, -S_old / Lmax, -S_new / Lmax)
+    realized_tokens = is_change(S_old, S_new, H_old / Lmax, H_new / Lmax)
+    effects = realized_effects(response_terms(comparison, H, rewards_H).mean(1), max_len=Lmax, has_rewards=True)
     lengths = H.response_lengths.double()
     phases["step and realize"] = time.perf_counter() - t0 - sum(phases.values())
     return StepRecord(
         step=k, mean_reward=float(rewards_U.mean()), no_signal=len(no_signal_prompts(rewards_U)),
         prediction=prediction, realized=realized, realized_tokens=realized_tokens,
-        logged_entropy=float(before[1].double().sum() / lengths.sum()), mean_length=float(lengths.mean()),
-        step_error=_step_error(delta, applied), seconds=phases,
+        logged_entropy=float(H_old.sum() / lengths.sum()), mean_length=float(lengths.mean()),
+        realized_effects=effects, step_error=_step_error(delta, applied), seconds=phases,
     )
-
-
-@torch.no_grad()
-def _held_out(registry: ParamRegistry, H: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, Σ_t H_t), each ``[B, G]`` float64, under the model's current weights."""
-    with probe_session(registry):
-        both = response_sums(registry.module, registry.params(registry.trainable), H, logprobs_and_entropies)
-    return both[..., 0].double(), both[..., 1].double()
 
 
 def _step_error(predicted: dict, applied: dict) -> float:
@@ -401,6 +407,11 @@ def _step_error(predicted: dict, applied: dict) -> float:
 
 
 # --- report --------------------------------------------------------------------------
+
+#: the effects the report shows (``EFFECTS`` names) and their labels
+LOGGED = (("entropy_token_mean", "entropy (TRL's, nats/token)"), ("kl", "KL(old || new) (nats/response)"),
+          ("completion_length", "completion length (tokens)"), ("reward", "reward"))
+
 
 def calibration(records: list[StepRecord]) -> dict[str, float]:
     """Mean and standard deviation of z over the steps and the coverage of the 95% interval."""
@@ -434,6 +445,14 @@ def format_report(res: DemoResult) -> str:
         lines.append(f"  {r.step:>4} {r.mean_reward:>6.3f} {r.no_signal:>3}/{B:<2} {p.delta_h:>+12.3e} {p.se:>9.2e} "
                      f"{q.delta_h:>+12.3e} {q.se:>9.2e} {r.z:>+6.2f} {tk.delta_h:>+12.3e} {tk.se:>9.2e} "
                      f"{r.logged_entropy:>8.4f}")
+    lines += ["", "  what trainers log, predicted before each step (from E) and realized after it (on H):",
+              f"  {'step':>4} {'quantity':<34} {'predicted':>10} {'SE_E':>9} {'realized':>10} {'SE_H':>9} {'z':>6}"]
+    for r in res.records:
+        for name, label in LOGGED:
+            p, q = r.prediction.effects[name], r.realized_effects[name]
+            z = (p.value - q.value) / math.hypot(p.se, q.se) if math.hypot(p.se, q.se) > 0 else float("nan")
+            lines.append(f"  {r.step:>4} {label:<34} {p.value:>+10.3e} {p.se:>9.2e} {q.value:>+10.3e} {q.se:>9.2e} "
+                         f"{z:>+6.2f}")
     cal = calibration(res.records)
     pred = sum(r.prediction.delta_h for r in res.records)
     real = sum(r.realized.delta_h for r in res.records)
@@ -450,7 +469,8 @@ def format_report(res: DemoResult) -> str:
         f"{max(r.step_error for r in res.records):.1e}",
         "  columns: reward = mean reward of U; no-sig = prompts of U whose rewards are all equal (no signal);",
         "    d sum_t H_t = realized change of the summed next-token entropies / Lmax (same expectation as dH: chain",
-        "    rule); entropy = TRL's logged `entropy` on H before the step (mean next-token entropy, nats per token)",
+        "    rule); entropy = TRL's logged `entropy` on H before the step (mean next-token entropy, nats per token);",
+        "    the KL is second order in the step (docs/derivations.md#predicted-effects); all from one JVP pass over E",
         _wall_time(res.seconds),
     ]
     return "\n".join(lines)
