@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from . import control, passes
 from .core.control import ControlDecision, ControlRequest, EntropyTarget
+from .core.objectives import MODELLED_COSINE
 from .core.effects import check_rewards
 from .core.influence import EntropyInfluence
 from .core.pytree import ParamTree, check_like, tree_sq_norm
@@ -427,7 +428,8 @@ class EntropyProbe:
         return failing_together(Communicator.for_group(self.settings.process_group), self.model)
 
     def choose(self, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *, knob: str = "lr_scale",
-               beta_max: float = 1.0, step_index: int | None = None) -> ControlDecision:
+               beta_max: float = 1.0, step_index: int | None = None,
+               gradient: Mapping[str, Tensor] | None = None) -> ControlDecision:
         """The value of a knob of the next step that meets ``target``, chosen before the step
         (docs/control.md), and the step's predicted δH ± SE (and KL) at it.
 
@@ -444,6 +446,10 @@ class EntropyProbe:
                 TRL's bonus, the mean token entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
             beta_max: the largest β tried (> 0).
             step_index: the optimizer step t (an int ≥ 0), for a schedule only.
+            gradient: a trainer's ascent gradient g_pg of U *before* clipping, name → tensor
+                (``{name: −p.grad}`` read ahead of ``clip_grad_norm_``), used instead of
+                funcprobe's own (the step map clips it, with ``max_grad_norm``); with E = U
+                each prompt's share is fitted in its units (as ``predict``'s ``gradient``).
 
         Returns:
             ``ControlDecision``: ``value`` (β or c), ``reachable`` (and ``reason`` when not:
@@ -462,12 +468,17 @@ class EntropyProbe:
             SettingsError (``ValueError``): a bad ``target``, ``knob``, ``beta_max`` or
                 ``step_index`` (named), a KL budget with ``knob="beta"``, a process group or
                 a sharded model.
+            KeyError, ValueError: a ``gradient`` with other names (KeyError) or shapes than
+                the probed parameters, non-finite, or (E = U) not explained by funcprobe's
+                model of the loss (cosine < ``MODELLED_COSINE``).
             the errors of ``predict``.
         """
         request = _request(target, knob, beta_max, step_index)
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         same = same_batch(E, U)
-        return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry))
+        given = None if gradient is None else _full_gradient(run.registry, gradient, run.comm)
+        return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry),
+                              given)
 
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
                  extra=None) -> ParamRegistry:
@@ -572,11 +583,6 @@ def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> Entro
         return passes.prediction(run, E, zero, lr)
     except UnreachableDirectionError:  # e.g. weight decay on a fresh LoRA's A while B = 0: no first-order change
         return None
-
-
-#: the cosine between a trainer's gradient and funcprobe's model of its loss above which
-#: each prompt's own share is removed in the trainer's units (``EntropyProbe.predict``)
-MODELLED_COSINE = 0.99
 
 
 def same_batch(E: RolloutBatch, U: RolloutBatch) -> bool:

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import passes
 from .core.control import ControlDecision, ControlRequest, solve_bracketed, solve_scale
 from .core.logprobs import logprobs_and_entropies, response_sums, token_entropies
-from .core.objectives import entropy_objective
+from .core.objectives import MODELLED_COSINE, entropy_objective
 from .core.pytree import ParamTree
 from .core.rollouts import RolloutBatch
 from .core.statistics import entropy_unit
@@ -130,14 +130,20 @@ class _Model:
 
 
 def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-           request: ControlRequest, lr: float) -> ControlDecision:
+           request: ControlRequest, lr: float, gradient: ParamTree | None = None) -> ControlDecision:
     """``EntropyProbe.choose`` after its checks: the knob value for ``request`` and the
     prediction of the step at it. ``E=None``: E is U (leave-one-out). ``lr``: η of δH (1.0
-    for ``optimizer_step``).
+    for ``optimizer_step``). ``gradient``: the trainer's ascent gradient g_pg of U before
+    clipping (checked, float32 or wider), used instead of funcprobe's own; with E = U each
+    prompt's share is put in its units by fitting funcprobe's model of the loss to it
+    (``passes.given_direction``'s fit).
 
     Raises ``SettingsError`` across ranks or on a sharded model (one process, replicated
-    model only), ``ValueError`` for fewer than 2 prompts or no completion tokens, and the
-    errors of ``funcprobe.passes.policy_gradient``.
+    model only), ``ValueError`` for fewer than 2 prompts or no completion tokens, a
+    ``gradient`` that funcprobe's model of the loss does not explain (cosine below
+    ``MODELLED_COSINE``: the leave-one-out estimate cannot remove each prompt's share, and
+    the biased same-batch value is never acted on), and the errors of
+    ``funcprobe.passes.policy_gradient``.
     """
     if run.comm.distributed:
         raise SettingsError("process_group: choosing a knob runs in one process only for now")
@@ -148,7 +154,7 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
     if evaluation.num_prompts < 2:
         raise ValueError(f"{'U' if same else 'E'}: choosing a knob needs at least 2 prompts, "
                          f"got {evaluation.num_prompts}")
-    model = _model(run, E, U, optimizer, request, lr)
+    model = _model(run, E, U, optimizer, request, lr, gradient)
     target = request.target
     current = _measured_entropy(run, evaluation) if target.schedule is not None else (None, None)
     aim = target.delta_h
@@ -179,11 +185,16 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
 
 
 def _model(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-           request: ControlRequest, lr: float) -> _Model:
-    """The backward passes: g_pg, g_H (β only), ∇LX rows of E, and for E = U the own rows."""
+           request: ControlRequest, lr: float, given: ParamTree | None) -> _Model:
+    """The backward passes: g_pg (or the ``given`` one), g_H (β only), ∇LX rows of E, and
+    for E = U the own rows (in the units of ``given``, when given)."""
     step = step_map(run.settings, optimizer, run.registry)
     gradient, count, objective = passes.policy_gradient(run, U)
     layout = _Layout(tuple(run.registry.names), gradient)
+    own_scale = 1.0
+    if given is not None:
+        own_scale = _fit(layout.flat(given), layout.flat(gradient))
+        gradient = given
     lx = entropy_objective(run.settings.weighting).on_logprobs(run.logprob_fn())
     beta = request.knob == "beta"
     tokens = U.response_lengths.sum(-1).double()  # [B_U] completion tokens per prompt
@@ -195,13 +206,28 @@ def _model(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
         return _Model(step, layout, _per_prompt(run, lx, E, layout), layout.flat(gradient), g_h, None, count, lr)
     if count < 2:
         raise ValueError(f"U: the leave-one-out estimate needs at least 2 update prompts, got {count}")
-    own_j = _per_prompt(run, objective.on_logprobs(run.logprob_fn()), U, layout)
+    own_j = _per_prompt(run, objective.on_logprobs(run.logprob_fn()), U, layout) * own_scale
     own_h = _per_prompt(run, entropy_bonus_fn(run), U, layout) if beta else None
     if beta and bool((tokens == total).any()):
         raise ValueError("U: one prompt holds every completion token; the bonus without it is undefined")
     g_h = own_h.sum(0) / total if beta else None
     return _Model(step, layout, _per_prompt(run, lx, U, layout), layout.flat(gradient), g_h,
                   (own_j, own_h, tokens, total), count, lr)
+
+
+def _fit(given: Tensor, modelled: Tensor) -> float:
+    """c with c·g_model the least-squares fit to the given gradient (the trainer's units for
+    each prompt's own share), after checking that the model explains it."""
+    dot, sq, given_sq = float(given @ modelled), float(modelled @ modelled), float(given @ given)
+    if sq == 0.0 or given_sq == 0.0:
+        raise ValueError("gradient: the trainer's gradient or funcprobe's model of it is zero; there is no step "
+                         "to choose a knob for")
+    cosine = dot / math.sqrt(sq * given_sq)
+    if cosine < MODELLED_COSINE:
+        raise ValueError(f"gradient: funcprobe's model of the loss does not explain the trainer's gradient (cosine "
+                         f"{cosine:.4f} < {MODELLED_COSINE}): each prompt's own share cannot be removed, and a "
+                         "knob is never chosen on the biased same-batch value")
+    return dot / sq
 
 
 def _kl(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, model: _Model, beta: float) -> tuple[float, float]:

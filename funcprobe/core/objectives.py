@@ -27,6 +27,12 @@ from torch import Tensor
 
 from .rollouts import RolloutBatch
 
+#: the cosine between a trainer's gradient and funcprobe's model of its loss above which
+#: each prompt's own share is removed in the trainer's units (``EntropyProbe.predict``,
+#: ``EntropyProbe.choose`` with a trainer's gradient): below it the loss has terms funcprobe
+#: does not model (a KL term, an entropy bonus, ...)
+MODELLED_COSINE = 0.99
+
 #: a pure S(θ, batch) → ``[B, G]`` (the edge builds it: ``ParamRegistry.logprob_fn``)
 LogProbFn = Callable[[dict, RolloutBatch], Tensor]
 #: a per-prompt function θ, batch → ``[B]``
