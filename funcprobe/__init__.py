@@ -43,7 +43,7 @@ from .api import (
     step_from_gradient,
     update_direction,
 )
-from .core.control import ControlDecision, EntropySchedule, EntropyTarget
+from .core.control import ControlDecision, EntropyControl, EntropySchedule, EntropyTarget
 from .core.influence import EntropyInfluence, GroupInfluence
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
@@ -94,6 +94,7 @@ __all__ = [
     "AdamState",
     "ClipByGlobalNorm",
     "ControlDecision",
+    "EntropyControl",
     "EntropyInfluence",
     "EntropyPrediction",
     "EntropyProbe",

@@ -169,19 +169,21 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
         delta_h, se = c * uncontrolled, c * uncontrolled_se
         kl = None if kl1 is None else (c * c * kl1[0], c * c * kl1[1])
         step = {n: t * c for n, t in model.step(model.layout.tree(model.g_pg)).items()}
+        gradient = {}
     else:
         sol = solve_bracketed(model.predict, aim, target.band, target.risk, request.beta_max)
         delta_h, se = model.predict(sol.value)
         kl = _kl(run, E, U, model, sol.value) if want_kl else None
         g = model.g_pg if sol.value == 0.0 else model.g_pg + sol.value * model.g_h
-        step = model.step(model.layout.tree(g))
+        gradient = model.layout.tree(g)
+        step = model.step(gradient)
     return ControlDecision(
         knob=request.knob, value=sol.value, reachable=sol.reachable, reason=sol.reason, target=target,
         aimed=sol.aimed, delta_h=delta_h, se=se, uncontrolled=uncontrolled, uncontrolled_se=uncontrolled_se,
         span=sol.span, estimator="leave_one_out" if same else "independent", lr=lr,
         unit=entropy_unit(run.settings.weighting), evaluations=sol.evaluations + 1,
         kl=None if kl is None else kl[0], kl_se=None if kl is None else kl[1],
-        current_entropy=current[0], current_entropy_se=current[1], step=step)
+        current_entropy=current[0], current_entropy_se=current[1], step=step, gradient=gradient)
 
 
 def _model(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,

@@ -183,6 +183,34 @@ class ControlRequest:
 
 
 @dataclass(frozen=True)
+class EntropyControl:
+    """A controller for a trainer: the target and the knob it sets before every step
+    (``ProbedGRPOTrainer(entropy_control=...)``), checked once when it is built.
+
+    Attributes:
+        target: the ``EntropyTarget`` (a schedule's t is the trainer's optimizer step).
+        knob: ``"lr_scale"`` or ``"beta"`` (``ControlRequest``).
+        beta_max: the largest β tried (> 0).
+
+    Raises ``SettingsError`` naming ``target``, ``knob`` or ``beta_max`` (as ``ControlRequest``).
+    """
+
+    target: EntropyTarget
+    knob: str = "lr_scale"
+    beta_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        checked = self.request(0)
+        object.__setattr__(self, "beta_max", checked.beta_max)
+
+    def request(self, step_index: int) -> ControlRequest:
+        """The ``ControlRequest`` of optimizer step ``step_index`` (t ≥ 0: steps taken so far)."""
+        return ControlRequest(target=self.target, knob=self.knob, beta_max=self.beta_max,
+                              step_index=step_index if isinstance(self.target, EntropyTarget)
+                              and self.target.schedule is not None else None)
+
+
+@dataclass(frozen=True)
 class Solution:
     """A solver's answer: the knob value, the δH* it aimed at (None: none needed), whether
     the target was met in range, why not, the δH range seen, the evaluations made."""
@@ -351,6 +379,9 @@ class ControlDecision:
         unit: the unit of δH (``entropy_unit``).
         evaluations: how many knob values were evaluated (step maps + dot products, no forward).
         step: the step at ``value`` per unit ``lr`` (``optimizer_step``: Δθ itself), name → tensor.
+        gradient: ``knob="beta"`` only: the ascent gradient g_pg + β·g_H at ``value``, before
+            clipping, name → tensor (a trainer applies β by writing ``−gradient`` into
+            ``.grad`` ahead of its clipping); empty for ``"lr_scale"``.
     """
 
     knob: str
@@ -373,6 +404,7 @@ class ControlDecision:
     current_entropy: float | None = None
     current_entropy_se: float | None = None
     step: dict = field(default_factory=dict, repr=False)
+    gradient: dict = field(default_factory=dict, repr=False)
 
     @property
     def ci95(self) -> tuple[float, float]:
@@ -380,7 +412,8 @@ class ControlDecision:
         return (self.delta_h - Z_95 * self.se, self.delta_h + Z_95 * self.se)
 
     def to_dict(self) -> dict:
-        """JSON-ready: every field but ``step`` and ``target`` (its fields instead), plus ``ci95``."""
+        """JSON-ready: every field but ``step``, ``gradient`` and ``target`` (its fields
+        instead), plus ``ci95``."""
         t = self.target
         return {"knob": self.knob, "value": self.value, "reachable": self.reachable, "reason": self.reason,
                 "target": {"delta_h": t.delta_h, "band": None if t.band is None else list(t.band),

@@ -106,6 +106,8 @@ from ..edge.distributed import Communicator, failing_together
 from ..edge.progress import log
 from ..errors import NoSignalError, ProbeRankError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
+from ..core.control import EntropyControl
+from . import control as entropy_control_step
 from .realized import held_out_logprobs, realized_change, sample_held_out, sampling_config
 
 
@@ -146,19 +148,25 @@ class ProbedGRPOTrainer(GRPOTrainer):
         probe_realized_dataset: where those prompts come from: a map-style dataset
             (``datasets.Dataset`` or a sequence of dicts) with a ``"prompt"`` column in the
             train dataset's format, held out from training; needed with ``probe_realized``.
+        entropy_control: an ``EntropyControl`` (target, knob ``"lr_scale"`` or ``"beta"``):
+            before every optimizer step, the knob is chosen on the step's own batch and
+            applied to that step (``funcprobe.integrations.control``; docs/control.md#in-trl);
+            None (default): training is exactly TRL's.
 
     Raises:
         ValueError: a bad ``probe_every``, ``probe_realized`` (0 or an int >= 2) or
             ``probe_realized_dataset`` (missing, unused, without ``"prompt"``, fewer rows than
             ``probe_realized``); ``SettingsError`` (a ``ValueError``): a bad
             ``probe_gradient`` or ``probe_settings`` (not a ``ProbeSettings``), a trainer
-            setting ``probe_realized`` does not support (``realized_refusals``), and the
-            errors of ``trainer_settings``.
+            setting ``probe_realized`` does not support (``realized_refusals``), an
+            ``entropy_control`` that is not an ``EntropyControl`` or a trainer it does not
+            model (``control_refusals``, and ``trainer_settings``'s refusals of a recomputed
+            loss), and the errors of ``trainer_settings``.
     """
 
     def __init__(self, *args, probe_every: int = 1, probe_settings: ProbeSettings | None = None,
                  probe_raise: bool = False, probe_gradient: str = "trainer", probe_realized: int = 0,
-                 probe_realized_dataset: Any = None, **kwargs):
+                 probe_realized_dataset: Any = None, entropy_control: EntropyControl | None = None, **kwargs):
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every: expected an int >= 1, got {probe_every!r}")
         check_realized_options(probe_realized, probe_realized_dataset)
@@ -166,9 +174,24 @@ class ProbedGRPOTrainer(GRPOTrainer):
             raise SettingsError(f"probe_gradient: expected one of {PROBE_GRADIENTS}, got {probe_gradient!r}")
         if probe_settings is not None and not isinstance(probe_settings, ProbeSettings):
             raise SettingsError(f"probe_settings: expected a ProbeSettings, got {type(probe_settings).__name__}")
+        if entropy_control is not None and not isinstance(entropy_control, EntropyControl):
+            raise SettingsError(f"entropy_control: expected an EntropyControl (funcprobe.EntropyControl), got "
+                                f"{type(entropy_control).__name__}")
         base = probe_settings if probe_settings is not None else ProbeSettings(step="optimizer_step")
         base = replace(base, progress=False)
         super().__init__(*args, **kwargs)
+        self.entropy_control = entropy_control
+        self._funcprobe_control: tuple | None = None  # (step number, lrs to restore, metrics) of this step
+        self._funcprobe_control_failed = 0
+        if entropy_control is not None:
+            refused = entropy_control_step.control_refusals(
+                world_size=self.accelerator.num_processes, probe_gradient=probe_gradient, step=base.step)
+            if refused:
+                raise SettingsError(f"entropy_control: not supported with {'; '.join(refused)}")
+            try:
+                self.control_settings = trainer_settings(self, base, recompute=True)  # clipping: max_grad_norm
+            except SettingsError as err:
+                raise SettingsError(f"entropy_control: {err}") from None
         if probe_realized:
             refused = realized_refusals(self)
             if refused:
@@ -196,11 +219,15 @@ class ProbedGRPOTrainer(GRPOTrainer):
         """TRL's ``log`` with the probe's statistics of the logging window added
         (``window_metrics``: never averaged by TRL, so the SE is the SE of the window's mean)."""
         if self.model.training and (self._funcprobe_window or self._funcprobe_failed
-                                    or self._funcprobe_realized_failed):
+                                    or self._funcprobe_realized_failed or self._funcprobe_control_failed):
             logs.update(window_metrics(self._funcprobe_window, self._funcprobe_failed,
                                        realized_failed=self._funcprobe_realized_failed if self.probe_realized
                                        else None))
+            if self.entropy_control is not None:
+                logs.update(entropy_control_step.control_window(self._funcprobe_window,
+                                                                self._funcprobe_control_failed))
             self._funcprobe_window, self._funcprobe_failed, self._funcprobe_realized_failed = [], 0, 0
+            self._funcprobe_control_failed = 0
         super().log(logs, start_time)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -220,6 +247,54 @@ class ProbedGRPOTrainer(GRPOTrainer):
             self._funcprobe_batch = {k: out[k].detach() for k in
                                      ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")}
         return out
+
+    def _clip_grad_norm(self, model):
+        """Transformers' clipping, with the entropy control's knob applied first (on the raw
+        gradient: the trainer then clips the gradient the controller chose)."""
+        if self.entropy_control is not None and self.model.training:
+            self.control_step()
+        return super()._clip_grad_norm(model)
+
+    def control_step(self) -> dict[str, float] | None:
+        """Choose the knob of the step about to be taken and apply it (once per step: from
+        ``_clip_grad_norm`` or, without clipping, the pre-optimizer-step callback); returns
+        the step's metrics, or None where it was not controlled (no batch, no signal, a
+        failure: logged, ``funcprobe/control/failed`` counts it; the step is then TRL's)."""
+        step_number = self.state.global_step + 1
+        if self._funcprobe_control is not None and self._funcprobe_control[0] == step_number:
+            return self._funcprobe_control[2]
+        self._funcprobe_control = (step_number, None, None)
+        if self._funcprobe_batch is None:
+            return None
+        batch = generation_batch_to_rollouts(self._funcprobe_batch, self.num_generations,
+                                             float(self.args.max_completion_length))
+        try:
+            probe = EntropyProbe(self.model, self.optimizer, **self.control_settings.options())
+            decision = entropy_control_step.decide(probe, batch, trainer_gradient(probe.registry),
+                                                   self.entropy_control, self.state.global_step)
+        except NoSignalError as err:
+            log.warning("funcprobe: step %d not controlled: %s", step_number, err)
+            return None
+        except Exception as err:  # the step goes on as TRL's own
+            if self.probe_raise:
+                raise
+            log.error("funcprobe: entropy control failed at step %d (the step is taken uncontrolled; "
+                      "probe_raise=True raises): %s: %s", step_number, type(err).__name__, err)
+            self._funcprobe_control_failed += 1
+            return None
+        saved = entropy_control_step.apply(decision, self.optimizer, probe.registry)
+        metrics = entropy_control_step.decision_metrics(decision)
+        self.funcprobe_step = decision.step
+        self._funcprobe_control = (step_number, saved, metrics)
+        log.info("funcprobe: %s = %.4g, predicted dH %+.4e ± %.2e at step %d (uncontrolled %+.4e)",
+                 decision.knob, decision.value, decision.delta_h, decision.se, step_number, decision.uncontrolled)
+        return metrics
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``: the learning rates the control scaled are put back."""
+        if self._funcprobe_control is not None:
+            entropy_control_step.restore(self.optimizer, self._funcprobe_control[1])
+            self._funcprobe_control = (self._funcprobe_control[0], None, self._funcprobe_control[2])
 
     def run_probe(self) -> dict[str, float] | None:
         """Probe the step about to be taken on the current generation batch; returns the metrics."""
@@ -331,7 +406,16 @@ class _ProbeCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if state.global_step % self.trainer.probe_every == 0:
+        controlled = None
+        if self.trainer.entropy_control is not None:  # without clipping, the knob is applied here
+            controlled = self.trainer.control_step()
+        if controlled is not None:  # the decision's prediction is the step's prediction
+            metrics = dict(controlled)
+            self.trainer._funcprobe_window.append(metrics)
+            self.trainer.funcprobe_history.append({"step": float(state.global_step + 1), **metrics})
+            if self.trainer.probe_realized:
+                self.trainer.realize_before(metrics)
+        elif state.global_step % self.trainer.probe_every == 0:
             metrics = self.trainer.run_probe()
             if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
                 log.warning("funcprobe: non-finite metrics %s", metrics)
@@ -340,6 +424,7 @@ class _ProbeCallback(TrainerCallback):
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.after_step()
         values = self.trainer.realize_after()
         if values is not None and not all(math.isfinite(v) for v in values.values()):
             log.warning("funcprobe: non-finite realized values %s", values)
