@@ -63,3 +63,29 @@ def test_flash_jvp_benchmark_harness(bench, tmp_path):
     # term is O(1) off
     assert agree["value"] < 5e-2 and agree["tangent"] < 5e-2
     assert "| 40 | kernel_forward_jvp |" in report.with_suffix(".md").read_text()
+
+
+def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
+    """The comparison's summary from a hand-made results file: H0 = 1, 2 steps; the target-free
+    ``none`` run is scored against both targets (hold: H* = 1; anneal: H*(1) = 0.75,
+    H*(2) = 0.5), ``probe_lr`` against its own (float64 sums of a few terms: 1e-9)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import control_study
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "control-study.jsonl"
+    settings = {"steps": 2, "prompts": 2, "group_size": 2, "max_len": 4, "lr": 1e-3, "held_out": 2, "seed": 0}
+    rows = [{"kind": "initial", "H0": 1.0, "H0_se": 0.01, "reward0": 0.0, "trl_entropy0": 2.0, "settings": settings}]
+    for arm, target, hs in (("none", None, (0.9, 0.8)), ("probe_lr", "hold", (1.0, 1.1))):
+        rows += [{"arm": arm, "target": target, "step": t, "seconds": 2.0, "H": h, "H_se": 0.01, "reward": 0.5,
+                  "reward_se": 0.1, **({"knob": 0.5} if arm == "probe_lr" else {})} for t, h in zip((1, 2), hs)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert control_study.main(["--summary", "--out", str(out), "--arms", "none,probe_lr", "--targets", "hold"]) == 0
+    table = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]]
+             for line in (tmp_path / "control-study.md").read_text().splitlines() if line.startswith("| ")}
+    assert abs(float(table[("none", "hold (target-free run)")][3]) - 0.15) < 1e-9
+    assert abs(float(table[("none", "anneal (target-free run)")][3]) - 0.225) < 1e-9
+    assert abs(float(table[("probe_lr", "hold")][3]) - 0.05) < 1e-9
+    assert table[("probe_lr", "hold")][7] == "0.5 to 0.5"
+    assert (tmp_path / "control-study.png").stat().st_size > 1000
