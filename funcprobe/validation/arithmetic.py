@@ -70,6 +70,22 @@ def reward(text: str, answer: int) -> float:
     return 1.0 if parse_answer(text) == answer else 0.0
 
 
+def trl_dataset(problems: list[Problem]):
+    """A ``datasets.Dataset`` of ``problems`` for TRL's ``GRPOTrainer``: a conversational
+    ``"prompt"`` (one user turn: the question, put through the chat template by TRL) and the
+    ``"answer"`` that ``trl_reward`` receives. Needs the ``datasets`` package."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in problems],
+                              "answer": [p.answer for p in problems]})
+
+
+def trl_reward(completions: list, answer: list[int], **kwargs) -> list[float]:
+    """The task's reward as a TRL reward function: ``reward`` of each completion (a
+    conversational completion's first message content, or plain text) against its answer."""
+    return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+
+
 def prompt_ids(tokenizer, problems: list[Problem]) -> list[list[int]]:
     """Token ids of each question through the tokenizer's chat template (generation prompt added)."""
     out = []
