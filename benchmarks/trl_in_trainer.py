@@ -9,7 +9,7 @@ chat template (reward 1 for a correct last integer). Each step the probe predict
 step's own generation batch (E = U), the entropy change of the step the optimizer takes:
 the leave-one-out estimate (``funcprobe/delta_h``) and the plain same-batch mean
 (``funcprobe/delta_h_same_batch``). Around the same step the trainer's realized companion
-(``probe_realized=--held-out``, ``funcprobe.integrations.realized``) samples a held-out batch
+(``probe_realized=RealizedCompanion(--held-out, ...)``, ``funcprobe.integrations.realized``) samples a held-out batch
 H (--held-out problems drawn from a pool of fresh ones never trained on, G responses each,
 temperature 1, eval mode) before ``optimizer.step()`` and measures the realized change on it
 after (importance sampling, unbiased for any G:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
-    from funcprobe.integrations.trl import ProbedGRPOTrainer
+    from funcprobe.integrations.trl import ProbedGRPOTrainer, RealizedCompanion
     from funcprobe.validation.arithmetic import sample_problems, trl_dataset, trl_reward
     from presets import smollm2_lora
 
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     held = sample_problems(args.held_out * (args.steps + 1), torch.Generator().manual_seed(10_000 + args.seed))
     held_data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p.question}] for p in held]})
     trainer = ProbedGRPOTrainer(model=model, reward_funcs=trl_reward, args=config, train_dataset=data,
-                                processing_class=tok, probe_raise=True, probe_realized=args.held_out,
-                                probe_realized_dataset=held_data)
+                                processing_class=tok, probe_raise=True,
+                                probe_realized=RealizedCompanion(args.held_out, held_data))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "trl-in-trainer.jsonl"

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import control, passes
-from .core.control import ControlDecision, ControlRequest, EntropyTarget
+from .core.control import ControlDecision, ControlRequest, EntropyControl, EntropyTarget
 from .core.objectives import MODELLED_COSINE
 from .core.effects import check_rewards
 from .core.influence import EntropyInfluence
@@ -428,8 +428,7 @@ class EntropyProbe:
         return failing_together(Communicator.for_group(self.settings.process_group), self.model)
 
     def choose(self, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *, knob: str = "lr_scale",
-               beta_max: float = 1.0, step_index: int | None = None,
-               gradient: Mapping[str, Tensor] | None = None) -> ControlDecision:
+               beta_max: float = 1.0, step_index: int | None = None) -> ControlDecision:
         """The value of a knob of the next step that meets ``target``, chosen before the step
         (docs/control.md), and the step's predicted δH ± SE (and KL) at it.
 
@@ -446,10 +445,6 @@ class EntropyProbe:
                 TRL's bonus, the mean token entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
             beta_max: the largest β tried (> 0).
             step_index: the optimizer step t (an int ≥ 0), for a schedule only.
-            gradient: a trainer's ascent gradient g_pg of U *before* clipping, name → tensor
-                (``{name: −p.grad}`` read ahead of ``clip_grad_norm_``), used instead of
-                funcprobe's own (the step map clips it, with ``max_grad_norm``); with E = U
-                each prompt's share is fitted in its units (as ``predict``'s ``gradient``).
 
         Returns:
             ``ControlDecision``: ``value`` (β or c), ``reachable`` (and ``reason`` when not:
@@ -468,17 +463,38 @@ class EntropyProbe:
             SettingsError (``ValueError``): a bad ``target``, ``knob``, ``beta_max`` or
                 ``step_index`` (named), a KL budget with ``knob="beta"``, a process group or
                 a sharded model.
-            KeyError, ValueError: a ``gradient`` with other names (KeyError) or shapes than
-                the probed parameters, non-finite, or (E = U) not explained by funcprobe's
-                model of the loss (cosine < ``MODELLED_COSINE``).
             the errors of ``predict``.
         """
         request = _request(target, knob, beta_max, step_index)
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         same = same_batch(E, U)
-        given = None if gradient is None else _full_gradient(run.registry, gradient, run.comm)
-        return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry),
-                              given)
+        return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry))
+
+    def choose_for_step(self, U: RolloutBatch, entropy_control: EntropyControl, *, gradient: Mapping[str, Tensor],
+                        step_index: int = 0) -> ControlDecision:
+        """A trainer's decision: the knob of the step about to be taken on U, chosen on U
+        itself (E = U: the leave-one-out estimate) from the trainer's own gradient.
+
+        Args:
+            U: the step's ``RolloutBatch`` (with advantages).
+            entropy_control: ``EntropyControl`` (target, knob, β range).
+            gradient: the trainer's ascent gradient g_pg of U *before* clipping, name →
+                tensor (``{name: −p.grad}`` read ahead of ``clip_grad_norm_``), used instead
+                of funcprobe's own (the step map clips it, with ``max_grad_norm``); each
+                prompt's own share is fitted in its units (as ``predict``'s ``gradient``).
+            step_index: optimizer steps taken so far (t ≥ 0; used by a schedule).
+
+        Returns and raises: as ``choose``; also ``KeyError``/``ValueError`` for a
+        ``gradient`` with other names (KeyError) or shapes than the probed parameters or
+        non-finite, ``ValueError`` where funcprobe's model of the loss does not explain it
+        (cosine < ``MODELLED_COSINE``), ``NoSignalError`` where it is zero.
+        """
+        if not isinstance(entropy_control, EntropyControl):
+            raise SettingsError(f"entropy_control: expected an EntropyControl, got {type(entropy_control).__name__}")
+        entropy_control.request(step_index)  # checked before any model work
+        run = ProbeRun.of(self._checked(E=U, U=U), self.settings)
+        request = entropy_control.request(step_index, _full_gradient(run.registry, gradient, run.comm))
+        return control.choose(run, None, U, self.optimizer, request, self._current_lr(run.registry))
 
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
                  extra=None) -> ParamRegistry:

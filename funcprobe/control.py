@@ -130,12 +130,12 @@ class _Model:
 
 
 def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-           request: ControlRequest, lr: float, gradient: ParamTree | None = None) -> ControlDecision:
+           request: ControlRequest, lr: float) -> ControlDecision:
     """``EntropyProbe.choose`` after its checks: the knob value for ``request`` and the
     prediction of the step at it. ``E=None``: E is U (leave-one-out). ``lr``: η of δH (1.0
-    for ``optimizer_step``). ``gradient``: the trainer's ascent gradient g_pg of U before
-    clipping (checked, float32 or wider), used instead of funcprobe's own; with E = U each
-    prompt's share is put in its units by fitting funcprobe's model of the loss to it
+    for ``optimizer_step``). ``request.gradient``: the trainer's ascent gradient g_pg of U
+    before clipping (checked, float32 or wider), used instead of funcprobe's own; with E = U
+    each prompt's share is put in its units by fitting funcprobe's model of the loss to it
     (``passes.given_direction``'s fit).
 
     Raises ``SettingsError`` across ranks or on a sharded model (one process, replicated
@@ -154,7 +154,7 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
     if evaluation.num_prompts < 2:
         raise ValueError(f"{'U' if same else 'E'}: choosing a knob needs at least 2 prompts, "
                          f"got {evaluation.num_prompts}")
-    model = _model(run, E, U, optimizer, request, lr, gradient)
+    model = _model(run, E, U, optimizer, request, lr)
     target = request.target
     current = _measured_entropy(run, evaluation) if target.schedule is not None else (None, None)
     aim = target.delta_h
@@ -187,9 +187,10 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
 
 
 def _model(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,
-           request: ControlRequest, lr: float, given: ParamTree | None) -> _Model:
-    """The backward passes: g_pg (or the ``given`` one), g_H (β only), ∇LX rows of E, and
-    for E = U the own rows (in the units of ``given``, when given)."""
+           request: ControlRequest, lr: float) -> _Model:
+    """The backward passes: g_pg (or the request's given one), g_H (β only), ∇LX rows of E,
+    and for E = U the own rows (in the units of the given gradient, when given)."""
+    given = request.gradient
     step = step_map(run.settings, optimizer, run.registry)
     gradient, count, objective = passes.policy_gradient(run, U)
     layout = _Layout(tuple(run.registry.names), gradient)

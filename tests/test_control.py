@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from funcprobe import (EntropyProbe, EntropySchedule, EntropyTarget, ParamRegistry, ProbeSettings, SettingsError,
+from funcprobe import (EntropyControl, EntropyProbe, EntropySchedule, EntropyTarget, ParamRegistry, ProbeSettings, SettingsError,
                        choose_knob)
 from funcprobe.control import entropy_bonus_gradient
 from funcprobe.core.control import ControlRequest
@@ -114,10 +114,11 @@ def test_beta_hits_the_target_and_the_step_taken_is_the_predicted_one(opt_cls, k
 
 @pytest.mark.parametrize("knob", ["beta", "lr_scale"])
 def test_a_trainers_gradient_replaces_funcprobes_own(knob):
-    """``gradient=`` (a trainer's unclipped g_pg): given funcprobe's own gradient (by autograd,
-    an independent route) the decision is the one without it; given twice that gradient,
-    the step taken with 2·g_pg (+ β·g_H) is the predicted one; a gradient the modelled loss
-    does not explain is refused by name (float64; the bounds are those of the tests above)."""
+    """``choose_for_step`` (a trainer's unclipped g_pg, E = U): given funcprobe's own gradient
+    (by autograd, an independent route) the decision is ``choose``'s; given twice that
+    gradient, the step taken with 2·g_pg (+ β·g_H) is the predicted one; a gradient the
+    modelled loss does not explain is refused by name (float64; the bounds are those of the
+    tests above)."""
     model, opt, names = _setup(torch.optim.AdamW, weight_decay=0.05)
     U = random_rollouts(B=4, G=3, seed=8)
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
@@ -125,12 +126,13 @@ def test_a_trainers_gradient_replaces_funcprobes_own(knob):
     plain = probe.choose(U, U, EntropyTarget(delta_h=1.0), knob=knob, beta_max=50.0)
     end = max(plain.span, key=lambda v: abs(v - plain.uncontrolled)) if knob == "beta" else 0.0
     aim = plain.uncontrolled + 0.5 * (end - plain.uncontrolled)  # halfway to β_max's δH, or c = 0.5
-    mine = probe.choose(U, U, EntropyTarget(delta_h=aim), knob=knob, beta_max=50.0)
-    given = probe.choose(U, U, EntropyTarget(delta_h=aim), knob=knob, beta_max=50.0, gradient=g_pg)
+    control = EntropyControl(EntropyTarget(delta_h=aim), knob=knob, beta_max=50.0)
+    mine = probe.choose(U, U, control.target, knob=knob, beta_max=50.0)
+    given = probe.choose_for_step(U, control, gradient=g_pg)
+    assert given.estimator == "leave_one_out"
     assert rel_err(given.uncontrolled, mine.uncontrolled) < 1e-10  # seen 0 (both knobs)
-    assert rel_err(given.value, mine.value) < 1e-8 and abs(given.delta_h - aim) < 1e-8 * abs(aim)
-    twice = probe.choose(U, U, EntropyTarget(delta_h=aim), knob=knob, beta_max=50.0,
-                         gradient={n: 2 * g for n, g in g_pg.items()})
+    assert rel_err(given.value, mine.value) < 1e-8 and abs(given.delta_h - aim) < 1e-8 * abs(aim)  # seen 0
+    twice = probe.choose_for_step(U, control, gradient={n: 2 * g for n, g in g_pg.items()})
     g_h = reference_bonus_gradient(model, U, names) if knob == "beta" else None
     beta = twice.value if knob == "beta" else 0.0
     taken = _taken_step(model, opt, names, {n: 2 * g_pg[n] + (beta * g_h[n] if g_h else 0) for n in names},
@@ -140,9 +142,11 @@ def test_a_trainers_gradient_replaces_funcprobes_own(knob):
     gen = torch.Generator().manual_seed(3)
     noisy = {n: g + torch.randn(g.shape, generator=gen, dtype=g.dtype) * float(g.norm()) for n, g in g_pg.items()}
     with pytest.raises(ValueError, match="gradient: funcprobe's model of the loss does not explain"):
-        probe.choose(U, U, EntropyTarget(delta_h=aim), knob=knob, beta_max=50.0, gradient=noisy)
+        probe.choose_for_step(U, control, gradient=noisy)
     with pytest.raises(KeyError, match="gradient: keys do not match"):
-        probe.choose(U, U, EntropyTarget(delta_h=aim), knob=knob, gradient={"nope": torch.zeros(1)})
+        probe.choose_for_step(U, control, gradient={"nope": torch.zeros(1)})
+    with pytest.raises(SettingsError, match="entropy_control: expected an EntropyControl"):
+        probe.choose_for_step(U, control.target, gradient=g_pg)
 
 
 @pytest.mark.parametrize("opt_cls, kw", OPTIMIZERS)

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("trl")
 
-from funcprobe.integrations.realized import realized_change, sample_held_out, sampling_config  # noqa: E402
+from funcprobe.integrations.realized import RealizedCompanion, realized_change, sample_held_out, sampling_config  # noqa: E402,E501
 from funcprobe.validation.entropy_change import is_change  # noqa: E402
 from test_trl import _tokenizer  # noqa: E402
 
@@ -40,8 +40,8 @@ def _trainer(tmp_path, realized=3, loss_type="dapo", seed=0, extra_callback=None
     held = Dataset.from_dict({"prompt": [f"w{20 + i} w{21 + i}" for i in range(6)]})
     trainer = ProbedGRPOTrainer(model=_qwen(seed), args=args, train_dataset=data, processing_class=_tokenizer(),
                                 reward_funcs=lambda completions, **k: [-float(len(c)) for c in completions],
-                                probe_raise=True, probe_realized=realized,
-                                probe_realized_dataset=held if realized else None, **kw)
+                                probe_raise=True,
+                                probe_realized=RealizedCompanion(realized, held) if realized else None, **kw)
     if extra_callback is not None:
         trainer.add_callback(extra_callback(trainer))
     return trainer
@@ -70,26 +70,29 @@ def _sequence_logprobs_by_hand(model, H):
 
 
 @pytest.mark.parametrize("value", [1, -2, True, 2.0, "3"])
-def test_bad_probe_realized_is_refused_by_name(value):
-    from funcprobe.integrations.trl import ProbedGRPOTrainer
-
-    with pytest.raises(ValueError, match="^probe_realized: expected 0 .off. or an int >= 2"):
-        ProbedGRPOTrainer(probe_realized=value, probe_realized_dataset=[{"prompt": "a"}] * 4)
+def test_bad_probe_realized_prompts_are_refused_by_name(value):
+    with pytest.raises(ValueError, match="^probe_realized.prompts: expected an int >= 2"):
+        RealizedCompanion(value, [{"prompt": "a"}] * 4)
 
 
-@pytest.mark.parametrize("realized, dataset, message", [
-    (2, None, "needs a dataset of held-out prompts"),
-    (0, [{"prompt": "a"}] * 4, "given, but probe_realized=0"),
-    (3, [{"prompt": "a"}] * 2, "2 row.s., fewer than probe_realized=3"),
-    (2, [{"text": "a"}] * 2, r"rows with a 'prompt'.*keys \['text'\]"),
-    (2, ["a", "b"], "rows with a 'prompt'.*type str"),
-    (2, iter([{"prompt": "a"}] * 2), "expected a map-style dataset"),
+@pytest.mark.parametrize("dataset, message", [
+    (None, "expected a map-style dataset"),
+    ([{"prompt": "a"}] * 2, "2 row.s., fewer than prompts=3"),
+    ([{"text": "a"}] * 3, r"rows with a 'prompt'.*keys \['text'\]"),
+    (["a", "b", "c"], "rows with a 'prompt'.*type str"),
+    (iter([{"prompt": "a"}] * 3), "expected a map-style dataset"),
 ])
-def test_bad_probe_realized_dataset_is_refused_by_name(realized, dataset, message):
+def test_bad_probe_realized_dataset_is_refused_by_name(dataset, message):
+    with pytest.raises(ValueError, match="^probe_realized.dataset: .*" + message):
+        RealizedCompanion(3, dataset)
+
+
+def test_probe_realized_must_be_a_companion():
+    from funcprobe import SettingsError
     from funcprobe.integrations.trl import ProbedGRPOTrainer
 
-    with pytest.raises(ValueError, match="^probe_realized_dataset: .*" + message):
-        ProbedGRPOTrainer(probe_realized=realized, probe_realized_dataset=dataset)
+    with pytest.raises(SettingsError, match="^probe_realized: expected RealizedCompanion"):
+        ProbedGRPOTrainer(probe_realized=3)
 
 
 def test_unsupported_trainer_settings_are_named():

@@ -154,6 +154,9 @@ class ControlRequest:
             (the step's learning-rate scale c, range (0, 1]).
         beta_max: the largest β tried (> 0).
         step_index: the optimizer step t ≥ 0, needed by a schedule (None otherwise).
+        gradient: a trainer's ascent gradient of U before clipping, name → tensor, used
+            instead of funcprobe's own policy gradient (checked against the model by the
+            caller, ``EntropyProbe.choose_for_step``); None: funcprobe's own.
 
     Raises ``SettingsError`` naming ``knob``, ``beta_max``, ``step_index`` or ``target``.
     """
@@ -162,6 +165,7 @@ class ControlRequest:
     knob: str = "lr_scale"
     beta_max: float = 1.0
     step_index: int | None = None
+    gradient: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, EntropyTarget):
@@ -203,11 +207,12 @@ class EntropyControl:
         checked = self.request(0)
         object.__setattr__(self, "beta_max", checked.beta_max)
 
-    def request(self, step_index: int) -> ControlRequest:
-        """The ``ControlRequest`` of optimizer step ``step_index`` (t ≥ 0: steps taken so far)."""
+    def request(self, step_index: int, gradient: dict | None = None) -> ControlRequest:
+        """The ``ControlRequest`` of optimizer step ``step_index`` (t ≥ 0: steps taken so far),
+        for the trainer's ``gradient`` (see ``ControlRequest``)."""
         return ControlRequest(target=self.target, knob=self.knob, beta_max=self.beta_max,
                               step_index=step_index if isinstance(self.target, EntropyTarget)
-                              and self.target.schedule is not None else None)
+                              and self.target.schedule is not None else None, gradient=gradient)
 
 
 @dataclass(frozen=True)

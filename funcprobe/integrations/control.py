@@ -51,9 +51,7 @@ def decide(probe: EntropyProbe, batch: RolloutBatch, gradient: dict[str, torch.T
     """The knob of the step about to be taken, chosen on its own batch (E = U, leave-one-out)
     from the trainer's ascent gradient before clipping (``{name: −p.grad}``);
     ``step_index``: optimizer steps taken so far (t)."""
-    request = control.request(step_index)
-    return probe.choose(batch, batch, request.target, knob=request.knob, beta_max=request.beta_max,
-                        step_index=request.step_index, gradient=gradient)
+    return probe.choose_for_step(batch, control, gradient=gradient, step_index=step_index)
 
 
 def apply(decision: ControlDecision, optimizer: torch.optim.Optimizer,

@@ -30,8 +30,8 @@ Cost per measured step: one generation of B·G responses and two no-grad forward
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
-from typing import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,42 @@ from ..edge.rng import seeded
 from ..run import ProbeRun
 from ..settings import ProbeSettings
 from ..validation.entropy_change import EntropyChange, is_change
+
+
+@dataclass(frozen=True)
+class RealizedCompanion:
+    """The realized companion's held-out prompts (``ProbedGRPOTrainer(probe_realized=...)``),
+    checked once when it is built.
+
+    Attributes:
+        prompts: B ≥ 2 prompts drawn at random for each probed step (the SE needs 2).
+        dataset: where they come from: a map-style dataset (``datasets.Dataset`` or a
+            sequence of dicts) with a ``"prompt"`` column in the train dataset's format, held
+            out from training, with at least ``prompts`` rows.
+
+    Raises ``ValueError`` naming ``probe_realized.prompts`` or ``probe_realized.dataset``.
+    """
+
+    prompts: int
+    dataset: Any
+
+    def __post_init__(self) -> None:
+        B = self.prompts
+        if isinstance(B, bool) or not isinstance(B, int) or B < 2:
+            raise ValueError("probe_realized.prompts: expected an int >= 2 (held-out prompts per probed step; the "
+                             f"standard error needs 2), got {B!r}")
+        try:
+            size = len(self.dataset)
+            first = self.dataset[0] if size else None
+        except Exception as err:  # an iterable dataset, or an object without rows
+            raise ValueError(f"probe_realized.dataset: expected a map-style dataset (len() and rows by index), got "
+                             f"{type(self.dataset).__name__} ({type(err).__name__}: {err})") from None
+        if size < B:
+            raise ValueError(f"probe_realized.dataset: {size} row(s), fewer than prompts={B} per probed step")
+        if not isinstance(first, Mapping) or "prompt" not in first:
+            raise ValueError("probe_realized.dataset: expected rows with a 'prompt' (as in the train dataset), got a "
+                             f"first row of type {type(first).__name__}"
+                             + (f" with keys {sorted(first)}" if isinstance(first, Mapping) else ""))
 
 
 @contextlib.contextmanager

@@ -28,10 +28,10 @@ TensorBoard / W&B) next to the ``entropy`` TRL itself logs:
   (change of ``completions/mean_length``, tokens) and ``funcprobe/pred/reward`` (change of
   ``reward``, the weighted sum of the reward functions; absent at a step with an unscorable
   completion);
-* with ``probe_realized=B`` (off by default), the realized companion
-  (``funcprobe.integrations.realized``): for each probed step, before ``optimizer.step()``,
-  G = ``num_generations`` responses to each of B prompts drawn at random from
-  ``probe_realized_dataset`` (held out: never trained on) are sampled from π_θ (temperature
+* with ``probe_realized=RealizedCompanion(prompts=B, dataset=held_out)`` (off by default),
+  the realized companion (``funcprobe.integrations.realized``): for each probed step, before
+  ``optimizer.step()``, G = ``num_generations`` responses to each of B prompts drawn at
+  random from the dataset (held out: never trained on) are sampled from π_θ (temperature
   1, no truncation, eval mode: the policy whose entropy is predicted, whatever the trainer
   samples with; in a seeded block that leaves the global CPU/CUDA generators as they were,
   so training is bit-identical with it off) and scored; after the step they are rescored
@@ -93,7 +93,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -108,7 +108,7 @@ from ..errors import NoSignalError, ProbeRankError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
 from ..core.control import EntropyControl
 from . import control as entropy_control_step
-from .realized import held_out_logprobs, realized_change, sample_held_out, sampling_config
+from .realized import RealizedCompanion, held_out_logprobs, realized_change, sample_held_out, sampling_config
 
 
 def generation_batch_to_rollouts(batch: dict[str, Any], group_size: int, max_len: float | None) -> RolloutBatch:
@@ -143,20 +143,17 @@ class ProbedGRPOTrainer(GRPOTrainer):
         probe_gradient: ``"trainer"`` (the ``.grad`` the optimizer will use) or
             ``"recompute"`` (funcprobe's gradient of the modelled loss); see the module
             docstring.
-        probe_realized: B held-out prompts on which each probed step's realized change is
-            measured (``funcprobe/realized_delta_h``; see the module docstring); 0: off.
-        probe_realized_dataset: where those prompts come from: a map-style dataset
-            (``datasets.Dataset`` or a sequence of dicts) with a ``"prompt"`` column in the
-            train dataset's format, held out from training; needed with ``probe_realized``.
+        probe_realized: ``RealizedCompanion(prompts=B, dataset=held_out)``: B held-out prompts
+            on which each probed step's realized change is measured
+            (``funcprobe/realized_delta_h``; see the module docstring); None: off.
         entropy_control: an ``EntropyControl`` (target, knob ``"lr_scale"`` or ``"beta"``):
             before every optimizer step, the knob is chosen on the step's own batch and
             applied to that step (``funcprobe.integrations.control``; docs/control.md#in-trl);
             None (default): training is exactly TRL's.
 
     Raises:
-        ValueError: a bad ``probe_every``, ``probe_realized`` (0 or an int >= 2) or
-            ``probe_realized_dataset`` (missing, unused, without ``"prompt"``, fewer rows than
-            ``probe_realized``); ``SettingsError`` (a ``ValueError``): a bad
+        ValueError: a bad ``probe_every``; ``SettingsError`` (a ``ValueError``): a
+            ``probe_realized`` that is not a ``RealizedCompanion``, a bad
             ``probe_gradient`` or ``probe_settings`` (not a ``ProbeSettings``), a trainer
             setting ``probe_realized`` does not support (``realized_refusals``), an
             ``entropy_control`` that is not an ``EntropyControl`` or a trainer it does not
@@ -165,11 +162,14 @@ class ProbedGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, probe_every: int = 1, probe_settings: ProbeSettings | None = None,
-                 probe_raise: bool = False, probe_gradient: str = "trainer", probe_realized: int = 0,
-                 probe_realized_dataset: Any = None, entropy_control: EntropyControl | None = None, **kwargs):
+                 probe_raise: bool = False, probe_gradient: str = "trainer",
+                 probe_realized: RealizedCompanion | None = None, entropy_control: EntropyControl | None = None,
+                 **kwargs):
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every: expected an int >= 1, got {probe_every!r}")
-        check_realized_options(probe_realized, probe_realized_dataset)
+        if probe_realized is not None and not isinstance(probe_realized, RealizedCompanion):
+            raise SettingsError("probe_realized: expected RealizedCompanion(prompts=B, dataset=held_out) or None, got "
+                                f"{type(probe_realized).__name__}")
         if probe_gradient not in PROBE_GRADIENTS:
             raise SettingsError(f"probe_gradient: expected one of {PROBE_GRADIENTS}, got {probe_gradient!r}")
         if probe_settings is not None and not isinstance(probe_settings, ProbeSettings):
@@ -192,7 +192,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
                 self.control_settings = trainer_settings(self, base, recompute=True)  # clipping: max_grad_norm
             except SettingsError as err:
                 raise SettingsError(f"entropy_control: {err}") from None
-        if probe_realized:
+        if probe_realized is not None:
             refused = realized_refusals(self)
             if refused:
                 raise SettingsError(f"probe_realized: not supported with {'; '.join(refused)} (the held-out "
@@ -208,7 +208,6 @@ class ProbedGRPOTrainer(GRPOTrainer):
         self._funcprobe_rewards: torch.Tensor | None = None  # [B, G] of this process's batch (effects)
         self._funcprobe_failed = 0
         self.probe_realized = probe_realized
-        self.probe_realized_dataset = probe_realized_dataset
         # the held-out prompts and sampling seeds: a generator of their own, never the global one
         self._funcprobe_realized_rng = torch.Generator().manual_seed(int(self.args.seed))
         self._funcprobe_pending: tuple | None = None  # (metrics, history entry, H, S0) between the two callbacks
@@ -221,8 +220,8 @@ class ProbedGRPOTrainer(GRPOTrainer):
         if self.model.training and (self._funcprobe_window or self._funcprobe_failed
                                     or self._funcprobe_realized_failed or self._funcprobe_control_failed):
             logs.update(window_metrics(self._funcprobe_window, self._funcprobe_failed,
-                                       realized_failed=self._funcprobe_realized_failed if self.probe_realized
-                                       else None))
+                                       realized_failed=self._funcprobe_realized_failed
+                                       if self.probe_realized is not None else None))
             if self.entropy_control is not None:
                 logs.update(entropy_control_step.control_window(self._funcprobe_window,
                                                                 self._funcprobe_control_failed))
@@ -354,12 +353,12 @@ class ProbedGRPOTrainer(GRPOTrainer):
         self._funcprobe_pending = None
         entry = self.funcprobe_history[-1]
         try:
-            data, B = self.probe_realized_dataset, self.probe_realized
+            data, B = self.probe_realized.dataset, self.probe_realized.prompts
             rows = torch.randperm(len(data), generator=self._funcprobe_realized_rng)[:B].tolist()
             seed = int(torch.randint(2**62, (1,), generator=self._funcprobe_realized_rng))
             prompt_ids, images, _ = self._tokenize_prompts([data[i]["prompt"] for i in rows])
             if images is not None:
-                raise ValueError("probe_realized_dataset: prompts with images are not supported")
+                raise ValueError("probe_realized.dataset: prompts with images are not supported")
             config = sampling_config(group_size=self.num_generations,
                                      max_new_tokens=int(self.args.max_completion_length),
                                      eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id)
@@ -413,13 +412,13 @@ class _ProbeCallback(TrainerCallback):
             metrics = dict(controlled)
             self.trainer._funcprobe_window.append(metrics)
             self.trainer.funcprobe_history.append({"step": float(state.global_step + 1), **metrics})
-            if self.trainer.probe_realized:
+            if self.trainer.probe_realized is not None:
                 self.trainer.realize_before(metrics)
         elif state.global_step % self.trainer.probe_every == 0:
             metrics = self.trainer.run_probe()
             if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
                 log.warning("funcprobe: non-finite metrics %s", metrics)
-            if metrics is not None and self.trainer.probe_realized:
+            if metrics is not None and self.trainer.probe_realized is not None:
                 self.trainer.realize_before(metrics)
         return control
 
@@ -491,37 +490,6 @@ def _realized_window(steps: list[dict[str, float]], failed: int) -> dict[str, fl
     if var > 0:
         out["funcprobe/z"] = sum(k["delta_h"] - k["realized_delta_h"] for k in real) / math.sqrt(var)
     return out
-
-
-def check_realized_options(probe_realized: object, dataset: object) -> None:
-    """Refuse a bad ``probe_realized`` (0, or an int >= 2: the SE needs 2 prompts) or
-    ``probe_realized_dataset`` (needed exactly when ``probe_realized`` is on; map-style, rows
-    with a ``"prompt"``, at least ``probe_realized`` of them), naming the argument (``ValueError``)."""
-    if isinstance(probe_realized, bool) or not isinstance(probe_realized, int) or probe_realized < 0 \
-            or probe_realized == 1:
-        raise ValueError("probe_realized: expected 0 (off) or an int >= 2 (held-out prompts per probed step; "
-                         f"the standard error needs 2), got {probe_realized!r}")
-    if not probe_realized:
-        if dataset is not None:
-            raise ValueError("probe_realized_dataset: given, but probe_realized=0 (off); pass probe_realized=B "
-                             "(B >= 2 held-out prompts per probed step) to measure the realized change")
-        return
-    if dataset is None:
-        raise ValueError(f"probe_realized_dataset: probe_realized={probe_realized} needs a dataset of held-out "
-                         "prompts (rows with a 'prompt', as in the train dataset, not trained on)")
-    try:
-        size = len(dataset)
-        first = dataset[0] if size else None
-    except Exception as err:  # an iterable dataset, or an object without rows
-        raise ValueError(f"probe_realized_dataset: expected a map-style dataset (len() and rows by index), got "
-                         f"{type(dataset).__name__} ({type(err).__name__}: {err})") from None
-    if size < probe_realized:
-        raise ValueError(f"probe_realized_dataset: {size} row(s), fewer than probe_realized={probe_realized} "
-                         "prompts per probed step")
-    if not isinstance(first, Mapping) or "prompt" not in first:
-        raise ValueError("probe_realized_dataset: expected rows with a 'prompt' (as in the train dataset), got a "
-                         f"first row of type {type(first).__name__}"
-                         + (f" with keys {sorted(first)}" if isinstance(first, Mapping) else ""))
 
 
 def realized_refusals(trainer: GRPOTrainer) -> list[str]:
