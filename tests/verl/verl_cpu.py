@@ -215,3 +215,74 @@ def rollout_batch(num_prompts: int, group: int, *, seed: int = 0, vocab: int = 3
                  "position_ids": position_ids, "prompts": prompt_ids, "responses": responses, "response_mask": response_mask,
                  "old_log_probs": torch.zeros(N, R), "advantages": advantages},
         non_tensors={"uid": uid})
+
+
+def build_engine(path: str, *, lora: bool = False, remove_padding: bool = True, clip: float = 1.0,
+                 funcprobe: dict | None = None, probed: bool = True, dtype: str = "float32", lr: float = 1e-2,
+                 micro_batch: int = 4):
+    """verl's FSDP2 language-model engine for the model saved at ``path``, built and initialised
+    (``probed``: with ``ProbedFSDPEngineConfig`` and the plug-in installed; else verl's own engine
+    class, straight from ``FSDPEngineWithLMHead``)."""
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    model = HFModelConfig(path=path, override_config={"attn_implementation": "sdpa"}, use_remove_padding=remove_padding,
+                          lora_rank=4 if lora else 0, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    common = dict(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False, micro_batch_size_per_gpu=micro_batch,
+                  dtype=dtype, use_remove_padding=remove_padding, seed=0)
+    optim = FSDPOptimizerConfig(lr=lr, clip_grad=clip, weight_decay=0.01)
+    if probed:
+        import funcprobe.integrations.verl as plugin
+
+        plugin.install()
+        engine_config = plugin.ProbedFSDPEngineConfig(funcprobe=dict(funcprobe or {}), **common)
+        from verl.workers.engine import EngineRegistry
+
+        cls = EngineRegistry.get_engine_cls("language_model", "fsdp2")
+    else:
+        engine_config = FSDPEngineConfig(**common)
+        cls = FSDPEngineWithLMHead
+    torch.manual_seed(0)
+    engine = cls(model_config=model, engine_config=engine_config, optimizer_config=optim,
+                 checkpoint_config=CheckpointConfig())
+    engine.initialize()
+    return engine
+
+
+def actor_config(loss_agg_mode: str = "token-mean", **kwargs):
+    """verl's ``FSDPActorConfig`` of the loss (``ppo_loss``'s ``config``)."""
+    from verl.workers.config import FSDPActorConfig
+
+    return FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=4,
+                           use_dynamic_bsz=False, loss_agg_mode=loss_agg_mode, **kwargs)
+
+
+def train_step(engine, batch, config, *, remove_padding: bool = True, global_batch_size: int | None = None,
+               last_minibatch: bool = True, micro_batch: int = 4):
+    """One actor optimizer step of verl on ``batch`` (a ``DataProto`` from ``rollout_batch``), as
+    ``TrainingWorker.train_batch`` runs it: the trainer's ``left_right_2_no_padding``, the engine's
+    ``train_batch`` with ``ppo_loss``. Returns the engine's outputs (``metrics``)."""
+    from functools import partial
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    td = left_right_2_no_padding(batch.to_tensordict())
+    tu.assign_non_tensor(td, global_batch_size=global_batch_size or len(batch), temperature=1.0,
+                         calculate_entropy=False, use_remove_padding=remove_padding,
+                         micro_batch_size_per_gpu=micro_batch, use_dynamic_bsz=False, compute_loss=True,
+                         update_lr_scheduler=last_minibatch)
+    with engine.train_mode():
+        return engine.train_batch(td, loss_function=partial(ppo_loss, config=config))
+
+
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """The engine's trainable parameters, unsharded copies (name as the FSDP2 module names them)."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = t.detach().clone()
+    return out
