@@ -286,3 +286,20 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
             t = p.full_tensor() if hasattr(p, "full_tensor") else p
             out[name] = t.detach().clone()
     return out
+
+
+def at_ratio_one(engine, batch, *, remove_padding: bool = True, micro_batch: int = 4):
+    """``batch`` with ``old_log_probs`` = the engine's own log-probs of the responses now (verl's
+    ``compute_log_prob`` path: ``infer_batch``), so the step's ratios are 1."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
+
+    td = left_right_2_no_padding(batch.to_tensordict())
+    tu.assign_non_tensor(td, temperature=1.0, calculate_entropy=False, use_remove_padding=remove_padding,
+                         micro_batch_size_per_gpu=micro_batch, use_dynamic_bsz=False, compute_loss=False,
+                         global_batch_size=len(batch))
+    with engine.eval_mode():
+        out = engine.infer_batch(td)
+    log_probs = no_padding_2_padding(out["model_output"]["log_probs"], td).detach().float()
+    batch.batch["old_log_probs"] = log_probs * batch.batch["response_mask"]
+    return batch
