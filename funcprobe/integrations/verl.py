@@ -38,8 +38,9 @@ values, and over the probed mini-batches of a training step; verl logs them as
 ``actor/funcprobe/*``), the keys and units of the TRL integration:
 
 * ``funcprobe/delta_h``: the predicted δH (leave-one-out), in the unit of ``loss_agg_mode``'s
-  weighting: nats per response token (``token-mean``, ``seq-mean-token-mean``), nats per response
-  (``seq-mean-token-sum``), nats per ``loss_scale_factor`` tokens (``seq-mean-token-sum-norm``);
+  weighting: nats per response token (``token-mean``, ``seq-mean-token-mean``), nats per R
+  tokens (``seq-mean-token-sum``; R the padded response width), nats per ``loss_scale_factor``
+  tokens (``seq-mean-token-sum-norm``);
 * ``funcprobe/se``, ``funcprobe/ci95_low``, ``funcprobe/ci95_high``;
 * ``funcprobe/delta_h_same_batch``: the plain mean over E = U (biased), for comparison;
 * ``funcprobe/probed_steps`` (1 at a probed step) and ``funcprobe/failed`` (1 when the probe
@@ -53,7 +54,7 @@ sequence parallelism (not tested: needs flash-attn), parameter or optimizer offl
 tested), other engines, an optimizer that is not a ``torch.optim.Optimizer``; at the first
 actor step, a ``loss_agg_mode`` the probe does not model (``token-sum``; ``seq-mean-token-sum-
 norm`` without ``loss_scale_factor``) and, with ``gradient="recompute"``, the KL loss, the entropy
-bonus and policy losses other than ``vanilla``. Per mini-batch (logged, ``funcprobe/failed``):
+bonus, policy losses other than ``vanilla`` and ``seq-mean-token-sum``. Per mini-batch (logged, ``funcprobe/failed``):
 holes in ``response_mask`` (multi-turn tool tokens), token-level advantages, a rollout
 temperature other than 1, incomplete prompt groups, rollout importance weights under
 ``"recompute"``.
@@ -204,6 +205,9 @@ class ProbedEngineMixin:
         loss = loss_settings(config)
         if self.funcprobe_options.gradient == "recompute":
             refused = recompute_refusals(config)
+            if not loss.recomputable:
+                refused.append(f"loss_agg_mode={config.loss_agg_mode!r} (its gradient is not funcprobe's loss: see "
+                               "funcprobe.integrations.verl_options.loss_settings)")
             name = getattr(getattr(loss_function, "func", None), "__name__", "")
             if name != "ppo_loss":
                 refused.append(f"loss function {name or loss_function!r} (modelled: verl's ppo_loss)")
@@ -235,7 +239,9 @@ class ProbedEngineMixin:
         all_rows = gather_rows(rows, self.get_data_parallel_group())
         world = len(all_rows)
         rank = torch.distributed.get_rank(group) if world > 1 else 0
-        return regroup(all_rows, rank, world, step.loss.max_len)
+        max_len = float(all_rows[0].ids.shape[1] - all_rows[0].response_start) if step.loss.lmax_is_response_width \
+            else step.loss.max_len
+        return regroup(all_rows, rank, world, max_len)
 
     def _funcprobe_run(self, step: _Step) -> None:
         """The probe of the step about to be taken (inside the optimizer's step pre-hook)."""

@@ -99,12 +99,16 @@ class VerlProbeOptions:
 @dataclass(frozen=True)
 class LossModel:
     """funcprobe's model of verl's policy loss: ``loss_type`` and ``weighting`` of
-    ``ProbeSettings``, and Lmax (``max_len``, tokens) for the ``dr_grpo`` weighting."""
+    ``ProbeSettings``, and Lmax (``max_len``, tokens) for the ``dr_grpo`` weighting
+    (``lmax_is_response_width``: Lmax is the batch's padded response width R, verl's
+    ``max_response_len``; ``recomputable``: funcprobe's recomputed gradient is verl's)."""
 
     loss_type: str
     weighting: str
     max_len: float | None
     unit: str
+    lmax_is_response_width: bool = False
+    recomputable: bool = True
 
 
 def loss_settings(actor_config: Any) -> LossModel:
@@ -116,7 +120,9 @@ def loss_settings(actor_config: Any) -> LossModel:
     ============================  =========================================================
     ``token-mean`` (default)      ``dapo``, weighting ``per_token_avg`` (nats per token)
     ``seq-mean-token-mean``       ``grpo``, weighting ``per_token_avg`` (nats per token)
-    ``seq-mean-token-sum``        ``dr_grpo`` with Lmax = 1 (nats per response)
+    ``seq-mean-token-sum``        ``dr_grpo`` with Lmax = R, the padded response width
+                                  (verl's gradient is R times it: fitted under
+                                  ``gradient="trainer"``; refused under ``"recompute"``)
     ``seq-mean-token-sum-norm``   ``dr_grpo`` with Lmax = ``loss_scale_factor`` (nats per
                                   Lmax tokens); refused without ``loss_scale_factor``
     ============================  =========================================================
@@ -132,7 +138,10 @@ def loss_settings(actor_config: Any) -> LossModel:
     if mode == "seq-mean-token-mean":
         return LossModel("grpo", "per_token_avg", None, "nats per response token")
     if mode == "seq-mean-token-sum":
-        return LossModel("dr_grpo", "dr_grpo", 1.0, "nats per response")
+        # the token sum per sequence is Dr. GRPO with Lmax = 1, which RolloutBatch refuses (Lmax >= every
+        # response length): the weighting uses Lmax = R, and the gradient's scale is fitted (trainer's .grad)
+        return LossModel("dr_grpo", "dr_grpo", None, "nats per R tokens (R: the padded response width)",
+                         lmax_is_response_width=True, recomputable=False)
     if mode == "seq-mean-token-sum-norm":
         factor = getattr(actor_config, "loss_scale_factor", None)
         if factor is None:

@@ -218,11 +218,12 @@ def rollout_batch(num_prompts: int, group: int, *, seed: int = 0, vocab: int = 3
 
 
 def build_engine(path: str, *, lora: bool = False, remove_padding: bool = True, clip: float = 1.0,
-                 funcprobe: dict | None = None, probed: bool = True, dtype: str = "float32", lr: float = 1e-2,
+                 funcprobe: dict | None = None, probed: bool = True, param_dtype: str = "fp32", lr: float = 1e-2,
                  micro_batch: int = 4):
     """verl's FSDP2 language-model engine for the model saved at ``path``, built and initialised
     (``probed``: with ``ProbedFSDPEngineConfig`` and the plug-in installed; else verl's own engine
-    class, straight from ``FSDPEngineWithLMHead``)."""
+    class, straight from ``FSDPEngineWithLMHead``). ``param_dtype``: FSDP2's compute dtype (verl's
+    default is bf16; fp32 here unless asked)."""
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
@@ -230,7 +231,8 @@ def build_engine(path: str, *, lora: bool = False, remove_padding: bool = True, 
     model = HFModelConfig(path=path, override_config={"attn_implementation": "sdpa"}, use_remove_padding=remove_padding,
                           lora_rank=4 if lora else 0, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     common = dict(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False, micro_batch_size_per_gpu=micro_batch,
-                  dtype=dtype, use_remove_padding=remove_padding, seed=0)
+                  use_remove_padding=remove_padding, seed=0,
+                  mixed_precision={"param_dtype": param_dtype, "reduce_dtype": "fp32", "buffer_dtype": "fp32"})
     optim = FSDPOptimizerConfig(lr=lr, clip_grad=clip, weight_decay=0.01)
     if probed:
         import funcprobe.integrations.verl as plugin
