@@ -31,7 +31,8 @@ from the step's own mini-batch: E = U, regrouped by ``uid`` over the data-parall
 (``funcprobe.integrations.verl_batch``), with the leave-one-out estimator of the TRL integration
 (``EntropyProbe.predict(E, U, gradient=...)`` with E = U). The weighting and loss type follow
 ``loss_agg_mode`` (``verl_options.loss_settings``). The predicted Δθ of the last probed step is
-kept in ``engine.funcprobe_step`` ({name: tensor}, the probe's parameter names).
+kept in ``engine.funcprobe_step`` ({name: tensor}, the probe's parameter names), its values
+(``delta_h``, ``se``, ...) in ``engine.funcprobe_metrics``, on every rank.
 
 Metrics (verl ``Metric`` objects, averaged over data-parallel ranks, which all hold the same
 values, and over the probed mini-batches of a training step; verl logs them as
@@ -144,6 +145,7 @@ class ProbedEngineMixin:
     its ``.grad``s and the optimizer, and restores modes."""
 
     funcprobe_step: dict[str, torch.Tensor] | None = None
+    funcprobe_metrics: dict[str, float] | None = None  # the last probed step's values, on this rank
 
     def initialize(self):
         self.funcprobe_options = engine_options(self.engine_config)
@@ -238,7 +240,7 @@ class ProbedEngineMixin:
             rows = err
         all_rows = gather_rows(rows, self.get_data_parallel_group())
         world = len(all_rows)
-        rank = torch.distributed.get_rank(group) if world > 1 else 0
+        rank = torch.distributed.get_rank(self.get_data_parallel_group()) if world > 1 else 0
         max_len = float(all_rows[0].ids.shape[1] - all_rows[0].response_start) if step.loss.lmax_is_response_width \
             else step.loss.max_len
         return regroup(all_rows, rank, world, max_len)
@@ -281,6 +283,7 @@ class ProbedEngineMixin:
                 if name in r.effects.effects:
                     metrics[key], metrics[key + "_se"] = r.effects[name].value, r.effects[name].se
         step.metrics = metrics
+        self.funcprobe_metrics = metrics
         log.info("funcprobe: predicted dH %+.4e ± %.2e (%s)", r.delta_h, r.se, step.loss.unit)
 
 

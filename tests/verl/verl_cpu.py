@@ -117,6 +117,10 @@ class _CpuModule:
         pass
 
     @staticmethod
+    def get_device_name(*args) -> str:
+        return "CPU"
+
+    @staticmethod
     def max_memory_allocated(*args) -> int:
         return 0
 
