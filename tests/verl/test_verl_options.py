@@ -1,0 +1,102 @@
+"""The verl plug-in's options and refusals: the hydra route of the engine config, bad options
+named, FSDP1 and other engines refused when the engine is built, a mini-batch the probe cannot
+model (holes in ``response_mask``) logged while verl's step goes on unchanged."""
+
+import logging
+
+import pytest
+
+pytest.importorskip("verl", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
+
+import torch  # noqa: E402
+
+from funcprobe.errors import SettingsError  # noqa: E402
+from verl_cpu import (actor_config, build_engine, full_parameters, init_single_process, register_cpu,  # noqa: E402
+                      rollout_batch, save_tiny_qwen2, train_step)
+
+TARGET = "funcprobe.integrations.verl.ProbedFSDPEngineConfig"
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    register_cpu()
+    init_single_process()
+    return save_tiny_qwen2(str(tmp_path_factory.mktemp("qwen2")))
+
+
+def _config(funcprobe):
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    return omega_conf_to_dataclass(OmegaConf.create({"_target_": TARGET, "strategy": "fsdp2", "funcprobe": funcprobe}))
+
+
+def test_options_come_through_verls_hydra_config():
+    from funcprobe.integrations.verl import engine_options
+
+    options = engine_options(_config({"every": 10, "gradient": "recompute", "chunk_size": 4, "effects": True}))
+    assert (options.every, options.gradient, options.first_minibatch_only) == (10, "recompute", True)
+    assert options.settings.chunk_size == 4 and options.settings.effects and options.settings.step == "optimizer_step"
+
+
+@pytest.mark.parametrize("funcprobe,match", [
+    ({"evry": 10}, r"unknown option\(s\) \['evry'\]"),
+    ({"every": 0}, "funcprobe.every: expected an int >= 1"),
+    ({"gradient": "autograd"}, "funcprobe.gradient: expected one of"),
+    ({"gradient": "recompute", "first_minibatch_only": False}, "first_minibatch_only"),
+    ({"raise": "yes"}, "funcprobe.raise: expected true or false"),
+    ({"weighting": "dr_grpo"}, "funcprobe.weighting: set by the plug-in"),
+    ({"chunk_size": -1}, "chunk_size"),
+])
+def test_bad_options_are_refused_by_name_when_the_config_is_built(funcprobe, match):
+    with pytest.raises(Exception, match=match):
+        _config(funcprobe)
+
+
+def test_fsdp1_is_refused_by_name_before_the_model_is_built(model_path):
+    import funcprobe.integrations.verl as plugin
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.engine import EngineRegistry
+
+    plugin.install()
+    engine = EngineRegistry.get_engine_cls("language_model", "fsdp")(
+        model_config=HFModelConfig(path=model_path), engine_config=plugin.ProbedFSDPEngineConfig(strategy="fsdp"),
+        optimizer_config=FSDPOptimizerConfig(lr=1e-3), checkpoint_config=CheckpointConfig())
+    with pytest.raises(SettingsError, match=r"strategy='fsdp' \(FSDP1"):
+        engine.initialize()
+    assert not hasattr(engine, "module")  # refused before anything was built
+
+
+def test_other_engines_are_refused_by_name():
+    import funcprobe.integrations.verl as plugin
+    from verl.workers.engine import BaseEngine, EngineRegistry
+
+    class OtherEngine(BaseEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+
+    engines = EngineRegistry._engines["language_model"]
+    engines["megatron_test"] = {"cpu": OtherEngine}
+    try:
+        plugin.install()
+        with pytest.raises(SettingsError, match="the 'megatron_test' engine"):
+            EngineRegistry.new("language_model", "megatron_test")
+    finally:
+        del engines["megatron_test"]
+
+
+def test_a_batch_with_holes_is_logged_as_a_failure_and_verls_step_is_unchanged(model_path, caplog):
+    batch = rollout_batch(3, 4)
+    mask = batch.batch["response_mask"]
+    mask[0, 0] = 0  # a tool token in the middle of row 0's response: attended, not trained
+    results = []
+    for probed in (True, False):
+        engine = build_engine(model_path, clip=1e-2, probed=probed)
+        with caplog.at_level(logging.ERROR, logger="funcprobe"):
+            out = train_step(engine, batch, actor_config())
+        results.append((full_parameters(engine), out["metrics"]))
+    (params, metrics), (plain, _) = results
+    assert metrics["funcprobe/failed"].aggregate() == 1.0 and "funcprobe/delta_h" not in metrics
+    assert "response_mask: differs from the attended response tokens in 1 row(s)" in caplog.text
+    assert all(torch.equal(params[n], plain[n]) for n in params)
