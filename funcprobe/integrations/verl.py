@@ -8,8 +8,9 @@ built)::
 Importing this module replaces, in verl's ``EngineRegistry``, the language-model engine of the
 ``fsdp``/``fsdp2`` backends (for every device it is registered for) by a subclass that probes the
 actor's optimizer steps; the engines of the other backends (Megatron, VeOmni, TorchTitan,
-AutoModel) are replaced by subclasses that refuse to build (``SettingsError``: the probe is not
-supported there). Nothing else of verl is changed, and nothing is patched when the module is not
+AutoModel) are replaced by subclasses that refuse to build a training engine (``SettingsError``:
+the probe is not supported there; forward-only engines, the reference model's, build as before,
+and the probed class leaves them unprobed). Nothing else of verl is changed, and nothing is patched when the module is not
 imported. Options go in the engine config (``actor_rollout_ref.actor.fsdp_config``), through its
 hydra ``_target_``::
 
@@ -149,6 +150,9 @@ class ProbedEngineMixin:
 
     def initialize(self):
         self.funcprobe_options = engine_options(self.engine_config)
+        self._funcprobe_on = not bool(getattr(self.engine_config, "forward_only", False))  # the reference model: off
+        if not self._funcprobe_on:
+            return super().initialize()
         refused = build_refusals(self)
         if refused:
             raise SettingsError("funcprobe.integrations.verl: the probe does not support " + "; ".join(refused))
@@ -164,7 +168,7 @@ class ProbedEngineMixin:
 
     # ------------------------------------------------------------ verl's calls
     def train_batch(self, data, loss_function):
-        step = self._funcprobe_plan(data, loss_function)
+        step = self._funcprobe_plan(data, loss_function) if getattr(self, "_funcprobe_on", False) else None
         self._funcprobe_pending = step
         try:
             outputs = super().train_batch(data, loss_function)
@@ -337,6 +341,8 @@ def _refusing_class(cls: type, backend: str) -> type:
         return cls
 
     def __init__(self, *args, **kwargs):
+        if getattr(kwargs.get("engine_config"), "forward_only", False):  # a reference model: never probed
+            return cls.__init__(self, *args, **kwargs)
         raise SettingsError(f"funcprobe.integrations.verl: the probe supports verl's FSDP2 engine only "
                             f"(strategy=fsdp2); the {backend!r} engine ({cls.__name__}) is not supported")
 

@@ -82,6 +82,11 @@ def test_other_engines_are_refused_by_name():
         plugin.install()
         with pytest.raises(SettingsError, match="the 'megatron_test' engine"):
             EngineRegistry.new("language_model", "megatron_test")
+        from verl.workers.config import FSDPEngineConfig
+
+        reference = FSDPEngineConfig(strategy="fsdp2", forward_only=True)  # a reference model is never probed
+        assert type(EngineRegistry.new("language_model", "megatron_test", engine_config=reference)).__mro__[1] \
+            is OtherEngine
     finally:
         del engines["megatron_test"]
 
