@@ -8,7 +8,7 @@ pytest.importorskip("verl", reason="verl is not installed (the verl tests run in
 
 import torch  # noqa: E402
 
-from verl_cpu import (actor_config, at_ratio_one, build_engine, full_parameters, init_single_process,  # noqa: E402
+from verl_cpu import (actor_config, build_engine, full_parameters, init_single_process,  # noqa: E402
                       register_cpu, rollout_batch, save_tiny_qwen2, train_step)
 
 EPS32 = torch.finfo(torch.float32).eps
