@@ -8,7 +8,7 @@ pytest.importorskip("verl", reason="verl is not installed (the verl tests run in
 
 import torch  # noqa: E402
 
-from verl_cpu import (actor_config, build_engine, full_parameters, init_single_process,  # noqa: E402
+from verl_cpu import (actor_config, at_ratio_one, build_engine, full_parameters, init_single_process,  # noqa: E402
                       register_cpu, rollout_batch, save_tiny_qwen2, train_step)
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -71,3 +71,18 @@ def test_two_steps_are_bit_identical_with_and_without_the_probe(model_path):
     assert with_probe.keys() == without.keys()
     for name in with_probe:
         assert torch.equal(with_probe[name], without[name]), name
+
+
+def test_recomputed_gradient_predicts_the_step_verl_takes_at_ratio_one_with_clipping(model_path):
+    # funcprobe's own gradient of token-mean (dapo) at ratio 1, clipped by optim.clip_grad like verl's
+    engine = build_engine(model_path, lora=False, clip=1e-2, funcprobe={"gradient": "recompute", "raise": True})
+    batch = at_ratio_one(engine, rollout_batch(3, 4, seed=3))
+    before = full_parameters(engine)
+    out = train_step(engine, batch, actor_config())
+    after = full_parameters(engine)
+    assert out["metrics"]["grad_norm"] > 2e-2  # clipping was active
+    rel, _ = _step_errors(engine.funcprobe_step, before, after)
+    # seen: 2.5e-6. Not elementwise: the recomputed gradient is verl's to 2.4e-7 (test_verl_loss), and
+    # AdamW's first step g/(|g| + eps) turns that rounding, on entries of |g| near eps, into up to a
+    # whole step on those few entries
+    assert rel < 1e-4, rel
