@@ -28,7 +28,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.actor.entropy_coeff=0 \
     actor_rollout_ref.actor.fsdp_config._target_=funcprobe.integrations.verl.ProbedFSDPEngineConfig `# funcprobe: options` \
     +actor_rollout_ref.actor.fsdp_config.funcprobe.every=5 `# funcprobe: probe every 5th actor step` \
-    +actor_rollout_ref.actor.fsdp_config.funcprobe.effects=true `# funcprobe: also pred/entropy, pred/kl, ...` \
+    +actor_rollout_ref.actor.fsdp_config.funcprobe.chunk_size=4 `# funcprobe: prompts per probe forward` \
     actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=8 \
     actor_rollout_ref.rollout.temperature=1.0 `# funcprobe: the probe refuses other temperatures` \
     actor_rollout_ref.rollout.tensor_model_parallel_size=1 \

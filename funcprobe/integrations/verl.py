@@ -47,9 +47,9 @@ values, and over the probed mini-batches of a training step; verl logs them as
 * ``funcprobe/delta_h_same_batch``: the plain mean over E = U (biased), for comparison;
 * ``funcprobe/probed_steps`` (1 at a probed step) and ``funcprobe/failed`` (1 when the probe
   failed or refused the mini-batch: the reason is logged, and the step goes on as verl's);
-* with the probe setting ``effects=true``: ``funcprobe/pred/entropy``, ``funcprobe/pred/kl``,
-  ``funcprobe/pred/completion_length`` and their ``_se`` (no ``pred/reward``: the rewards are not
-  in the actor's batch).
+* the TRL integration's predicted effects (``funcprobe/pred/*``) are not available yet: funcprobe's
+  effects pass does not run on FSDP2 models, so ``effects=true`` is refused when the config is
+  built.
 
 Refused by name (``SettingsError``): when the engine is built, FSDP1 (``strategy=fsdp``), Ulysses
 sequence parallelism (not tested: needs flash-attn), parameter or optimizer offload (not
@@ -78,15 +78,6 @@ from ..errors import NoSignalError, ProbeRankError, SettingsError
 from .gradients import trainer_gradient
 from .verl_batch import BatchRefused, gather_rows, local_rows, regroup
 from .verl_options import LossModel, VerlProbeOptions, loss_settings, recompute_refusals
-
-#: the predicted effects logged with ``effects=True`` (key -> ``funcprobe.core.effects`` name), as in
-#: the TRL integration (``funcprobe.integrations.trl.PREDICTED_KEYS``) less the reward, which the
-#: actor's batch does not hold
-PREDICTED_KEYS = {
-    "pred/entropy": "entropy_token_mean",
-    "pred/kl": "kl_per_token",
-    "pred/completion_length": "completion_length",
-}
 
 #: verl's engine backends that the probe supports (FSDP2; ``fsdp`` is refused at build unless FSDP2)
 PROBED_BACKENDS = ("fsdp", "fsdp2")
@@ -282,10 +273,6 @@ class ProbedEngineMixin:
         metrics = {"delta_h": r.delta_h, "se": r.se}
         if r.delta_h_same_batch is not None:
             metrics["delta_h_same_batch"] = r.delta_h_same_batch
-        if r.effects is not None:
-            for key, name in PREDICTED_KEYS.items():
-                if name in r.effects.effects:
-                    metrics[key], metrics[key + "_se"] = r.effects[name].value, r.effects[name].se
         step.metrics = metrics
         self.funcprobe_metrics = metrics
         log.info("funcprobe: predicted dH %+.4e ± %.2e (%s)", r.delta_h, r.se, step.loss.unit)

@@ -110,3 +110,4 @@ def test_bf16_compute_the_predicted_step_is_still_the_step_taken(model_path):
     # seen: 3.3e-7 and 0.30 of the rounding bound (grad norm 0.026556 vs 0.026544 in fp32: bf16 was used)
     assert rel < 1e-4, rel
     assert rounding < 1.0, rounding
+

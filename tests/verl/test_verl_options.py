@@ -34,9 +34,10 @@ def _config(funcprobe):
 def test_options_come_through_verls_hydra_config():
     from funcprobe.integrations.verl import engine_options
 
-    options = engine_options(_config({"every": 10, "gradient": "recompute", "chunk_size": 4, "effects": True}))
+    options = engine_options(_config({"every": 10, "gradient": "recompute", "chunk_size": 4, "mode": "vjp"}))
     assert (options.every, options.gradient, options.first_minibatch_only) == (10, "recompute", True)
-    assert options.settings.chunk_size == 4 and options.settings.effects and options.settings.step == "optimizer_step"
+    assert options.settings.chunk_size == 4 and options.settings.mode == "vjp"
+    assert options.settings.step == "optimizer_step" and options.settings.progress is False
 
 
 @pytest.mark.parametrize("funcprobe,match", [
@@ -47,6 +48,7 @@ def test_options_come_through_verls_hydra_config():
     ({"raise": "yes"}, "funcprobe.raise: expected true or false"),
     ({"weighting": "dr_grpo"}, "funcprobe.weighting: set by the plug-in"),
     ({"chunk_size": -1}, "chunk_size"),
+    ({"effects": True}, "funcprobe.effects: the predicted effects are not supported on FSDP2"),
 ])
 def test_bad_options_are_refused_by_name_when_the_config_is_built(funcprobe, match):
     with pytest.raises(Exception, match=match):
