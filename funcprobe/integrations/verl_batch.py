@@ -122,8 +122,8 @@ def regroup(all_rows: list[Rows], rank: int, world: int, max_len: float | None) 
     if short:
         u, n = short[0]
         raise BatchRefused(f"uid: {len(short)} prompt group(s) of this mini-batch are incomplete (e.g. uid {u!r}: {n} "
-                           f"of {G} responses), cut by the mini-batch split or shuffle; keep whole groups in each "
-                           "mini-batch (actor.shuffle=false, ppo_mini_batch_size in prompts)")
+                           f"of {G} responses), cut by the mini-batch split, trainer.balance_batch or actor.shuffle; "
+                           "one mini-batch per update keeps whole groups (ppo_mini_batch_size = data.train_batch_size)")
     if G < 2:
         raise BatchRefused(f"uid: groups of {G} response(s); the leave-one-out estimate needs G >= 2 per prompt")
     B = len(order)

@@ -93,17 +93,43 @@ def test_other_engines_are_refused_by_name():
         del engines["megatron_test"]
 
 
-def test_a_batch_with_holes_is_logged_as_a_failure_and_verls_step_is_unchanged(model_path, caplog):
-    batch = rollout_batch(3, 4)
-    mask = batch.batch["response_mask"]
-    mask[0, 0] = 0  # a tool token in the middle of row 0's response: attended, not trained
+@pytest.mark.parametrize("change,reason", [
+    ("holes", "response_mask: differs from the attended response tokens in 1 row(s)"),
+    ("temperature", "temperature: 0.7 != 1"),
+    ("token_advantages", "advantages: vary along the response in 1 row(s)"),
+    ("split_group", "uid: 2 prompt group(s) of this mini-batch are incomplete (e.g. uid 'p2': 3 of 4"),
+])
+def test_a_batch_the_probe_does_not_model_is_logged_and_verls_step_is_unchanged(model_path, caplog, change, reason):
+    uids = ["p0"] * 4 + ["p1"] * 4 + ["p2"] * 3 + ["p3"] if change == "split_group" else None
+    batch = rollout_batch(3, 4, uids=uids)
+    if change == "holes":  # a tool token in the middle of row 0's response: attended, not trained
+        batch.batch["response_mask"][0, 0] = 0
+    if change == "token_advantages":  # e.g. GAE: one advantage per token
+        lengths = batch.batch["response_mask"].sum(1)
+        row = int((lengths > 1).nonzero()[0])
+        batch.batch["advantages"][row, 0] += 0.5
     results = []
     for probed in (True, False):
         engine = build_engine(model_path, clip=1e-2, probed=probed)
         with caplog.at_level(logging.ERROR, logger="funcprobe"):
-            out = train_step(engine, batch, actor_config())
+            out = train_step(engine, batch, actor_config(), temperature=0.7 if change == "temperature" else 1.0)
         results.append((full_parameters(engine), out["metrics"]))
     (params, metrics), (plain, _) = results
     assert metrics["funcprobe/failed"].aggregate() == 1.0 and "funcprobe/delta_h" not in metrics
-    assert "response_mask: differs from the attended response tokens in 1 row(s)" in caplog.text
+    assert reason in caplog.text
     assert all(torch.equal(params[n], plain[n]) for n in params)
+
+
+@pytest.mark.parametrize("setting,match", [({"strategy": "fsdp"}, "FSDP1"),
+                                           ({"ulysses_sequence_parallel_size": 2}, "Ulysses"),
+                                           ({"param_offload": True}, "param_offload"),
+                                           ({"optimizer_offload": True}, "optimizer_offload")])
+def test_build_refusals_name_each_unsupported_engine_setting(setting, match):
+    from types import SimpleNamespace
+
+    from funcprobe.integrations.verl import build_refusals
+
+    config = SimpleNamespace(**{"strategy": "fsdp2", **setting})
+    (refused,) = build_refusals(SimpleNamespace(engine_config=config))
+    assert match in refused
+    assert build_refusals(SimpleNamespace(engine_config=SimpleNamespace(strategy="fsdp2"))) == []

@@ -265,7 +265,7 @@ def actor_config(loss_agg_mode: str = "token-mean", **kwargs):
 
 
 def train_step(engine, batch, config, *, remove_padding: bool = True, global_batch_size: int | None = None,
-               last_minibatch: bool = True, micro_batch: int = 4):
+               last_minibatch: bool = True, micro_batch: int = 4, temperature: float = 1.0):
     """One actor optimizer step of verl on ``batch`` (a ``DataProto`` from ``rollout_batch``), as
     ``TrainingWorker.train_batch`` runs it: the trainer's ``left_right_2_no_padding``, the engine's
     ``train_batch`` with ``ppo_loss``. Returns the engine's outputs (``metrics``)."""
@@ -276,7 +276,7 @@ def train_step(engine, batch, config, *, remove_padding: bool = True, global_bat
     from verl.workers.utils.padding import left_right_2_no_padding
 
     td = left_right_2_no_padding(batch.to_tensordict())
-    tu.assign_non_tensor(td, global_batch_size=global_batch_size or len(batch), temperature=1.0,
+    tu.assign_non_tensor(td, global_batch_size=global_batch_size or len(batch), temperature=temperature,
                          calculate_entropy=False, use_remove_padding=remove_padding,
                          micro_batch_size_per_gpu=micro_batch, use_dynamic_bsz=False, compute_loss=True,
                          update_lr_scheduler=last_minibatch)
