@@ -51,12 +51,14 @@ values, and over the probed mini-batches of a training step; verl logs them as
   effects pass does not run on FSDP2 models, so ``effects=true`` is refused when the config is
   built.
 
-Refused by name (``SettingsError``): when the engine is built, FSDP1 (``strategy=fsdp``), Ulysses
-sequence parallelism (not tested: needs flash-attn), parameter or optimizer offload (not
-tested), other engines, an optimizer that is not a ``torch.optim.Optimizer``; at the first
-actor step, a ``loss_agg_mode`` the probe does not model (``token-sum``; ``seq-mean-token-sum-
-norm`` without ``loss_scale_factor``) and, with ``gradient="recompute"``, the KL loss, the entropy
-bonus, policy losses other than ``vanilla`` and ``seq-mean-token-sum``. Per mini-batch (logged, ``funcprobe/failed``):
+Refused by name (``SettingsError``): when the engine config is built, bad options and
+``effects=true``; when the engine is built, FSDP1 (``strategy=fsdp``), Ulysses sequence
+parallelism (not tested: needs flash-attn), parameter or optimizer offload (not tested), the
+other engines' training engines, an optimizer that is not a ``torch.optim.Optimizer``; at the
+first actor step, before verl's, a ``loss_agg_mode`` the probe does not model (``token-sum``;
+``seq-mean-token-sum-norm`` without ``loss_scale_factor``) and, with ``gradient="recompute"``,
+the KL loss, the entropy bonus, policy losses other than ``vanilla`` and ``seq-mean-token-sum``.
+Per mini-batch (logged with the reason, ``funcprobe/failed``; verl's step goes on unchanged):
 holes in ``response_mask`` (multi-turn tool tokens), token-level advantages, a rollout
 temperature other than 1, incomplete prompt groups, rollout importance weights under
 ``"recompute"``.
