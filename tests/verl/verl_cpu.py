@@ -81,9 +81,9 @@ def register_cpu() -> None:
         def profiler_stop(self) -> None:
             pass
 
-    if not isinstance(platform_manager._current_platform, PlatformCPU.__mro__[1]) or \
-            platform_manager._current_platform is None or platform_manager._current_platform.device_name != "cpu":
-        platform_manager._current_platform = PlatformCPU()
+    current = platform_manager._current_platform
+    if current is None or current.device_name != "cpu":
+        platform_manager.set_platform(PlatformCPU())
     engines = EngineRegistry._engines["language_model"]
     for backend in ("fsdp", "fsdp2"):
         engines[backend].setdefault("cpu", FSDPEngineWithLMHead)
