@@ -111,3 +111,18 @@ def test_bf16_compute_the_predicted_step_is_still_the_step_taken(model_path):
     assert rel < 1e-4, rel
     assert rounding < 1.0, rounding
 
+
+
+def test_a_step_verl_skips_is_not_probed(model_path):
+    # a non-finite gradient norm: verl zeroes the gradients and skips optimizer.step(), so the
+    # pre-hook never fires and nothing is predicted for a step that is not taken
+    engine = build_engine(model_path, lora=False, clip=1.0, funcprobe={"raise": True})
+    batch = rollout_batch(3, 4)
+    batch.batch["advantages"][0] *= float("nan")
+    before = full_parameters(engine)
+    out = train_step(engine, batch, actor_config())
+    after = full_parameters(engine)
+    assert all(torch.equal(before[n], after[n]) for n in before)  # verl skipped the step
+    assert engine.funcprobe_step is None and "funcprobe/delta_h" not in out["metrics"]
+    assert out["metrics"]["funcprobe/probed_steps"].aggregate() == 0.0
+    assert out["metrics"]["funcprobe/failed"].aggregate() == 0.0
