@@ -4,7 +4,7 @@ the metrics verl logs. The model: a random 2-layer Qwen2 saved to a temporary fo
 
 import pytest
 
-pytest.importorskip("verl", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
+pytest.importorskip("verl.workers.engine", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
 
 import torch  # noqa: E402
 

@@ -5,7 +5,7 @@ engine is the reference); the unmodelled modes are refused by name, before verl'
 
 import pytest
 
-pytest.importorskip("verl", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
+pytest.importorskip("verl.workers.engine", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
 
 import torch  # noqa: E402
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-pytest.importorskip("verl", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
+pytest.importorskip("verl.workers.engine", reason="verl is not installed (the verl tests run in .ci/run-verl's environment)")
 
 import torch  # noqa: E402
 
