@@ -313,6 +313,13 @@ def test_the_pass_over_U_has_a_progress_bar(capsys, progress):
 
 # --- quiet loading: the demo's output starts with its own header ------------------------------------------
 
+def _transformers_at_least(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
+
+
 def test_quiet_loading_silences_peft_and_the_loading_bars_and_restores_them():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2ForCausalLM
@@ -328,7 +335,10 @@ def test_quiet_loading_silences_peft_and_the_loading_bars_and_restores_them():
                 get_peft_model(Qwen2ForCausalLM(_qwen2_config(32)), LoraConfig(r=2, target_modules=["q_proj"]))
         return [str(w.message) for w in seen if "is_gradient_checkpointing" in str(w.message)]
 
-    assert build(quiet=False), "PEFT no longer reads is_gradient_checkpointing: drop quiet_loading's filter"
+    emitted = build(quiet=False)
+    if emitted or _transformers_at_least("5.23"):  # the main CI stack (floor 5.23) emits it
+        assert emitted, "PEFT no longer reads is_gradient_checkpointing: drop quiet_loading's filter"
+    # (transformers 5.10.x, verl 0.9.1's stack in .ci/run-verl, has no such deprecation: nothing to silence)
     assert build(quiet=True) == []
     filters, bar, tqdm = list(warnings.filters), hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
     with quiet_loading(bars=False):

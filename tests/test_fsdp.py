@@ -143,7 +143,7 @@ def _worker(rank, world, port, outdir):
 def _trl_callback_prediction(model, optimizer, E_local):
     """What ``ProbedGRPOTrainer.run_probe`` does with ``probe_gradient="trainer"`` before the
     optimizer step: the step of the live ``.grad`` (DTensors on FSDP2), probed on E."""
-    from funcprobe.integrations.trl import trainer_gradient
+    from funcprobe.integrations.gradients import trainer_gradient
 
     probe = EntropyProbe(model, optimizer)
     registry = probe.registry

@@ -291,6 +291,7 @@ def test_plot_is_written(workspace, tmp_path):
 
 
 def test_trl_grpo_trainer_logs_the_probe(workspace, tmp_path):
+    pytest.importorskip("trl")
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -319,6 +320,7 @@ def test_trl_grpo_trainer_logs_the_probe(workspace, tmp_path):
 
 
 def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
+    pytest.importorskip("trl")
     """Only a batch with no signal is a quiet skip; any other failure is logged by name
     (and counted) instead of stopping the run, unless probe_raise=True."""
     from types import SimpleNamespace

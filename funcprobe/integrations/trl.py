@@ -108,6 +108,7 @@ from ..errors import NoSignalError, ProbeRankError, SettingsError
 from ..settings import LOSS_TYPES, ProbeSettings
 from ..core.control import EntropyControl
 from . import control as entropy_control_step
+from .gradients import trainer_gradient
 from .realized import RealizedCompanion, held_out_logprobs, realized_change, sample_held_out, sampling_config
 
 
@@ -511,18 +512,6 @@ def realized_refusals(trainer: GRPOTrainer) -> list[str]:
         (args.max_completion_length is None, "max_completion_length=None"),
     ]
     return [what for bad, what in checks if bad]
-
-
-def trainer_gradient(registry) -> dict[str, torch.Tensor]:
-    """``{name: −p.grad}``: the ascent gradient the optimizer is about to use (read-only).
-
-    Raises ``ValueError`` naming probed parameters that have no ``.grad``.
-    """
-    live = registry.live_parameters()
-    missing = [n for n, p in live.items() if p.grad is None]
-    if missing:
-        raise ValueError(f"model: {len(missing)} probed parameter(s) have no .grad at this step: {missing[:8]}")
-    return {n: -p.grad.detach() for n, p in live.items()}
 
 
 def trainer_settings(trainer: GRPOTrainer, base: ProbeSettings, *, recompute: bool = True) -> ProbeSettings:

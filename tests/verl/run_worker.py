@@ -1,0 +1,71 @@
+"""One rank of verl's ``TrainingWorker`` (in-process, without Ray) on CPU/gloo, with the probe
+enabled by ``external_lib`` alone; run by the tests as a script, one process per rank:
+
+    python run_worker.py MODEL_DIR OUT_JSON [ADAM_EPS]  (env: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
+
+Every rank builds the same GRPO batch (4 prompts x 4 responses) and keeps the rows ``rank::world``
+(so each prompt's group is split across the ranks), trains one actor update on it
+(``train_mini_batch``: one mini-batch) and writes the metrics verl returns (rank 0) and the
+probe's δH seen on this rank to OUT_JSON."""
+
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from verl_cpu import at_ratio_one, register_cpu, rollout_batch  # noqa: E402
+
+
+def main(model_dir: str, out_path: str, adam_eps: float | None = None) -> None:
+    register_cpu()
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from verl.trainer.config import CheckpointConfig
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.config import FSDPActorConfig, FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.config.engine import TrainingWorkerConfig
+    from verl.workers.engine_workers import TrainingWorker
+    from verl.workers.utils.losses import ppo_loss
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    imported_before = "funcprobe.integrations.verl" in sys.modules
+    model = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}, use_remove_padding=True,
+                          external_lib="funcprobe.integrations.verl")
+    engine = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False,
+                              micro_batch_size_per_gpu=4, seed=0,
+                              mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"})
+    worker = TrainingWorker(TrainingWorkerConfig(
+        model_type="language_model", model_config=model, engine_config=engine,
+        optimizer_config=FSDPOptimizerConfig(
+            lr=1e-2, clip_grad=1e-2, override_optimizer_config=None if adam_eps is None else {"eps": adam_eps}), checkpoint_config=CheckpointConfig()))
+    worker.reset()
+    config = FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=4,
+                             use_dynamic_bsz=False, loss_agg_mode="token-mean")
+    worker.set_loss_fn(partial(ppo_loss, config=config))
+    batch = at_ratio_one(worker.engine, rollout_batch(4, 4, seed=7))
+    mine = batch[list(range(rank, len(batch), world))]
+    td = left_right_2_no_padding(mine.to_tensordict())
+    tu.assign_non_tensor(td, global_batch_size=len(batch), mini_batch_size=len(batch), epochs=1, seed=0,
+                         dataloader_kwargs={"shuffle": False}, temperature=1.0, calculate_entropy=False,
+                         compute_loss=True)
+    out = worker.train_mini_batch(td)
+    result = {"imported_before": imported_before, "engine": type(worker.engine).__name__,
+              "rank_metrics": worker.engine.funcprobe_metrics}
+    if out is not None:
+        metrics = tu.get(out, "metrics")
+        result["metrics"] = {k: float(v[0] if isinstance(v, list) else v) for k, v in metrics.items()
+                             if k.startswith("funcprobe/")}
+    Path(out_path).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else None)
