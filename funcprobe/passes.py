@@ -148,14 +148,17 @@ def given_direction(run: ProbeRun, U: RolloutBatch, gradient: Mapping[str, Tenso
     c = ⟨g_trainer, ḡ⟩/⟨ḡ, ḡ⟩ with ḡ = mean_n ∇J_n over all ranks (one backward over U): the
     trainer's clipping factor when the loss is modelled. A cosine below 1 − 1e-2 means
     the trainer's loss has terms funcprobe does not model (a KL term, an entropy bonus, ...):
-    the caller should not remove self-influence with it.
+    the caller should not remove self-influence with it. A zero given gradient has nothing
+    to remove: c = 0 and a cosine of 1 (the step, if any, is Adam's momentum and decay).
     """
     step = step_map(replace(run.settings, max_grad_norm=None), optimizer, run.registry)
     mu = step(dict(gradient))
     model, count, objective = policy_gradient(run, U)
     model_sq, given_sq = tree_sq_norm(model), tree_sq_norm(gradient)
-    if model_sq == 0.0 or given_sq == 0.0:
-        return Direction(mu, step, dict(gradient), count, objective, given_sq > 0.0), 0.0
+    if given_sq == 0.0:  # no gradient, so no prompt has a share to remove (Adam still steps: momentum, decay)
+        return Direction(mu, step, dict(gradient), count, objective, False, own_scale=0.0), 1.0
+    if model_sq == 0.0:  # the trainer has a gradient the modelled loss does not give
+        return Direction(mu, step, dict(gradient), count, objective, True), 0.0
     dot = float(tree_vdot({n: t.double() for n, t in gradient.items()}, {n: t.double() for n, t in model.items()}))
     cosine = dot / (model_sq * given_sq) ** 0.5
     return Direction(mu, step, dict(gradient), count, objective, True, own_scale=dot / model_sq), cosine

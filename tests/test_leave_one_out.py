@@ -114,3 +114,11 @@ def test_a_trainers_gradient_gives_the_same_estimate_and_an_unmodelled_one_falls
         c = probe.predict(U, U, gradient=noise)
     assert c.estimator == "same_batch" and c.delta_h_same_batch is None
     assert "not explained by the modelled loss" in caplog.text
+    caplog.clear()
+    zero = {n: torch.zeros_like(t) for n, t in g.items()}
+    with caplog.at_level("WARNING", logger="funcprobe"):
+        d = probe.predict(U, U, gradient=zero)  # AdamW still steps (momentum, decay); no prompt has a share
+    assert "not explained" not in caplog.text and d.estimator == "leave_one_out"
+    # every prompt scored against the same step: the same-batch value (float64 sums in another
+    # order: seen 1.5e-14 relative, bound 1e-12)
+    assert abs(d.delta_h - d.delta_h_same_batch) <= 1e-12 * abs(d.delta_h_same_batch)
