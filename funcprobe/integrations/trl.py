@@ -343,10 +343,14 @@ class ProbedGRPOTrainer(GRPOTrainer):
             for key, name in PREDICTED_KEYS.items():
                 if name in r.effects.effects:
                     metrics[key], metrics[key + "_se"] = r.effects[name].value, r.effects[name].se
-        self._funcprobe_window.append(metrics)
-        self.funcprobe_history.append({"step": float(step_number), **metrics})
+        self.record(metrics, step_number)
         log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, step_number)
         return metrics
+
+    def record(self, metrics: dict[str, float], step_number: int) -> None:
+        """Keep a probed step's metrics for its logging window and in ``funcprobe_history``."""
+        self._funcprobe_window.append(metrics)
+        self.funcprobe_history.append({"step": float(step_number), **metrics})
 
     def realize_before(self, metrics: dict[str, float]) -> None:
         """Before the step: sample the held-out rollouts H of this probed step (``metrics``:
@@ -409,18 +413,16 @@ class _ProbeCallback(TrainerCallback):
         controlled = None
         if self.trainer.entropy_control is not None:  # without clipping, the knob is applied here
             controlled = self.trainer.control_step()
+        metrics = None
         if controlled is not None:  # the decision's prediction is the step's prediction
             metrics = dict(controlled)
-            self.trainer._funcprobe_window.append(metrics)
-            self.trainer.funcprobe_history.append({"step": float(state.global_step + 1), **metrics})
-            if self.trainer.probe_realized is not None:
-                self.trainer.realize_before(metrics)
+            self.trainer.record(metrics, state.global_step + 1)
         elif state.global_step % self.trainer.probe_every == 0:
             metrics = self.trainer.run_probe()
             if metrics is not None and not all(math.isfinite(v) for v in metrics.values()):
                 log.warning("funcprobe: non-finite metrics %s", metrics)
-            if metrics is not None and self.trainer.probe_realized is not None:
-                self.trainer.realize_before(metrics)
+        if metrics is not None and self.trainer.probe_realized is not None:
+            self.trainer.realize_before(metrics)
         return control
 
     def on_optimizer_step(self, args, state, control, **kwargs):
