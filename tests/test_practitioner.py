@@ -336,12 +336,14 @@ def test_trl_probe_failures_are_logged_and_training_goes_on(caplog):
 
     def fake(optimizer, advantages=None, probe_raise=False, step="adam_step"):
         b = dict(batch, advantages=batch["advantages"] if advantages is None else advantages)
-        return SimpleNamespace(_funcprobe_batch=b, loss_type="grpo", num_generations=G,
-                               args=SimpleNamespace(max_completion_length=C), model=model, optimizer=optimizer,
-                               probe_settings=ProbeSettings(step=step, progress=False),
-                               probe_raise=probe_raise, probe_gradient="recompute",
-                               state=SimpleNamespace(global_step=7), funcprobe_history=[],
-                               _funcprobe_window=[], _funcprobe_failed=0)
+        trainer = SimpleNamespace(_funcprobe_batch=b, loss_type="grpo", num_generations=G,
+                                  args=SimpleNamespace(max_completion_length=C), model=model, optimizer=optimizer,
+                                  probe_settings=ProbeSettings(step=step, progress=False),
+                                  probe_raise=probe_raise, probe_gradient="recompute",
+                                  state=SimpleNamespace(global_step=7), funcprobe_history=[],
+                                  _funcprobe_window=[], _funcprobe_failed=0)
+        trainer.record = lambda metrics, step_number: ProbedGRPOTrainer.record(trainer, metrics, step_number)
+        return trainer
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ok = fake(opt)
