@@ -138,5 +138,6 @@ def random_direction(registry, seed=2):
 
 
 def rel_err(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    # float64 from the start: torch.as_tensor(python_float) is float32, which would round both sides alike
+    a, b = (torch.as_tensor(x).double() if torch.is_tensor(x) else torch.as_tensor(x, dtype=torch.float64) for x in (a, b))
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
