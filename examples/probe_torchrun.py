@@ -12,6 +12,7 @@ prediction, which is what one process holding all shards would compute.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -30,6 +31,16 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny sizes (the test suite uses this)")
     args = ap.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    train_and_probe(args)
+    # DDP holds the process group: free it while the interpreter is alive, so gloo's threads do not
+    # outlive it ("terminate called without an active exception" at exit), then leave together
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train_and_probe(args: argparse.Namespace) -> None:
+    """Train ``--train-steps`` DDP steps, then probe the next one and print it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # each rank its share of the cores
     cfg = DemoConfig(model="tiny", prompts=args.prompts_per_rank, group_size=4, max_new_tokens=8 if args.small else 24,
@@ -56,7 +67,6 @@ def main() -> None:
             f"predicted dH = {r.delta_h:+.6e} nats, SE_E = {r.se:.6e}, 95% [{lo:+.6e}, {hi:+.6e}]\n")
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), line.encode())  # one write: the ranks' lines never interleave
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
