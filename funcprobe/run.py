@@ -31,7 +31,7 @@ from .forward.rules import jvp_rules
 from .core.objectives import PromptFn
 from .core.pytree import ParamTree, tree_map
 from .core.rollouts import RolloutBatch
-from .core.token_stats import TOKEN_STATS, token_stats
+from .core.token_stats import TOKEN_STATS
 from .core.transforms import Chunks, directional_derivatives, summed_gradient
 from .edge.distributed import Communicator
 from .edge.memory import chunk_size_for
@@ -40,7 +40,6 @@ from .edge.progress import chunk_progress
 from .edge.registry import ParamRegistry
 from .edge.session import as_normal_batch, as_normal_tensor, probe_session
 from .edge.sharding import Sharding, no_progress
-from .errors import SettingsError
 from .settings import ProbeSettings
 
 @dataclass(frozen=True)
@@ -159,18 +158,14 @@ class ProbeRun:
         return self.token_stats_over(tangent, self.chunks(batch, "jvp", label), batch)
 
     def token_stats_over(self, tangent: Mapping[str, Tensor], chunks: Chunks, batch: RolloutBatch) -> Tensor:
-        """``token_stats`` over given ``(chunk, keep)`` pairs of ``batch`` (its shape for no kept chunk).
-
-        Raises ``SettingsError`` on FSDP2 (the head split runs the body and the head with
-        ``functional_call`` outside FSDP's hooks: not supported)."""
-        if self.sharding.name != "replica":
-            raise SettingsError("effects: the predicted effects are not supported on a sharded (FSDP2) model yet; "
-                                "probe without effects=True there")
+        """``token_stats`` over given ``(chunk, keep)`` pairs of ``batch`` (its shape for no kept chunk);
+        on FSDP2 through the model's whole forward (``funcprobe.edge.fsdp``), a collective."""
         tangent = self.tangent(tangent)
+        stats_of = self.sharding.token_stats_fn(self.registry.module, self.registry.frozen)
         out = []
         with self.session(forward_mode=True):
             for chunk, keep in chunks:
-                st = token_stats(self.registry.module, self.registry.frozen, self.theta, tangent, chunk)
+                st = stats_of(self.theta, tangent, chunk)
                 if keep:
                     out.append(st)
         if not out:

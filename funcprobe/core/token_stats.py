@@ -31,7 +31,7 @@ probe session. Sources: docs/derivations.md#predicted-effects.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, ContextManager, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -153,53 +153,90 @@ def token_stats(module: nn.Module, frozen: Mapping[str, Tensor], theta: Mapping[
     split = head_split(module, owner, extra)
     L = ids.shape[1]
     if split is None:
-        per_column = _unsplit_stats(module, (frozen, theta, tangent), kwargs, resp, _prompt_lengths(batch).reshape(N))
-    else:
-        flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
+        prompt_lens = _prompt_lengths(batch).reshape(N)
 
-        def hidden(t: dict) -> Tensor:
-            h = split.hidden({**frozen, **t}, kwargs)
-            if h.ndim != 3 or h.shape[:2] != (N, L):
-                raise ValueError(f"model: expected hidden states of shape [{N}, {L}, D], got {tuple(h.shape)}")
-            return h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat)
+        def response_logits(t: dict) -> Tensor:
+            return _unsplit_token_values(module, (frozen, t), kwargs, resp, prompt_lens, _logits_only)
 
-        h, hdot = jvp(hidden, (theta,), (tangent,))
-        targets = ids[:, 1:].reshape(-1).index_select(0, flat)
-        head_names = [full for full in split.head_params.values() if full in theta]
-        rest = {**frozen, **{n: v for n, v in theta.items() if n not in head_names}}
-        head_theta = {n: theta[n] for n in head_names}
-        head_tangent = {n: tangent[n] for n in head_names}
+        return _placed(_whole_forward_stats(response_logits, theta, tangent, ids, resp), shift, batch)
+    flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
 
-        def logits(hp: dict, x: Tensor) -> Tensor:
-            return split.logits_fn({**rest, **hp})(x)
+    def hidden(t: dict) -> Tensor:
+        h = split.hidden({**frozen, **t}, kwargs)
+        if h.ndim != 3 or h.shape[:2] != (N, L):
+            raise ValueError(f"model: expected hidden states of shape [{N}, {L}, D], got {tuple(h.shape)}")
+        return h[:, :-1].reshape(N * (L - 1), h.shape[-1]).index_select(0, flat)
 
-        chunk = token_chunk or token_chunk_size(split.vocab_size)
-        out, work = [], Workspace()
-        for a in range(0, h.shape[0], chunk):
-            z, zdot = jvp(logits, (head_theta, h[a:a + chunk]), (head_tangent, hdot[a:a + chunk]))
-            dtype = _stats_dtype(z, zdot)  # the chunk's own tensors: overwritten in place
-            out.append(_reductions_into(z.to(dtype), zdot.to(dtype), targets[a:a + chunk], work).double())
-        per_token = torch.cat(out) if out else h.new_zeros((0, len(TOKEN_STATS)), dtype=torch.float64)
-        per_column = per_token.new_zeros((N * (L - 1), len(TOKEN_STATS))).index_copy(0, flat, per_token)
-        per_column = per_column.reshape(N, L - 1, len(TOKEN_STATS))
+    h, hdot = jvp(hidden, (theta,), (tangent,))
+    targets = ids[:, 1:].reshape(-1).index_select(0, flat)
+    head_names = [full for full in split.head_params.values() if full in theta]
+    rest = {**frozen, **{n: v for n, v in theta.items() if n not in head_names}}
+    head_theta = {n: theta[n] for n in head_names}
+    head_tangent = {n: tangent[n] for n in head_names}
+
+    def logits(hp: dict, x: Tensor) -> Tensor:
+        return split.logits_fn({**rest, **hp})(x)
+
+    chunk = token_chunk or token_chunk_size(split.vocab_size)
+    out, work = [], Workspace()
+    for a in range(0, h.shape[0], chunk):
+        z, zdot = jvp(logits, (head_theta, h[a:a + chunk]), (head_tangent, hdot[a:a + chunk]))
+        dtype = _stats_dtype(z, zdot)  # the chunk's own tensors: overwritten in place
+        out.append(_reductions_into(z.to(dtype), zdot.to(dtype), targets[a:a + chunk], work).double())
+    per_token = torch.cat(out) if out else h.new_zeros((0, len(TOKEN_STATS)), dtype=torch.float64)
+    per_column = per_token.new_zeros((N * (L - 1), len(TOKEN_STATS))).index_copy(0, flat, per_token)
+    return _placed(per_column.reshape(N, L - 1, len(TOKEN_STATS)), shift, batch)
+
+
+def whole_forward_token_stats(module: nn.Module, install: Callable[[dict], ContextManager], theta: Mapping[str, Tensor],
+                              tangent: Mapping[str, Tensor], batch: RolloutBatch) -> Tensor:
+    """``token_stats`` through the model's own whole forward, θ put in place by ``install``:
+    for models whose parameters only a forward hook can replace (FSDP2: ``funcprobe.edge.fsdp.
+    installed``, after FSDP's all-gather). One ``jvp`` of θ ↦ the response logits
+    ``[N, L - 1, V]`` (exact; holds that many logits and tangents per chunk).
+
+    Args:
+        module: the canonical module, called with no parameters passed (its own forward).
+        install: ``install(t)`` is a context manager within which every forward of ``module``
+            uses ``t[name]`` for the named parameters.
+        theta, tangent, batch: as for ``token_stats``.
+
+    Returns ``[B, G, T, 5]`` float64, as ``token_stats``. Raises ``ValueError`` for logits of
+    an unexpected shape.
+    """
+    N = batch.num_prompts * batch.group_size
+    kwargs, resp, shift, _, _ = aligned_inputs(module, batch)
+    prompt_lens = _prompt_lengths(batch).reshape(N)
+
+    def response_logits(t: dict) -> Tensor:
+        with install(t):
+            return _unsplit_token_values(module, ({}, {}), kwargs, resp, prompt_lens, _logits_only)
+
+    return _placed(_whole_forward_stats(response_logits, dict(theta), dict(tangent), kwargs["input_ids"], resp),
+                   shift, batch)
+
+
+def _logits_only(z: Tensor, targets: Tensor) -> Tensor:
+    return z
+
+
+def _placed(per_column: Tensor, shift: Tensor, batch: RolloutBatch) -> Tensor:
+    """``[B, G, T, 5]``: the aligned columns' ``[N, L - 1, 5]`` back in ``batch``'s columns."""
+    B, G, T = batch.input_ids.shape
+    N, L1, K = per_column.shape
     # aligned column j holds the target at aligned column j + 1, i.e. at column j + 1 + shift
-    cols = (torch.arange(1, L, device=shift.device).unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
-    index = cols.unsqueeze(-1).expand(-1, -1, len(TOKEN_STATS))
-    placed = per_column.new_zeros((N, T, len(TOKEN_STATS))).scatter_add(1, index, per_column)  # padding adds 0
-    return placed.reshape(B, G, T, len(TOKEN_STATS))
+    cols = (torch.arange(1, L1 + 1, device=shift.device).unsqueeze(0) + shift.unsqueeze(1)).clamp(max=T - 1)
+    index = cols.unsqueeze(-1).expand(-1, -1, K)
+    placed = per_column.new_zeros((N, T, K)).scatter_add(1, index, per_column)  # padding adds 0
+    return placed.reshape(B, G, T, K)
 
 
-def _unsplit_stats(module: nn.Module, params: tuple[dict, dict, dict], kwargs: dict, resp: Tensor,
-                   prompt_lens: Tensor) -> Tensor:
-    """``[N, L - 1, 5]`` from the model's own logits under one ``jvp`` (models without a head split);
-    ``params``: (frozen, θ, tangent)."""
-    frozen, theta, tangent = params
-
-    def logits(t: dict) -> Tensor:
-        return _unsplit_token_values(module, (frozen, t), kwargs, resp, prompt_lens, lambda z, y: z)
-
-    z, zdot = jvp(logits, (theta,), (tangent,))  # [N, L - 1, V], zeros off response targets
-    targets = kwargs["input_ids"][:, 1:]
+def _whole_forward_stats(response_logits: Callable[[dict], Tensor], theta: dict, tangent: dict, ids: Tensor,
+                         resp: Tensor) -> Tensor:
+    """``[N, L - 1, 5]`` from one ``jvp`` of ``response_logits`` (θ ↦ ``[N, L - 1, V]``, zeros
+    off response targets) at the aligned inputs ``ids``/``resp`` ``[N, L]``."""
+    z, zdot = jvp(response_logits, (theta,), (tangent,))
+    targets = ids[:, 1:]
     N, L1, V = z.shape
     stats = vocab_reductions(z.reshape(N * L1, V), zdot.reshape(N * L1, V), targets.reshape(-1)).double()
     keep = resp[:, 1:].reshape(-1, 1)

@@ -16,7 +16,11 @@ shards themselves fails ("mixed torch.Tensor and DTensor", pytorch issue 182641)
   then flow through θ exactly as through ``functional_call``;
 * every probe forward is a collective: the ``FSDP2`` strategy of ``funcprobe.edge.sharding``
   gives every rank the same number of forwards (and backwards) whatever its shard of E or U,
-  empty shards included.
+  empty shards included;
+* the effects pass (``token_stats``) runs the model's whole forward under one JVP with θ
+  installed the same way (``sharded_token_stats_function``): the head split of
+  ``funcprobe.core.lm_head`` calls the body and the head with ``functional_call``, outside
+  FSDP's hooks, where the root unit's head and norm are still shards.
 
 Which models are FSDP2, and the refusal of FSDP1 and DeepSpeed ZeRO-3, are decided in
 ``funcprobe.edge.sharding``.
@@ -25,12 +29,14 @@ Which models are FSDP2, and the refusal of FSDP1 and DeepSpeed ZeRO-3, are decid
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Iterator, Mapping
 
 from torch import Tensor, nn
 
 from ..core.logprobs import response_token_values, sequence_logprobs, token_logprobs
 from ..core.rollouts import RolloutBatch
+from ..core.token_stats import whole_forward_token_stats
 
 
 def full_parameters(module: nn.Module, names: list[str]) -> dict[str, Tensor]:
@@ -100,3 +106,9 @@ def sharded_logprob_function(module: nn.Module, *, per_token: bool = False):
             return sequence_logprobs(module, {}, batch, full_logits=True)
 
     return logprobs
+
+
+def sharded_token_stats_function(module: nn.Module):
+    """``(θ, tangent, batch) ↦ [B, G, T, 5]`` per-token statistics (``funcprobe.core.token_stats``)
+    of an FSDP2 model: its own whole forward under one JVP, θ put in place by ``installed``."""
+    return partial(whole_forward_token_stats, module, partial(installed, module))

@@ -1,11 +1,12 @@
 """How a model's parameters are read, installed and iterated: replica or FSDP2, one strategy.
 
-Every probe pass asks the same four things of the model, and the answer depends only on
+Every probe pass asks the same five things of the model, and the answer depends only on
 how its parameters are held:
 
 * ``parameters(module, names)``: θ (the probed tensors) and the frozen rest, in full;
 * ``read(t)``: the full value of a tensor the trainer holds (``.grad``, optimizer state);
 * ``logprob_fn(module, frozen, per_token)``: the pure S(θ, batch) handed to the core;
+* ``token_stats_fn(module, frozen)``: the effects pass's per-token statistics along a tangent;
 * ``chunks(batch, chunk_size, comm)``: the chunks a pass runs, as ``(batch, keep)`` pairs.
 
 ``Replica`` is an ordinary module (one process, DDP, DataParallel, ``torch.compile``):
@@ -27,14 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from ..core.logprobs import logprob_function
+from ..core.token_stats import token_stats
 from ..core.rollouts import RolloutBatch
 from ..core.transforms import chunk_count, chunked
 from .distributed import Communicator
 from ..errors import SettingsError, UnsupportedModelError
-from .fsdp import full_parameters, full_tensor, sharded_logprob_function
+from .fsdp import full_parameters, full_tensor, sharded_logprob_function, sharded_token_stats_function
 
 #: (θ, batch) ↦ [B, G] (or [B, G, T] per token)
 LogprobFn = Callable[[dict[str, Tensor], RolloutBatch], Tensor]
+#: (θ, tangent, batch) ↦ [B, G, T, 5] (``funcprobe.core.token_stats.TOKEN_STATS``)
+TokenStatsFn = Callable[[dict[str, Tensor], dict[str, Tensor], RolloutBatch], Tensor]
 #: wraps the iterable of real chunks (a progress bar); ``wrap(chunks, count)``
 ChunkWrapper = Callable[[Iterable, int], Iterable]
 
@@ -70,6 +74,10 @@ class Replica:
     def logprob_fn(self, module: nn.Module, frozen: dict[str, Tensor], *, per_token: bool) -> LogprobFn:
         return logprob_function(module, frozen, per_token=per_token)
 
+    def token_stats_fn(self, module: nn.Module, frozen: dict[str, Tensor]) -> TokenStatsFn:
+        """``funcprobe.core.token_stats`` closed over the module and the frozen rest (head split)."""
+        return lambda theta, tangent, batch: token_stats(module, frozen, theta, tangent, batch)
+
     def chunks(self, batch: RolloutBatch, chunk_size: int, comm: Communicator,
                wrap: ChunkWrapper = no_progress) -> Iterator[tuple[RolloutBatch, bool]]:
         """This rank's chunks of ``batch``, in order, all kept."""
@@ -103,6 +111,10 @@ class FSDP2:
 
     def logprob_fn(self, module: nn.Module, frozen: dict[str, Tensor], *, per_token: bool) -> LogprobFn:
         return sharded_logprob_function(module, per_token=per_token)
+
+    def token_stats_fn(self, module: nn.Module, frozen: dict[str, Tensor]) -> TokenStatsFn:
+        """The model's whole forward under one JVP, θ installed by hooks (``frozen`` is empty)."""
+        return sharded_token_stats_function(module)
 
     def chunks(self, batch: RolloutBatch, chunk_size: int, comm: Communicator,
                wrap: ChunkWrapper = no_progress) -> Iterator[tuple[RolloutBatch, bool]]:
