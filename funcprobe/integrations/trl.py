@@ -109,6 +109,7 @@ from ..settings import LOSS_TYPES, ProbeSettings
 from ..core.control import EntropyControl
 from . import control as entropy_control_step
 from .gradients import trainer_gradient
+from .predicted import PREDICTED_KEYS, predicted_metrics
 from .realized import RealizedCompanion, held_out_logprobs, realized_change, sample_held_out, sampling_config
 
 
@@ -339,10 +340,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
             metrics["delta_h_same_batch"] = r.delta_h_same_batch
         if self.probe_settings.step != "optimizer_step":  # optimizer_step: the group lrs are inside Δθ
             metrics["lr"] = r.lr
-        if r.effects is not None:
-            for key, name in PREDICTED_KEYS.items():
-                if name in r.effects.effects:
-                    metrics[key], metrics[key + "_se"] = r.effects[name].value, r.effects[name].se
+        metrics.update(predicted_metrics(r.effects))
         self.record(metrics, step_number)
         log.info("funcprobe: predicted dH %+.4e ± %.2e at step %d", r.delta_h, r.se, step_number)
         return metrics
@@ -469,16 +467,6 @@ def window_metrics(steps: list[dict[str, float]], failed: int, *,
             out[f"funcprobe/{key}"] = sum(k[key] for k in steps) / n
             out[f"funcprobe/{key}_se"] = math.sqrt(sum(k[key + "_se"] ** 2 for k in steps)) / n
     return out
-
-
-#: the predicted effects logged with ``effects=True`` (key → ``funcprobe.core.effects.EFFECTS`` name),
-#: each beside the TRL metric it predicts the change of, in that metric's unit
-PREDICTED_KEYS = {
-    "pred/entropy": "entropy_token_mean",  # TRL's `entropy`: nats per completion token
-    "pred/kl": "kl_per_token",  # KL(π_old ‖ π_new) of the step per completion token (second order)
-    "pred/completion_length": "completion_length",  # TRL's `completions/mean_length`: tokens
-    "pred/reward": "reward",  # TRL's `reward` (weighted sum of the reward functions)
-}
 
 
 def _realized_window(steps: list[dict[str, float]], failed: int) -> dict[str, float]:

@@ -47,13 +47,15 @@ values, and over the probed mini-batches of a training step; verl logs them as
 * ``funcprobe/delta_h_same_batch``: the plain mean over E = U (biased), for comparison;
 * ``funcprobe/probed_steps`` (1 at a probed step) and ``funcprobe/failed`` (1 when the probe
   failed or refused the mini-batch: the reason is logged, and the step goes on as verl's);
-* the TRL integration's predicted effects (``funcprobe/pred/*``) are not available yet: funcprobe's
-  effects pass does not run on FSDP2 models, so ``effects=true`` is refused when the config is
-  built.
+* with ``effects=true``, the predicted effects (``funcprobe/pred/*`` with ``_se``,
+  ``funcprobe.integrations.predicted``), leave-one-out like δH: the change of the token-mean
+  entropy (verl's ``actor/entropy``), the KL per token, the response length and, where the batch
+  has ``token_level_scores`` (verl's trainer puts them there), the score (``critic/score/mean``).
+  On the FSDP2 model the effects pass runs its whole forward under one JVP (full logits of a
+  chunk: use ``chunk_size`` to bound them).
 
-Refused by name (``SettingsError``): when the engine config is built, bad options and
-``effects=true``; when the engine is built, FSDP1 (``strategy=fsdp``), Ulysses sequence
-parallelism (not tested: needs flash-attn), parameter or optimizer offload (not tested), the
+Refused by name (``SettingsError``): when the engine config is built, bad options; when the
+engine is built, FSDP1 (``strategy=fsdp``), Ulysses sequence parallelism (not tested: needs flash-attn), parameter or optimizer offload (not tested), the
 other engines' training engines, an optimizer that is not a ``torch.optim.Optimizer``; at the
 first actor step, before verl's, a ``loss_agg_mode`` the probe does not model (``token-sum``;
 ``seq-mean-token-sum-norm`` without ``loss_scale_factor``) and, with ``gradient="recompute"``,
@@ -78,6 +80,7 @@ from ..edge.distributed import Communicator, failing_together
 from ..edge.progress import log
 from ..errors import NoSignalError, ProbeRankError, SettingsError
 from .gradients import trainer_gradient
+from .predicted import predicted_metrics
 from .verl_batch import BatchRefused, gather_rows, local_rows, regroup
 from .verl_options import LossModel, VerlProbeOptions, loss_settings, recompute_refusals
 
@@ -224,7 +227,8 @@ class ProbedEngineMixin:
                        max_grad_norm=float(clip) if clip is not None and clip > 0 else None, process_group=group)
 
     def _funcprobe_batch(self, step: _Step):
-        """E = U of this step on this rank, and B (prompts over all ranks)."""
+        """E = U of this step on this rank, B (prompts over all ranks) and E's scores ``[B_local, G]``
+        (the summed ``token_level_scores``; None where the batch has none)."""
         temperature = _non_tensor(step.data, "temperature", 1.0)
         if temperature is not None and float(temperature) != 1.0:
             raise BatchRefused(f"temperature: {temperature} != 1; verl's actor scores logits / T, funcprobe the "
@@ -249,7 +253,7 @@ class ProbedEngineMixin:
         comm = Communicator.for_group(settings.process_group)
         try:
             with failing_together(comm, self.module):
-                E, B = self._funcprobe_batch(step)
+                E, B, scores = self._funcprobe_batch(step)
                 if B < 2:
                     raise BatchRefused(f"uid: the mini-batch holds {B} prompt(s); the standard error needs 2")
                 probe = EntropyProbe(self.module, self.optimizer, **settings.options())
@@ -260,7 +264,8 @@ class ProbedEngineMixin:
                 else:
                     gradient = None
                     taken = probe.update_direction(E)
-                r = probe.predict(E, E, gradient=gradient)  # E = U: leave-one-out
+                rewards = scores if settings.effects else None
+                r = probe.predict(E, E, gradient=gradient, rewards=rewards)  # E = U: leave-one-out
             self.funcprobe_step = taken
         except NoSignalError as err:
             log.warning("funcprobe: step not probed: %s", err)
@@ -275,6 +280,7 @@ class ProbedEngineMixin:
         metrics = {"delta_h": r.delta_h, "se": r.se}
         if r.delta_h_same_batch is not None:
             metrics["delta_h_same_batch"] = r.delta_h_same_batch
+        metrics.update(predicted_metrics(r.effects))
         step.metrics = metrics
         self.funcprobe_metrics = metrics
         log.info("funcprobe: predicted dH %+.4e ± %.2e (%s)", r.delta_h, r.se, step.loss.unit)

@@ -4,7 +4,9 @@ over the data-parallel group, as a ``RolloutBatch`` per rank.
 verl hands each rank a TensorDict of rows (one response each): ``input_ids`` (a jagged nested
 tensor of each row's attended tokens, or ``[N, P + R]`` padded), ``attention_mask`` ``[N, P + R]``
 (prompts left-padded to P, responses right-padded to R), ``response_mask`` ``[N, R]``,
-``advantages`` ``[N, R]`` and ``uid`` (the prompt of each row). ``trainer.balance_batch`` reorders
+``advantages`` ``[N, R]``, ``uid`` (the prompt of each row) and, from verl's trainer,
+``token_level_scores`` ``[N, R]`` (the reward function's score, summed over a row: verl's
+``critic/score``). ``trainer.balance_batch`` reorders
 rows across ranks and mini-batches cut the batch, so one rank may hold part of a prompt's group:
 every rank's rows are gathered, grouped by ``uid`` in the order of first appearance (rank 0's rows
 first), and the B groups are dealt to the W ranks in contiguous blocks (rank r gets prompts
@@ -29,13 +31,15 @@ class BatchRefused(ValueError):
 @dataclass(frozen=True)
 class Rows:
     """One rank's rows, padded: ``ids``/``mask`` ``[N, P + R]``, ``advantage`` ``[N]`` float64
-    (one per response), ``uid`` (N hashable prompt ids), ``response_start`` P."""
+    (one per response), ``uid`` (N hashable prompt ids), ``response_start`` P, ``score`` ``[N]``
+    float64 (each response's summed ``token_level_scores``; None where the batch has none)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
     advantage: torch.Tensor
     uid: list
     response_start: int
+    score: torch.Tensor | None = None
 
 
 def local_rows(data: Any) -> Rows:
@@ -76,7 +80,15 @@ def local_rows(data: Any) -> Rows:
     if bool(varying.any()):
         raise BatchRefused(f"advantages: vary along the response in {int(varying.sum())} row(s) (token-level "
                            "advantages, e.g. GAE); funcprobe models one advantage per response (GRPO-style)")
-    return Rows(ids, mask, first, list(data["uid"]), P)
+    score = None
+    if "token_level_scores" in data.keys():
+        scores = data["token_level_scores"].detach().cpu().double()
+        if tuple(scores.shape) != (N, R):
+            raise BatchRefused(f"token_level_scores: expected [N, R] = [{N}, {R}], got {tuple(scores.shape)}")
+        score = torch.where(response_mask.bool(), scores, 0.0).sum(1)
+        if not bool(torch.isfinite(score).all()):
+            raise BatchRefused("token_level_scores: non-finite scores")
+    return Rows(ids, mask, first, list(data["uid"]), P, score)
 
 
 def gather_rows(rows: Rows | BatchRefused, group: Any) -> list[Rows]:
@@ -97,10 +109,12 @@ def gather_rows(rows: Rows | BatchRefused, group: Any) -> list[Rows]:
     return out
 
 
-def regroup(all_rows: list[Rows], rank: int, world: int, max_len: float | None) -> tuple[RolloutBatch, int]:
+def regroup(all_rows: list[Rows], rank: int, world: int,
+            max_len: float | None) -> tuple[RolloutBatch, int, torch.Tensor | None]:
     """This rank's share of the prompt groups of ``all_rows`` (every rank's rows, rank order) as a
-    ``RolloutBatch`` (``max_len``: Lmax of the dr_grpo weighting, or None), and B, the number of
-    prompts over all ranks.
+    ``RolloutBatch`` (``max_len``: Lmax of the dr_grpo weighting, or None), B, the number of
+    prompts over all ranks, and the share's scores ``[B_local, G]`` float64 (None unless every
+    rank's rows have them).
 
     Raises:
         BatchRefused: ranks with different prompt/response widths, prompt groups of unequal
@@ -129,7 +143,10 @@ def regroup(all_rows: list[Rows], rank: int, world: int, max_len: float | None) 
     B = len(order)
     groups = list(order.values())[rank * B // world:(rank + 1) * B // world]
     P = all_rows[0].response_start
+    scored = all(r.score is not None for r in all_rows)
+    score = torch.cat([r.score for r in all_rows]) if scored else None
     if not groups:
-        return RolloutBatch.empty(G, advantages=True, max_len=max_len), B
+        empty = torch.zeros((0, G), dtype=torch.float64) if scored else None
+        return RolloutBatch.empty(G, advantages=True, max_len=max_len), B, empty
     index = torch.tensor(groups)
-    return RolloutBatch(ids[index], mask[index], P, adv[index], max_len), B
+    return RolloutBatch(ids[index], mask[index], P, adv[index], max_len), B, None if score is None else score[index]

@@ -60,8 +60,7 @@ class VerlProbeOptions:
             SettingsError: naming the key: not a mapping, a bad ``every`` (int >= 1),
                 ``first_minibatch_only`` / ``raise`` (bool), ``gradient`` (one of ``GRADIENTS``),
                 ``gradient="recompute"`` with ``first_minibatch_only=False`` (later mini-batches
-                are at ratio != 1), ``effects=true`` (not on FSDP2 models yet), a key the plug-in
-                sets itself, or a bad ``ProbeSettings``
+                are at ratio != 1), a key the plug-in sets itself, or a bad ``ProbeSettings``
                 field (its own error); an unknown key (``TypeError`` from ``ProbeSettings``,
                 re-raised as ``SettingsError``).
         """
@@ -84,9 +83,6 @@ class VerlProbeOptions:
         if gradient == "recompute" and not first:
             raise SettingsError("funcprobe.gradient: 'recompute' models the loss at ratio 1, which holds on the first "
                                 "mini-batch of an update only; keep first_minibatch_only=true (or gradient='trainer')")
-        if options.get("effects"):
-            raise SettingsError("funcprobe.effects: the predicted effects are not supported on FSDP2 models yet "
-                                "(funcprobe's effects pass runs on unsharded models), and verl's engine is FSDP2")
         own = sorted(set(options) & set(SET_BY_PLUGIN))
         if own:
             raise SettingsError(f"funcprobe.{own[0]}: set by the plug-in from verl's configuration "

@@ -59,6 +59,31 @@ def test_predicted_step_is_the_step_verl_takes_with_clipping(model_path, lora, r
     assert metrics["funcprobe/ci95_low"] < metrics["funcprobe/delta_h"] < metrics["funcprobe/ci95_high"]
 
 
+def test_effects_are_logged_with_the_score_when_the_batch_has_token_level_scores(model_path):
+    """effects=true on verl's FSDP2 engine: funcprobe/pred/* (and _se) beside δH, the score's only
+    where the batch carries token_level_scores; δH is the one the probe gives without effects."""
+    pred_keys = {"funcprobe/pred/entropy", "funcprobe/pred/kl", "funcprobe/pred/completion_length"}
+    logged = {}
+    for effects, scores in ((False, True), (True, True), (True, False)):
+        engine = build_engine(model_path, lora=True, clip=1.0, funcprobe={"raise": True, "effects": effects})
+        out = train_step(engine, at_ratio_one(engine, rollout_batch(3, 4, scores=scores)), actor_config())
+        logged[effects, scores] = {k: v.aggregate() for k, v in out["metrics"].items() if k.startswith("funcprobe/")}
+    plain, scored, unscored = logged[False, True], logged[True, True], logged[True, False]
+    assert not any(k.startswith("funcprobe/pred/") for k in plain)
+    expected = pred_keys | {"funcprobe/pred/reward"}
+    assert {k for k in scored if k.startswith("funcprobe/pred/") and not k.endswith("_se")} == expected
+    assert {k for k in unscored if k.startswith("funcprobe/pred/") and not k.endswith("_se")} == pred_keys
+    for k in expected:
+        assert torch.isfinite(torch.tensor([scored[k], scored[k + "_se"]])).all() and scored[k + "_se"] > 0, k
+    assert scored["funcprobe/pred/kl"] > 0  # second order in the step: positive
+    # the same leave-one-out δH from the effects pass (the whole forward under one JVP on FSDP2) and
+    # from the δH-only pass, in units of its SE (δH is near 0 here): float32 forwards, seen 6.3e-7 SE
+    # (4.5e-10 nats); bound 1e-4 SE (160x)
+    for key in ("delta_h", "delta_h_same_batch"):
+        assert abs(scored[f"funcprobe/{key}"] - plain[f"funcprobe/{key}"]) < 1e-4 * plain["funcprobe/se"], key
+    assert unscored["funcprobe/delta_h"] == pytest.approx(scored["funcprobe/delta_h"], rel=1e-12)
+
+
 def test_two_steps_are_bit_identical_with_and_without_the_probe(model_path):
     runs = []
     for probed in (True, False):

@@ -51,7 +51,7 @@ def test_loss_agg_mode_gradient_is_funcprobes_recomputed_gradient(model_path, mo
     batch = at_ratio_one(engine, rollout_batch(3, 4, seed=5))
     rows = local_rows(left_right_2_no_padding(batch.to_tensordict()))
     R = rows.ids.shape[1] - rows.response_start
-    U, B = regroup([rows], 0, 1, float(R) if model.lmax_is_response_width else model.max_len)
+    U, B, _ = regroup([rows], 0, 1, float(R) if model.lmax_is_response_width else model.max_len)
     assert B == 3
     scale = R if model.lmax_is_response_width else 1.0  # verl's token sum per sequence: R times Dr. GRPO's
     mu = update_direction(engine.module, U, step="sgd", loss_type=model.loss_type, weighting=model.weighting)

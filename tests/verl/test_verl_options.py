@@ -48,7 +48,7 @@ def test_options_come_through_verls_hydra_config():
     ({"raise": "yes"}, "funcprobe.raise: expected true or false"),
     ({"weighting": "dr_grpo"}, "funcprobe.weighting: set by the plug-in"),
     ({"chunk_size": -1}, "chunk_size"),
-    ({"effects": True}, "funcprobe.effects: the predicted effects are not supported on FSDP2"),
+    ({"effects": "yes"}, "effects: expected True or False"),
 ])
 def test_bad_options_are_refused_by_name_when_the_config_is_built(funcprobe, match):
     with pytest.raises(Exception, match=match):

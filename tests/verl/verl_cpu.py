@@ -190,12 +190,13 @@ def save_tiny_qwen2(path: str, vocab: int = 32, seed: int = 0) -> str:
 
 
 def rollout_batch(num_prompts: int, group: int, *, seed: int = 0, vocab: int = 32, prompt_len: int = 4,
-                  response_len: int = 5, uids: list | None = None):
+                  response_len: int = 5, uids: list | None = None, scores: bool = False):
     """A GRPO batch in the layout verl's trainer hands to ``update_actor`` (before
     ``left_right_2_no_padding``): ``input_ids``/``attention_mask``/``position_ids`` ``[N, P + R]``
     (prompts left-padded, responses right-padded), ``responses``/``response_mask``/``old_log_probs``/
     ``advantages`` ``[N, R]`` (advantage constant over each response), ``uid`` per row; G consecutive
-    rows per prompt. Returns a verl ``DataProto``."""
+    rows per prompt; with ``scores``, ``token_level_scores`` ``[N, R]`` (each response's 0/1 reward at
+    its last token, as verl's reward manager places it). Returns a verl ``DataProto``."""
     import numpy as np
     from verl import DataProto
 
@@ -214,11 +215,13 @@ def rollout_batch(num_prompts: int, group: int, *, seed: int = 0, vocab: int = 3
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     uid = np.array(uids if uids is not None else [f"p{i // group}" for i in range(N)], dtype=object)
-    return DataProto.from_dict(
-        tensors={"input_ids": torch.cat([prompt_ids, responses], 1), "attention_mask": attention_mask,
-                 "position_ids": position_ids, "prompts": prompt_ids, "responses": responses, "response_mask": response_mask,
-                 "old_log_probs": torch.zeros(N, R), "advantages": advantages},
-        non_tensors={"uid": uid})
+    tensors = {"input_ids": torch.cat([prompt_ids, responses], 1), "attention_mask": attention_mask,
+               "position_ids": position_ids, "prompts": prompt_ids, "responses": responses,
+               "response_mask": response_mask, "old_log_probs": torch.zeros(N, R), "advantages": advantages}
+    if scores:
+        tensors["token_level_scores"] = torch.zeros(N, R).scatter(1, (resp_lens - 1)[:, None],
+                                                                  rewards.reshape(N, 1).float())
+    return DataProto.from_dict(tensors=tensors, non_tensors={"uid": uid})
 
 
 def build_engine(path: str, *, lora: bool = False, remove_padding: bool = True, clip: float = 1.0,
