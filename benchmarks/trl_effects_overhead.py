@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "| run | step (s) | probe (s) | per-step times (s) | per-probe times (s) | steps probed | funcprobe/pred keys |",
         "|---|---:|---:|---|---|---:|---:|"]
     for r in rows:
-        p = probe.get(r["arm"], float("nan"))
-        lines.append(f"| {r['arm']} | {step[r['arm']]:.1f} | {p:.1f} | {', '.join(f'{x:.1f}' for x in r['step_s'])} | "
+        p = f"{probe[r['arm']]:.1f}" if r["arm"] in probe else "-"  # the trl run has no probe
+        lines.append(f"| {r['arm']} | {step[r['arm']]:.1f} | {p} | {', '.join(f'{x:.1f}' for x in r['step_s'])} | "
                      f"{', '.join(f'{x:.1f}' for x in r['probe_s']) or '-'} | {r['probed_steps']} | {len(r['logged_keys'])} |")
     lines += ["", f"Probe time, effects / today's probe: **{probe['effects'] / probe['probe']:.2f}** (budget 1.15). "
               f"Step time, effects run / probe run: {step['effects'] / step['probe']:.2f}; the probe's share of a "
