@@ -234,11 +234,20 @@ def _placed(per_column: Tensor, shift: Tensor, batch: RolloutBatch) -> Tensor:
 def _whole_forward_stats(response_logits: Callable[[dict], Tensor], theta: dict, tangent: dict, ids: Tensor,
                          resp: Tensor) -> Tensor:
     """``[N, L - 1, 5]`` from one ``jvp`` of ``response_logits`` (θ ↦ ``[N, L - 1, V]``, zeros
-    off response targets) at the aligned inputs ``ids``/``resp`` ``[N, L]``."""
+    off response targets) at the aligned inputs ``ids``/``resp`` ``[N, L]``: the response rows
+    only, reduced ``token_chunk_size(V)`` at a time in one ``Workspace`` (beyond z and ż, no
+    more than two chunks' worth of ``[m, V]`` buffers and the chunk's own copies)."""
     z, zdot = jvp(response_logits, (theta,), (tangent,))
-    targets = ids[:, 1:]
     N, L1, V = z.shape
-    stats = vocab_reductions(z.reshape(N * L1, V), zdot.reshape(N * L1, V), targets.reshape(-1)).double()
-    keep = resp[:, 1:].reshape(-1, 1)
-    stats = torch.where(keep, stats, torch.zeros((), dtype=stats.dtype, device=stats.device))
-    return stats.reshape(N, L1, len(TOKEN_STATS))
+    flat = resp[:, 1:].reshape(-1).nonzero().squeeze(-1)  # [M] response targets in [N * (L - 1)]
+    targets = ids[:, 1:].reshape(-1).index_select(0, flat)
+    z, zdot = z.reshape(N * L1, V), zdot.reshape(N * L1, V)
+    dtype = _stats_dtype(z, zdot)
+    chunk, out, work = token_chunk_size(V), [], Workspace()
+    for a in range(0, flat.numel(), chunk):
+        rows = flat[a:a + chunk]  # index_select copies: the chunk's tensors are its own, overwritten in place
+        out.append(_reductions_into(z.index_select(0, rows).to(dtype), zdot.index_select(0, rows).to(dtype),
+                                    targets[a:a + chunk], work).double())
+    per_token = torch.cat(out) if out else z.new_zeros((0, len(TOKEN_STATS)), dtype=torch.float64)
+    per_column = per_token.new_zeros((N * L1, len(TOKEN_STATS))).index_copy(0, flat, per_token)
+    return per_column.reshape(N, L1, len(TOKEN_STATS))

@@ -1,14 +1,19 @@
 """Prompts per chunk from a memory budget: the default ``chunk_size``.
 
-The probe's memory beyond the model is activations; the logits are never whole
-(``funcprobe.core.lm_head``: at most ``LOGITS_CHUNK_BYTES`` of them per head chunk). Per
-token of a chunk, an estimate from the model's config (float32 bytes, ``D`` hidden size,
-``I`` MLP width, ``h`` attention heads, ``T`` columns, ``n`` layers):
+The probe's memory beyond the model is activations; on an ordinary model the logits are
+never whole (``funcprobe.core.lm_head``: at most ``LOGITS_CHUNK_BYTES`` of them per head
+chunk). Per token of a chunk, an estimate from the model's config (float32 bytes, ``D``
+hidden size, ``I`` MLP width, ``h`` attention heads, ``T`` columns, ``n`` layers, ``V``
+vocabulary):
 
 * reverse mode (the update direction's gradient; ``mode="vjp"`` counts twice): every
   layer's saved activations, ``4 · n · (8·D + 5·I + h·T)`` bytes;
 * forward mode (``mode="jvp"``): primal and tangent of a few layers at a time,
-  ``4 · 4 · (8·D + 5·I + h·T)`` bytes.
+  ``4 · 4 · (8·D + 5·I + h·T)`` bytes;
+* on an FSDP2 model every pass runs the model's own forward to whole logits of the response
+  columns (``funcprobe.edge.fsdp``), so add ``4·V`` bytes times 3 (gradient: logits, their
+  log-softmax and gradient), 6 (``vjp``) or 2 (forward mode: logits and tangents). Not
+  calibrated: an upper-side estimate (it counts prompt columns too).
 
 Calibrated on SmolLM2-135M (D 576, I 1536, 9 heads, 30 layers): the update direction over
 8 sequences x 96 columns peaked at 1.12 GB, the estimate gives 1.21 GB
@@ -22,6 +27,7 @@ from __future__ import annotations
 from ..core.rollouts import RolloutBatch
 from ..settings import ProbeSettings
 from .registry import ParamRegistry
+from .sharding import is_fsdp2
 
 #: prompts per chunk where the model's config does not give its shape
 FALLBACK_CHUNK = 8
@@ -39,7 +45,11 @@ def bytes_per_token(registry: ParamRegistry, columns: int, transform: str) -> fl
     D, I, n, h = shape
     per_layer = 4.0 * (8 * D + 5 * I + h * columns)
     layers = {"gradient": n, "vjp": 2 * n, "jvp": 4}[transform]
-    return per_layer * layers
+    vocab = getattr(config, "vocab_size", None)
+    logits = 0.0
+    if isinstance(vocab, int) and vocab > 0 and is_fsdp2(registry.module):  # whole logits (module docstring)
+        logits = 4.0 * vocab * {"gradient": 3, "vjp": 6, "jvp": 2}[transform]
+    return per_layer * layers + logits
 
 
 def chunk_size_for(settings: ProbeSettings, registry: ParamRegistry, batch: RolloutBatch, transform: str) -> int:

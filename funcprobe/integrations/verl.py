@@ -55,8 +55,9 @@ values, and over the probed mini-batches of a training step; verl logs them as
   chunk: use ``chunk_size`` to bound them).
 
 Refused by name (``SettingsError``): when the engine config is built, bad options; when the
-engine is built, FSDP1 (``strategy=fsdp``), Ulysses sequence parallelism (not tested: needs flash-attn), parameter or optimizer offload (not tested), the
-other engines' training engines, an optimizer that is not a ``torch.optim.Optimizer``; at the
+engine is built, FSDP1 (``strategy=fsdp``), Ulysses sequence parallelism (not tested: needs
+flash-attn), parameter or optimizer offload (not tested), the other engines' training
+engines, an optimizer that is not a ``torch.optim.Optimizer``; at the
 first actor step, before verl's, a ``loss_agg_mode`` the probe does not model (``token-sum``;
 ``seq-mean-token-sum-norm`` without ``loss_scale_factor``) and, with ``gradient="recompute"``,
 the KL loss, the entropy bonus, policy losses other than ``vanilla`` and ``seq-mean-token-sum``.

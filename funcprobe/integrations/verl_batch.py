@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..core.rollouts import RolloutBatch
+from ..edge.progress import log
 
 
 class BatchRefused(ValueError):
@@ -144,6 +145,8 @@ def regroup(all_rows: list[Rows], rank: int, world: int,
     groups = list(order.values())[rank * B // world:(rank + 1) * B // world]
     P = all_rows[0].response_start
     scored = all(r.score is not None for r in all_rows)
+    if not scored and any(r.score is not None for r in all_rows):
+        log.warning("funcprobe: token_level_scores: only some ranks' rows have them; the reward effect is left out")
     score = torch.cat([r.score for r in all_rows]) if scored else None
     if not groups:
         empty = torch.zeros((0, G), dtype=torch.float64) if scored else None
