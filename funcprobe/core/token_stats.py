@@ -183,9 +183,7 @@ def token_stats(module: nn.Module, frozen: Mapping[str, Tensor], theta: Mapping[
         z, zdot = jvp(logits, (head_theta, h[a:a + chunk]), (head_tangent, hdot[a:a + chunk]))
         dtype = _stats_dtype(z, zdot)  # the chunk's own tensors: overwritten in place
         out.append(_reductions_into(z.to(dtype), zdot.to(dtype), targets[a:a + chunk], work).double())
-    per_token = torch.cat(out) if out else h.new_zeros((0, len(TOKEN_STATS)), dtype=torch.float64)
-    per_column = per_token.new_zeros((N * (L - 1), len(TOKEN_STATS))).index_copy(0, flat, per_token)
-    return _placed(per_column.reshape(N, L - 1, len(TOKEN_STATS)), shift, batch)
+    return _placed(_at_rows(out, flat, N * (L - 1), h.device).reshape(N, L - 1, len(TOKEN_STATS)), shift, batch)
 
 
 def whole_forward_token_stats(module: nn.Module, install: Callable[[dict], ContextManager], theta: Mapping[str, Tensor],
@@ -248,6 +246,11 @@ def _whole_forward_stats(response_logits: Callable[[dict], Tensor], theta: dict,
         rows = flat[a:a + chunk]  # index_select copies: the chunk's tensors are its own, overwritten in place
         out.append(_reductions_into(z.index_select(0, rows).to(dtype), zdot.index_select(0, rows).to(dtype),
                                     targets[a:a + chunk], work).double())
-    per_token = torch.cat(out) if out else z.new_zeros((0, len(TOKEN_STATS)), dtype=torch.float64)
-    per_column = per_token.new_zeros((N * L1, len(TOKEN_STATS))).index_copy(0, flat, per_token)
-    return per_column.reshape(N, L1, len(TOKEN_STATS))
+    return _at_rows(out, flat, N * L1, z.device).reshape(N, L1, len(TOKEN_STATS))
+
+
+def _at_rows(parts: list[Tensor], flat: Tensor, rows: int, device: torch.device) -> Tensor:
+    """``[rows, 5]`` float64: the chunks' ``[m, 5]`` statistics, concatenated, at the row
+    indices ``flat`` (``[M]``), zeros elsewhere (prompt and padding rows)."""
+    per_token = torch.cat(parts) if parts else torch.zeros((0, len(TOKEN_STATS)), dtype=torch.float64, device=device)
+    return per_token.new_zeros((rows, len(TOKEN_STATS))).index_copy(0, flat, per_token)

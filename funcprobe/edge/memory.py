@@ -27,7 +27,6 @@ from __future__ import annotations
 from ..core.rollouts import RolloutBatch
 from ..settings import ProbeSettings
 from .registry import ParamRegistry
-from .sharding import is_fsdp2
 
 #: prompts per chunk where the model's config does not give its shape
 FALLBACK_CHUNK = 8
@@ -47,7 +46,7 @@ def bytes_per_token(registry: ParamRegistry, columns: int, transform: str) -> fl
     layers = {"gradient": n, "vjp": 2 * n, "jvp": 4}[transform]
     vocab = getattr(config, "vocab_size", None)
     logits = 0.0
-    if isinstance(vocab, int) and vocab > 0 and is_fsdp2(registry.module):  # whole logits (module docstring)
+    if isinstance(vocab, int) and vocab > 0 and registry.sharding.whole_logits:  # FSDP2 (module docstring)
         logits = 4.0 * vocab * {"gradient": 3, "vjp": 6, "jvp": 2}[transform]
     return per_layer * layers + logits
 

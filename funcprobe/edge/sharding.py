@@ -57,6 +57,8 @@ class Replica:
     collective_forwards = False
     #: whether the precision policy may upcast low-precision layers on the fly
     upcasts = True
+    #: whether a pass holds whole logits of its chunk (here the head split keeps them chunked)
+    whole_logits = False
 
     def check_mode(self, mode: str) -> None:
         """Every mode runs on a replica."""
@@ -92,6 +94,8 @@ class FSDP2:
     collective_forwards = True
     #: the forwards compute in the dtypes FSDP gathers in (its ``MixedPrecisionPolicy``)
     upcasts = False
+    #: every pass runs the model's own forward to whole logits of the response columns
+    whole_logits = True
 
     def check_mode(self, mode: str) -> None:
         """Refuse ``mode="vjp"``: ``torch.func``'s reverse transforms see the all-gathered
