@@ -32,7 +32,11 @@ Arms (``ARMS``):
 * ``probe_beta``: ``ProbedGRPOTrainer(entropy_control=EntropyControl(schedule, knob="beta",
   beta_max=1))``: β chosen before each step so that the predicted δH meets
   H*(t+1) − Ĥ(t) (Ĥ measured on the step's batch), leave-one-out;
-* ``probe_lr``: the same with ``knob="lr_scale"`` (c ∈ (0, 1] on this step's learning rate).
+* ``probe_lr``: the same with ``knob="lr_scale"`` (c ∈ (0, 1] on this step's learning rate);
+* ``probe_beta_measured``, ``probe_lr_measured``: the same with ``estimate="measured"``: Ĥ(t)
+  the measurement on the step's batch alone, every step afresh (the first design), where
+  ``probe_*`` use the default ``estimate="filtered"`` (the previous step's estimate carried by
+  its prediction and fused with the measurement: ``funcprobe.EntropyEstimate``).
 
 Each step of each run is appended to ``control-study.jsonl`` as one JSON line (``--resume``
 skips the runs already complete and restarts an incomplete one). The summary
@@ -58,7 +62,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = ("none", "trl_default", "trl_target", "pi_beta", "probe_beta", "probe_lr")
+ARMS = ("none", "trl_default", "trl_target", "pi_beta", "probe_beta", "probe_lr", "probe_beta_measured",
+        "probe_lr_measured")
 TARGETS = ("hold", "anneal")
 #: arms whose training does not depend on the target (run once, scored against every target)
 TARGET_FREE = ("none", "trl_default", "trl_target")
@@ -141,8 +146,8 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
     if arm.startswith("probe_"):
         schedule = EntropySchedule(start=h0) if target == "hold" else EntropySchedule(start=h0, end=h0 / 2,
                                                                                        steps=args.steps)
-        control = EntropyControl(EntropyTarget(schedule=schedule), knob="beta" if arm == "probe_beta" else "lr_scale",
-                                 beta_max=1.0)
+        control = EntropyControl(EntropyTarget(schedule=schedule), knob="beta" if "beta" in arm else "lr_scale",
+                                 beta_max=1.0, estimate="measured" if arm.endswith("_measured") else "filtered")
         trainer = ProbedGRPOTrainer(**common, entropy_control=control, probe_raise=False)
     else:
         trainer = GRPOTrainer(**common)
@@ -169,11 +174,12 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
                 row["knob"] = float(trainer.entropy_coef)
             elif arm.startswith("probe_"):
                 hist = [h for h in trainer.funcprobe_history if h["step"] == t]
-                key = "control/beta" if arm == "probe_beta" else "control/lr_scale"
+                key = "control/beta" if "beta" in arm else "control/lr_scale"
                 if hist and key in hist[0]:
                     h = hist[0]
                     row.update(knob=h[key], predicted=h["control/delta_h"], predicted_se=h["control/se"],
-                               reachable=h["control/reachable"], uncontrolled=h["control/uncontrolled"])
+                               reachable=h["control/reachable"], uncontrolled=h["control/uncontrolled"],
+                               estimate=h.get("control/entropy"), batch_H=h.get("control/measured_entropy"))
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"{arm}/{target} step {t}: H {m['H']:.4f} ± {m['H_se']:.4f}, reward {m['reward']:.3f}, "

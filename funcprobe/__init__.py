@@ -43,7 +43,7 @@ from .api import (
     step_from_gradient,
     update_direction,
 )
-from .core.control import ControlDecision, EntropyControl, EntropySchedule, EntropyTarget
+from .core.control import ControlDecision, EntropyControl, EntropyEstimate, EntropySchedule, EntropyTarget
 from .core.influence import EntropyInfluence, GroupInfluence
 from .core.logprobs import sequence_logprobs
 from .core.objectives import (
@@ -95,6 +95,7 @@ __all__ = [
     "ClipByGlobalNorm",
     "ControlDecision",
     "EntropyControl",
+    "EntropyEstimate",
     "EntropyInfluence",
     "EntropyPrediction",
     "EntropyProbe",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import control, passes
-from .core.control import ControlDecision, ControlRequest, EntropyControl, EntropyTarget
+from .core.control import ControlDecision, ControlRequest, EntropyControl, EntropyEstimate, EntropyTarget
 from .core.objectives import MODELLED_COSINE
 from .core.effects import check_rewards
 from .core.influence import EntropyInfluence
@@ -428,7 +428,8 @@ class EntropyProbe:
         return failing_together(Communicator.for_group(self.settings.process_group), self.model)
 
     def choose(self, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *, knob: str = "lr_scale",
-               beta_max: float = 1.0, step_index: int | None = None) -> ControlDecision:
+               beta_max: float = 1.0, step_index: int | None = None,
+               prior: EntropyEstimate | None = None) -> ControlDecision:
         """The value of a knob of the next step that meets ``target``, chosen before the step
         (docs/control.md), and the step's predicted δH ± SE (and KL) at it.
 
@@ -445,6 +446,8 @@ class EntropyProbe:
                 TRL's bonus, the mean token entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
             beta_max: the largest β tried (> 0).
             step_index: the optimizer step t (an int ≥ 0), for a schedule only.
+            prior: an ``EntropyEstimate`` of Ĥ(t) (a schedule only: the previous decision's
+                ``estimate_after()``), fused with the measurement on E; None: the measurement.
 
         Returns:
             ``ControlDecision``: ``value`` (β or c), ``reachable`` (and ``reason`` when not:
@@ -465,13 +468,13 @@ class EntropyProbe:
                 a sharded model.
             the errors of ``predict``.
         """
-        request = _request(target, knob, beta_max, step_index)
+        request = _request(target, knob, beta_max, step_index, prior)
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         same = same_batch(E, U)
         return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry))
 
     def choose_for_step(self, U: RolloutBatch, entropy_control: EntropyControl, *, gradient: Mapping[str, Tensor],
-                        step_index: int = 0) -> ControlDecision:
+                        step_index: int = 0, prior: EntropyEstimate | None = None) -> ControlDecision:
         """A trainer's decision: the knob of the step about to be taken on U, chosen on U
         itself (E = U: the leave-one-out estimate) from the trainer's own gradient.
 
@@ -483,6 +486,9 @@ class EntropyProbe:
                 of funcprobe's own (the step map clips it, with ``max_grad_norm``); each
                 prompt's own share is fitted in its units (as ``predict``'s ``gradient``).
             step_index: optimizer steps taken so far (t ≥ 0; used by a schedule).
+            prior: the previous decision's ``estimate_after()`` (a schedule with
+                ``estimate="filtered"``: fused with the measurement on U; ignored otherwise);
+                None after a step that was not decided (the measurement alone).
 
         Returns and raises: as ``choose``; also ``KeyError``/``ValueError`` for a
         ``gradient`` with other names (KeyError) or shapes than the probed parameters or
@@ -491,9 +497,9 @@ class EntropyProbe:
         """
         if not isinstance(entropy_control, EntropyControl):
             raise SettingsError(f"entropy_control: expected an EntropyControl, got {type(entropy_control).__name__}")
-        entropy_control.request(step_index)  # checked before any model work
+        entropy_control.request(step_index, prior=prior)  # checked before any model work
         run = ProbeRun.of(self._checked(E=U, U=U), self.settings)
-        request = entropy_control.request(step_index, _full_gradient(run.registry, gradient, run.comm))
+        request = entropy_control.request(step_index, _full_gradient(run.registry, gradient, run.comm), prior)
         return control.choose(run, None, U, self.optimizer, request, self._current_lr(run.registry))
 
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
@@ -561,11 +567,12 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
     return probe.influence(E, U, groups=request.groups or None, matrix=request.matrix)
 
 
-def _request(target: object, knob: object, beta_max: object, step_index: object) -> ControlRequest:
+def _request(target: object, knob: object, beta_max: object, step_index: object,
+             prior: object = None) -> ControlRequest:
     """The checked ``ControlRequest`` (``SettingsError`` naming the argument)."""
     if not isinstance(target, EntropyTarget):
         raise SettingsError(f"target: expected an EntropyTarget, got {type(target).__name__}")
-    return ControlRequest(target=target, knob=knob, beta_max=beta_max, step_index=step_index)
+    return ControlRequest(target=target, knob=knob, beta_max=beta_max, step_index=step_index, prior=prior)
 
 
 def choose_knob(model: nn.Module, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *,

@@ -156,7 +156,11 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
                          f"got {evaluation.num_prompts}")
     model = _model(run, E, U, optimizer, request, lr)
     target = request.target
-    current = _measured_entropy(run, evaluation) if target.schedule is not None else (None, None)
+    measured = _measured_entropy(run, evaluation) if target.schedule is not None else (None, None)
+    current = measured
+    if request.prior is not None:
+        fused = request.prior.fuse(*measured)
+        current = (fused.mean, fused.se)
     aim = target.delta_h
     if target.schedule is not None:
         aim = target.schedule.at(request.step_index + 1) - current[0]
@@ -183,7 +187,8 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
         span=sol.span, estimator="leave_one_out" if same else "independent", lr=lr,
         unit=entropy_unit(run.settings.weighting), evaluations=sol.evaluations + 1,
         kl=None if kl is None else kl[0], kl_se=None if kl is None else kl[1],
-        current_entropy=current[0], current_entropy_se=current[1], step=step, gradient=gradient)
+        current_entropy=current[0], current_entropy_se=current[1], measured_entropy=measured[0],
+        measured_entropy_se=measured[1], step=step, gradient=gradient)
 
 
 def _model(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: torch.optim.Optimizer | None,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from funcprobe import (EntropyControl, EntropyProbe, EntropySchedule, EntropyTarget, ParamRegistry, ProbeSettings, SettingsError,
-                       choose_knob)
+from funcprobe import (EntropyControl, EntropyEstimate, EntropyProbe, EntropySchedule, EntropyTarget, ParamRegistry,
+                       ProbeSettings, SettingsError, choose_knob)
 from funcprobe.control import entropy_bonus_gradient
 from funcprobe.core.control import ControlRequest
 from funcprobe.passes import prediction_with_effects
@@ -249,6 +249,41 @@ def test_schedule_aims_at_the_next_level_from_the_measured_entropy():
     assert schedule.at(40) == 1.0 and EntropySchedule(1.5).at(7) == 1.5
 
 
+def test_entropy_estimate_is_the_gaussian_posterior_and_a_prior_is_fused_with_the_measurement():
+    """``EntropyEstimate``: ``advance`` adds δH and SE² + (0.1·δH)²; ``fuse`` is the product of
+    the two Gaussians (precision-weighted mean, precisions added), checked against that form
+    (float64 arithmetic: 1e-14). ``choose`` with a prior aims from the fused estimate and
+    reports the measurement beside it (the measurement equals the prior-free decision's)."""
+    from funcprobe.core.control import FIRST_ORDER_REL_ERROR
+
+    e = EntropyEstimate(1.5, 0.04).advance(-0.2, 0.05)
+    assert e.mean == pytest.approx(1.3, abs=1e-15)
+    assert e.var == pytest.approx(0.04 + 0.05 ** 2 + (FIRST_ORDER_REL_ERROR * 0.2) ** 2, abs=1e-15)
+    for prior, (m, se) in [(EntropyEstimate(1.3, 0.01), (1.9, 0.2)), (EntropyEstimate(-2.0, 3.0), (0.5, 0.01))]:
+        precision = 1 / prior.var + 1 / se ** 2
+        f = prior.fuse(m, se)
+        assert f.var == pytest.approx(1 / precision, rel=1e-14)
+        assert f.mean == pytest.approx((prior.mean / prior.var + m / se ** 2) / precision, rel=1e-14)
+    assert EntropyEstimate(1.0, 0.0).fuse(2.0, 0.1) == EntropyEstimate(1.0, 0.0)  # an exact prior is kept
+    assert EntropyEstimate(1.0, 0.1).fuse(2.0, 0.0) == EntropyEstimate(2.0, 0.0)  # an exact measurement wins
+
+    model, opt, _ = _setup(torch.optim.AdamW)
+    U = random_rollouts(B=4, G=3, seed=8)
+    probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
+    control = EntropyControl(EntropyTarget(schedule=EntropySchedule(start=2.0)), knob="beta")
+    plain = probe.choose(U, U, control.target, knob="beta", step_index=2)
+    prior = EntropyEstimate(plain.measured_entropy + 0.3, 0.02)
+    filtered = probe.choose(U, U, control.target, knob="beta", step_index=2, prior=prior)
+    fused = prior.fuse(plain.measured_entropy, plain.measured_entropy_se)
+    assert plain.current_entropy == plain.measured_entropy
+    assert filtered.measured_entropy == plain.measured_entropy
+    assert filtered.current_entropy == pytest.approx(fused.mean, rel=1e-14)
+    assert filtered.current_entropy_se == pytest.approx(fused.se, rel=1e-14)
+    assert filtered.aimed == pytest.approx(2.0 - fused.mean, rel=1e-14)
+    after = filtered.estimate_after()
+    assert after.mean == pytest.approx(fused.mean + filtered.delta_h, rel=1e-14)
+
+
 def test_bad_input_is_refused_by_name_before_any_work():
     model, opt, _ = _setup(torch.optim.AdamW)
     U = random_rollouts(B=4, G=3, seed=8)
@@ -267,6 +302,12 @@ def test_bad_input_is_refused_by_name_before_any_work():
         (lambda: ControlRequest(EntropyTarget(kl_budget=0.1), knob="beta"), "target.kl_budget: a KL budget"),
         (lambda: ControlRequest(EntropyTarget(schedule=EntropySchedule(1.0))), "step_index: a schedule needs"),
         (lambda: ControlRequest(EntropyTarget(delta_h=0.1), step_index=3), "step_index: only used"),
+        (lambda: ControlRequest(EntropyTarget(delta_h=0.1), prior=EntropyEstimate(1.0, 0.1)), "prior: an estimate"),
+        (lambda: ControlRequest(EntropyTarget(schedule=EntropySchedule(1.0)), step_index=0, prior=(1.0, 0.1)),
+         "prior: expected an EntropyEstimate"),
+        (lambda: EntropyControl(EntropyTarget(delta_h=0.1), estimate="kalman"), "estimate: expected one of"),
+        (lambda: EntropyEstimate(1.0, -0.1), "estimate.var: expected a variance >= 0"),
+        (lambda: EntropyEstimate(float("inf"), 0.1), "estimate.mean: expected a finite number"),
         (lambda: choose_knob(model, U, U, {"delta_h": 0.1}, optimizer=opt), "target: expected an EntropyTarget"),
         (lambda: choose_knob(model, U, U, EntropyTarget(delta_h=0.1), optimizer=opt, knob="x"), "knob: expected"),
     ]

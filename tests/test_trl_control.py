@@ -159,3 +159,32 @@ def test_what_the_controller_does_not_model_is_refused_by_name(tmp_path):
                           reward_funcs=lambda completions, **k: [0.0] * len(completions), entropy_control=control)
     with pytest.raises(SettingsError, match="knob: expected one of"):
         EntropyControl(EntropyTarget(delta_h=0.0), knob="temperature")
+
+
+@pytest.mark.parametrize("estimate", ["filtered", "measured"])
+def test_a_schedule_is_aimed_from_the_estimate_carried_over_the_steps(tmp_path, estimate):
+    """A hold schedule with ``lr_scale``, 3 steps: step 1 aims from the measurement on its
+    batch; with ``estimate="filtered"`` each later step aims from the previous step's
+    estimate advanced by its prediction (``ControlDecision.estimate_after``) and fused with
+    the measurement (``EntropyEstimate``), recomputed here from the logged values (float64
+    arithmetic on the same numbers: 1e-12); with ``"measured"`` from the measurement alone."""
+    from funcprobe import EntropyEstimate, EntropySchedule
+
+    control = EntropyControl(EntropyTarget(schedule=EntropySchedule(start=1.0)), estimate=estimate)
+    trainer = _trainer(tmp_path, control)
+    trainer.train()
+    steps = [h for h in trainer.funcprobe_history if "control/entropy" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3]
+    for k, h in enumerate(steps):
+        assert h["control/target"] == pytest.approx(1.0 - h["control/entropy"], abs=1e-12)
+        if k == 0 or estimate == "measured":
+            assert h["control/entropy"] == h["control/measured_entropy"]
+            assert h["control/entropy_se"] == h["control/measured_entropy_se"]
+            continue
+        p = steps[k - 1]
+        prior = EntropyEstimate(p["control/entropy"], p["control/entropy_se"] ** 2).advance(p["control/delta_h"],
+                                                                                            p["control/se"])
+        fused = prior.fuse(h["control/measured_entropy"], h["control/measured_entropy_se"])
+        assert h["control/entropy"] == pytest.approx(fused.mean, abs=1e-12)
+        assert h["control/entropy_se"] == pytest.approx(fused.se, abs=1e-12)
+        assert h["control/entropy_se"] < min(h["control/measured_entropy_se"], prior.se)  # fusing narrows it

@@ -89,6 +89,60 @@ class EntropySchedule:
         return self.start + (self.end - self.start) * min(t, self.steps) / self.steps
 
 
+#: the relative error of a first-order δH added to its SE when a prediction carries the
+#: entropy estimate forward (``EntropyEstimate.advance``): per_token_avg at the optimizer's
+#: own step on SmolLM2, mean predicted −0.222 against realized −0.245 (a 10% shortfall) with
+#: z sd 1.10 over 100 repetitions (benchmarks/results/effects-smollm2.md)
+FIRST_ORDER_REL_ERROR = 0.1
+
+#: how a schedule's Ĥ(t) is estimated (``EntropyControl.estimate``)
+ESTIMATES = ("filtered", "measured")
+
+
+@dataclass(frozen=True)
+class EntropyEstimate:
+    """An estimate of the current entropy Ĥ(t) and its variance (nats per W, nats² per W²).
+
+    The entropy a schedule is aimed from is measured on each step's batch, whose prompts
+    change every step: its SE (0.1–0.2 nats on 8 prompts, docs/control.md) is larger than the
+    predicted change of a step. ``advance`` carries an estimate over a step by that step's
+    prediction (the mean moves by δH, the variance grows by SE² + (``FIRST_ORDER_REL_ERROR``·δH)²),
+    ``fuse`` combines it with the next measurement by inverse-variance weights (a scalar
+    Kalman filter whose process model is funcprobe's prediction of each step).
+
+    Raises ``SettingsError`` naming ``estimate.mean``/``estimate.var`` for a non-finite mean
+    or a negative or non-finite variance.
+    """
+
+    mean: float
+    var: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", _real(self.mean, "estimate.mean"))
+        var = _real(self.var, "estimate.var")
+        if var < 0:
+            raise SettingsError(f"estimate.var: expected a variance >= 0, got {self.var!r}")
+        object.__setattr__(self, "var", var)
+
+    @property
+    def se(self) -> float:
+        return math.sqrt(self.var)
+
+    def advance(self, delta_h: float, se: float) -> "EntropyEstimate":
+        """The estimate after a step predicted to change the entropy by ``delta_h`` ± ``se``."""
+        return EntropyEstimate(self.mean + delta_h,
+                               self.var + se * se + (FIRST_ORDER_REL_ERROR * delta_h) ** 2)
+
+    def fuse(self, measured: float, se: float) -> "EntropyEstimate":
+        """This estimate combined with a measurement ``measured`` ± ``se`` (independent of it):
+        the inverse-variance weighted mean. A zero variance on one side keeps that side."""
+        total = self.var + se * se
+        if total == 0.0:
+            return EntropyEstimate(measured, 0.0)
+        gain = self.var / total  # the Kalman gain
+        return EntropyEstimate(self.mean + gain * (measured - self.mean), (1.0 - gain) * self.var)
+
+
 @dataclass(frozen=True)
 class EntropyTarget:
     """What the next step should do to the entropy (and its KL), checked once.
@@ -157,8 +211,11 @@ class ControlRequest:
         gradient: a trainer's ascent gradient of U before clipping, name → tensor, used
             instead of funcprobe's own policy gradient (checked against the model by the
             caller, ``EntropyProbe.choose_for_step``); None: funcprobe's own.
+        prior: an ``EntropyEstimate`` of Ĥ(t) carried from the previous step's decision
+            (``ControlDecision.estimate_after``), fused with the measurement on E; a schedule
+            only. None: Ĥ(t) is the measurement alone.
 
-    Raises ``SettingsError`` naming ``knob``, ``beta_max``, ``step_index`` or ``target``.
+    Raises ``SettingsError`` naming ``knob``, ``beta_max``, ``step_index``, ``prior`` or ``target``.
     """
 
     target: EntropyTarget
@@ -166,6 +223,7 @@ class ControlRequest:
     beta_max: float = 1.0
     step_index: int | None = None
     gradient: dict | None = field(default=None, compare=False, repr=False)
+    prior: EntropyEstimate | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, EntropyTarget):
@@ -184,6 +242,11 @@ class ControlRequest:
                 raise SettingsError(f"step_index: a schedule needs the optimizer step t (an int >= 0), got {t!r}")
         elif self.step_index is not None:
             raise SettingsError("step_index: only used with target.schedule; drop it or give a schedule")
+        if self.prior is not None:
+            if not isinstance(self.prior, EntropyEstimate):
+                raise SettingsError(f"prior: expected an EntropyEstimate, got {type(self.prior).__name__}")
+            if self.target.schedule is None:
+                raise SettingsError("prior: an estimate of the current entropy is only used with target.schedule")
 
 
 @dataclass(frozen=True)
@@ -195,24 +258,35 @@ class EntropyControl:
         target: the ``EntropyTarget`` (a schedule's t is the trainer's optimizer step).
         knob: ``"lr_scale"`` or ``"beta"`` (``ControlRequest``).
         beta_max: the largest β tried (> 0).
+        estimate: how a schedule's Ĥ(t) is estimated: ``"filtered"`` (default: the
+            previous step's estimate carried forward by its prediction and fused with the
+            measurement on the step's batch, ``EntropyEstimate``) or ``"measured"`` (the
+            measurement alone, every step afresh).
 
-    Raises ``SettingsError`` naming ``target``, ``knob`` or ``beta_max`` (as ``ControlRequest``).
+    Raises ``SettingsError`` naming ``target``, ``knob``, ``beta_max`` (as ``ControlRequest``)
+    or ``estimate``.
     """
 
     target: EntropyTarget
     knob: str = "lr_scale"
     beta_max: float = 1.0
+    estimate: str = "filtered"
 
     def __post_init__(self) -> None:
+        if self.estimate not in ESTIMATES:
+            raise SettingsError(f"estimate: expected one of {list(ESTIMATES)}, got {self.estimate!r}")
         checked = self.request(0)
         object.__setattr__(self, "beta_max", checked.beta_max)
 
-    def request(self, step_index: int, gradient: dict | None = None) -> ControlRequest:
+    def request(self, step_index: int, gradient: dict | None = None,
+                prior: EntropyEstimate | None = None) -> ControlRequest:
         """The ``ControlRequest`` of optimizer step ``step_index`` (t ≥ 0: steps taken so far),
-        for the trainer's ``gradient`` (see ``ControlRequest``)."""
+        for the trainer's ``gradient`` and, with ``estimate="filtered"`` and a schedule, the
+        ``prior`` carried from the previous decision (ignored otherwise; see ``ControlRequest``)."""
+        scheduled = isinstance(self.target, EntropyTarget) and self.target.schedule is not None
         return ControlRequest(target=self.target, knob=self.knob, beta_max=self.beta_max,
-                              step_index=step_index if isinstance(self.target, EntropyTarget)
-                              and self.target.schedule is not None else None, gradient=gradient)
+                              step_index=step_index if scheduled else None, gradient=gradient,
+                              prior=prior if scheduled and self.estimate == "filtered" else None)
 
 
 @dataclass(frozen=True)
@@ -377,7 +451,10 @@ class ControlDecision:
         uncontrolled, uncontrolled_se: δH and SE of the step the optimizer would take
             without control (β = 0, c = 1).
         span: (min, max) of δH seen over the knob's range (the grid for β; c ∈ [0, c_max]).
-        current_entropy, current_entropy_se: Ĥ on E in the units of δH (a schedule only).
+        current_entropy, current_entropy_se: Ĥ(t), the estimate the schedule's δH* is
+            aimed from, in the units of δH (a schedule only): the measurement on E, fused with
+            the request's ``prior`` where one was given.
+        measured_entropy, measured_entropy_se: the measurement on E alone (a schedule only).
         estimator: ``"independent"`` (E ≠ U) or ``"leave_one_out"`` (E = U, no prompt scores
             its own contribution; the biased same-batch value is never acted on).
         lr: η of the δH values (1.0 for ``step="optimizer_step"``, whose Δθ holds the rates).
@@ -408,6 +485,8 @@ class ControlDecision:
     kl_se: float | None = None
     current_entropy: float | None = None
     current_entropy_se: float | None = None
+    measured_entropy: float | None = None
+    measured_entropy_se: float | None = None
     step: dict = field(default_factory=dict, repr=False)
     gradient: dict = field(default_factory=dict, repr=False)
 
@@ -415,6 +494,14 @@ class ControlDecision:
     def ci95(self) -> tuple[float, float]:
         """δH ± 1.96·SE at ``value`` (nats per W)."""
         return (self.delta_h - Z_95 * self.se, self.delta_h + Z_95 * self.se)
+
+    def estimate_after(self) -> EntropyEstimate | None:
+        """The estimate of the entropy after the step taken at ``value``: Ĥ(t) carried by
+        its prediction (``EntropyEstimate.advance``); the ``prior`` of the next step's request.
+        None without a schedule."""
+        if self.current_entropy is None:
+            return None
+        return EntropyEstimate(self.current_entropy, self.current_entropy_se ** 2).advance(self.delta_h, self.se)
 
     def to_dict(self) -> dict:
         """JSON-ready: every field but ``step``, ``gradient`` and ``target`` (its fields
@@ -428,4 +515,5 @@ class ControlDecision:
                 "kl": self.kl, "kl_se": self.kl_se, "uncontrolled": self.uncontrolled,
                 "uncontrolled_se": self.uncontrolled_se, "span": list(self.span),
                 "current_entropy": self.current_entropy, "current_entropy_se": self.current_entropy_se,
+                "measured_entropy": self.measured_entropy, "measured_entropy_se": self.measured_entropy_se,
                 "estimator": self.estimator, "lr": self.lr, "unit": self.unit, "evaluations": self.evaluations}

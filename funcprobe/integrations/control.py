@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..api import EntropyProbe
-from ..core.control import ControlDecision, EntropyControl
+from ..core.control import ControlDecision, EntropyControl, EntropyEstimate
 from ..core.rollouts import RolloutBatch
 from ..edge.registry import ParamRegistry
 
@@ -47,11 +47,12 @@ def control_refusals(*, world_size: int, probe_gradient: str, step: str) -> list
 
 
 def decide(probe: EntropyProbe, batch: RolloutBatch, gradient: dict[str, torch.Tensor], control: EntropyControl,
-           step_index: int) -> ControlDecision:
+           step_index: int, prior: EntropyEstimate | None = None) -> ControlDecision:
     """The knob of the step about to be taken, chosen on its own batch (E = U, leave-one-out)
     from the trainer's ascent gradient before clipping (``{name: −p.grad}``);
-    ``step_index``: optimizer steps taken so far (t)."""
-    return probe.choose_for_step(batch, control, gradient=gradient, step_index=step_index)
+    ``step_index``: optimizer steps taken so far (t); ``prior``: the previous decision's
+    ``estimate_after()`` where that step was decided (a filtered schedule), else None."""
+    return probe.choose_for_step(batch, control, gradient=gradient, step_index=step_index, prior=prior)
 
 
 def apply(decision: ControlDecision, optimizer: torch.optim.Optimizer,
@@ -80,13 +81,19 @@ def decision_metrics(decision: ControlDecision) -> dict[str, float]:
     prediction of the step taken) and ``control/*``: the knob's value (``control/beta`` or
     ``control/lr_scale``), ``control/delta_h`` and ``control/se`` at it, ``control/uncontrolled``
     (β = 0, c = 1), ``control/reachable`` (1 or 0), ``control/target`` (the δH* aimed at,
-    absent when the uncontrolled step already met a band), ``control/kl`` and ``_se`` (with
+    absent when the uncontrolled step already met a band), ``control/entropy`` and
+    ``control/measured_entropy`` and their ``_se`` (a schedule: Ĥ(t) aimed from, and the
+    measurement on the batch alone), ``control/kl`` and ``_se`` (with
     ``effects=True`` or a KL budget), all in nats per the weighting's unit (KL: nats per response)."""
     out = {"delta_h": decision.delta_h, "se": decision.se, f"control/{decision.knob}": decision.value,
            "control/delta_h": decision.delta_h, "control/se": decision.se,
            "control/uncontrolled": decision.uncontrolled, "control/reachable": float(decision.reachable)}
     if decision.aimed is not None:
         out["control/target"] = decision.aimed
+    if decision.current_entropy is not None:
+        out["control/entropy"], out["control/entropy_se"] = decision.current_entropy, decision.current_entropy_se
+        out["control/measured_entropy"] = decision.measured_entropy
+        out["control/measured_entropy_se"] = decision.measured_entropy_se
     if decision.kl is not None:
         out["control/kl"], out["control/kl_se"] = decision.kl, decision.kl_se
     return out

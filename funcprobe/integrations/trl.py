@@ -185,6 +185,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
         self.entropy_control = entropy_control
         self._funcprobe_control: tuple | None = None  # (step number, lrs to restore, metrics) of this step
         self._funcprobe_control_failed = 0
+        self._funcprobe_estimate: tuple | None = None  # (step number, EntropyEstimate after it) of the last decision
         if entropy_control is not None:
             refused = entropy_control_step.control_refusals(
                 world_size=self.accelerator.num_processes, probe_gradient=probe_gradient, step=base.step)
@@ -271,8 +272,11 @@ class ProbedGRPOTrainer(GRPOTrainer):
                                              float(self.args.max_completion_length))
         try:
             probe = EntropyProbe(self.model, self.optimizer, **self.control_settings.options())
+            carried = self._funcprobe_estimate
+            prior = carried[1] if carried is not None and carried[0] == self.state.global_step else None
+            self._funcprobe_estimate = None  # an undecided step moves the entropy unpredicted
             decision = entropy_control_step.decide(probe, batch, trainer_gradient(probe.registry),
-                                                   self.entropy_control, self.state.global_step)
+                                                   self.entropy_control, self.state.global_step, prior)
         except NoSignalError as err:
             log.warning("funcprobe: step %d not controlled: %s", step_number, err)
             return None
@@ -283,6 +287,7 @@ class ProbedGRPOTrainer(GRPOTrainer):
                       "probe_raise=True raises): %s: %s", step_number, type(err).__name__, err)
             self._funcprobe_control_failed += 1
             return None
+        self._funcprobe_estimate = (step_number, decision.estimate_after())
         saved = entropy_control_step.apply(decision, self.optimizer, probe.registry)
         metrics = entropy_control_step.decision_metrics(decision)
         self.funcprobe_step = decision.step
