@@ -273,7 +273,7 @@ def summary(args, out: Path) -> None:
              f"held-out problems × G; H0 = {h0:.4f} ± {init[0]['H0_se']:.4f}, TRL's first logged entropy "
              f"{init[0]['trl_entropy0']:.4f}. Targets: hold H0, anneal H0 → H0/2 over {n_steps} steps. Complete runs only "
              "(a run cut short is marked).", "",
-             "| arm | target | steps | mean abs(H − H*) | SE | worst abs(H − H*) | held-out reward (last 5) | knob range | "
+             "| arm | target | steps | mean abs(H − H*) | SE | worst abs(H − H*) | held-out reward (last 5) ± SE | knob range | "
              "s/step (vs none) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for arm, target in runs(args):
         for tgt in (TARGETS if target is None else (target,)):
@@ -285,15 +285,20 @@ def summary(args, out: Path) -> None:
             se = statistics.stdev(dev) / math.sqrt(len(dev)) if len(dev) > 1 else float("nan")
             last = rs[-5:]
             rew = sum(r["reward"] for r in last) / len(last)
+            # the same held-out problems every step: the steps' rewards are correlated, so the mean of
+            # their SEs (perfect correlation) bounds the SE of the 5-step mean from above
+            rew_se = sum(r["reward_se"] for r in last) / len(last)
             knobs = [r["knob"] for r in rs if "knob" in r]
             krange = f"{min(knobs):.3g} to {max(knobs):.3g}" if knobs else "-"
             sec = statistics.median(r["seconds"] for r in rs)
             mark = "" if len(rs) >= n_steps else " (partial)"
             lines.append(f"| {arm} | {tgt}{'' if target else ' (target-free run)'} | {len(rs)}{mark} | {mean:.4f} | "
-                         f"{se:.4f} | {max(dev):.4f} | {rew:.3f} | {krange} | {sec:.0f} ({sec / base_s:.2f}x) |")
-    lines += ["", "SE of the mean deviation: sd over steps / sqrt(steps) (steps are autocorrelated: a lower bound)."]
-    (out.parent / "control-study.md").write_text("\n".join(lines) + "\n")
-    _plot(by_run, h0, n_steps, out.parent / "control-study.png")
+                         f"{se:.4f} | {max(dev):.4f} | {rew:.3f} ± {rew_se:.3f} | {krange} | {sec:.0f} ({sec / base_s:.2f}x) |")
+    lines += ["", "SE of the mean deviation: sd over steps / sqrt(steps) (steps are autocorrelated: a lower bound). "
+              "Reward SE: the mean of the last 5 steps' SEs over the held-out problems (the same problems each "
+              "step: an upper bound for the 5-step mean)."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(by_run, h0, n_steps, out.with_suffix(".png"))
 
 
 def _command(init: dict) -> list[str]:
