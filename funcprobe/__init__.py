@@ -11,7 +11,7 @@ design, and how each is ruled out, in ``docs/failure-modes.md``. The public API:
 * ``EntropyProbe``: both in one call, following the live model and optimizer;
 * ``entropy_influence(model, E, U, optimizer=...)`` / ``EntropyProbe.influence``: δH
   split exactly over U's prompts, responses and tokens, with SEs (``funcprobe.influence``);
-* ``choose_knob(model, E, U, EntropyTarget(...), knob=...)`` / ``EntropyProbe.choose``: the
+* ``choose_knob(model, E, U, EntropyControl(EntropyTarget(...), knob=...))`` / ``EntropyProbe.choose``: the
   entropy-bonus coefficient or step-size scale of the next step that meets an entropy
   target or a KL budget (``funcprobe.control``, docs/control.md);
 * the pure core: ``sequence_logprobs`` (S), ``entropy_surrogate`` (LX),

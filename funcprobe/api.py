@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from . import control, passes
+from . import control as controller, passes
 from .core.control import ControlDecision, ControlRequest, EntropyControl, EntropyEstimate, EntropyTarget
 from .core.objectives import MODELLED_COSINE
 from .core.effects import check_rewards
@@ -427,9 +427,8 @@ class EntropyProbe:
         """``failing_together`` over this probe's process group and model."""
         return failing_together(Communicator.for_group(self.settings.process_group), self.model)
 
-    def choose(self, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *, knob: str = "lr_scale",
-               beta_max: float = 1.0, step_index: int | None = None,
-               prior: EntropyEstimate | None = None) -> ControlDecision:
+    def choose(self, E: RolloutBatch, U: RolloutBatch, control: EntropyControl | EntropyTarget, *,
+               step_index: int | None = None, prior: EntropyEstimate | None = None) -> ControlDecision:
         """The value of a knob of the next step that meets ``target``, chosen before the step
         (docs/control.md), and the step's predicted δH ± SE (and KL) at it.
 
@@ -439,15 +438,17 @@ class EntropyProbe:
                 estimate: each prompt of U is scored against the step without its own
                 gradient (never the same-batch value, which each prompt's own contribution
                 biases).
-            target: ``EntropyTarget`` (δH*, a band, a schedule, a KL budget, ``risk``).
-            knob: ``"lr_scale"`` (c ∈ (0, 1] on every param group's learning rate, this
-                step only; LoRA+ ratios kept) or ``"beta"`` (the entropy-bonus coefficient
-                β ∈ [0, beta_max] in the ascent gradient g_pg + β·g_H, g_H the gradient of
-                TRL's bonus, the mean token entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
-            beta_max: the largest β tried (> 0).
+            control: ``EntropyControl(target, knob=..., beta_max=..., estimate=...)``, or an
+                ``EntropyTarget`` alone (δH*, a band, a schedule, a KL budget, ``risk``) for
+                ``EntropyControl(target)``: knob ``"lr_scale"``. Knobs: ``"lr_scale"`` (c ∈
+                (0, 1] on every param group's learning rate, this step only; LoRA+ ratios
+                kept) or ``"beta"`` (the entropy-bonus coefficient β ∈ [0, beta_max] in the
+                ascent gradient g_pg + β·g_H, g_H the gradient of TRL's bonus, the mean token
+                entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
             step_index: the optimizer step t (an int ≥ 0), for a schedule only.
-            prior: an ``EntropyEstimate`` of Ĥ(t) (a schedule only: the previous decision's
-                ``estimate_after()``), fused with the measurement on E; None: the measurement.
+            prior: an ``EntropyEstimate`` of Ĥ(t) (a schedule with ``estimate="filtered"``
+                only: the previous decision's ``estimate_after()``), fused with the
+                measurement on E; None: the measurement.
 
         Returns:
             ``ControlDecision``: ``value`` (β or c), ``reachable`` (and ``reason`` when not:
@@ -463,15 +464,14 @@ class EntropyProbe:
         one effects JVP pass for the KL.
 
         Raises:
-            SettingsError (``ValueError``): a bad ``target``, ``knob``, ``beta_max`` or
-                ``step_index`` (named), a KL budget with ``knob="beta"``, a process group or
-                a sharded model.
+            SettingsError (``ValueError``): a bad ``control``, ``step_index`` or ``prior``
+                (named), a KL budget with ``knob="beta"``, a process group or a sharded model.
             the errors of ``predict``.
         """
-        request = _request(target, knob, beta_max, step_index, prior)
+        request = _request(control, step_index, prior)
         run = ProbeRun.of(self._checked(E=E, U=U), self.settings)
         same = same_batch(E, U)
-        return control.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry))
+        return controller.choose(run, None if same else E, U, self.optimizer, request, self._current_lr(run.registry))
 
     def choose_for_step(self, U: RolloutBatch, entropy_control: EntropyControl, *, gradient: Mapping[str, Tensor],
                         step_index: int = 0, prior: EntropyEstimate | None = None) -> ControlDecision:
@@ -500,7 +500,7 @@ class EntropyProbe:
         entropy_control.request(step_index, prior=prior)  # checked before any model work
         run = ProbeRun.of(self._checked(E=U, U=U), self.settings)
         request = entropy_control.request(step_index, _full_gradient(run.registry, gradient, run.comm), prior)
-        return control.choose(run, None, U, self.optimizer, request, self._current_lr(run.registry))
+        return controller.choose(run, None, U, self.optimizer, request, self._current_lr(run.registry))
 
     def _checked(self, *, E: RolloutBatch | None = None, U: RolloutBatch | None = None,
                  extra=None) -> ParamRegistry:
@@ -567,33 +567,40 @@ def entropy_influence(model: nn.Module, E: RolloutBatch, U: RolloutBatch, *,
     return probe.influence(E, U, groups=request.groups or None, matrix=request.matrix)
 
 
-def _request(target: object, knob: object, beta_max: object, step_index: object,
-             prior: object = None) -> ControlRequest:
-    """The checked ``ControlRequest`` (``SettingsError`` naming the argument)."""
-    if not isinstance(target, EntropyTarget):
-        raise SettingsError(f"target: expected an EntropyTarget, got {type(target).__name__}")
-    return ControlRequest(target=target, knob=knob, beta_max=beta_max, step_index=step_index, prior=prior)
+def _request(control: object, step_index: object, prior: object) -> ControlRequest:
+    """The checked ``ControlRequest`` of ``choose`` (``SettingsError`` naming the argument)."""
+    if isinstance(control, EntropyTarget):
+        control = EntropyControl(control)
+    if not isinstance(control, EntropyControl):
+        raise SettingsError(f"control: expected an EntropyControl or an EntropyTarget, got {type(control).__name__}")
+    if prior is not None and control.estimate != "filtered":
+        raise SettingsError(f"prior: given with estimate={control.estimate!r}, which aims from the measurement "
+                            "alone; drop it or use estimate='filtered'")
+    return ControlRequest(target=control.target, knob=control.knob, beta_max=control.beta_max,
+                          step_index=step_index, prior=prior)
 
 
-def choose_knob(model: nn.Module, E: RolloutBatch, U: RolloutBatch, target: EntropyTarget, *,
+def choose_knob(model: nn.Module, E: RolloutBatch, U: RolloutBatch, control: EntropyControl | EntropyTarget, *,
                 optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
                 **options: Any) -> ControlDecision:
-    """The knob value of the next step that meets ``target`` (``EntropyProbe.choose``).
+    """The knob value of the next step that meets the target (``EntropyProbe.choose``).
 
     Args:
         model, optimizer, lr: as ``EntropyProbe`` (default ``step="optimizer_step"``).
-        E, U, target: as ``EntropyProbe.choose``.
-        **options: ``knob``, ``beta_max``, ``step_index`` (``EntropyProbe.choose``) and the
-            fields of ``ProbeSettings`` as keywords.
+        E, U, control: as ``EntropyProbe.choose``.
+        **options: ``step_index``, ``prior`` (``EntropyProbe.choose``) and the fields of
+            ``ProbeSettings`` as keywords.
 
     Returns and raises: as ``EntropyProbe.choose`` and ``EntropyProbe``.
     """
-    knob = options.pop("knob", "lr_scale")
-    beta_max = options.pop("beta_max", 1.0)
+    for moved in ("knob", "beta_max", "estimate"):
+        if moved in options:
+            raise SettingsError(f"{moved}: give it in the control, EntropyControl(target, {moved}=...)")
     step_index = options.pop("step_index", None)
-    _request(target, knob, beta_max, step_index)  # checked before any model work
+    prior = options.pop("prior", None)
+    _request(control, step_index, prior)  # checked before any model work
     probe = EntropyProbe(model, optimizer, lr=lr, **options)
-    return probe.choose(E, U, target, knob=knob, beta_max=beta_max, step_index=step_index)
+    return probe.choose(E, U, control, step_index=step_index, prior=prior)
 
 
 def _baseline(run: ProbeRun, E: RolloutBatch, step: StepMap, lr: float) -> EntropyPrediction | None:

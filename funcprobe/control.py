@@ -1,6 +1,6 @@
 """Choosing the entropy-bonus coefficient β or the step-size scale c before the step.
 
-``EntropyProbe.choose(E, U, target, knob=...)`` (``funcprobe.api``) runs ``choose`` here. What
+``EntropyProbe.choose(E, U, EntropyControl(target, knob=...))`` (``funcprobe.api``) runs ``choose`` here. What
 it computes once (docs/control.md#how-the-controller-works):
 
 * the policy gradient g_pg of U (one backward, as ``update_direction``) and, for β, the

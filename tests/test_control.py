@@ -92,12 +92,12 @@ def test_beta_hits_the_target_and_the_step_taken_is_the_predicted_one(opt_cls, k
     U = random_rollouts(B=4, G=3, seed=8)
     E = U if same else random_rollouts(B=4, G=3, seed=5)
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
-    far = probe.choose(E, U, EntropyTarget(delta_h=1.0), knob="beta", beta_max=50.0)
+    far = probe.choose(E, U, EntropyControl(EntropyTarget(delta_h=1.0), knob="beta", beta_max=50.0))
     assert not far.reachable and "never reaches 1" in far.reason and 0 <= far.value <= 50.0
     end = max(far.span, key=lambda v: abs(v - far.uncontrolled))
     assert abs(end - far.uncontrolled) > 1e-4 * abs(far.uncontrolled)  # β moves δH (seen 2e-3 to 13x)
     aim = far.uncontrolled + 0.5 * (end - far.uncontrolled)
-    decision = probe.choose(E, U, EntropyTarget(delta_h=aim), knob="beta", beta_max=50.0)
+    decision = probe.choose(E, U, EntropyControl(EntropyTarget(delta_h=aim), knob="beta", beta_max=50.0))
     assert decision.reachable and decision.reason == "" and 0 < decision.value <= 50.0
     assert decision.estimator == ("leave_one_out" if same else "independent")
     assert abs(decision.delta_h - aim) < 1e-8 * abs(aim)  # the done-when bound (seen 0: bisection to a float)
@@ -123,11 +123,11 @@ def test_a_trainers_gradient_replaces_funcprobes_own(knob):
     U = random_rollouts(B=4, G=3, seed=8)
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
     g_pg = reference_policy_gradient(model, U, names)
-    plain = probe.choose(U, U, EntropyTarget(delta_h=1.0), knob=knob, beta_max=50.0)
+    plain = probe.choose(U, U, EntropyControl(EntropyTarget(delta_h=1.0), knob=knob, beta_max=50.0))
     end = max(plain.span, key=lambda v: abs(v - plain.uncontrolled)) if knob == "beta" else 0.0
     aim = plain.uncontrolled + 0.5 * (end - plain.uncontrolled)  # halfway to β_max's δH, or c = 0.5
     control = EntropyControl(EntropyTarget(delta_h=aim), knob=knob, beta_max=50.0)
-    mine = probe.choose(U, U, control.target, knob=knob, beta_max=50.0)
+    mine = probe.choose(U, U, control)
     given = probe.choose_for_step(U, control, gradient=g_pg)
     assert given.estimator == "leave_one_out"
     assert rel_err(given.uncontrolled, mine.uncontrolled) < 1e-10  # seen 0 (both knobs)
@@ -156,7 +156,7 @@ def test_lr_scale_hits_the_target_and_scales_the_real_step(opt_cls, kw):
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
     full = probe.predict(E, U)
     aim = 0.3 * full.delta_h
-    decision = probe.choose(E, U, EntropyTarget(delta_h=aim), knob="lr_scale")
+    decision = probe.choose(E, U, EntropyTarget(delta_h=aim))
     assert decision.reachable and abs(decision.value - 0.3) < 1e-12
     assert abs(decision.uncontrolled - full.delta_h) < 1e-10 * abs(full.delta_h)  # dots vs the JVP (seen 1e-15)
     assert abs(decision.delta_h - aim) < 1e-8 * abs(aim)
@@ -169,28 +169,28 @@ def test_band_risk_and_unreachable_targets_are_reported_not_clamped():
     model, opt, names = _setup(torch.optim.AdamW, weight_decay=0.05)
     U, E = random_rollouts(B=4, G=3, seed=8), random_rollouts(B=4, G=3, seed=5)
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
-    d = probe.choose(E, U, EntropyTarget(delta_h=1.0), knob="lr_scale")
+    d = probe.choose(E, U, EntropyTarget(delta_h=1.0))
     d1 = d.uncontrolled
     # twice the full step: c would be 2 > 1
-    over = probe.choose(E, U, EntropyTarget(delta_h=2 * d1), knob="lr_scale")
+    over = probe.choose(E, U, EntropyTarget(delta_h=2 * d1))
     assert not over.reachable and over.value == 1.0 and "needs c = 2" in over.reason
     # the opposite sign: no c in (0, 1]
-    wrong = probe.choose(E, U, EntropyTarget(delta_h=-d1), knob="lr_scale")
+    wrong = probe.choose(E, U, EntropyTarget(delta_h=-d1))
     assert not wrong.reachable and wrong.value == 0.0 and "opposite sign" in wrong.reason
     # a band already met by the full step: c = 1, nothing aimed
-    wide = probe.choose(E, U, EntropyTarget(band=(-abs(d1) * 2, abs(d1) * 2)), knob="lr_scale")
+    wide = probe.choose(E, U, EntropyTarget(band=(-abs(d1) * 2, abs(d1) * 2)))
     assert wide.reachable and wide.value == 1.0 and wide.aimed is None
     # a one-sided band that binds: |δH| at most half the full step's
     edge = 0.5 * d1
     band = (edge, math.inf) if d1 < 0 else (-math.inf, edge)
-    half = probe.choose(E, U, EntropyTarget(band=band), knob="lr_scale")
+    half = probe.choose(E, U, EntropyTarget(band=band))
     assert half.reachable and abs(half.value - 0.5) < 1e-12 and half.aimed == edge
     # risk: the 95% bound, not the mean, meets the edge
-    risky = probe.choose(E, U, EntropyTarget(band=band, risk=True), knob="lr_scale")
+    risky = probe.choose(E, U, EntropyTarget(band=band, risk=True))
     bound = risky.ci95[0] if d1 < 0 else risky.ci95[1]
     assert risky.reachable and risky.value < half.value and abs(bound - edge) < 1e-12 * abs(edge)
     # β: a band on the far side of what any β gives is reported with the closest β
-    beta = probe.choose(E, U, EntropyTarget(band=(1e3, 2e3)), knob="beta", beta_max=2.0)
+    beta = probe.choose(E, U, EntropyControl(EntropyTarget(band=(1e3, 2e3)), knob="beta", beta_max=2.0))
     assert not beta.reachable and "never reaches" in beta.reason and 0 <= beta.value <= 2.0
 
 
@@ -200,10 +200,10 @@ def test_kl_budget_scale_makes_the_predicted_kl_equal_the_budget():
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM, effects=True)
     full = probe.predict(E, U).effects["kl"].value
     for same in (False, True):
-        d = probe.choose(U if same else E, U, EntropyTarget(kl_budget=full / 9), knob="lr_scale")
+        d = probe.choose(U if same else E, U, EntropyTarget(kl_budget=full / 9))
         assert d.reachable and d.value < 1 and abs(d.kl - full / 9) < 1e-10 * full  # binds (seen ~1e-16)
     assert abs(d.value - 1 / 3) > 1e-3  # with E = U the leave-one-out KL(1) decides, not the E one
-    d = probe.choose(E, U, EntropyTarget(kl_budget=full / 9), knob="lr_scale")
+    d = probe.choose(E, U, EntropyTarget(kl_budget=full / 9))
     assert abs(d.value - 1 / 3) < 1e-10  # KL(c) = c²·KL(1)
     # an effects pass along the chosen (scaled) step gives the budget: the second-order KL is c²·KL(1)
     settings = probe.settings
@@ -211,12 +211,12 @@ def test_kl_budget_scale_makes_the_predicted_kl_equal_the_budget():
     along = prediction_with_effects(run, E, d.step, 1.0, None)
     assert abs(along.effects["kl"].value - full / 9) < 1e-10 * full  # (seen ~1e-15)
     assert abs(along.delta_h - d.delta_h) < 1e-10 * abs(d.delta_h)
-    loose = probe.choose(E, U, EntropyTarget(kl_budget=full * 4), knob="lr_scale")
+    loose = probe.choose(E, U, EntropyTarget(kl_budget=full * 4))
     assert loose.reachable and loose.value == 1.0 and abs(loose.kl - full) < 1e-10 * full
     # a band that needs more step than the budget allows: not reachable, the budget's c returned
     d1 = loose.uncontrolled
     band = (0.9 * d1, math.inf) if d1 > 0 else (-math.inf, 0.9 * d1)
-    both = probe.choose(E, U, EntropyTarget(band=band, kl_budget=full / 4), knob="lr_scale")
+    both = probe.choose(E, U, EntropyTarget(band=band, kl_budget=full / 4))
     assert not both.reachable and abs(both.value - 0.5) < 1e-10 and "KL budget" in both.reason
 
 
@@ -226,7 +226,7 @@ def test_schedule_aims_at_the_next_level_from_the_measured_entropy():
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
     schedule = EntropySchedule(start=2.0, end=1.0, steps=10)
     before = copy.deepcopy((dict(model.named_parameters()), opt.state_dict()))
-    d = probe.choose(U, U, EntropyTarget(schedule=schedule), knob="beta", beta_max=1.0, step_index=3)
+    d = probe.choose(U, U, EntropyControl(EntropyTarget(schedule=schedule), knob="beta", beta_max=1.0), step_index=3)
     after = (dict(model.named_parameters()), opt.state_dict())
     assert all(torch.equal(before[0][n], after[0][n]) and after[0][n].grad is None for n in before[0])
     assert all(torch.equal(before[1]["state"][k]["exp_avg"], after[1]["state"][k]["exp_avg"])
@@ -271,9 +271,9 @@ def test_entropy_estimate_is_the_gaussian_posterior_and_a_prior_is_fused_with_th
     U = random_rollouts(B=4, G=3, seed=8)
     probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
     control = EntropyControl(EntropyTarget(schedule=EntropySchedule(start=2.0)), knob="beta")
-    plain = probe.choose(U, U, control.target, knob="beta", step_index=2)
+    plain = probe.choose(U, U, control, step_index=2)
     prior = EntropyEstimate(plain.measured_entropy + 0.3, 0.02)
-    filtered = probe.choose(U, U, control.target, knob="beta", step_index=2, prior=prior)
+    filtered = probe.choose(U, U, control, step_index=2, prior=prior)
     fused = prior.fuse(plain.measured_entropy, plain.measured_entropy_se)
     assert plain.current_entropy == plain.measured_entropy
     assert filtered.measured_entropy == plain.measured_entropy
@@ -308,8 +308,16 @@ def test_bad_input_is_refused_by_name_before_any_work():
         (lambda: EntropyControl(EntropyTarget(delta_h=0.1), estimate="kalman"), "estimate: expected one of"),
         (lambda: EntropyEstimate(1.0, -0.1), "estimate.var: expected a variance >= 0"),
         (lambda: EntropyEstimate(float("inf"), 0.1), "estimate.mean: expected a finite number"),
-        (lambda: choose_knob(model, U, U, {"delta_h": 0.1}, optimizer=opt), "target: expected an EntropyTarget"),
-        (lambda: choose_knob(model, U, U, EntropyTarget(delta_h=0.1), optimizer=opt, knob="x"), "knob: expected"),
+        (lambda: choose_knob(model, U, U, {"delta_h": 0.1}, optimizer=opt),
+         "control: expected an EntropyControl or an EntropyTarget"),
+        (lambda: choose_knob(model, U, U, EntropyTarget(delta_h=0.1), optimizer=opt, knob="beta"),
+         "knob: give it in the control"),
+        (lambda: choose_knob(model, U, U, EntropyControl(EntropyTarget(schedule=EntropySchedule(1.0)),
+                                                          estimate="measured"),
+                             optimizer=opt, step_index=0, prior=EntropyEstimate(1.0, 0.1)),
+         "prior: given with estimate='measured'"),
+        (lambda: choose_knob(model, U, U, EntropyTarget(delta_h=0.1), optimizer=opt, step_index=1),
+         "step_index: only used"),
     ]
     for make, message in cases:
         with pytest.raises(SettingsError, match=message.replace("(", r"\(")):

@@ -6,7 +6,7 @@ accumulation, mixed precision) and **before** the trainer clips it, so that the 
 made on the raw gradient and the trainer's own clipping then acts on the gradient the
 controller chose (docs/control.md#in-trl):
 
-1. ``decide``: ``EntropyProbe.choose(U, U, target, gradient=raw)`` on the step's own batch
+1. ``decide``: ``EntropyProbe.choose_for_step(U, control, gradient=raw)`` on the step's own batch
    (leave-one-out: the biased same-batch value is never acted on), through the exact step
    map of the live optimizer with ``max_grad_norm`` (the clipping the trainer is about to do);
 2. ``apply``: ``lr_scale`` c multiplies every param group's learning rate (restored by
