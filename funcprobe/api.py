@@ -429,7 +429,7 @@ class EntropyProbe:
 
     def choose(self, E: RolloutBatch, U: RolloutBatch, control: EntropyControl | EntropyTarget, *,
                step_index: int | None = None, prior: EntropyEstimate | None = None) -> ControlDecision:
-        """The value of a knob of the next step that meets ``target``, chosen before the step
+        """The value of a knob of the next step that meets the control's target, chosen before the step
         (docs/control.md), and the step's predicted δH ± SE (and KL) at it.
 
         Args:
