@@ -36,7 +36,11 @@ Arms (``ARMS``):
 * ``probe_beta_measured``, ``probe_lr_measured``: the same with ``estimate="measured"``: Ĥ(t)
   the measurement on the step's batch alone, every step afresh (the first design), where
   ``probe_*`` use the default ``estimate="filtered"`` (the previous step's estimate carried by
-  its prediction and fused with the measurement: ``funcprobe.EntropyEstimate``).
+  its prediction and fused with the measurement: ``funcprobe.EntropyEstimate``);
+* ``pi_beta_signed``, ``probe_beta_signed``: ``pi_beta`` and ``probe_beta`` with β in
+  [``--beta-min``, 1] (default −1) instead of [0, 1]: a negative β is an entropy penalty
+  (TRL's ``entropy_coef`` < 0; ``EntropyControl(beta_min=...)``), which lets either controller
+  lower the entropy faster than the policy gradient alone.
 
 Each step of each run is appended to ``control-study.jsonl`` as one JSON line (``--resume``
 skips the runs already complete and restarts an incomplete one). The summary
@@ -63,7 +67,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ("none", "trl_default", "trl_target", "pi_beta", "probe_beta", "probe_lr", "probe_beta_measured",
-        "probe_lr_measured")
+        "probe_lr_measured", "pi_beta_signed", "probe_beta_signed")
 TARGETS = ("hold", "anneal")
 #: arms whose training does not depend on the target (run once, scored against every target)
 TARGET_FREE = ("none", "trl_default", "trl_target")
@@ -134,7 +138,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
         extra = dict(use_adaptive_entropy=True)
         if arm == "trl_target":
             extra["entropy_target"] = trl_entropy0
-    elif arm == "pi_beta":
+    elif arm.startswith("pi_beta"):
         extra = dict(entropy_coef=1e-12)  # enables TRL's bonus; the controller sets the coefficient
     config = GRPOConfig(output_dir=f"/tmp/funcprobe-control-study-{arm}", per_device_train_batch_size=args.prompts *
                         args.group_size, num_generations=args.group_size, max_completion_length=args.max_len,
@@ -147,7 +151,8 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
         schedule = EntropySchedule(start=h0) if target == "hold" else EntropySchedule(start=h0, end=h0 / 2,
                                                                                        steps=args.steps)
         control = EntropyControl(EntropyTarget(schedule=schedule), knob="beta" if "beta" in arm else "lr_scale",
-                                 beta_max=1.0, estimate="measured" if arm.endswith("_measured") else "filtered")
+                                 beta_max=1.0, beta_min=args.beta_min if arm.endswith("_signed") else 0.0,
+                                 estimate="measured" if arm.endswith("_measured") else "filtered")
         trainer = ProbedGRPOTrainer(**common, entropy_control=control, probe_raise=False)
     else:
         trainer = GRPOTrainer(**common)
@@ -156,7 +161,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
     class Rows(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             self.t0 = time.perf_counter()
-            if arm == "pi_beta":
+            if arm.startswith("pi_beta"):
                 trainer.entropy_coef = pi["beta"]
 
         def on_step_end(self, a, state, control, **kw):
@@ -164,11 +169,12 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
             t = state.global_step
             m = held_out_entropy(task, args, t)
             row = {"arm": arm, "target": target, "step": t, "seconds": seconds, **m}
-            if arm == "pi_beta":  # the PI update from this step's own batch, applied to the next step
+            if arm.startswith("pi_beta"):  # the PI update from this step's own batch, applied to the next step
                 batch_h = self.batch_entropy()
                 e = schedule_at(target, h0, t, args.steps) - batch_h
                 pi["integral"] += e
-                pi["beta"] = min(max(args.kp * e + args.ki * pi["integral"], 0.0), 1.0)
+                low = args.beta_min if arm.endswith("_signed") else 0.0
+                pi["beta"] = min(max(args.kp * e + args.ki * pi["integral"], low), 1.0)
                 row.update(knob=pi["beta"], batch_H=batch_h)
             elif arm.startswith("trl_"):
                 row["knob"] = float(trainer.entropy_coef)
@@ -198,7 +204,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
                 S = sequence_logprobs(task.model, trainable, batch).double()
             return float((-S / batch.response_lengths.double().clamp(min=1)).mean())
 
-    if arm == "pi_beta":  # keep the step's batch for the PI's measurement
+    if arm.startswith("pi_beta"):  # keep the step's batch for the PI's measurement
         original = trainer._generate_and_score_completions
 
         def keep(inputs):
@@ -338,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", type=int, default=16)
     ap.add_argument("--kp", type=float, default=0.5, help="PI proportional gain (entropy_coef per nat)")
     ap.add_argument("--ki", type=float, default=0.1, help="PI integral gain (entropy_coef per nat-step)")
+    ap.add_argument("--beta-min", type=float, default=-1.0, help="the lower end of β for the *_signed arms (<= 0)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--threads", type=int, default=1)
@@ -353,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "prompts", "group_size", "held_out", "max_len"):
         if getattr(args, name) < (2 if name in ("prompts", "group_size", "held_out", "steps") else 1):
             ap.error(f"--{name.replace('_', '-')}: too small ({getattr(args, name)})")
+    if args.beta_min > 0:
+        ap.error(f"--beta-min: expected a number <= 0, got {args.beta_min}")
     if args.summary:
         summary(args, args.out)
         return 0

@@ -438,13 +438,14 @@ class EntropyProbe:
                 estimate: each prompt of U is scored against the step without its own
                 gradient (never the same-batch value, which each prompt's own contribution
                 biases).
-            control: ``EntropyControl(target, knob=..., beta_max=..., estimate=...)``, or an
-                ``EntropyTarget`` alone (δH*, a band, a schedule, a KL budget, ``risk``) for
-                ``EntropyControl(target)``: knob ``"lr_scale"``. Knobs: ``"lr_scale"`` (c ∈
+            control: ``EntropyControl(target, knob=..., beta_max=..., beta_min=..., estimate=...)``,
+                or an ``EntropyTarget`` alone (δH*, a band, a schedule, a KL budget, ``risk``)
+                for ``EntropyControl(target)``: knob ``"lr_scale"``. Knobs: ``"lr_scale"`` (c ∈
                 (0, 1] on every param group's learning rate, this step only; LoRA+ ratios
-                kept) or ``"beta"`` (the entropy-bonus coefficient β ∈ [0, beta_max] in the
-                ascent gradient g_pg + β·g_H, g_H the gradient of TRL's bonus, the mean token
-                entropy over U: ``funcprobe.control.entropy_bonus_gradient``).
+                kept) or ``"beta"`` (the entropy-bonus coefficient β ∈ [beta_min, beta_max],
+                default [0, 1]; beta_min < 0 admits an entropy penalty, in the ascent gradient
+                g_pg + β·g_H, g_H the gradient of TRL's bonus, the mean token entropy over U:
+                ``funcprobe.control.entropy_bonus_gradient``).
             step_index: the optimizer step t (an int ≥ 0), for a schedule only.
             prior: an ``EntropyEstimate`` of Ĥ(t) (a schedule with ``estimate="filtered"``
                 only: the previous decision's ``estimate_after()``), fused with the
@@ -577,7 +578,7 @@ def _request(control: object, step_index: object, prior: object) -> ControlReque
         raise SettingsError(f"prior: given with estimate={control.estimate!r}, which aims from the measurement "
                             "alone; drop it or use estimate='filtered'")
     return ControlRequest(target=control.target, knob=control.knob, beta_max=control.beta_max,
-                          step_index=step_index, prior=prior)
+                          beta_min=control.beta_min, step_index=step_index, prior=prior)
 
 
 def choose_knob(model: nn.Module, E: RolloutBatch, U: RolloutBatch, control: EntropyControl | EntropyTarget, *,
@@ -593,7 +594,7 @@ def choose_knob(model: nn.Module, E: RolloutBatch, U: RolloutBatch, control: Ent
 
     Returns and raises: as ``EntropyProbe.choose`` and ``EntropyProbe``.
     """
-    for moved in ("knob", "beta_max", "estimate"):
+    for moved in ("knob", "beta_max", "beta_min", "estimate"):
         if moved in options:
             raise SettingsError(f"{moved}: give it in the control, EntropyControl(target, {moved}=...)")
     step_index = options.pop("step_index", None)

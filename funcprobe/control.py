@@ -175,7 +175,8 @@ def choose(run: ProbeRun, E: RolloutBatch | None, U: RolloutBatch, optimizer: to
         step = {n: t * c for n, t in model.step(model.layout.tree(model.g_pg)).items()}
         gradient = {}
     else:
-        sol = solve_bracketed(model.predict, aim, target.band, target.risk, request.beta_max)
+        sol = solve_bracketed(model.predict, aim, target.band, target.risk, request.beta_max,
+                              request.beta_min)
         delta_h, se = model.predict(sol.value)
         kl = _kl(run, E, U, model, sol.value) if want_kl else None
         g = model.g_pg if sol.value == 0.0 else model.g_pg + sol.value * model.g_h

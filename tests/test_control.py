@@ -299,6 +299,10 @@ def test_bad_input_is_refused_by_name_before_any_work():
         (lambda: EntropySchedule(1.0, end=0.5, steps=0), "schedule.steps: expected an int >= 1"),
         (lambda: ControlRequest(EntropyTarget(delta_h=0.1), knob="temperature"), "knob: expected one of"),
         (lambda: ControlRequest(EntropyTarget(delta_h=0.1), knob="beta", beta_max=-1), "beta_max"),
+        (lambda: ControlRequest(EntropyTarget(delta_h=0.1), knob="beta", beta_min=0.5), "beta_min: expected"),
+        (lambda: ControlRequest(EntropyTarget(delta_h=0.1), beta_min=-1.0), "beta_min: the range of knob='beta'"),
+        (lambda: choose_knob(model, U, U, EntropyTarget(delta_h=0.1), optimizer=opt, beta_min=-1.0),
+         "beta_min: give it in the control"),
         (lambda: ControlRequest(EntropyTarget(kl_budget=0.1), knob="beta"), "target.kl_budget: a KL budget"),
         (lambda: ControlRequest(EntropyTarget(schedule=EntropySchedule(1.0))), "step_index: a schedule needs"),
         (lambda: ControlRequest(EntropyTarget(delta_h=0.1), step_index=3), "step_index: only used"),
@@ -322,3 +326,51 @@ def test_bad_input_is_refused_by_name_before_any_work():
     for make, message in cases:
         with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
             make()
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_a_negative_beta_min_reaches_what_the_bonus_alone_cannot(same):
+    """β_min < 0 (an entropy penalty): a target outside the δH range of β ∈ [0, β_max], so
+    unreachable with the default range (reported), is met at some β < 0 through the exact
+    step map, and the real clipped AdamW step with −(g_pg + β·g_H) in ``.grad`` is the
+    predicted one (float64; the done-when bounds of the tests above). On the real model the
+    penalty lowers the entropy (docs/control.md); on this random one, with E = U, it raises
+    it: the target is put on whichever side the penalty extends."""
+    model, opt, names = _setup(torch.optim.AdamW, weight_decay=0.05)
+    U = random_rollouts(B=4, G=3, seed=8)
+    E = U if same else random_rollouts(B=4, G=3, seed=5)
+    probe = EntropyProbe(model, opt, max_grad_norm=MAX_NORM)
+    signed = dict(knob="beta", beta_max=50.0, beta_min=-50.0)
+    lo_b, hi_b = probe.choose(E, U, EntropyControl(EntropyTarget(delta_h=-1.0), knob="beta", beta_max=50.0)).span
+    far = [probe.choose(E, U, EntropyControl(EntropyTarget(delta_h=d), **signed)) for d in (-1.0, 1.0)]
+    assert all(not f.reachable and "beta in [-50, 50]" in f.reason for f in far)
+    low, high = min(far[0].span + far[1].span), max(far[0].span + far[1].span)
+    margin = 1e-2 * (hi_b - lo_b)  # the penalty moves δH past the bonus's range (seen 1.6x and 1.3x that range)
+    assert lo_b - low > margin or high - hi_b > margin
+    aim = 0.5 * (low + lo_b) if lo_b - low > margin else 0.5 * (high + hi_b)
+    bonus_only = probe.choose(E, U, EntropyControl(EntropyTarget(delta_h=aim), knob="beta", beta_max=50.0))
+    assert not bonus_only.reachable and "beta in [0, 50]" in bonus_only.reason
+    decision = probe.choose(E, U, EntropyControl(EntropyTarget(delta_h=aim), **signed))
+    assert decision.reachable and -50.0 <= decision.value < 0
+    assert abs(decision.delta_h - aim) < 1e-8 * abs(aim)  # the done-when bound (bisection to a float)
+    g_pg = reference_policy_gradient(model, U, names)
+    g_h = reference_bonus_gradient(model, U, names)
+    taken = _taken_step(model, opt, names, {n: g_pg[n] + decision.value * g_h[n] for n in names})
+    for n in names:
+        assert rel_err(decision.step[n], taken[n]) < 1e-6, n  # the done-when bound
+
+
+def test_the_signed_search_prefers_the_side_toward_the_target():
+    """``solve_bracketed`` on a scalar δH(x) = x (no model): a target above 0 is met at
+    x > 0 and one below at x < 0 with x_min < 0, each to a float; a target below with
+    x_min = 0 is reported unreachable with x = 0 closest."""
+    from funcprobe.core.control import solve_bracketed
+
+    def line(x):
+        return x, 0.0
+
+    for aim in (0.3, -0.3):
+        sol = solve_bracketed(line, aim, None, False, 1.0, -1.0)
+        assert sol.reachable and sol.value == pytest.approx(aim, rel=1e-15)
+    sol = solve_bracketed(line, -0.3, None, False, 1.0)
+    assert not sol.reachable and sol.value == 0.0 and "beta in [0, 1]" in sol.reason

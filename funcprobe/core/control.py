@@ -7,10 +7,11 @@ that costs step-map evaluations and dot products only (docs/control.md).
 
 Knobs (``KNOBS``):
 
-* ``"beta"``: the entropy-bonus coefficient β ≥ 0, ascent gradient g_pg + β·g_H. Adam's step
-  is non-linear in the gradient, so δH(β) is solved for numerically on [0, β_max]: a grid
-  for the first crossing of the target, then bisection to the resolution of float64
-  (``solve_bracketed``);
+* ``"beta"``: the entropy-bonus coefficient β, ascent gradient g_pg + β·g_H, in [β_min, β_max]
+  (β_min = 0 by default: a bonus only; β_min < 0 admits an entropy penalty, which can lower
+  the entropy faster than the policy gradient alone). Adam's step is non-linear in the
+  gradient, so δH(β) is solved for numerically: a grid walking out from 0 for the first
+  crossing of the target, then bisection to the resolution of float64 (``solve_bracketed``);
 * ``"lr_scale"``: a scale c ∈ (0, 1] of every param group's learning rate for this step
   only. Adam's and AdamW's step Δθ is linear in the learning rate (clipping acts on the
   gradient, decoupled weight decay is lr·wd·θ), so δH(c) = c·δH(1), SE(c) = c·SE(1) and the
@@ -204,9 +205,11 @@ class ControlRequest:
 
     Attributes:
         target: the ``EntropyTarget``.
-        knob: ``"beta"`` (entropy-bonus coefficient, range [0, beta_max]) or ``"lr_scale"``
-            (the step's learning-rate scale c, range (0, 1]).
+        knob: ``"beta"`` (entropy-bonus coefficient, range [beta_min, beta_max]) or
+            ``"lr_scale"`` (the step's learning-rate scale c, range (0, 1]).
         beta_max: the largest β tried (> 0).
+        beta_min: the smallest β tried (≤ 0; default 0: a bonus only; < 0 admits an entropy
+            penalty −β·g_H, for targets below the policy gradient's own δH).
         step_index: the optimizer step t ≥ 0, needed by a schedule (None otherwise).
         gradient: a trainer's ascent gradient of U before clipping, name → tensor, used
             instead of funcprobe's own policy gradient (checked against the model by the
@@ -215,12 +218,14 @@ class ControlRequest:
             (``ControlDecision.estimate_after``), fused with the measurement on E; a schedule
             only. None: Ĥ(t) is the measurement alone.
 
-    Raises ``SettingsError`` naming ``knob``, ``beta_max``, ``step_index``, ``prior`` or ``target``.
+    Raises ``SettingsError`` naming ``knob``, ``beta_max``, ``beta_min``, ``step_index``, ``prior``
+    or ``target``.
     """
 
     target: EntropyTarget
     knob: str = "lr_scale"
     beta_max: float = 1.0
+    beta_min: float = 0.0
     step_index: int | None = None
     gradient: dict | None = field(default=None, compare=False, repr=False)
     prior: EntropyEstimate | None = None
@@ -234,6 +239,13 @@ class ControlRequest:
         if beta_max <= 0:
             raise SettingsError(f"beta_max: expected a finite number > 0, got {self.beta_max!r}")
         object.__setattr__(self, "beta_max", beta_max)
+        beta_min = _real(self.beta_min, "beta_min")
+        if beta_min > 0:
+            raise SettingsError(f"beta_min: expected a finite number <= 0 (0: a bonus only, < 0: an entropy "
+                                f"penalty allowed), got {self.beta_min!r}")
+        if beta_min != 0 and self.knob != "beta":
+            raise SettingsError(f"beta_min: the range of knob='beta'; got knob={self.knob!r}")
+        object.__setattr__(self, "beta_min", beta_min)
         if self.knob == "beta" and self.target.kl_budget is not None:
             raise SettingsError("target.kl_budget: a KL budget is met by the step size; use knob='lr_scale'")
         if self.target.schedule is not None:
@@ -258,18 +270,20 @@ class EntropyControl:
         target: the ``EntropyTarget`` (a schedule's t is the trainer's optimizer step).
         knob: ``"lr_scale"`` or ``"beta"`` (``ControlRequest``).
         beta_max: the largest β tried (> 0).
+        beta_min: the smallest β tried (≤ 0; < 0 admits an entropy penalty).
         estimate: how a schedule's Ĥ(t) is estimated: ``"filtered"`` (default: the
             previous step's estimate carried forward by its prediction and fused with the
             measurement on the step's batch, ``EntropyEstimate``) or ``"measured"`` (the
             measurement alone, every step afresh).
 
-    Raises ``SettingsError`` naming ``target``, ``knob``, ``beta_max`` (as ``ControlRequest``)
-    or ``estimate``.
+    Raises ``SettingsError`` naming ``target``, ``knob``, ``beta_max``, ``beta_min`` (as
+    ``ControlRequest``) or ``estimate``.
     """
 
     target: EntropyTarget
     knob: str = "lr_scale"
     beta_max: float = 1.0
+    beta_min: float = 0.0
     estimate: str = "filtered"
 
     def __post_init__(self) -> None:
@@ -277,6 +291,7 @@ class EntropyControl:
             raise SettingsError(f"estimate: expected one of {list(ESTIMATES)}, got {self.estimate!r}")
         checked = self.request(0)
         object.__setattr__(self, "beta_max", checked.beta_max)
+        object.__setattr__(self, "beta_min", checked.beta_min)
 
     def request(self, step_index: int, gradient: dict | None = None,
                 prior: EntropyEstimate | None = None) -> ControlRequest:
@@ -284,7 +299,7 @@ class EntropyControl:
         for the trainer's ``gradient`` and, with ``estimate="filtered"`` and a schedule, the
         ``prior`` carried from the previous decision (ignored otherwise; see ``ControlRequest``)."""
         scheduled = isinstance(self.target, EntropyTarget) and self.target.schedule is not None
-        return ControlRequest(target=self.target, knob=self.knob, beta_max=self.beta_max,
+        return ControlRequest(target=self.target, knob=self.knob, beta_max=self.beta_max, beta_min=self.beta_min,
                               step_index=step_index if scheduled else None, gradient=gradient,
                               prior=prior if scheduled and self.estimate == "filtered" else None)
 
@@ -313,16 +328,22 @@ def _fmt(x: float) -> str:
 
 # ---------------------------------------------------------------------------- β: bracketing
 def solve_bracketed(predict: Predict, aim: float | None, band: tuple[float, float] | None, risk: bool,
-                    x_max: float) -> Solution:
-    """The smallest x ∈ [0, x_max] meeting a point target ``aim`` or a ``band``.
+                    x_max: float, x_min: float = 0.0) -> Solution:
+    """The x ∈ [x_min, x_max] (x_min ≤ 0 < x_max) of smallest magnitude meeting a point
+    target ``aim`` or a ``band``, searched first on the side toward the target.
 
-    A grid (0, then ``GRID_POINTS`` geometric points from ``GRID_FIRST``·x_max to x_max)
-    finds the first sign change of h(x) = δH(x) − δH* (for a band: of the bound on the side
-    the uncontrolled step misses, against that edge); bisection then narrows it to adjacent
-    floats (continuous h: the clipping, Adam's step and the dot products are). No sign change:
-    the grid point closest to the target, ``reachable=False``.
+    From 0, a grid walks out along each side of the range (``GRID_POINTS`` geometric points
+    from ``GRID_FIRST``·|end| to the end; the negative side only where x_min < 0): first the
+    side that moves toward the target if δH rises with x (positive when δH(0) is below the
+    target: an entropy bonus raises the entropy), the other only if that side never reaches
+    it. The first sign change of h(x) = δH(x) − δH* (for a band: of the bound on the side the
+    uncontrolled step misses, against that edge) is narrowed by bisection to adjacent floats
+    (continuous h: the clipping, Adam's step and the dot products are). No sign change on
+    either side: the grid point closest to the target, ``reachable=False``.
     """
-    grid = [0.0] + [x_max * GRID_FIRST ** (1 - k / (GRID_POINTS - 1)) for k in range(GRID_POINTS)]
+    def ray(end: float) -> list[float]:
+        return [end * GRID_FIRST ** (1 - k / (GRID_POINTS - 1)) for k in range(GRID_POINTS)] if end else []
+
     cache: dict[float, tuple[float, float]] = {}
 
     def at(x: float) -> tuple[float, float]:
@@ -343,21 +364,32 @@ def solve_bracketed(predict: Predict, aim: float | None, band: tuple[float, floa
         def h(x: float) -> float:
             return at(x)[0] - aim
 
-    values = [h(x) for x in grid]
-    span = (min(at(x)[0] for x in grid), max(at(x)[0] for x in grid))
-    crossing = next((k for k in range(len(grid)) if values[k] == 0.0 or
-                     (k > 0 and (values[k - 1] < 0) != (values[k] < 0))), None)
-    if crossing is None:
-        best = min(range(len(grid)), key=lambda k: abs(values[k]))
+    h0 = h(0.0)
+    sides = [ray(x_max), ray(x_min)] if h0 < 0 else [ray(x_min), ray(x_max)]
+    found = None
+    for rest in sides:
+        path = [0.0] + rest
+        values = [h(x) for x in path]
+        k = next((k for k in range(len(path)) if values[k] == 0.0 or
+                  (k > 0 and (values[k - 1] < 0) != (values[k] < 0))), None)
+        if k is not None:
+            found = (path, values, k)
+            break
+    seen = sorted(cache)
+    span = (min(at(x)[0] for x in seen), max(at(x)[0] for x in seen))
+    if found is None:
+        best = min(seen, key=lambda x: abs(h(x)))
         what = "the 95% bound" if risk else "δH"
-        return Solution(grid[best], aim, False,
-                        f"{what} over beta in [0, {_fmt(x_max)}] spans [{_fmt(min(values) + aim)}, "
-                        f"{_fmt(max(values) + aim)}] on a grid of {len(grid)} points and never reaches "
-                        f"{_fmt(aim)}; beta = {_fmt(grid[best])} comes closest", span, len(cache))
-    if values[crossing] == 0.0:
-        x = grid[crossing]
+        hs = [h(x) for x in seen]
+        return Solution(best, aim, False,
+                        f"{what} over beta in [{_fmt(x_min)}, {_fmt(x_max)}] spans [{_fmt(min(hs) + aim)}, "
+                        f"{_fmt(max(hs) + aim)}] on a grid of {len(seen)} points and never reaches "
+                        f"{_fmt(aim)}; beta = {_fmt(best)} comes closest", span, len(cache))
+    path, values, k = found
+    if values[k] == 0.0:
+        x = path[k]
     else:
-        a, b, ha = grid[crossing - 1], grid[crossing], values[crossing - 1]
+        (a, ha), (b, _) = sorted([(path[k - 1], values[k - 1]), (path[k], values[k])])
         for _ in range(200):
             mid = 0.5 * (a + b)
             if mid <= a or mid >= b:
