@@ -95,12 +95,13 @@ class Task:
         return trl_dataset(self.problems)
 
 
-def held_out_entropy(task: Task, args, t: int) -> dict:
+def held_out_entropy(task: Task, args, t: int, problems=None) -> dict:
     """H_w (per_token_avg: mean −S/|y|) and the mean reward on the held-out problems, G fresh
     responses each, with SEs over the problems; the sampling seeded by ``--seed`` alone under a
     forked generator (common random numbers: the same uniforms at every step and in every
     arm, so differences between steps and arms are the policy's, not the draw's), the model
-    put in eval mode and back. ``t`` is unused but kept for the caller's record."""
+    put in eval mode and back. ``problems``: others than the held-out ones (``train_anchor``).
+    ``t`` is unused but kept for the caller's record."""
     from funcprobe.core.logprobs import sequence_logprobs
     from funcprobe.edge.rng import seeded
     from funcprobe.validation.arithmetic import sample_rollouts
@@ -110,7 +111,8 @@ def held_out_entropy(task: Task, args, t: int) -> dict:
     model.eval()
     try:
         with seeded(1_000_003 * (args.seed + 1)), torch.no_grad():  # the same seed at every t, in every arm
-            r = sample_rollouts(model, task.tokenizer, task.held, group_size=args.group_size,
+            r = sample_rollouts(model, task.tokenizer, task.held if problems is None else problems,
+                                group_size=args.group_size,
                                 max_new_tokens=args.max_len)
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
             S = sequence_logprobs(model, trainable, r.batch).double()
@@ -248,6 +250,22 @@ def initial(args, out: Path) -> tuple[float, float]:
     return h0["H"], entropy0
 
 
+def train_anchor(args, out: Path) -> float:
+    """H0 of the training prompts (``--anchor train``): H_w before the first step on all
+    ``--prompts`` × ``--steps`` prompts of the run, G responses each (the population the
+    controllers measure, where the held-out set's 16 problems are a small sample of it), from
+    the file's ``anchor`` line or measured and appended."""
+    have = [r for r in _rows(out) if r.get("kind") == "anchor"]
+    if have:
+        return have[0]["H0_train"]
+    task = Task(args)
+    m = held_out_entropy(task, args, 0, problems=task.problems)
+    with out.open("a") as fh:
+        fh.write(json.dumps({"kind": "anchor", "H0_train": m["H"], "H0_train_se": m["H_se"],
+                             "problems": len(task.problems)}) + "\n")
+    return m["H"]
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
@@ -269,6 +287,7 @@ def summary(args, out: Path) -> None:
     if not init:
         return
     h0, n_steps = init[0]["H0"], init[0]["settings"]["steps"]
+    anchor = [r for r in rows if r.get("kind") == "anchor"]
     by_run: dict[tuple, list[dict]] = {}
     for r in steps:
         by_run.setdefault((r["arm"], r["target"]), []).append(r)
@@ -278,7 +297,10 @@ def summary(args, out: Path) -> None:
              f"({platform.machine()}, torch {torch.__version__}). H = H_w per response token on {init[0]['settings']['held_out']} "
              f"held-out problems × G; H0 = {h0:.4f} ± {init[0]['H0_se']:.4f}, TRL's first logged entropy "
              f"{init[0]['trl_entropy0']:.4f}. Targets: hold H0, anneal H0 → H0/2 over {n_steps} steps. Complete runs only "
-             "(a run cut short is marked).", "",
+             "(a run cut short is marked)." + (
+                 f" The controllers (PI and funcprobe) aim from H0 of the run's {anchor[0]['problems']} training "
+                 f"prompts, {anchor[0]['H0_train']:.4f} ± {anchor[0]['H0_train_se']:.4f} (`--anchor train`: their own "
+                 "frame); the score is against the held-out H0." if anchor else ""), "",
              "| arm | target | steps | mean abs(H − H*) | SE | worst abs(H − H*) | held-out reward (last 5) ± SE | knob range | "
              "s/step (vs none) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for arm, target in runs(args):
@@ -310,7 +332,8 @@ def summary(args, out: Path) -> None:
 def _command(init: dict) -> list[str]:
     s = init["settings"]
     return [f"--steps {s['steps']}", f"--prompts {s['prompts']}", f"--group-size {s['group_size']}",
-            f"--max-len {s['max_len']}", f"--lr {s['lr']}", f"--held-out {s['held_out']}", f"--seed {s['seed']}"]
+            f"--max-len {s['max_len']}", f"--lr {s['lr']}", f"--held-out {s['held_out']}", f"--seed {s['seed']}"] + (
+                [f"--anchor {s['anchor']}"] if s.get("anchor", "held_out") != "held_out" else [])
 
 
 def _plot(by_run, h0, n_steps, path: Path) -> None:
@@ -345,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kp", type=float, default=0.5, help="PI proportional gain (entropy_coef per nat)")
     ap.add_argument("--ki", type=float, default=0.1, help="PI integral gain (entropy_coef per nat-step)")
     ap.add_argument("--beta-min", type=float, default=-1.0, help="the lower end of β for the *_signed arms (<= 0)")
+    ap.add_argument("--anchor", choices=("held_out", "train"), default="held_out",
+                    help="the H0 the controllers' schedule starts from: the held-out set's (as scored) or the "
+                         "training prompts' (their own frame); the score is always against the held-out H0")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--threads", type=int, default=1)
@@ -377,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} exists: pass --resume to continue it, or move it away", file=sys.stderr)
         return 2
     h0, trl0 = initial(args, out)
+    if args.anchor == "train":  # the controllers aim from their own frame; the score stays on the held-out set
+        h0 = train_anchor(args, out)
     for arm, target in runs(args):
         rows = [r for r in _rows(out) if r.get("arm") == arm and r.get("target") == target]
         if len(rows) >= args.steps:
