@@ -89,3 +89,10 @@ def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
     assert abs(float(table[("probe_lr", "hold")][3]) - 0.05) < 1e-9
     assert table[("probe_lr", "hold")][7] == "0.5 to 0.5"
     assert (tmp_path / "control-study.png").stat().st_size > 1000
+    # --anchor train: the controllers' H0 from the training prompts is named; the score is unchanged
+    with out.open("a") as fh:
+        fh.write(json.dumps({"kind": "anchor", "H0_train": 1.25, "H0_train_se": 0.02, "problems": 4}) + "\n")
+    assert control_study.main(["--summary", "--out", str(out), "--arms", "none,probe_lr", "--targets", "hold"]) == 0
+    text = (tmp_path / "control-study.md").read_text()
+    assert "aim from H0 of the run's 4 training prompts, 1.2500 ± 0.0200" in text
+    assert "| probe_lr | hold | 2 | 0.0500 |" in text
