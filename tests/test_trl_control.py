@@ -80,17 +80,21 @@ def _params(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("knob", ["beta", "lr_scale"])
+@pytest.mark.parametrize("knob", ["beta", "beta_signed", "lr_scale"])
 def test_the_step_taken_is_the_step_predicted_at_the_chosen_knob(tmp_path, knob):
     """3 steps under TRL's defaults with clipping active (max_grad_norm 1e-3, far below the
     gradient norms logged, ~1e-1). ``beta`` aims at δH = +10 (out of reach: the closest β in
-    [0, 50] is applied and reported unreachable, never clamped silently); ``lr_scale`` at a
+    [0, 50] is applied and reported unreachable, never clamped silently); ``beta_signed`` at
+    δH = −10 with β in [−50, 50] (an entropy penalty: β < 0 applied, TRL's bonus with a
+    negative coefficient, also out of reach); ``lr_scale`` at a
     KL budget of a quarter of the first step's predicted KL (c = 0.5 at step 1, the same
     first batch and gradient). Predicted vs applied Δθ relative to max |Δθ|: within 4x the
     precision of the measurement, eps32·max|θ|/max|Δθ| (θ + Δθ rounded to float32; seen 6e-7
     to 1.9e-6, 0.3-0.5x that precision), and within the issue's 1e-5."""
     if knob == "beta":
         control = EntropyControl(EntropyTarget(delta_h=10.0), knob="beta", beta_max=50.0)
+    elif knob == "beta_signed":
+        control = EntropyControl(EntropyTarget(delta_h=-10.0), knob="beta", beta_max=50.0, beta_min=-50.0)
     else:
         probe_kl = _trainer(tmp_path / "kl", EntropyControl(EntropyTarget(kl_budget=1e9)), steps=1,
                             max_grad_norm=1e-3)
@@ -99,6 +103,7 @@ def test_the_step_taken_is_the_step_predicted_at_the_chosen_knob(tmp_path, knob)
         assert first["funcprobe/control/lr_scale"] == 1.0  # a budget that does not bind
         control = EntropyControl(EntropyTarget(kl_budget=first["funcprobe/control/kl"] / 4))
     trainer = _trainer(tmp_path / knob, control, max_grad_norm=1e-3)
+    signed, knob = knob == "beta_signed", knob.removesuffix("_signed")
     taken = _StepsTaken(trainer)
     trainer.train()
     logged = [h for h in trainer.state.log_history if f"funcprobe/control/{knob}" in h]
@@ -112,7 +117,8 @@ def test_the_step_taken_is_the_step_predicted_at_the_chosen_knob(tmp_path, knob)
         assert h["funcprobe/delta_h"] == h["funcprobe/control/delta_h"]  # the prediction of the step taken
         assert h["funcprobe/control/failed"] == 0.0 and h["funcprobe/control/steps"] == 1.0
     if knob == "beta":
-        assert all(h["funcprobe/control/reachable"] == 0.0 for h in logged) and max(values) > 0
+        assert all(h["funcprobe/control/reachable"] == 0.0 for h in logged)
+        assert (min(values) < 0 and min(values) >= -50.0) if signed else max(values) > 0
     else:
         assert values[0] == pytest.approx(0.5, rel=1e-6)  # KL ∝ c²: float64 arithmetic on the same KL
         assert all(0 < v <= 1 for v in values)
