@@ -39,7 +39,7 @@ from .statistics import Z_95
 #: the knobs ``choose`` can set
 KNOBS = ("beta", "lr_scale")
 
-#: points of the grid over [0, β_max] that brackets the first crossing (0, then geometric)
+#: points of the grid on each side of 0 (toward β_max, and toward β_min < 0) that brackets the first crossing
 GRID_POINTS = 48
 #: the smallest grid point above 0, as a fraction of β_max
 GRID_FIRST = 1e-6
