@@ -73,6 +73,11 @@ TARGETS = ("hold", "anneal")
 TARGET_FREE = ("none", "trl_default", "trl_target")
 
 
+def beta_low(arm: str, args) -> float:
+    """The lower end of β for ``arm``: ``--beta-min`` for the ``*_signed`` arms, else 0."""
+    return args.beta_min if arm.endswith("_signed") else 0.0
+
+
 def schedule_at(kind: str, h0: float, t: int, steps: int) -> float:
     """H*(t) for target ``kind`` (t = optimizer steps taken)."""
     return h0 if kind == "hold" else h0 * (1.0 - 0.5 * min(t, steps) / steps)
@@ -153,7 +158,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
         schedule = EntropySchedule(start=h0) if target == "hold" else EntropySchedule(start=h0, end=h0 / 2,
                                                                                        steps=args.steps)
         control = EntropyControl(EntropyTarget(schedule=schedule), knob="beta" if "beta" in arm else "lr_scale",
-                                 beta_max=1.0, beta_min=args.beta_min if arm.endswith("_signed") else 0.0,
+                                 beta_max=1.0, beta_min=beta_low(arm, args),
                                  estimate="measured" if arm.endswith("_measured") else "filtered")
         trainer = ProbedGRPOTrainer(**common, entropy_control=control, probe_raise=False)
     else:
@@ -175,8 +180,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
                 batch_h = self.batch_entropy()
                 e = schedule_at(target, h0, t, args.steps) - batch_h
                 pi["integral"] += e
-                low = args.beta_min if arm.endswith("_signed") else 0.0
-                pi["beta"] = min(max(args.kp * e + args.ki * pi["integral"], low), 1.0)
+                pi["beta"] = min(max(args.kp * e + args.ki * pi["integral"], beta_low(arm, args)), 1.0)
                 row.update(knob=pi["beta"], batch_H=batch_h)
             elif arm.startswith("trl_"):
                 row["knob"] = float(trainer.entropy_coef)

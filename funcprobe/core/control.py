@@ -378,9 +378,9 @@ def solve_bracketed(predict: Predict, aim: float | None, band: tuple[float, floa
     seen = sorted(cache)
     span = (min(at(x)[0] for x in seen), max(at(x)[0] for x in seen))
     if found is None:
-        best = min(seen, key=lambda x: abs(h(x)))
-        what = "the 95% bound" if risk else "δH"
         hs = [h(x) for x in seen]
+        best = seen[min(range(len(seen)), key=lambda k: abs(hs[k]))]
+        what = "the 95% bound" if risk else "δH"
         return Solution(best, aim, False,
                         f"{what} over beta in [{_fmt(x_min)}, {_fmt(x_max)}] spans [{_fmt(min(hs) + aim)}, "
                         f"{_fmt(max(hs) + aim)}] on a grid of {len(seen)} points and never reaches "
