@@ -27,7 +27,7 @@ Arms (``ARMS``):
   users to set it from what they observe; target-independent);
 * ``pi_beta``: a reactive PI controller of TRL's ``entropy_coef`` on the measured H_w of
   each step's own batch (β_t = clip(Kp·e_t + Ki·Σ e, 0, 1), e = H*(t) − Ĥ_t, gains
-  ``--kp``/``--ki``), the measured value known only after the batch is generated, so it
+  ``--kp``/``--ki``, clamping anti-windup unless ``--no-pi-antiwindup``), the measured value known only after the batch is generated, so it
   corrects the step after (as every reactive controller does);
 * ``probe_beta``: ``ProbedGRPOTrainer(entropy_control=EntropyControl(schedule, knob="beta",
   beta_max=1))``: β chosen before each step so that the predicted δH meets
@@ -76,6 +76,21 @@ TARGET_FREE = ("none", "trl_default", "trl_target")
 def beta_low(arm: str, args) -> float:
     """The lower end of β for ``arm``: ``--beta-min`` for the ``*_signed`` arms, else 0."""
     return args.beta_min if arm.endswith("_signed") else 0.0
+
+
+def pi_update(state: dict, e: float, args, lo: float, hi: float) -> float:
+    """One step of the reactive PI controller: β = clip(Kp·e + Ki·Σe, lo, hi), e = H* − Ĥ (nats).
+    With ``--pi-antiwindup`` (the default) the integral is conditional (clamping anti-windup,
+    Åström & Hägglund, *Advanced PID Control*, §3.5): Σe is not advanced by an error that would
+    push an output already at ``lo``/``hi`` further out, so the controller leaves the bound as
+    soon as the error changes sign instead of first unwinding what it summed while saturated."""
+    total = state["integral"] + e
+    u = args.kp * e + args.ki * total
+    if args.pi_antiwindup and ((u > hi and e > 0) or (u < lo and e < 0)):
+        u = args.kp * e + args.ki * state["integral"]
+    else:
+        state["integral"] = total
+    return min(max(u, lo), hi)
 
 
 def schedule_at(kind: str, h0: float, t: int, steps: int) -> float:
@@ -179,9 +194,8 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
             if arm.startswith("pi_beta"):  # the PI update from this step's own batch, applied to the next step
                 batch_h = self.batch_entropy()
                 e = schedule_at(target, h0, t, args.steps) - batch_h
-                pi["integral"] += e
-                pi["beta"] = min(max(args.kp * e + args.ki * pi["integral"], beta_low(arm, args)), 1.0)
-                row.update(knob=pi["beta"], batch_H=batch_h)
+                pi["beta"] = pi_update(pi, e, args, beta_low(arm, args), 1.0)
+                row.update(knob=pi["beta"], batch_H=batch_h, pi_antiwindup=args.pi_antiwindup)
             elif arm.startswith("trl_"):
                 row["knob"] = float(trainer.entropy_coef)
             elif arm.startswith("probe_"):
@@ -324,7 +338,8 @@ def summary(args, out: Path) -> None:
             krange = f"{min(knobs):.3g} to {max(knobs):.3g}" if knobs else "-"
             sec = statistics.median(r["seconds"] for r in rs)
             mark = "" if len(rs) >= n_steps else " (partial)"
-            lines.append(f"| {arm} | {tgt}{'' if target else ' (target-free run)'} | {len(rs)}{mark} | {mean:.4f} | "
+            name = arm + (" (no anti-windup)" if arm.startswith("pi_") and not rs[0].get("pi_antiwindup") else "")
+            lines.append(f"| {name} | {tgt}{'' if target else ' (target-free run)'} | {len(rs)}{mark} | {mean:.4f} | "
                          f"{se:.4f} | {max(dev):.4f} | {rew:.3f} ± {rew_se:.3f} | {krange} | {sec:.0f} ({sec / base_s:.2f}x) |")
     lines += ["", "SE of the mean deviation: sd over steps / sqrt(steps) (steps are autocorrelated: a lower bound). "
               "Reward SE: the mean of the last 5 steps' SEs over the held-out problems (the same problems each "
@@ -337,7 +352,8 @@ def _command(init: dict) -> list[str]:
     s = init["settings"]
     return [f"--steps {s['steps']}", f"--prompts {s['prompts']}", f"--group-size {s['group_size']}",
             f"--max-len {s['max_len']}", f"--lr {s['lr']}", f"--held-out {s['held_out']}", f"--seed {s['seed']}"] + (
-                [f"--anchor {s['anchor']}"] if s.get("anchor", "held_out") != "held_out" else [])
+                [f"--anchor {s['anchor']}"] if s.get("anchor", "held_out") != "held_out" else []) + (
+                [] if s.get("pi_antiwindup", False) else ["--no-pi-antiwindup"])
 
 
 def _plot(by_run, h0, n_steps, path: Path) -> None:
@@ -371,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", type=int, default=16)
     ap.add_argument("--kp", type=float, default=0.5, help="PI proportional gain (entropy_coef per nat)")
     ap.add_argument("--ki", type=float, default=0.1, help="PI integral gain (entropy_coef per nat-step)")
+    ap.add_argument("--pi-antiwindup", action=argparse.BooleanOptionalAction, default=True,
+                    help="the PI arms' integral stops while their output is clipped and the error pushes it further "
+                         "out (clamping anti-windup; control-study.jsonl's PI runs predate it: --no-pi-antiwindup)")
     ap.add_argument("--beta-min", type=float, default=-1.0, help="the lower end of β for the *_signed arms (<= 0)")
     ap.add_argument("--anchor", choices=("held_out", "train"), default="held_out",
                     help="the H0 the controllers' schedule starts from: the held-out set's (as scored) or the "

@@ -96,3 +96,27 @@ def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
     text = (tmp_path / "control-study.md").read_text()
     assert "aim from H0 of the run's 4 training prompts, 1.2500 ± 0.0200" in text
     assert "| probe_lr | hold | 2 | 0.0500 |" in text
+
+
+def test_control_study_pi_antiwindup_leaves_the_bound_when_the_error_turns():
+    """The reactive PI baseline (Kp 0.5, Ki 0.1, β in [0, 1]): six errors of −0.5 hold β at 0;
+    with clamping anti-windup the first error of +0.2 gives β = 0.5·0.2 + 0.1·0.2 = 0.12 (the
+    integral frozen at 0 while saturated), without it the wound-up integral (−3.0 + 0.2) keeps
+    β at 0 until it has unwound; inside the bounds both are the plain PI (float64 sums: 1e-12)."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import control_study
+    finally:
+        sys.path.remove(str(BENCH))
+    betas = {}
+    for aw in (True, False):
+        args, state = SimpleNamespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
+        betas[aw] = [control_study.pi_update(state, e, args, 0.0, 1.0) for e in [-0.5] * 6 + [0.2]]
+    assert betas[True][:6] == betas[False][:6] == [0.0] * 6
+    assert abs(betas[True][6] - 0.12) < 1e-12 and betas[False][6] == 0.0
+    for aw in (True, False):  # unsaturated: Kp·e + Ki·Σe exactly
+        args, state = SimpleNamespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
+        got = [control_study.pi_update(state, e, args, -1.0, 1.0) for e in (0.3, -0.1, 0.2)]
+        assert max(abs(g - w) for g, w in zip(got, (0.18, -0.03, 0.14))) < 1e-12
