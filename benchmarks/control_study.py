@@ -71,6 +71,9 @@ ARMS = ("none", "trl_default", "trl_target", "pi_beta", "probe_beta", "probe_lr"
 TARGETS = ("hold", "anneal")
 #: arms whose training does not depend on the target (run once, scored against every target)
 TARGET_FREE = ("none", "trl_default", "trl_target")
+#: the reactive controllers the goal compares with (the best of them, per target)
+REACTIVE = ("trl_default", "trl_target", "pi_beta", "pi_beta_signed")
+BLOCK, DRAWS = 5, 2000  # the moving-block bootstrap of the verdict's ratio: block length (steps), resamples
 
 
 def beta_low(arm: str, args) -> float:
@@ -321,6 +324,7 @@ def summary(args, out: Path) -> None:
                  "frame); the score is against the held-out H0." if anchor else ""), "",
              "| arm | target | steps | mean abs(H − H*) | SE | worst abs(H − H*) | held-out reward (last 5) ± SE | knob range | "
              "s/step (vs none) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    scored: dict[tuple[str, str], dict] = {}
     for arm, target in runs(args):
         for tgt in (TARGETS if target is None else (target,)):
             rs = sorted(by_run.get((arm, target), []), key=lambda r: r["step"])
@@ -328,12 +332,16 @@ def summary(args, out: Path) -> None:
                 continue
             dev = [abs(r["H"] - schedule_at(tgt, h0, r["step"], n_steps)) for r in rs]
             mean = sum(dev) / len(dev)
+            if len(rs) >= n_steps:
+                scored[(arm, tgt)] = {"dev": {r["step"]: d for r, d in zip(rs, dev)}, "mean": mean}
             se = statistics.stdev(dev) / math.sqrt(len(dev)) if len(dev) > 1 else float("nan")
             last = rs[-5:]
             rew = sum(r["reward"] for r in last) / len(last)
             # the same held-out problems every step: the steps' rewards are correlated, so the mean of
             # their SEs (perfect correlation) bounds the SE of the 5-step mean from above
             rew_se = sum(r["reward_se"] for r in last) / len(last)
+            if (arm, tgt) in scored:
+                scored[(arm, tgt)].update(reward=rew, reward_se=rew_se)
             knobs = [r["knob"] for r in rs if "knob" in r]
             krange = f"{min(knobs):.3g} to {max(knobs):.3g}" if knobs else "-"
             sec = statistics.median(r["seconds"] for r in rs)
@@ -344,8 +352,60 @@ def summary(args, out: Path) -> None:
     lines += ["", "SE of the mean deviation: sd over steps / sqrt(steps) (steps are autocorrelated: a lower bound). "
               "Reward SE: the mean of the last 5 steps' SEs over the held-out problems (the same problems each "
               "step: an upper bound for the 5-step mean)."]
+    lines += verdict(scored)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(by_run, h0, n_steps, out.with_suffix(".png"))
+
+
+def block_bootstrap_ratio(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a)/mean(b) for step-paired series (a[i], b[i] from the same step):
+    a moving-block bootstrap (Künsch 1989) with blocks of ``BLOCK`` steps, ``DRAWS`` resamples,
+    its own ``random.Random(seed)`` (the global RNG is not touched). Steps are resampled in
+    pairs, so what the two runs share (the held-out problems, the schedule) stays paired; the
+    variation of a run with another seed is not in it."""
+    import random
+
+    n, rng = len(a), random.Random(seed)
+    block = min(BLOCK, n)
+    starts = range(n - block + 1)
+    ratios = []
+    for _ in range(DRAWS):
+        idx = []
+        while len(idx) < n:
+            s0 = rng.choice(starts)
+            idx.extend(range(s0, s0 + block))
+        idx = idx[:n]
+        ratios.append(sum(a[i] for i in idx) / sum(b[i] for i in idx))
+    ratios.sort()
+    return ratios[int(0.025 * DRAWS)], ratios[int(0.975 * DRAWS) - 1]
+
+
+def verdict(scored: dict[tuple[str, str], dict]) -> list[str]:
+    """The issue's goal per target, from complete runs: each funcprobe arm's mean tracking
+    error against the best reactive arm's (``REACTIVE``), the ratio with its block-bootstrap
+    interval, and its held-out reward against the reactive arm's, less that arm's SE."""
+    lines = ["", "## Against the best reactive arm", "",
+             "Goal: mean abs(H − H*) at most 0.5x the best reactive arm's, held-out reward not below that arm's "
+             "reward minus its SE. Interval: 95%, a moving-block bootstrap over the steps paired between the two "
+             f"runs (blocks of {BLOCK} steps, {DRAWS} resamples); one seed per run, so run-to-run variation is not in it.",
+             "", "| target | funcprobe arm | best reactive arm | ratio | 95% interval | reward vs reactive | goal |",
+             "|---|---|---|---:|---|---|---|"]
+    for tgt in TARGETS:
+        reactive = [(v["mean"], arm) for (arm, t), v in scored.items() if t == tgt and arm in REACTIVE]
+        if not reactive:
+            continue
+        best = scored[(min(reactive)[1], tgt)]
+        for (arm, t), v in scored.items():
+            if t != tgt or not arm.startswith("probe_"):
+                continue
+            steps = sorted(set(v["dev"]) & set(best["dev"]))
+            lo, hi = block_bootstrap_ratio([v["dev"][i] for i in steps], [best["dev"][i] for i in steps])
+            ratio = v["mean"] / best["mean"]
+            reward_ok = v["reward"] >= best["reward"] - best["reward_se"]
+            met = "met" if ratio <= 0.5 and reward_ok else "not met"
+            lines.append(f"| {tgt} | {arm} | {min(reactive)[1]} | {ratio:.2f}x | {lo:.2f}–{hi:.2f}x | "
+                         f"{v['reward']:.3f} vs {best['reward']:.3f} ± {best['reward_se']:.3f} | {met} |")
+    return lines
 
 
 def _command(init: dict) -> list[str]:

@@ -96,6 +96,18 @@ def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
     text = (tmp_path / "control-study.md").read_text()
     assert "aim from H0 of the run's 4 training prompts, 1.2500 ± 0.0200" in text
     assert "| probe_lr | hold | 2 | 0.0500 |" in text
+    # the verdict against the best reactive arm: pi_beta on hold, deviations 0.2 and 0.4 against
+    # probe_lr's 0 and 0.1: ratio 0.1/0.6; two steps make one block, so every resample is the run
+    with out.open("a") as fh:
+        for t, h in ((1, 1.2), (2, 0.6)):
+            fh.write(json.dumps({"arm": "pi_beta", "target": "hold", "step": t, "seconds": 2.0, "H": h, "H_se": 0.01,
+                                 "reward": 0.5, "reward_se": 0.1, "knob": 0.1, "pi_antiwindup": True}) + "\n")
+    assert control_study.main(["--summary", "--out", str(out), "--arms", "none,pi_beta,probe_lr",
+                               "--targets", "hold"]) == 0
+    text = (tmp_path / "control-study.md").read_text()
+    assert "| hold | probe_lr | pi_beta | 0.17x | 0.17–0.17x | 0.500 vs 0.500 ± 0.100 | met |" in text
+    lo, hi = control_study.block_bootstrap_ratio([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2.0] * 6)
+    assert 1.0 <= lo < 1.75 < hi <= 2.5  # the ratio 21/12 = 1.75 inside, within the extreme block means
 
 
 def test_control_study_pi_antiwindup_leaves_the_bound_when_the_error_turns():
