@@ -27,8 +27,10 @@ Arms (``ARMS``):
   users to set it from what they observe; target-independent);
 * ``pi_beta``: a reactive PI controller of TRL's ``entropy_coef`` on the measured H_w of
   each step's own batch (β_t = clip(Kp·e_t + Ki·Σ e, 0, 1), e = H*(t) − Ĥ_t, gains
-  ``--kp``/``--ki``, clamping anti-windup unless ``--no-pi-antiwindup``), the measured value known only after the batch is generated, so it
-  corrects the step after (as every reactive controller does);
+  ``--kp``/``--ki``, clamping anti-windup unless ``--no-pi-antiwindup``; runs with other gains
+  than the default are named ``pi_beta@kp…,ki…`` and the best of them is the one compared), the
+  measured value known only after the batch is generated, so it corrects the step after (as
+  every reactive controller does);
 * ``probe_beta``: ``ProbedGRPOTrainer(entropy_control=EntropyControl(schedule, knob="beta",
   beta_max=1))``: β chosen before each step so that the predicted δH meets
   H*(t+1) − Ĥ(t) (Ĥ measured on the step's batch), leave-one-out;
@@ -73,7 +75,16 @@ TARGETS = ("hold", "anneal")
 TARGET_FREE = ("none", "trl_default", "trl_target")
 #: the reactive controllers the goal compares with (the best of them, per target)
 REACTIVE = ("trl_default", "trl_target", "pi_beta", "pi_beta_signed")
+KP, KI = 0.5, 0.1  # the PI's default gains (entropy_coef per nat, per nat-step)
 BLOCK, DRAWS = 5, 2000  # the moving-block bootstrap of the verdict's ratio: block length (steps), resamples
+
+
+def run_label(arm: str, args) -> str:
+    """The name a run's rows carry: the arm, and for a PI arm with other gains than the default
+    ``KP``/``KI`` those gains (``pi_beta@kp0.1,ki0.02``), so runs of several gains share a file."""
+    if arm.startswith("pi_") and (args.kp, args.ki) != (KP, KI):
+        return f"{arm}@kp{args.kp:g},ki{args.ki:g}"
+    return arm
 
 
 def beta_low(arm: str, args) -> float:
@@ -193,7 +204,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
             seconds = time.perf_counter() - self.t0
             t = state.global_step
             m = held_out_entropy(task, args, t)
-            row = {"arm": arm, "target": target, "step": t, "seconds": seconds, **m}
+            row = {"arm": run_label(arm, args), "target": target, "step": t, "seconds": seconds, **m}
             if arm.startswith("pi_beta"):  # the PI update from this step's own batch, applied to the next step
                 batch_h = self.batch_entropy()
                 e = schedule_at(target, h0, t, args.steps) - batch_h
@@ -211,7 +222,7 @@ def run(arm: str, target: str | None, args, h0: float, trl_entropy0: float | Non
                                estimate=h.get("control/entropy"), batch_H=h.get("control/measured_entropy"))
             with out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(f"{arm}/{target} step {t}: H {m['H']:.4f} ± {m['H_se']:.4f}, reward {m['reward']:.3f}, "
+            print(f"{run_label(arm, args)}/{target} step {t}: H {m['H']:.4f} ± {m['H_se']:.4f}, reward {m['reward']:.3f}, "
                   f"knob {row.get('knob', float('nan')):.4g}, {seconds:.0f} s", flush=True)
 
         def batch_entropy(self) -> float:
@@ -325,8 +336,9 @@ def summary(args, out: Path) -> None:
              "| arm | target | steps | mean abs(H − H*) | SE | worst abs(H − H*) | held-out reward (last 5) ± SE | knob range | "
              "s/step (vs none) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     scored: dict[tuple[str, str], dict] = {}
-    for arm, target in runs(args):
-        for tgt in (TARGETS if target is None else (target,)):
+    for base, target in runs(args):
+        for arm, tgt in [(a, g) for a in sorted({k[0] for k in by_run if k[0].split("@")[0] == base} or {base})
+                         for g in (TARGETS if target is None else (target,))]:
             rs = sorted(by_run.get((arm, target), []), key=lambda r: r["step"])
             if not rs:
                 continue
@@ -391,7 +403,7 @@ def verdict(scored: dict[tuple[str, str], dict]) -> list[str]:
              "", "| target | funcprobe arm | best reactive arm | ratio | 95% interval | reward vs reactive | goal |",
              "|---|---|---|---:|---|---|---|"]
     for tgt in TARGETS:
-        reactive = [(v["mean"], arm) for (arm, t), v in scored.items() if t == tgt and arm in REACTIVE]
+        reactive = [(v["mean"], arm) for (arm, t), v in scored.items() if t == tgt and arm.split("@")[0] in REACTIVE]
         if not reactive:
             continue
         best = scored[(min(reactive)[1], tgt)]
@@ -445,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--held-out", type=int, default=16)
-    ap.add_argument("--kp", type=float, default=0.5, help="PI proportional gain (entropy_coef per nat)")
-    ap.add_argument("--ki", type=float, default=0.1, help="PI integral gain (entropy_coef per nat-step)")
+    ap.add_argument("--kp", type=float, default=KP, help="PI proportional gain (entropy_coef per nat)")
+    ap.add_argument("--ki", type=float, default=KI, help="PI integral gain (entropy_coef per nat-step)")
     ap.add_argument("--pi-antiwindup", action=argparse.BooleanOptionalAction, default=True,
                     help="the PI arms' integral stops while their output is clipped and the error pushes it further "
                          "out (clamping anti-windup; control-study.jsonl's PI runs predate it: --no-pi-antiwindup)")
@@ -489,12 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.anchor == "train":  # the controllers aim from their own frame; the score stays on the held-out set
         h0 = train_anchor(args, out)
     for arm, target in runs(args):
-        rows = [r for r in _rows(out) if r.get("arm") == arm and r.get("target") == target]
+        label = run_label(arm, args)
+        rows = [r for r in _rows(out) if r.get("arm") == label and r.get("target") == target]
         if len(rows) >= args.steps:
             continue
         if rows:  # an incomplete run restarts: drop its rows
             keep = [x for x in out.read_text().splitlines()
-                    if not (x.strip() and json.loads(x).get("arm") == arm and json.loads(x).get("target") == target)]
+                    if not (x.strip() and json.loads(x).get("arm") == label and json.loads(x).get("target") == target)]
             out.write_text("\n".join(keep) + "\n")
         run(arm, target, args, h0, trl0, out)
         summary(args, out)

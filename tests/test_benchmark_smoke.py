@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness: tiny preset, one repeat, every method, finite numbers."""
 
+import argparse
 import json
 import math
 import sys
@@ -106,6 +107,20 @@ def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
                                "--targets", "hold"]) == 0
     text = (tmp_path / "control-study.md").read_text()
     assert "| hold | probe_lr | pi_beta | 0.17x | 0.17–0.17x | 0.500 vs 0.500 ± 0.100 | met |" in text
+    # a PI run with other gains carries them in its name; the better of the two is the one compared
+    args = argparse.Namespace(kp=0.1, ki=0.02)
+    assert control_study.run_label("pi_beta", args) == "pi_beta@kp0.1,ki0.02"
+    assert control_study.run_label("probe_beta", args) == "probe_beta"
+    with out.open("a") as fh:
+        for t, h in ((1, 1.1), (2, 0.9)):
+            fh.write(json.dumps({"arm": "pi_beta@kp0.1,ki0.02", "target": "hold", "step": t, "seconds": 2.0, "H": h,
+                                 "H_se": 0.01, "reward": 0.5, "reward_se": 0.1, "knob": 0.1,
+                                 "pi_antiwindup": True}) + "\n")
+    assert control_study.main(["--summary", "--out", str(out), "--arms", "none,pi_beta,probe_lr",
+                               "--targets", "hold"]) == 0
+    text = (tmp_path / "control-study.md").read_text()
+    assert "| pi_beta@kp0.1,ki0.02 | hold | 2 | 0.1000 |" in text and "| pi_beta | hold | 2 | 0.3000 |" in text
+    assert "| hold | probe_lr | pi_beta@kp0.1,ki0.02 | 0.50x |" in text
     lo, hi = control_study.block_bootstrap_ratio([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2.0] * 6)
     assert 1.0 <= lo < 1.75 < hi <= 2.5  # the ratio 21/12 = 1.75 inside, within the extreme block means
 
