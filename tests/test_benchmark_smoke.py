@@ -66,15 +66,20 @@ def test_flash_jvp_benchmark_harness(bench, tmp_path):
     assert "| 40 | kernel_forward_jvp |" in report.with_suffix(".md").read_text()
 
 
-def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
-    """The comparison's summary from a hand-made results file: H0 = 1, 2 steps; the target-free
-    ``none`` run is scored against both targets (hold: H* = 1; anneal: H*(1) = 0.75,
-    H*(2) = 0.5), ``probe_lr`` against its own (float64 sums of a few terms: 1e-9)."""
+@pytest.fixture(scope="module")
+def control_study():
     sys.path.insert(0, str(BENCH))
     try:
         import control_study
     finally:
         sys.path.remove(str(BENCH))
+    return control_study
+
+
+def test_control_study_summary_scores_each_run_against_its_target(control_study, tmp_path):
+    """The comparison's summary from a hand-made results file: H0 = 1, 2 steps; the target-free
+    ``none`` run is scored against both targets (hold: H* = 1; anneal: H*(1) = 0.75,
+    H*(2) = 0.5), ``probe_lr`` against its own (float64 sums of a few terms: 1e-9)."""
     out = tmp_path / "control-study.jsonl"
     settings = {"steps": 2, "prompts": 2, "group_size": 2, "max_len": 4, "lr": 1e-3, "held_out": 2, "seed": 0}
     rows = [{"kind": "initial", "H0": 1.0, "H0_se": 0.01, "reward0": 0.0, "trl_entropy0": 2.0, "settings": settings}]
@@ -125,18 +130,13 @@ def test_control_study_summary_scores_each_run_against_its_target(tmp_path):
     assert 1.0 <= lo < 1.75 < hi <= 2.5  # the ratio 21/12 = 1.75 inside, within the extreme block means
 
 
-def test_control_study_pi_antiwindup_leaves_the_bound_when_the_error_turns():
+def test_control_study_pi_antiwindup_leaves_the_bound_when_the_error_turns(control_study):
     """The reactive PI baseline (Kp 0.5, Ki 0.1, β in [0, 1]): six errors of −0.5 hold β at 0;
     with clamping anti-windup the first error of +0.2 gives β = 0.5·0.2 + 0.1·0.2 = 0.12 (the
     integral frozen at 0 while saturated), without it the wound-up integral (−3.0 + 0.2) keeps
     β at 0 until it has unwound; inside the bounds both are the plain PI (float64 sums: 1e-12)."""
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import control_study
-    finally:
-        sys.path.remove(str(BENCH))
     betas = {}
     for aw in (True, False):
         args, state = SimpleNamespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
