@@ -36,7 +36,7 @@ Arms (``ARMS``):
   H*(t+1) − Ĥ(t) (Ĥ measured on the step's batch), leave-one-out;
 * ``probe_lr``: the same with ``knob="lr_scale"`` (c ∈ (0, 1] on this step's learning rate);
 * ``probe_beta_measured``, ``probe_lr_measured``: the same with ``estimate="measured"``: Ĥ(t)
-  the measurement on the step's batch alone, every step afresh (the first design), where
+  the measurement on the step's batch alone, every step afresh (the first controller design), where
   ``probe_*`` use the default ``estimate="filtered"`` (the previous step's estimate carried by
   its prediction and fused with the measurement: ``funcprobe.EntropyEstimate``);
 * ``pi_beta_signed``, ``probe_beta_signed``: ``pi_beta`` and ``probe_beta`` with β in
@@ -48,7 +48,9 @@ Each step of each run is appended to ``control-study.jsonl`` as one JSON line (`
 skips the runs already complete and restarts an incomplete one). The summary
 (``--summary``, and after each run) reports per arm and target: the mean |H(t) − H*(t)| over
 the steps with its SE (over steps), the worst |H − H*|, the held-out reward of the last 5
-steps, the knob's range, and the wall time per step against ``none``.
+steps, the knob's range, and the wall time per step against ``none``; then, per target, each
+funcprobe arm's error as a ratio of the best reactive arm's (``REACTIVE``, any gains) with a
+moving-block bootstrap interval, and whether the issue's goal is met (``verdict``).
 """
 
 from __future__ import annotations
