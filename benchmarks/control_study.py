@@ -368,7 +368,7 @@ def summary(args, out: Path) -> None:
               "step: an upper bound for the 5-step mean)."]
     lines += verdict(scored)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(by_run, h0, n_steps, out.with_suffix(".png"))
+    _plot(by_run, h0, n_steps, out.with_suffix(".png"), anchor[0]["H0_train"] if anchor else None)
 
 
 def block_bootstrap_ratio(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float]:
@@ -430,7 +430,7 @@ def _command(init: dict) -> list[str]:
                 [] if s.get("pi_antiwindup", False) else ["--no-pi-antiwindup"])
 
 
-def _plot(by_run, h0, n_steps, path: Path) -> None:
+def _plot(by_run, h0, n_steps, path: Path, h0_controllers: float | None = None) -> None:
     from funcprobe.apps.plots import new_figure
 
     fig = new_figure((11, 4.2))
@@ -438,6 +438,9 @@ def _plot(by_run, h0, n_steps, path: Path) -> None:
     for ax, tgt in zip(axes, TARGETS):
         ts = list(range(0, n_steps + 1))
         ax.plot(ts, [schedule_at(tgt, h0, t, n_steps) for t in ts], "k--", lw=1, label="H*(t)")
+        if h0_controllers is not None:  # --anchor train: the schedule the controllers aim at, in their frame
+            ax.plot(ts, [schedule_at(tgt, h0_controllers, t, n_steps) for t in ts], ":", color="grey", lw=1,
+                    label="H*(t), the controllers' frame")
         for (arm, target), rs in sorted(by_run.items(), key=lambda kv: kv[0][0]):
             if target not in (None, tgt):
                 continue
