@@ -59,6 +59,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -87,6 +88,11 @@ def run_label(arm: str, args) -> str:
     if arm.startswith("pi_") and (args.kp, args.ki) != (KP, KI):
         return f"{arm}@kp{args.kp:g},ki{args.ki:g}"
     return arm
+
+
+def base_arm(label: str) -> str:
+    """The arm of a run's name (``run_label``'s inverse: the gains dropped)."""
+    return label.split("@")[0]
 
 
 def beta_low(arm: str, args) -> float:
@@ -339,23 +345,22 @@ def summary(args, out: Path) -> None:
              "s/step (vs none) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     scored: dict[tuple[str, str], dict] = {}
     for base, target in runs(args):
-        for arm, tgt in [(a, g) for a in sorted({k[0] for k in by_run if k[0].split("@")[0] == base} or {base})
+        for arm, tgt in [(a, g) for a in sorted({k[0] for k in by_run if base_arm(k[0]) == base} or {base})
                          for g in (TARGETS if target is None else (target,))]:
             rs = sorted(by_run.get((arm, target), []), key=lambda r: r["step"])
             if not rs:
                 continue
             dev = [abs(r["H"] - schedule_at(tgt, h0, r["step"], n_steps)) for r in rs]
             mean = sum(dev) / len(dev)
-            if len(rs) >= n_steps:
-                scored[(arm, tgt)] = {"dev": {r["step"]: d for r, d in zip(rs, dev)}, "mean": mean}
             se = statistics.stdev(dev) / math.sqrt(len(dev)) if len(dev) > 1 else float("nan")
             last = rs[-5:]
             rew = sum(r["reward"] for r in last) / len(last)
             # the same held-out problems every step: the steps' rewards are correlated, so the mean of
             # their SEs (perfect correlation) bounds the SE of the 5-step mean from above
             rew_se = sum(r["reward_se"] for r in last) / len(last)
-            if (arm, tgt) in scored:
-                scored[(arm, tgt)].update(reward=rew, reward_se=rew_se)
+            if len(rs) >= n_steps:  # complete runs only enter the verdict
+                scored[(arm, tgt)] = {"dev": {r["step"]: d for r, d in zip(rs, dev)}, "mean": mean, "reward": rew,
+                                      "reward_se": rew_se}
             knobs = [r["knob"] for r in rs if "knob" in r]
             krange = f"{min(knobs):.3g} to {max(knobs):.3g}" if knobs else "-"
             sec = statistics.median(r["seconds"] for r in rs)
@@ -377,8 +382,6 @@ def block_bootstrap_ratio(a: list[float], b: list[float], seed: int = 0) -> tupl
     its own ``random.Random(seed)`` (the global RNG is not touched). Steps are resampled in
     pairs, so what the two runs share (the held-out problems, the schedule) stays paired; the
     variation of a run with another seed is not in it."""
-    import random
-
     n, rng = len(a), random.Random(seed)
     block = min(BLOCK, n)
     starts = range(n - block + 1)
@@ -405,10 +408,11 @@ def verdict(scored: dict[tuple[str, str], dict]) -> list[str]:
              "", "| target | funcprobe arm | best reactive arm | ratio | 95% interval | reward vs reactive | goal |",
              "|---|---|---|---:|---|---|---|"]
     for tgt in TARGETS:
-        reactive = [(v["mean"], arm) for (arm, t), v in scored.items() if t == tgt and arm.split("@")[0] in REACTIVE]
+        reactive = [(v["mean"], arm) for (arm, t), v in scored.items() if t == tgt and base_arm(arm) in REACTIVE]
         if not reactive:
             continue
-        best = scored[(min(reactive)[1], tgt)]
+        best_arm = min(reactive)[1]
+        best = scored[(best_arm, tgt)]
         for (arm, t), v in scored.items():
             if t != tgt or not arm.startswith("probe_"):
                 continue
@@ -417,7 +421,7 @@ def verdict(scored: dict[tuple[str, str], dict]) -> list[str]:
             ratio = v["mean"] / best["mean"]
             reward_ok = v["reward"] >= best["reward"] - best["reward_se"]
             met = "met" if ratio <= 0.5 and reward_ok else "not met"
-            lines.append(f"| {tgt} | {arm} | {min(reactive)[1]} | {ratio:.2f}x | {lo:.2f}–{hi:.2f}x | "
+            lines.append(f"| {tgt} | {arm} | {best_arm} | {ratio:.2f}x | {lo:.2f}–{hi:.2f}x | "
                          f"{v['reward']:.3f} vs {best['reward']:.3f} ± {best['reward_se']:.3f} | {met} |")
     return lines
 

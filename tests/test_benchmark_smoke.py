@@ -135,15 +135,13 @@ def test_control_study_pi_antiwindup_leaves_the_bound_when_the_error_turns(contr
     with clamping anti-windup the first error of +0.2 gives β = 0.5·0.2 + 0.1·0.2 = 0.12 (the
     integral frozen at 0 while saturated), without it the wound-up integral (−3.0 + 0.2) keeps
     β at 0 until it has unwound; inside the bounds both are the plain PI (float64 sums: 1e-12)."""
-    from types import SimpleNamespace
-
     betas = {}
     for aw in (True, False):
-        args, state = SimpleNamespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
+        args, state = argparse.Namespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
         betas[aw] = [control_study.pi_update(state, e, args, 0.0, 1.0) for e in [-0.5] * 6 + [0.2]]
     assert betas[True][:6] == betas[False][:6] == [0.0] * 6
     assert abs(betas[True][6] - 0.12) < 1e-12 and betas[False][6] == 0.0
     for aw in (True, False):  # unsaturated: Kp·e + Ki·Σe exactly
-        args, state = SimpleNamespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
+        args, state = argparse.Namespace(kp=0.5, ki=0.1, pi_antiwindup=aw), {"integral": 0.0}
         got = [control_study.pi_update(state, e, args, -1.0, 1.0) for e in (0.3, -0.1, 0.2)]
         assert max(abs(g - w) for g, w in zip(got, (0.18, -0.03, 0.14))) < 1e-12
